@@ -1,0 +1,176 @@
+// Fused DMD score-difference op on the CPU (DESIGN §1 step 3; math in dmd_loss_math.h).
+//
+// Two passes per sample: (A) Σ|x0 − x̂0_real| gives the normaliser, (B) the direction g is written
+// and Σg² accumulated. The per-sample normaliser makes a single pass impossible without changing
+// the NaN/Inf semantics, so the kernel keeps pass B cheap instead: samples are processed in groups
+// whose inputs fit in the last-level cache, so pass B re-reads them from cache, not DRAM.
+// Work inside a group is split into fixed-size chunks, and both passes use the same static
+// OpenMP schedule so each thread re-reads the chunks it touched in pass A.
+#include <omp.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "dmdr_fast/dispatch.h"
+#include "dmdr_fast/dmd_loss.h"
+#include "dmdr_fast/dmd_loss_math.h"
+
+namespace dmdr_fast::cpu {
+namespace {
+
+// 16-bit storage types; conversions are done with integer bit operations so that the same code
+// runs on any x86/ARM CPU without F16C or AVX512-BF16.
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const BFloat16* p, int64_t i) {
+  return bits_to_float(static_cast<uint32_t>(p[i].bits) << 16);
+}
+inline float load(const Half* p, int64_t i) {
+  // IEEE binary16 → binary32. Normal numbers: rebias the exponent; subnormals: scale by 2^-24;
+  // Inf/NaN: all-ones exponent.
+  const uint32_t h = p[i].bits;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t man = h & 0x3ffu;
+  float mag;
+  if (exp == 0) {
+    mag = static_cast<float>(man) * 5.9604644775390625e-8f;  // 2^-24
+  } else if (exp == 31) {
+    mag = bits_to_float(0x7f800000u | (man << 13));
+  } else {
+    mag = bits_to_float(((exp + 112u) << 23) | (man << 13));
+  }
+  return bits_to_float(float_to_bits(mag) | sign);
+}
+
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(BFloat16* p, int64_t i, float v) {
+  // Round to nearest even; callers never store NaN (g is already nan_to_num'd).
+  const uint32_t u = float_to_bits(clamp_finite(v, 3.38953139e38f));
+  p[i].bits = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+inline void store(Half* p, int64_t i, float v) {
+  v = clamp_finite(v, 65504.f);
+  const uint32_t u = float_to_bits(v);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const float a = std::fabs(v);
+  uint16_t out;
+  if (a < 6.103515625e-05f) {  // below the smallest normal half: subnormal or zero
+    out = static_cast<uint16_t>(std::nearbyint(a * 16777216.f));  // a / 2^-24, ties to even
+  } else {
+    const uint32_t ua = float_to_bits(a);
+    // Rebias exponent (127 → 15) and round the 23-bit mantissa to 10 bits, ties to even.
+    const uint32_t rounded = ua + 0xfffu + ((ua >> 13) & 1u);
+    out = static_cast<uint16_t>((rounded - (112u << 23)) >> 13);
+  }
+  p[i].bits = static_cast<uint16_t>(out | sign);
+}
+
+// Work unit: a contiguous chunk of one sample; 4096 elements give enough chunks for load balance.
+// Partial sums are accumulated in double (the loads and element math stay float32).
+constexpr int64_t kChunk = 4096;
+// Bytes of input one group of samples may occupy so that pass B finds them in cache.
+constexpr int64_t kGroupBytes = 12ll << 20;
+
+template <typename T, bool kHasUncond>
+void run(const DmdLossParams& p, int num_threads) {
+  const int64_t B = p.batch, D = p.numel_per_sample;
+  const T* x0 = static_cast<const T*>(p.x0);
+  const T* xt = static_cast<const T*>(p.x_t);
+  const T* vf = static_cast<const T*>(p.v_fake);
+  const T* vc = static_cast<const T*>(p.v_cond);
+  const T* vu = static_cast<const T*>(kHasUncond ? p.v_uncond : p.v_cond);
+  T* g = static_cast<T*>(p.g);
+  const float w = p.guidance;
+
+  const int64_t chunks = (D + kChunk - 1) / kChunk;
+  const int64_t inputs = kHasUncond ? 5 : 4;
+  const int64_t sample_bytes = D * inputs * static_cast<int64_t>(sizeof(T));
+  const int64_t group = std::max<int64_t>(1, kGroupBytes / std::max<int64_t>(1, sample_bytes));
+  std::vector<double> part_a(static_cast<size_t>(B * chunks));
+  std::vector<double> part_s(static_cast<size_t>(B * chunks));
+
+  for (int64_t b0 = 0; b0 < B; b0 += group) {
+    const int64_t nb = std::min(group, B - b0);
+    const int64_t tasks = nb * chunks;
+    // Pass A: per-chunk Σ|x0 − x̂0_real|.
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = b0 + task / chunks, c = task % chunks;
+      const int64_t lo = b * D + c * kChunk, hi = b * D + std::min(D, (c + 1) * kChunk);
+      const float tb = p.t[b];
+      double acc = 0.0;  // the normaliser scales every g: accumulate it in double
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = lo; i < hi; ++i) {
+        acc += dmd_abs_residual<kHasUncond>(load(x0, i), load(xt, i), tb, load(vc, i),
+                                            load(vu, i), w);
+      }
+      part_a[b * chunks + c] = acc;
+    }
+    // Pass B: g = nan_to_num(d / normaliser), Σg² per chunk. The normaliser is recomputed per
+    // task from the chunk sums in a fixed order, so the result does not depend on thread count.
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = b0 + task / chunks, c = task % chunks;
+      double sum_a = 0.0;
+      for (int64_t k = 0; k < chunks; ++k) sum_a += part_a[b * chunks + k];
+      const float norm = static_cast<float>(sum_a / static_cast<double>(D)) + p.eps;
+      const int64_t lo = b * D + c * kChunk, hi = b * D + std::min(D, (c + 1) * kChunk);
+      const float tb = p.t[b];
+      double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = lo; i < hi; ++i) {
+        const float gi = dmd_direction(
+            dmd_diff<kHasUncond>(load(xt, i), tb, load(vf, i), load(vc, i), load(vu, i), w),
+            norm);
+        store(g, i, gi);
+        acc += static_cast<double>(gi) * gi;
+      }
+      part_s[b * chunks + c] = acc;
+      if (c == 0) p.norm[b] = norm;
+    }
+  }
+  double total = 0.0;
+  for (int64_t b = 0; b < B; ++b) {
+    double s = 0.0;
+    for (int64_t k = 0; k < chunks; ++k) s += part_s[b * chunks + k];
+    p.sumsq[b] = static_cast<float>(s);
+    total += s;
+  }
+  p.loss[0] = static_cast<float>(0.5 * total / (static_cast<double>(B) * static_cast<double>(D)));
+}
+
+}  // namespace
+
+void dmd_loss_fwd(const DmdLossParams& p, int num_threads) {
+  if (p.batch <= 0 || p.numel_per_sample <= 0) {
+    throw std::invalid_argument("dmdr_fast.dmd_loss_fwd_cpu: empty input");
+  }
+  num_threads = std::max(1, num_threads);
+  DMDR_FLOAT_SWITCH(p.dtype, T, float, Half, BFloat16, [&] {
+    DMDR_BOOL_SWITCH(p.v_uncond != nullptr, kHasUncond, [&] { run<T, kHasUncond>(p, num_threads); });
+  });
+}
+
+}  // namespace dmdr_fast::cpu

@@ -1,0 +1,86 @@
+"""DMDR math on tensors: time grids and schedules, samplers, backward simulation and losses.
+
+Pure tensor code (DESIGN §2): no optimizers, no I/O, no model classes. Networks are callables
+``velocity_fn(x (B, ...), t (B,), cond) -> v (B, ...)`` in the rectified-flow convention
+``x_t = (1 − t)·x0 + t·ε``, ``v ≈ ε − x0``, ``x̂0 = x_t − t·v`` (t = 1 is pure noise). Every
+schedule is keyed on ``step``, the number of generator updates so far, and every random draw
+accepts a ``torch.Generator``.
+
+Modules:
+    schedules: few-step grid, cosine progress, DynaRS renoise times, DynaDG real-score scale.
+    sampling: few-step sampler, backward simulation, multi-step Euler sampler for the teacher.
+    guidance: CFG scale with jitter, the batched fake/cond/uncond guidance query and its split.
+    losses: critic flow-matching loss, generator DMD loss, Decoupled DMD.
+    flow: the convention's formulas (renoise, x̂0 from a velocity, velocity target, seeded noise).
+    conditions: condition slicing / concatenation helpers and the ``VelocityFn`` type.
+"""
+
+from dmdr_fast.algo.conditions import Cond, VelocityFn, cat_conds, cond_batch_size, expand_cond, index_cond
+from dmdr_fast.algo.flow import noise_like, predict_x0, renoise, velocity_target, x0_from_velocity
+from dmdr_fast.algo.guidance import (
+    GuidanceBatch,
+    GuidanceQuery,
+    GuidanceScale,
+    GuidanceVelocities,
+    build_guidance_batch,
+    concat_guidance_queries,
+    real_velocity,
+    split_guidance_output,
+)
+from dmdr_fast.algo.losses import DecoupledDMDLoss, critic_loss, decoupled_dmd_loss, generator_dmd_loss
+from dmdr_fast.algo.sampling import (
+    BackwardSimulation,
+    FewStepTrajectory,
+    backward_simulation,
+    euler_sample,
+    few_step_sample,
+)
+from dmdr_fast.algo.schedules import (
+    DynaDG,
+    DynaRS,
+    cosine_progress,
+    dynadg_real_scale,
+    dynars_beta_params,
+    few_step_timesteps,
+    sample_beta,
+    sample_gamma,
+)
+
+__all__ = [
+    "BackwardSimulation",
+    "Cond",
+    "DecoupledDMDLoss",
+    "DynaDG",
+    "DynaRS",
+    "FewStepTrajectory",
+    "GuidanceBatch",
+    "GuidanceQuery",
+    "GuidanceScale",
+    "GuidanceVelocities",
+    "VelocityFn",
+    "backward_simulation",
+    "build_guidance_batch",
+    "cat_conds",
+    "concat_guidance_queries",
+    "cond_batch_size",
+    "cosine_progress",
+    "critic_loss",
+    "decoupled_dmd_loss",
+    "dynadg_real_scale",
+    "dynars_beta_params",
+    "euler_sample",
+    "expand_cond",
+    "few_step_sample",
+    "few_step_timesteps",
+    "generator_dmd_loss",
+    "index_cond",
+    "noise_like",
+    "predict_x0",
+    "real_velocity",
+    "renoise",
+    "sample_beta",
+    "sample_gamma",
+    "split_guidance_output",
+    "velocity_target",
+    "x0_from_velocity",
+]
