@@ -53,6 +53,7 @@ py::dict build_info() {
   d["cxx_compiler"] = DMDR_FAST_CXX_COMPILER;
   d["openmp"] = DMDR_FAST_OPENMP;
   d["build_type"] = DMDR_FAST_BUILD_TYPE;
+  d["cpu_isa"] = dmdr_fast::cpu::isa();  // ISA level the CPU kernels run with here
   return d;
 }
 

@@ -29,8 +29,11 @@ struct DmdLossParams {
 };
 
 namespace cpu {
-// Fused two-pass kernel, OpenMP-parallel with `num_threads` threads.
+// Fused two-pass kernel, OpenMP-parallel with `num_threads` threads; runs the copy compiled for
+// the best ISA level of this CPU.
 void dmd_loss_fwd(const DmdLossParams& p, int num_threads);
+// The ISA level cpu kernels run with: "avx2" (x86-64-v3) or "base".
+const char* isa();
 }  // namespace cpu
 
 namespace cuda {

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cfloat>
+#include <cmath>
 
 #include "dmdr_fast/macros.h"
 
@@ -35,7 +36,7 @@ template <bool kHasUncond>
 DMDR_HD float dmd_abs_residual(float x0, float x_t, float t, float v_cond, float v_uncond,
                                float guidance) {
   const float x0_real = x_t - t * dmd_real_velocity<kHasUncond>(v_cond, v_uncond, guidance);
-  return x0 - x0_real < 0.f ? x0_real - x0 : x0 - x0_real;
+  return fabsf(x0 - x0_real);
 }
 
 template <bool kHasUncond>
@@ -46,20 +47,20 @@ DMDR_HD float dmd_diff(float x_t, float t, float v_fake, float v_cond, float v_u
   return x0_fake - x0_real;
 }
 
-// torch.nan_to_num semantics for float32: NaN → 0, ±Inf → ±FLT_MAX. Written with comparisons
-// only (no isnan/isinf) so it vectorises on the CPU and stays branch-free on the GPU; it must not
-// be compiled with -ffast-math, which would fold the NaN test away.
-DMDR_HD float nan_to_num_f32(float x) {
-  x = (x != x) ? 0.f : x;
-  x = x > FLT_MAX ? FLT_MAX : x;
-  return x < -FLT_MAX ? -FLT_MAX : x;
-}
-
-// Clamp into a narrower output type's finite range (e.g. ±65504 for float16) before the store,
-// so that a direction equal to ±FLT_MAX never turns into ±Inf in a 16-bit gradient.
+// Clamp into [-max_finite, max_finite] (callers remove NaN first). Plain comparisons, not
+// fminf/fmaxf: those must honour NaN rules, so GCC calls libm for them instead of emitting
+// min/max instructions. Used with a narrower output type's range (e.g.
+// ±65504 for float16) before the store, so that ±FLT_MAX never becomes ±Inf in a 16-bit gradient.
 DMDR_HD float clamp_finite(float x, float max_finite) {
   x = x > max_finite ? max_finite : x;
   return x < -max_finite ? -max_finite : x;
+}
+
+// torch.nan_to_num semantics for float32: NaN → 0, ±Inf → ±FLT_MAX. Branch-free (a select and
+// min/max) so that the CPU loop vectorises; must not be compiled with -ffast-math, which would
+// fold the NaN test away.
+DMDR_HD float nan_to_num_f32(float x) {
+  return clamp_finite(x == x ? x : 0.f, FLT_MAX);
 }
 
 DMDR_HD float dmd_direction(float diff, float normaliser) {
