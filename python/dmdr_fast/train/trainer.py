@@ -1,0 +1,533 @@
+"""The DMDR Trainer: DESIGN §1 as one readable loop over two optimisers on two time scales.
+
+One *iteration* (``Trainer.step``):
+
+1. backward simulation of the student G (no grad) → the generator input ``x_in`` at ``t_k`` and
+   the rollout's clean estimate ``x̂0_sel``;
+2. a critic update: flow matching of the fake score ``H(·; λ_f)`` on ``x̂0_sel`` at DynaRS times;
+3. every ``dmdr.ratio_update``-th iteration, a generator update: ``x0 = x_in − t_k·G(x_in)``, one
+   batched guidance forward for (fake, cond, uncond), the fused DMD loss, plus the rewards from
+   stage 2 on (``s >= dmdr.cold_start_steps``).
+
+``s`` (``state.gen_step``) counts generator updates; every schedule and every ``*_every`` cadence
+is keyed on it. All randomness comes from one ``torch.Generator`` that is checkpointed, so a run
+resumed from a checkpoint continues exactly as if it had not stopped (on CPU, deterministic ops).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from dmdr_fast.algo import (
+    backward_simulation,
+    build_guidance_batch,
+    critic_loss,
+    few_step_sample,
+    few_step_timesteps,
+    generator_dmd_loss,
+    noise_like,
+    renoise,
+)
+from dmdr_fast.models.lora import lora_scale
+from dmdr_fast.models.protocol import FlowModelAdapter
+from dmdr_fast.models.roles import make_guidance, make_student
+from dmdr_fast.train import checkpoint as ckpt
+from dmdr_fast.train.config import DMDRTrainerConfig
+from dmdr_fast.train.logging import RunLogger
+
+__all__ = ["ClassLabelSampler", "ConditionSampler", "Trainer", "TrainerState"]
+
+
+class ConditionSampler(Protocol):
+    """Where the conditions of a batch come from (DMDR needs no images: only conditions)."""
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Any:
+        """Raw conditions for ``batch_size`` samples (labels, prompts...)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ClassLabelSampler:
+    """Uniform class labels in ``[0, num_classes)``."""
+
+    num_classes: int
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(self.num_classes, (batch_size,), generator=generator)
+
+
+@dataclass
+class TrainerState:
+    """Counters that, with the RNG state and the weights, fully determine the rest of a run."""
+
+    step: int = 0  # iterations (critic updates)
+    gen_step: int = 0  # generator updates: the schedules' s
+    history: list[dict[str, float]] = field(default_factory=list)  # evaluation results
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _grad_norm(params: list[nn.Parameter], clip: float) -> float:
+    if clip > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, clip))
+    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+class Trainer:
+    """Runs DMDR on any teacher that implements :class:`FlowModelAdapter`.
+
+    Args:
+        config: the run's configuration.
+        teacher: the teacher adapter. With a LoRA critic it becomes the guidance network in place
+            (at LoRA scale 0 it still is the teacher), so only two big networks exist.
+        reward: a :class:`dmdr_fast.rewards.CompositeReward` (or None for pure DMD), applied from
+            stage 2 on; it receives ``teacher.decode(x0)`` and the raw conditions.
+        data: the condition sampler (e.g. :class:`ClassLabelSampler`).
+        out_dir: where logs, samples and checkpoints go (None: nothing is written).
+        evaluator: optional ``evaluator(trainer) -> dict`` called every ``train.eval_every``
+            generator steps; its results are logged and kept in ``state.history``.
+    """
+
+    def __init__(
+        self,
+        config: DMDRTrainerConfig,
+        teacher: FlowModelAdapter,
+        *,
+        reward: nn.Module | None = None,
+        data: ConditionSampler,
+        out_dir: str | os.PathLike[str] | None = None,
+        evaluator: Callable[[Trainer], dict[str, float]] | None = None,
+    ) -> None:
+        if config.active_rewards and reward is None:
+            raise ValueError("config.rewards has active rewards but no `reward` model was passed to Trainer")
+        if config.dmdr.decoupled:
+            raise NotImplementedError(
+                "dmdr.decoupled=True: the Trainer does not run Decoupled DMD yet (the loss exists as "
+                "dmdr_fast.algo.decoupled_dmd_loss); set dmdr.decoupled=false"
+            )
+        self.config = config
+        self.device = _resolve_device(config.train.device)
+        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if config.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(config.train.seed + self.rank)  # LoRA initialisation below
+        teacher.network.to(self.device)
+        self.reward = reward.to(self.device).eval() if reward is not None else None
+        self.data = data
+        self.evaluator = evaluator
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+
+        s, c = config.student, config.critic
+        self.student = make_student(
+            teacher, lora=s.lora.to_lora_config("student") if s.kind == "lora" else None
+        )
+        if c.kind == "lora":
+            self.guidance = make_guidance(teacher, c.lora.to_lora_config("critic"))
+            self.critic = None
+        else:  # DMD2-style trainable full copy as the fake score; the teacher stays frozen
+            teacher.network.requires_grad_(False)
+            self.guidance = teacher
+            self.critic = make_student(teacher)
+        self._student_net = self._wrap_ddp(self.student)
+        critic_owner = self.critic if self.critic is not None else self.guidance
+        self._critic_net = self._wrap_ddp(critic_owner)
+
+        o = config.optim
+        lr_g, lr_c = o.learning_rates(stage2=False)
+        self.opt_g = torch.optim.AdamW(
+            _trainable(self.student.network),
+            lr=lr_g,
+            betas=o.betas,
+            eps=o.adam_eps,
+            weight_decay=o.weight_decay_generator,
+        )
+        self.opt_c = torch.optim.AdamW(
+            _trainable(critic_owner.network),
+            lr=lr_c,
+            betas=o.betas,
+            eps=o.adam_eps,
+            weight_decay=o.weight_decay_critic,
+        )
+        self.ema = (
+            {n: p.detach().clone() for n, p in self.student.network.named_parameters() if p.requires_grad}
+            if s.ema_decay > 0
+            else None
+        )
+        self.grid = few_step_timesteps(s.num_steps, s.shift, device=self.device)
+        self.dynars, self.dynadg, self.cfg_scale = (
+            config.dmdr.dynars(),
+            config.dmdr.dynadg(),
+            config.dmdr.guidance_scale(),
+        )
+        self.gen = torch.Generator().manual_seed(config.train.seed + self.rank)
+        self.state = TrainerState()
+        self.logger = RunLogger(
+            self.out_dir if self.rank == 0 else None, tensorboard=config.train.tensorboard
+        )
+        self._stage2_applied = False
+        self._critic_losses: list[float] = []
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _wrap_ddp(self, adapter: FlowModelAdapter) -> Callable[..., torch.Tensor]:
+        """The callable used for gradient-carrying forwards (DDP-wrapped under torchrun)."""
+        if self.world > 1 and isinstance(adapter, nn.Module):
+            return nn.parallel.DistributedDataParallel(adapter)
+        return adapter.velocity
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _randn(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=self.gen).to(self.device)
+
+    @property
+    def stage(self) -> int:
+        """1 (DMD only, cold start) or 2 (DMD + rewards)."""
+        return self.config.stage(self.state.gen_step)
+
+    def _enter_stage2(self) -> None:
+        """Lower learning rates for stage 2 (set explicitly, also after a resume: PAPER_NOTES §10.14)."""
+        lr_g, lr_c = self.config.optim.learning_rates(stage2=True)
+        for opt, lr in ((self.opt_g, lr_g), (self.opt_c, lr_c)):
+            for group in opt.param_groups:
+                group["lr"] = lr
+        self._stage2_applied = True
+
+    def _fake_and_real(self, x: torch.Tensor, t: torch.Tensor, cond: Any, null: Any, w: float, lam_r: float):
+        """(v_fake, v_cond, v_uncond or None), no grad; one batched guidance forward for a LoRA critic."""
+        c = self.config.critic
+        with torch.no_grad(), self._autocast():
+            if self.critic is None:
+                batch = build_guidance_batch(x, t, cond, null, fake_scale=c.fake_scale, real_scale=lam_r)
+                with lora_scale(self.guidance.network, batch.lora_scale):
+                    out = self.guidance.velocity(batch.x, batch.t, batch.cond)
+                v = batch.split(out.float())
+                return v.fake, v.cond, v.uncond
+            # Full critic: the teacher gives cond/uncond in one forward; DynaDG interpolates the
+            # outputs toward the critic by λ_r/λ_f (a LoRA critic interpolates in weight space).
+            v_fake = self.critic.velocity(x, t, cond).float()
+            if null is None:
+                v_cond, v_uncond = self.guidance.velocity(x, t, cond).float(), None
+            else:
+                both = self.guidance.velocity(
+                    torch.cat([x, x]), torch.cat([t, t]), self.guidance.cat_conditions([cond, null])
+                ).float()
+                v_cond, v_uncond = both.chunk(2)
+            if lam_r > 0:
+                mix = lam_r / c.fake_scale
+                v_cond = v_cond + mix * (v_fake - v_cond)
+                v_uncond = None if v_uncond is None else v_uncond + mix * (v_fake - v_uncond)
+            return v_fake, v_cond, v_uncond
+
+    # ------------------------------------------------------------------------------ one iteration
+
+    def step(self) -> dict[str, float] | None:
+        """One iteration; returns the generator step's metrics when a generator update happened."""
+        cfg, st = self.config, self.state
+        s, stage = st.gen_step, self.stage
+        if stage == 2 and not self._stage2_applied:
+            self._enter_stage2()
+        B = cfg.train.batch_size
+        raw = self.data.sample(B, self.gen)
+        cond = self.student.encode_condition(raw)
+        cond = cond.to(self.device) if isinstance(cond, torch.Tensor) else cond
+
+        # 1. Backward simulation (no grad).
+        with self._autocast():
+            sim = backward_simulation(
+                self.student.velocity,
+                self._randn((B, *self.student.sample_shape)),
+                cond,
+                self.grid,
+                mode=cfg.student.backward_sim,
+                generator=self.gen,
+            )
+        x0_sel = sim.x0_sel.float()
+
+        # 2. Critic update: flow matching of the fake score on the student's samples.
+        tau = self.dynars.sample(B, s, generator=self.gen).to(self.device)
+        eps = noise_like(x0_sel, self.gen)
+        self.opt_c.zero_grad(set_to_none=True)
+        with self._autocast():
+            if self.critic is None:
+                with lora_scale(self.guidance.network, cfg.critic.fake_scale):
+                    v = self._critic_net(renoise(x0_sel, tau, eps), tau, cond)
+            else:
+                v = self._critic_net(renoise(x0_sel, tau, eps), tau, cond)
+        loss_c = critic_loss(v.float(), x0_sel, eps)
+        loss_c.backward()
+        gn_c = _grad_norm(_trainable((self.critic or self.guidance).network), cfg.optim.grad_clip)
+        self.opt_c.step()
+        self._critic_losses.append(loss_c.item())
+        st.step += 1
+        if st.step % cfg.dmdr.ratio_update != 0:
+            return None
+
+        # 3. Generator update.
+        t0 = time.perf_counter()
+        self.opt_g.zero_grad(set_to_none=True)
+        with self._autocast():
+            v_g = self._student_net(sim.x_in, sim.t_in, cond)
+        x0 = sim.x_in - sim.t_in.view(-1, *[1] * (sim.x_in.dim() - 1)) * v_g.float()
+        tau2 = self.dynars.sample(B, s, generator=self.gen).to(self.device)
+        x_tau = renoise(x0.detach(), tau2, noise_like(x0, self.gen))
+        w = self.cfg_scale.sample(self.gen)
+        null = self.student.null_condition(B) if self.cfg_scale.enabled else None
+        lam_r = self.dynadg.real_scale(s)
+        v_fake, v_cond, v_uncond = self._fake_and_real(x_tau, tau2, cond, null, w, lam_r)
+        metrics: dict[str, float] = {}
+        loss = x0.new_zeros(())
+        if cfg.dmdr.dmd_weight > 0:
+            loss_dmd = generator_dmd_loss(
+                x0, x_tau, tau2, v_fake, v_cond, v_uncond, w if v_uncond is not None else 1.0, eps=cfg.dmdr.eps,
+                backend=cfg.train.kernel_backend,
+            )  # fmt: skip
+            loss = loss + cfg.dmdr.dmd_weight * loss_dmd
+            metrics["loss_dmd"] = loss_dmd.item()
+        if self.reward is not None and stage == 2:
+            out = self.reward(
+                self.student.decode(x0), raw.to(self.device) if isinstance(raw, torch.Tensor) else raw
+            )
+            loss = loss + out.loss.mean()
+            metrics["loss_reward"] = out.loss.detach().mean().item()
+            metrics.update(out.log_values())
+        loss.backward()
+        metrics["grad_norm_g"] = _grad_norm(_trainable(self.student.network), cfg.optim.grad_clip)
+        self.opt_g.step()
+        self._update_ema()
+        st.gen_step += 1
+        metrics.update(
+            step=st.gen_step,
+            stage=stage,
+            loss_critic=sum(self._critic_losses) / len(self._critic_losses),
+            grad_norm_c=gn_c,
+            lambda_r=lam_r,
+            guidance=w,
+            dynars_alpha=self.dynars.beta_params(s)[0],
+            dynars_beta=self.dynars.beta_params(s)[1],
+            lr_g=self.opt_g.param_groups[0]["lr"],
+            gen_step_time=time.perf_counter() - t0,
+        )
+        self._critic_losses.clear()
+        return metrics
+
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        d = self.config.student.ema_decay
+        with torch.no_grad():
+            for n, p in self.student.network.named_parameters():
+                if n in self.ema:
+                    self.ema[n].lerp_(p.detach(), 1 - d)
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Temporarily load the EMA weights into the student (no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        params = dict(self.student.network.named_parameters())
+        backup = {n: params[n].detach().clone() for n in self.ema}
+        with torch.no_grad():
+            for n, v in self.ema.items():
+                params[n].copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, v in backup.items():
+                    params[n].copy_(v)
+
+    # ------------------------------------------------------------------------------ the loop
+
+    def fit(self, max_steps: int | None = None, *, progress: bool = True) -> TrainerState:
+        """Train until ``max_steps`` generator updates (default ``train.max_steps``)."""
+        cfg = self.config.train
+        total = max_steps if max_steps is not None else cfg.max_steps
+        if self.rank == 0 and self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.config.save_yaml(self.out_dir / "config.yaml")
+        bar = None
+        if progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=self.state.gen_step, desc=f"DMDR {self.config.name}", unit="step")
+        try:
+            while self.state.gen_step < total:
+                metrics = self.step()
+                if metrics is None:
+                    continue
+                s = self.state.gen_step
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(stage=metrics["stage"], dmd=f"{metrics.get('loss_dmd', math.nan):.3g}")
+                if s % cfg.log_every == 0 or s == total:
+                    self.logger.log(s, metrics)
+                if cfg.sample_every and s % cfg.sample_every == 0:
+                    self.save_sample_grid()
+                if self.evaluator is not None and (
+                    (cfg.eval_every and s % cfg.eval_every == 0) or s == total
+                ):
+                    self.evaluate()
+                if cfg.checkpoint_every and self.out_dir is not None and s % cfg.checkpoint_every == 0:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.out_dir is not None:
+            self.save()
+        self.logger.flush()
+        return self.state
+
+    def evaluate(self) -> dict[str, float]:
+        """Run the evaluator, log ``eval/*`` and append to ``state.history``."""
+        assert self.evaluator is not None
+        with self.ema_weights():
+            results = {k: float(v) for k, v in self.evaluator(self).items()}
+        self.state.history.append({"step": self.state.gen_step, **results})
+        self.logger.log(self.state.gen_step, {f"eval/{k}": v for k, v in results.items()})
+        return results
+
+    # ------------------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def sample(
+        self,
+        raw_cond: Any,
+        *,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+    ) -> torch.Tensor:
+        """Few-step samples of the student in the model's space (decode them for images).
+
+        Args:
+            raw_cond: raw conditions, one per sample (e.g. a (M,) label tensor).
+            num_steps: sampling steps (default: the student's N; the grid keeps its shift).
+            generator: RNG for the noise (default: a fresh one seeded with ``train.seed``, so
+                that sampling never disturbs the training RNG).
+            use_ema: sample with the EMA weights when EMA is on.
+        """
+        gen = generator if generator is not None else torch.Generator().manual_seed(self.config.train.seed)
+        cond = self.student.encode_condition(raw_cond)
+        cond = cond.to(self.device) if isinstance(cond, torch.Tensor) else cond
+        n = len(raw_cond)
+        grid = (
+            self.grid
+            if num_steps is None
+            else few_step_timesteps(num_steps, self.config.student.shift, device=self.device)
+        )
+        noise = torch.randn((n, *self.student.sample_shape), generator=gen).to(self.device)
+        ctx = self.ema_weights() if use_ema else contextlib.nullcontext()
+        with ctx, self._autocast():
+            return few_step_sample(self.student.velocity, noise, cond, grid, generator=gen).float()
+
+    def save_sample_grid(self, path: str | os.PathLike[str] | None = None) -> Path | None:
+        """A PNG grid of student samples for fixed noise and labels (rank 0, needs out_dir)."""
+        if self.rank != 0 or (path is None and self.out_dir is None):
+            return None
+        from dmdr_fast.eval.plots import save_image_grid
+
+        n = self.config.train.num_grid_samples
+        raw = self.data.sample(n, torch.Generator().manual_seed(1234))
+        images = self.student.decode(self.sample(raw)).cpu()
+        path = (
+            Path(path)
+            if path is not None
+            else self.out_dir / "samples" / f"step_{self.state.gen_step:07d}.png"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return save_image_grid(images, path, nrow=int(math.sqrt(n)) or 1)
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: weights, optimisers, EMA, counters, RNG, config."""
+        critic_owner = self.critic if self.critic is not None else self.guidance
+        return {
+            "format": ckpt.FORMAT,
+            "config": self.config.to_dict(),
+            "state": {
+                "step": self.state.step,
+                "gen_step": self.state.gen_step,
+                "history": self.state.history,
+            },
+            "student": ckpt.trainable_state(self.student.network),
+            "critic": ckpt.trainable_state(critic_owner.network),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_c": self.opt_c.state_dict(),
+            "ema": self.ema,
+            "rng": {"gen": self.gen.get_state(), "torch": torch.get_rng_state()},
+            "critic_losses": list(self._critic_losses),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict` (the configs must describe the same networks)."""
+        ckpt.check_format(sd)
+        critic_owner = self.critic if self.critic is not None else self.guidance
+        ckpt.load_trainable_state(self.student.network, sd["student"], "student")
+        ckpt.load_trainable_state(critic_owner.network, sd["critic"], "critic")
+        self.opt_g.load_state_dict(sd["opt_g"])
+        self.opt_c.load_state_dict(sd["opt_c"])
+        if self.ema is not None and sd.get("ema") is not None:
+            self.ema = {k: v.to(self.device) for k, v in sd["ema"].items()}
+        self.gen.set_state(sd["rng"]["gen"])
+        torch.set_rng_state(sd["rng"]["torch"])
+        st = sd["state"]
+        self.state = TrainerState(step=st["step"], gen_step=st["gen_step"], history=list(st["history"]))
+        self._critic_losses = list(sd.get("critic_losses", []))
+        self._stage2_applied = False  # re-applied (explicitly) on the next step if in stage 2
+
+    def save(self, path: str | os.PathLike[str] | None = None) -> Path | None:
+        """Write a checkpoint atomically (rank 0); by default ``out_dir/checkpoints/step_XXXXXXX.pt``."""
+        if self.rank != 0:
+            return None
+        if path is None:
+            if self.out_dir is None:
+                raise ValueError("Trainer.save needs a path or an out_dir")
+            return ckpt.save_checkpoint(
+                self.out_dir, self.state.gen_step, self.state_dict(), self.config.train.keep_checkpoints
+            )
+        return ckpt.atomic_save(self.state_dict(), Path(path))
+
+    def resume(self, path: str | os.PathLike[str] | None = None) -> bool:
+        """Load ``path`` or the latest checkpoint under ``out_dir``; False if there is none."""
+        if path is None:
+            if self.out_dir is None:
+                return False
+            found = ckpt.latest_checkpoint(self.out_dir)
+            if found is None:
+                return False
+            path = found
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        self.logger.note(f"resumed from {path} at generator step {self.state.gen_step}")
+        return True
+
+    def export_student(self) -> nn.Module:
+        """A standalone copy of the student network (EMA weights when EMA is on)."""
+        with self.ema_weights():
+            return copy.deepcopy(self.student.network).eval()
