@@ -197,6 +197,29 @@ def test_pruning_changes_cost_not_results():
     assert torch.equal(via_dict.x0_sel, pruned.x0_sel)
 
 
+def test_skip_selected_gives_the_same_inputs_with_fewer_evaluations():
+    """skip_selected: same x_in/t_in/k (same RNG stream), no x0_sel, and G is evaluated only on
+    samples that continue past a step; evaluating G at x_in afterwards reproduces x0_sel."""
+    full_fn, skip_fn = Recorder(linear_field), Recorder(linear_field)
+    full, _, cond, _ = _backward(seed=11, fn=full_fn)
+    skip, *_ = _backward(seed=11, fn=skip_fn, skip_selected=True)
+    for field in ("x_in", "t_in", "k"):
+        assert torch.equal(getattr(full, field), getattr(skip, field))
+    assert skip.x0_sel is None
+    kmax = int(full.k.max())
+    assert skip_fn.batch_sizes == [int((full.k > j).sum()) for j in range(kmax)]
+    assert sum(skip_fn.batch_sizes) == sum(full_fn.batch_sizes) - B
+    x0_again = skip.x_in - skip.t_in.view(-1, 1, 1, 1) * linear_field(skip.x_in, skip.t_in, cond)
+    torch.testing.assert_close(x0_again, full.x0_sel)
+
+
+def test_backward_simulation_one_step_skip_evaluates_nothing():
+    fn = Recorder(linear_field)
+    noise, cond = _data(B)
+    sim = backward_simulation(fn, noise, cond, few_step_timesteps(1), skip_selected=True)
+    assert fn.batch_sizes == [] and torch.equal(sim.x_in, noise) and bool((sim.t_in == 1).all())
+
+
 def test_backward_simulation_point_mass_x0_sel_is_exact():
     sim, _, target, _ = _backward(fn=point_mass)
     torch.testing.assert_close(sim.x0_sel, target)

@@ -135,13 +135,14 @@ class BackwardSimulation:
         x_in: (B, ...) generator input at the selected step (no grad).
         t_in: (B,) the selected step's time ``t_k`` (grid dtype).
         k: (B,) int64 selected step index in [0, N).
-        x0_sel: (B, ...) the rollout's clean estimate kept for the critic (no grad).
+        x0_sel: (B, ...) the rollout's clean estimate kept for the critic (no grad); None when
+            the simulation ran with ``skip_selected``.
     """
 
     x_in: torch.Tensor
     t_in: torch.Tensor
     k: torch.Tensor
-    x0_sel: torch.Tensor
+    x0_sel: torch.Tensor | None
 
 
 def backward_simulation(
@@ -153,6 +154,7 @@ def backward_simulation(
     mode: BackwardSimMode = "trajectory",
     generator: torch.Generator | None = None,
     prune: bool = True,
+    skip_selected: bool = False,
 ) -> BackwardSimulation:
     """Backward simulation (DESIGN §1 step 1), without gradients.
 
@@ -180,6 +182,11 @@ def backward_simulation(
             ``cond`` with :func:`index_cond`; saves about (N − 1)/(2N) of the rollout's network
             calls but gives the network varying batch sizes (set False for static shapes, e.g.
             under ``torch.compile`` or CUDA graphs).
+        skip_selected: (trajectory mode) do not evaluate G at each sample's own step k and return
+            ``x0_sel=None``. The generator update evaluates ``x_in − t_k·G(x_in)`` with gradients
+            anyway, and with unchanged weights that *is* x̂0_sel: the trainer reuses it and saves
+            one network evaluation per sample (for a 1-step student, the whole rollout). Implies
+            pruning.
 
     Returns:
         :class:`BackwardSimulation` with detached tensors.
@@ -197,7 +204,9 @@ def backward_simulation(
             assert isinstance(x0_final, torch.Tensor)
             x_in = renoise(x0_final, grid[k], noise_like(x0_final, generator))
             return BackwardSimulation(x_in=x_in, t_in=grid[k], k=k, x0_sel=x0_final)
-        x_in, x0_sel = _rollout_until_selected(velocity_fn, noise, cond, grid, k, generator, prune)
+        x_in, x0_sel = _rollout_until_selected(
+            velocity_fn, noise, cond, grid, k, generator, prune, skip_selected
+        )
     return BackwardSimulation(x_in=x_in, t_in=grid[k], k=k, x0_sel=x0_sel)
 
 
@@ -209,24 +218,36 @@ def _rollout_until_selected(
     k: torch.Tensor,
     generator: torch.Generator | None,
     prune: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Trajectory-mode rollout: record each sample's state and x̂0 at its own step k."""
+    skip_selected: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Trajectory-mode rollout: record each sample's state and x̂0 at its own step k.
+
+    With ``skip_selected`` G is not evaluated at a sample's own step k (x̂0_sel is None): the
+    caller evaluates it there itself, e.g. with gradients for the generator update.
+    """
     batch = noise.shape[0]
     last = int(k.max())
     x_in = torch.empty_like(noise)
-    x0_sel = torch.empty_like(noise)
+    x0_sel = None if skip_selected else torch.empty_like(noise)
     idx = torch.arange(batch, device=noise.device)  # samples still rolling out
     x, cond_active = noise, cond
     for j in range(last + 1):
-        x0 = predict_x0(velocity_fn, x, _times(grid, j, idx.numel()), cond_active)
         done = k[idx] == j
         x_in[idx[done]] = x[done]
-        x0_sel[idx[done]] = x0[done]
-        if j == last:
+        if j == last and skip_selected:
             break
-        if prune and bool(done.any()):
+        if skip_selected:  # evaluate only the samples that continue past step j
             keep = ~done
-            idx, x0, cond_active = idx[keep], x0[keep], index_cond(cond_active, keep)
+            idx, x, cond_active = idx[keep], x[keep], index_cond(cond_active, keep)
+            x0 = predict_x0(velocity_fn, x, _times(grid, j, idx.numel()), cond_active)
+        else:
+            x0 = predict_x0(velocity_fn, x, _times(grid, j, idx.numel()), cond_active)
+            x0_sel[idx[done]] = x0[done]
+            if j == last:
+                break
+            if prune and bool(done.any()):
+                keep = ~done
+                idx, x0, cond_active = idx[keep], x0[keep], index_cond(cond_active, keep)
         # Drawn for the whole batch so that pruning does not shift the RNG stream.
         eps = noise_like(noise, generator)[idx]
         x = renoise(x0, grid[j + 1].expand(idx.numel()), eps)

@@ -256,7 +256,14 @@ class Trainer:
         cond = self.student.encode_condition(raw)
         cond = cond.to(self.device) if isinstance(cond, torch.Tensor) else cond
 
+        gen_update = (st.step + 1) % cfg.dmdr.ratio_update == 0
+        # In a generator-update iteration the generator's own forward x0 = x_in − t_k·G(x_in)
+        # (with grad) equals the rollout's x̂0 at step k — G has not changed in between — so the
+        # rollout skips that evaluation and the critic trains on x0.detach() (trajectory mode).
+        reuse = gen_update and cfg.student.backward_sim == "trajectory"
+
         # 1. Backward simulation (no grad).
+        t0 = time.perf_counter()
         with self._autocast():
             sim = backward_simulation(
                 self.student.velocity,
@@ -265,8 +272,15 @@ class Trainer:
                 self.grid,
                 mode=cfg.student.backward_sim,
                 generator=self.gen,
+                skip_selected=reuse,
             )
-        x0_sel = sim.x0_sel.float()
+        x0 = None
+        if gen_update:
+            self.opt_g.zero_grad(set_to_none=True)
+            with self._autocast():
+                v_g = self._student_net(sim.x_in, sim.t_in, cond)
+            x0 = sim.x_in - sim.t_in.view(-1, *[1] * (sim.x_in.dim() - 1)) * v_g.float()
+        x0_sel = x0.detach() if reuse else sim.x0_sel.float()
 
         # 2. Critic update: flow matching of the fake score on the student's samples.
         tau = self.dynars.sample(B, s, generator=self.gen).to(self.device)
@@ -284,15 +298,11 @@ class Trainer:
         self.opt_c.step()
         self._critic_losses.append(loss_c.item())
         st.step += 1
-        if st.step % cfg.dmdr.ratio_update != 0:
+        if not gen_update:
             return None
+        assert x0 is not None
 
-        # 3. Generator update.
-        t0 = time.perf_counter()
-        self.opt_g.zero_grad(set_to_none=True)
-        with self._autocast():
-            v_g = self._student_net(sim.x_in, sim.t_in, cond)
-        x0 = sim.x_in - sim.t_in.view(-1, *[1] * (sim.x_in.dim() - 1)) * v_g.float()
+        # 3. Generator update (x0 computed above, with grad).
         tau2 = self.dynars.sample(B, s, generator=self.gen).to(self.device)
         x_tau = renoise(x0.detach(), tau2, noise_like(x0, self.gen))
         w = self.cfg_scale.sample(self.gen)
@@ -330,7 +340,7 @@ class Trainer:
             dynars_alpha=self.dynars.beta_params(s)[0],
             dynars_beta=self.dynars.beta_params(s)[1],
             lr_g=self.opt_g.param_groups[0]["lr"],
-            gen_step_time=time.perf_counter() - t0,
+            iter_time=time.perf_counter() - t0,
         )
         self._critic_losses.clear()
         return metrics
