@@ -23,6 +23,9 @@ def test_import_is_lean_and_does_not_initialise_cuda():
         assert "dmdr_fast._C" not in sys.modules, "_C imported eagerly"
         assert "dmdr_fast.kernels.dmd_loss" not in sys.modules
         assert not torch.cuda.is_initialized(), "CUDA initialised at import"
+        assert dmdr_fast.Trainer.__name__ == "Trainer"  # the public API loads lazily
+        import dmdr_fast.models, dmdr_fast.algo, dmdr_fast.eval
+        assert not torch.cuda.is_initialized(), "CUDA initialised by the training stack's import"
         print("ok")
         """
     )

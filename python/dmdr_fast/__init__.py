@@ -13,13 +13,34 @@ from dmdr_fast.backends import Backend, BackendUnavailableError, use_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["Backend", "BackendUnavailableError", "__version__", "ops", "use_backend"]
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "DMDRTrainerConfig",
+    "Trainer",
+    "__version__",
+    "ops",
+    "use_backend",
+]
 
-_LAZY_SUBMODULES = {"ops", "algo", "models", "eval", "train", "rewards", "benchmarks", "cli"}
+_LAZY_SUBMODULES = {
+    "ops",
+    "algo",
+    "models",
+    "eval",
+    "train",
+    "rewards",
+    "benchmarks",
+    "cli",
+    "data",
+    "presets",
+}
 
 
 def __getattr__(name: str) -> Any:
     # Submodules load on first access so `import dmdr_fast` stays light.
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"dmdr_fast.{name}")
+    if name in ("Trainer", "DMDRTrainerConfig"):
+        return getattr(importlib.import_module("dmdr_fast.train"), name)
     raise AttributeError(f"module 'dmdr_fast' has no attribute {name!r}")

@@ -1,8 +1,9 @@
-"""``dmdr-fast`` command line: env, bench (train, sample, eval and experiment come with the Trainer)."""
+"""``dmdr-fast`` command line: train, sample, eval, experiment, bench, env."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 __all__ = ["main"]
@@ -37,11 +38,130 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_from_args(args: argparse.Namespace):
+    from dmdr_fast.presets.digits import load_preset
+    from dmdr_fast.train.config import DMDRTrainerConfig
+
+    if (args.preset is None) == (args.config is None):
+        raise SystemExit("give exactly one of --preset NAME or --config FILE")
+    overrides = list(args.set or [])
+    if args.preset is not None:
+        return load_preset(args.preset, overrides)
+    return DMDRTrainerConfig.load_yaml(args.config, overrides=overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dmdr_fast.presets import digits
+
+    config = _config_from_args(args)
+    if config.model.family != "digits":
+        raise SystemExit(
+            f"model.family={config.model.family!r}: `dmdr-fast train` runs the embedded digits teacher "
+            "(family 'digits') in this release; other families come with their adapters"
+        )
+    metrics = digits.run_digits(
+        config, args.out, cache_dir=args.cache_dir, resume=args.resume, progress=not args.quiet
+    )
+    for name, row in metrics["results"].items():
+        print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
+    print(f"report: {args.out}/report.md")
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from dmdr_fast.eval.report import format_metrics_table
+    from dmdr_fast.presets import digits
+
+    if args.name != "digits":
+        raise SystemExit(f"unknown experiment {args.name!r} (available: digits)")
+    base = digits.load_preset("digits", list(args.set or []))
+    summary = digits.run_experiment(args.out, base, cache_dir=args.cache_dir, progress=not args.quiet)
+    print(format_metrics_table(summary["results"]))
+    print(f"table: {args.out}/table.md")
+    return 0
+
+
+def _load_trainer(checkpoint: str, cache_dir: str | None):
+    """A Trainer for a digits checkpoint (its config is stored inside)."""
+    import torch
+
+    from dmdr_fast.presets import digits
+    from dmdr_fast.train.config import DMDRTrainerConfig
+    from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
+
+    sd = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    config = DMDRTrainerConfig.from_dict(sd["config"]).with_overrides(["train.device=cpu"])
+    assets = digits.prepare_assets(
+        cache_dir if cache_dir is not None else digits.default_cache_dir(),
+        config.model.kwargs.get("teacher"),
+        config.model.kwargs.get("classifiers"),
+        progress=False,
+    )
+    trainer = Trainer(
+        config,
+        assets.fresh_teacher(),
+        reward=digits.make_reward(assets, config.rewards),
+        data=ClassLabelSampler(10),
+    )
+    trainer.load_state_dict(sd)
+    return trainer, assets
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from dmdr_fast.eval.plots import save_image_grid
+
+    trainer, _ = _load_trainer(args.checkpoint, args.cache_dir)
+    labels = torch.full((args.num,), args.label) if args.label is not None else torch.arange(args.num) % 10
+    x = trainer.sample(labels, num_steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
+    images = trainer.student.decode(x).clamp(0, 1).cpu()
+    if args.out.endswith(".npz"):
+        np.savez(args.out, images=images.numpy().astype(np.float32), labels=labels.numpy())
+    else:
+        save_image_grid(images, args.out, nrow=10)
+    print(f"wrote {args.num} samples ({args.steps or trainer.config.student.num_steps} steps) to {args.out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from dmdr_fast.presets import digits
+
+    trainer, assets = _load_trainer(args.checkpoint, args.cache_dir)
+    labels = digits.balanced_labels(args.num)
+    x = trainer.sample(labels, num_steps=args.steps, generator=torch.Generator().manual_seed(4321))
+    metrics = digits.evaluate_images(assets, trainer.student.decode(x), labels)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "dmd-loss":
         from dmdr_fast.benchmarks import bench_dmd_loss
 
         return bench_dmd_loss.main(args)
+    if args.what == "step":
+        from dmdr_fast.benchmarks import bench_step
+        from dmdr_fast.models import DiTAdapter, dit_from_config
+        from dmdr_fast.presets.digits import load_preset
+        from dmdr_fast.train.teacher import DEFAULT_DIGITS_TEACHER_CONFIG, resolve_config
+        from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
+
+        # The step without rewards (the paper baseline has none); the reward adds the same to both.
+        config = load_preset(
+            args.preset,
+            ["rewards=[]", "dmdr.cold_start_steps=0", "train.tensorboard=false", *(args.set or [])],
+        )
+        # Timing does not depend on the weights: a randomly initialised teacher of the preset's size.
+        arch = resolve_config(config.model.kwargs.get("teacher"), DEFAULT_DIGITS_TEACHER_CONFIG, "teacher")[
+            "model"
+        ]
+        teacher = DiTAdapter(dit_from_config(arch, seed=0))
+        trainer = Trainer(config, teacher, data=ClassLabelSampler(10))
+        return bench_step.main(args, trainer)
     raise SystemExit(f"unknown benchmark {args.what!r}")
 
 
@@ -52,6 +172,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     env = sub.add_parser("env", help="show build info and the ops × backends availability table")
     env.set_defaults(func=_cmd_env)
+
+    def add_config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)"
+        )
+        p.add_argument(
+            "--cache-dir", default=None, help="teacher/classifier cache (default ~/.cache/dmdr_fast)"
+        )
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    train = sub.add_parser("train", help="run DMDR (e.g. --preset digits) and write a report")
+    train.add_argument("--preset", default=None, help="a named preset, e.g. digits")
+    train.add_argument("--config", default=None, help="a YAML config file")
+    train.add_argument("--out", required=True, help="output folder (logs, checkpoints, samples, report)")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    add_config_args(train)
+    train.set_defaults(func=_cmd_train)
+
+    exp = sub.add_parser("experiment", help="teacher vs DMD-only vs DMDR vs reward-only students")
+    exp.add_argument("name", help="experiment name (digits)")
+    exp.add_argument("--out", required=True)
+    add_config_args(exp)
+    exp.set_defaults(func=_cmd_experiment)
+
+    sample = sub.add_parser("sample", help="sample a trained student to a PNG grid or an .npz")
+    sample.add_argument("--checkpoint", required=True)
+    sample.add_argument("--steps", type=int, default=None, help="sampling steps (default: the student's)")
+    sample.add_argument("--num", type=int, default=100)
+    sample.add_argument("--label", type=int, default=None, help="one class for all samples (default: cycle)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument(
+        "--out", required=True, help="file.png (grid) or file.npz (images (M,C,H,W) in [0,1], labels)"
+    )
+    sample.add_argument("--cache-dir", default=None)
+    sample.set_defaults(func=_cmd_sample)
+
+    ev = sub.add_parser("eval", help="metrics of a trained student (FD, precision/recall, accuracy, ...)")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--steps", type=int, default=None)
+    ev.add_argument("--num", type=int, default=1000)
+    ev.add_argument("--cache-dir", default=None)
+    ev.set_defaults(func=_cmd_eval)
 
     bench = sub.add_parser(
         "bench", help="throughput benchmarks (ratios against baselines measured in the same run)"
@@ -67,14 +229,26 @@ def build_parser() -> argparse.ArgumentParser:
     dmd.add_argument("--reps", type=int, default=20)
     dmd.add_argument("--warmup", type=int, default=3)
     dmd.add_argument("--json", default=None, help="also write the result to this JSON file")
+    step = bench_sub.add_parser("step", help="a DMDR iteration of the Trainer vs the paper's eager step")
+    step.add_argument("--preset", default="digits")
+    step.add_argument("--set", action="append", metavar="KEY=VALUE")
+    step.add_argument("--cycles", type=int, default=10, help="timed generator cycles per implementation")
+    step.add_argument("--warmup", type=int, default=2)
+    step.add_argument("--json", default=None)
     bench.set_defaults(func=_cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code."""
+    """Run the CLI; returns the process exit code (2 for configuration errors)."""
+    from dmdr_fast.train.config_io import ConfigError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"dmdr-fast: configuration error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,161 @@
+"""``dmdr-fast bench step``: a DMDR iteration of our Trainer against the paper's step, same run.
+
+The baseline, :func:`paper_iteration`, re-implements one iteration the way the authors' released
+scripts do it (PAPER_NOTES §10): the full backward-simulation rollout (no pruning, G evaluated at
+every step), the critic update, and — every R-th iteration — a fresh generator forward with
+gradients, **three separate** guidance forwards (fake, cond, uncond, each with a scalar LoRA
+scale), and the DMD loss written out in eager PyTorch. Both run on the same networks and
+optimisers; only the way the work is organised differs. Timings:
+
+* ``cycle``: R iterations = one generator update (what a run pays per generator step);
+* ``gen-iter``: only the iteration that contains the generator update (where the fused parts are).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dmdr_fast.algo import backward_simulation, critic_loss, noise_like, renoise
+from dmdr_fast.benchmarks.harness import machine_info
+from dmdr_fast.models.lora import lora_scale
+from dmdr_fast.train.trainer import Trainer
+
+__all__ = ["paper_dmd_loss", "paper_iteration", "run"]
+
+
+def paper_dmd_loss(x0, x_t, t, v_fake, v_cond, v_uncond, w):
+    """The DMD loss as the paper's scripts write it (PAPER_NOTES TL;DR 5 and §10.8)."""
+    tt = t.view(-1, *[1] * (x0.dim() - 1))
+    v_real = v_uncond + w * (v_cond - v_uncond) if v_uncond is not None else v_cond
+    x0_real = x_t - tt * v_real
+    x0_fake = x_t - tt * v_fake
+    p_real = x0 - x0_real
+    normalizer = torch.abs(p_real).mean(dim=list(range(1, x0.dim())), keepdim=True)
+    grad = (x0_fake - x0_real) / (normalizer + 1e-8)
+    grad = torch.nan_to_num(grad)
+    return 0.5 * F.mse_loss(x0.float(), (x0 - grad).detach().float(), reduction="mean")
+
+
+def paper_iteration(tr: Trainer) -> None:
+    """One iteration the paper's way on ``tr``'s networks, optimisers and RNG (LoRA critic)."""
+    cfg, st = tr.config, tr.state
+    s, B = st.gen_step, cfg.train.batch_size
+    raw = tr.data.sample(B, tr.gen)
+    cond = tr.student.encode_condition(raw).to(tr.device)
+    with torch.no_grad():
+        sim = backward_simulation(
+            tr.student.velocity,
+            tr._randn((B, *tr.student.sample_shape)),
+            cond,
+            tr.grid,
+            generator=tr.gen,
+            prune=False,
+        )
+    x0_sel = sim.x0_sel
+    tau = tr.dynars.sample(B, s, generator=tr.gen).to(tr.device)
+    eps = noise_like(x0_sel, tr.gen)
+    tr.opt_c.zero_grad(set_to_none=True)
+    with lora_scale(tr.guidance.network, cfg.critic.fake_scale):
+        v = tr.guidance.velocity(renoise(x0_sel, tau, eps), tau, cond)
+    critic_loss(v, x0_sel, eps).backward()
+    torch.nn.utils.clip_grad_norm_([p for p in tr.guidance.network.parameters() if p.requires_grad], 1.0)
+    tr.opt_c.step()
+    st.step += 1
+    if st.step % cfg.dmdr.ratio_update != 0:
+        return
+    tr.opt_g.zero_grad(set_to_none=True)
+    x0 = sim.x_in - sim.t_in.view(-1, 1, 1, 1) * tr.student.velocity(sim.x_in, sim.t_in, cond)
+    tau2 = tr.dynars.sample(B, s, generator=tr.gen).to(tr.device)
+    x_tau = renoise(x0.detach(), tau2, noise_like(x0, tr.gen))
+    w = tr.cfg_scale.sample(tr.gen)
+    lam_r = tr.dynadg.real_scale(s)
+    with torch.no_grad():
+        with lora_scale(tr.guidance.network, cfg.critic.fake_scale):
+            v_fake = tr.guidance.velocity(x_tau, tau2, cond)
+        with lora_scale(tr.guidance.network, lam_r):
+            v_cond = tr.guidance.velocity(x_tau, tau2, cond)
+            v_uncond = (
+                tr.guidance.velocity(x_tau, tau2, tr.student.null_condition(B))
+                if tr.cfg_scale.enabled
+                else None
+            )
+    loss = paper_dmd_loss(x0, x_tau, tau2, v_fake, v_cond, v_uncond, w)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in tr.student.network.parameters() if p.requires_grad], 1.0)
+    tr.opt_g.step()
+    st.gen_step += 1
+
+
+def _time_cycles(fn, tr: Trainer, cycles: int) -> tuple[list[float], list[float]]:
+    """Per-cycle and per-generator-iteration wall times (ms), synchronising on GPUs."""
+    R = tr.config.dmdr.ratio_update
+    sync = torch.cuda.synchronize if tr.device.type == "cuda" else (lambda: None)
+    cycle_ms, gen_ms = [], []
+    for _ in range(cycles):
+        sync()
+        start = time.perf_counter()
+        for i in range(R):
+            if i == R - 1:
+                sync()
+                g0 = time.perf_counter()
+            fn(tr)
+        sync()
+        end = time.perf_counter()
+        cycle_ms.append((end - start) * 1e3)
+        gen_ms.append((end - g0) * 1e3)
+    return cycle_ms, gen_ms
+
+
+def run(trainer: Trainer, *, cycles: int = 10, warmup: int = 2) -> dict[str, Any]:
+    """Alternate ours and the paper's iteration on ``trainer`` and report medians and ratios."""
+    import statistics
+
+    ours = lambda tr: tr.step()  # noqa: E731
+    for fn in (ours, paper_iteration):
+        _time_cycles(fn, trainer, warmup)
+    results: dict[str, list[float]] = {"ours_cycle": [], "ours_gen": [], "paper_cycle": [], "paper_gen": []}
+    for _ in range(cycles):  # interleaved so that drifting machine load hits both alike
+        for name, fn in (("ours", ours), ("paper", paper_iteration)):
+            c, g = _time_cycles(fn, trainer, 1)
+            results[f"{name}_cycle"] += c
+            results[f"{name}_gen"] += g
+    med = {k: statistics.median(v) for k, v in results.items()}
+    cfg = trainer.config
+    return {
+        "benchmark": "step",
+        "batch_size": cfg.train.batch_size,
+        "student_steps": cfg.student.num_steps,
+        "ratio_update": cfg.dmdr.ratio_update,
+        "guidance": cfg.dmdr.guidance,
+        "machine": machine_info(trainer.device),
+        "median_ms": med,
+        "speedup_cycle": med["paper_cycle"] / med["ours_cycle"],
+        "speedup_gen_iter": med["paper_gen"] / med["ours_gen"],
+        "cycles": cycles,
+    }
+
+
+def format_result(r: dict[str, Any]) -> str:
+    m = r["median_ms"]
+    return (
+        f"bench step: batch {r['batch_size']}, {r['student_steps']}-step student, R={r['ratio_update']}, "
+        f"CFG {r['guidance']}  ({r['machine'].get('gpu', r['machine']['cpu'])}, {r['machine']['date']})\n"
+        f"  cycle (R iterations = 1 generator update): ours {m['ours_cycle']:.1f} ms, "
+        f"paper {m['paper_cycle']:.1f} ms  → ×{r['speedup_cycle']:.2f}\n"
+        f"  generator-update iteration only:            ours {m['ours_gen']:.1f} ms, "
+        f"paper {m['paper_gen']:.1f} ms  → ×{r['speedup_gen_iter']:.2f}"
+    )
+
+
+def main(args, trainer: Trainer) -> int:
+    result = run(trainer, cycles=args.cycles, warmup=args.warmup)
+    print(format_result(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0

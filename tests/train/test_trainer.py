@@ -1,0 +1,190 @@
+"""Trainer: a smoke run, exact resume, checkpoint atomicity, stage switching, and DDP on gloo."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dmdr_fast.models import DiTAdapter, tiny_dit
+from dmdr_fast.train import checkpoint as ckpt
+from dmdr_fast.train.config import DMDRTrainerConfig
+from dmdr_fast.train.logging import read_jsonl
+from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
+
+ATTN = ["*attn1.to_q", "*attn1.to_k", "*attn1.to_v", "*attn1.to_out.0"]
+
+
+def small_config(**train) -> DMDRTrainerConfig:
+    base = {
+        "train": {
+            "max_steps": 4, "batch_size": 4, "log_every": 1, "sample_every": 0, "eval_every": 0,
+            "checkpoint_every": 2, "tensorboard": False, "device": "cpu", "deterministic": True,
+            "num_grid_samples": 4, **train,
+        },
+        "dmdr": {"dynamic_horizon": 4, "ratio_update": 2},
+        "critic": {"lora": {"rank": 4, "targets": ATTN}},
+        "student": {"num_steps": 2},
+    }  # fmt: skip
+    return DMDRTrainerConfig.from_dict(base)
+
+
+def make_trainer(cfg, out_dir=None, **kw):
+    return Trainer(
+        cfg, DiTAdapter(tiny_dit(num_layers=1, seed=0)), data=ClassLabelSampler(10), out_dir=out_dir, **kw
+    )
+
+
+def test_smoke_run_writes_logs_checkpoints_and_samples(tmp_path):
+    cfg = small_config(sample_every=2)
+    tr = make_trainer(cfg, tmp_path)
+    before = [p.detach().clone() for p in tr.student.network.parameters()]
+    state = tr.fit(progress=False)
+    assert state.gen_step == 4 and state.step == 8  # ratio_update = 2
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in (
+        "loss_dmd",
+        "loss_critic",
+        "grad_norm_g",
+        "grad_norm_c",
+        "lambda_r",
+        "dynars_alpha",
+        "iter_time",
+    ):
+        assert all(key in r for r in rows), key
+    assert rows[0]["lambda_r"] == pytest.approx(0.75) and rows[-1]["lambda_r"] < 0.75  # DynaDG anneals
+    assert (tmp_path / "config.yaml").is_file()
+    assert DMDRTrainerConfig.load_yaml(tmp_path / "config.yaml") == cfg
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_0000004.pt"
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
+        "step_0000002.png",
+        "step_0000004.png",
+    ]
+    after = list(tr.student.network.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after)), "the student did not change"
+
+
+def test_resume_is_exact(tmp_path):
+    """N steps in one go == k steps, stop, resume in a fresh Trainer, continue to N."""
+    cfg = small_config()
+    full = make_trainer(cfg)
+    full.fit(progress=False)
+
+    part = make_trainer(cfg, tmp_path)
+    part.fit(max_steps=2, progress=False)
+    del part  # "kill"
+    resumed = make_trainer(cfg, tmp_path)
+    assert resumed.resume()
+    assert resumed.state.gen_step == 2
+    resumed.fit(progress=False)
+    for (n, a), b in zip(full.student.network.named_parameters(), resumed.student.network.parameters()):
+        assert torch.equal(a, b), f"student {n} differs after resume"
+    for (n, a), b in zip(full.guidance.network.named_parameters(), resumed.guidance.network.parameters()):
+        assert torch.equal(a, b), f"guidance {n} differs after resume"
+
+
+def test_interrupted_write_leaves_latest_intact(tmp_path, monkeypatch):
+    tr = make_trainer(small_config(), tmp_path)
+    tr.fit(max_steps=2, progress=False)
+    good = ckpt.latest_checkpoint(tmp_path)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt  # killed in the middle of torch.save
+
+    monkeypatch.setattr(torch, "save", boom)
+    tr.state.gen_step = 3
+    with pytest.raises(KeyboardInterrupt):
+        tr.save()
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(tmp_path) == good
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    torch.load(good, weights_only=False)  # still readable
+
+
+def test_stage_two_turns_reward_on_and_lowers_lr():
+    from dmdr_fast.rewards import ClassifierReward, CompositeReward
+
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    reward = CompositeReward([ClassifierReward(clf, weight=0.5, name="clf", num_classes=10, in_channels=1)])
+    cfg = DMDRTrainerConfig.from_dict(
+        {
+            **small_config().to_dict(),
+            "rewards": [{"kind": "classifier", "weight": 0.5, "name": "clf"}],
+            "dmdr": {"dynamic_horizon": 4, "ratio_update": 2, "cold_start_steps": 2},
+            "optim": {"lr_generator_stage2": 1e-6},
+        }
+    )
+    tr = make_trainer(cfg, reward=reward)
+    logs = []
+    while tr.state.gen_step < 4:
+        m = tr.step()
+        if m is not None:
+            logs.append(m)
+    assert [m["stage"] for m in logs] == [1, 1, 2, 2]
+    assert "loss_reward" not in logs[1] and "loss_reward" in logs[2]
+    assert logs[1]["lr_g"] == cfg.optim.lr_generator and logs[2]["lr_g"] == 1e-6
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"critic": {"kind": "full"}, "dmdr": {"guidance": 2.0, "dynamic_horizon": 4, "ratio_update": 2}},
+        {"student": {"kind": "lora", "num_steps": 2, "lora": {"rank": 4, "alpha": 8, "targets": ATTN}}},
+        {
+            "student": {"num_steps": 2, "backward_sim": "final", "ema_decay": 0.9},
+            "train": {"precision": "bf16"},
+        },
+    ],
+    ids=["full-critic-cfg", "lora-student", "final-sim-ema-bf16"],
+)
+def test_variants_train(overrides):
+    base = small_config().to_dict()
+    for key, value in overrides.items():
+        base[key] = {**base.get(key, {}), **value}
+    cfg = DMDRTrainerConfig.from_dict(base)
+    tr = make_trainer(cfg)
+    trainable = [p for p in tr.student.network.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    tr.fit(max_steps=2, progress=False)
+    assert tr.state.gen_step == 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainable))
+    if cfg.student.kind == "lora":  # only LoRA factors train
+        assert all("lora_" in n for n, p in tr.student.network.named_parameters() if p.requires_grad)
+    x = tr.sample(torch.arange(4))
+    assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_missing_reward_model_is_an_error():
+    cfg = DMDRTrainerConfig.from_dict(
+        {**small_config().to_dict(), "rewards": [{"kind": "classifier", "weight": 0.5}]}
+    )
+    with pytest.raises(ValueError, match="no `reward` model"):
+        make_trainer(cfg)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    try:
+        torch.set_num_threads(1)
+        tr = make_trainer(small_config(max_steps=2, checkpoint_every=0), out)  # both ranks get out_dir
+        tr.fit(progress=False)
+        flat = torch.cat([p.detach().flatten() for p in tr.student.network.parameters()])
+        torch.save(flat, os.path.join(out, f"params_rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_process_gloo(tmp_path):
+    """Two CPU processes: different data per rank, identical weights after every step (DDP)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    p0, p1 = (torch.load(tmp_path / f"params_rank{r}.pt") for r in range(2))
+    assert torch.equal(p0, p1)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2], "only rank 0 logs"
