@@ -120,6 +120,15 @@ class Trainer:
     ) -> None:
         if config.active_rewards and reward is None:
             raise ValueError("config.rewards has active rewards but no `reward` model was passed to Trainer")
+        if config.train.compile:
+            raise NotImplementedError(
+                "train.compile=true is not supported by the Trainer yet; set train.compile=false"
+            )
+        if config.train.attention != "sdpa":
+            raise NotImplementedError(
+                f"train.attention={config.train.attention!r}: only 'sdpa' (the models' own attention) "
+                "is available until the attention dispatcher lands"
+            )
         if config.dmdr.decoupled:
             raise NotImplementedError(
                 "dmdr.decoupled=True: the Trainer does not run Decoupled DMD yet (the loss exists as "
