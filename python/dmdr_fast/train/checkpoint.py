@@ -8,15 +8,14 @@ partial file.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from dmdr_fast._io import atomic_save, atomic_write_text
 
 __all__ = [
     "FORMAT",
@@ -32,37 +31,11 @@ FORMAT = "dmdr_fast.checkpoint.v1"
 _NAME = re.compile(r"^step_(\d{7,})\.pt$")
 
 
-def atomic_save(obj: Any, path: Path) -> Path:
-    """``torch.save`` to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(out_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     """Write ``out_dir/checkpoints/step_XXXXXXX.pt``, point ``latest`` at it, keep the newest ``keep``."""
     folder = Path(out_dir) / "checkpoints"
     path = atomic_save(state, folder / f"step_{step:07d}.pt")
-    _write_text_atomic(folder / "latest", path.name + "\n")
+    atomic_write_text(folder / "latest", path.name + "\n")
     if keep > 0:
         found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)))
         for _, old in found[:-keep]:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dmdr_fast._io import atomic_save
 from dmdr_fast.algo.flow import renoise, velocity_target
 from dmdr_fast.models.classifier import DigitClassifier, DigitClassifierConfig, train_classifier
 
@@ -337,12 +338,6 @@ def _str(path: Path | None) -> str | None:
     return None if path is None else os.fspath(path)
 
 
-def _atomic_save(payload: Any, path: Path) -> None:
-    from dmdr_fast.train.checkpoint import atomic_save  # one implementation of atomic writes
-
-    atomic_save(payload, path)
-
-
 def _try_load(path: Path, fmt: str, config: Mapping[str, Any]) -> dict[str, Any] | None:
     """The cached payload, or ``None`` (with a warning) if it is missing, unreadable or stale."""
     if not path.exists():
@@ -418,7 +413,7 @@ def get_or_train_digits_teacher(
     stats = train_flow_teacher(adapter, images, labels, **resolved["train"], progress=progress)
     if path is not None:
         state = {k: v.detach().cpu() for k, v in adapter.transformer.state_dict().items()}
-        _atomic_save(
+        atomic_save(
             {"format": _TEACHER_FORMAT, "config": resolved, "state_dict": state, "stats": stats}, path
         )
     return adapter, {**info, "cache_hit": False, "stats": stats}
@@ -504,7 +499,7 @@ def get_or_train_digits_classifiers(
             }
             for role, m in trained.items()
         }
-        _atomic_save(
+        atomic_save(
             {"format": _CLASSIFIERS_FORMAT, "config": resolved, "models": models_payload, "metrics": metrics},
             path,
         )
