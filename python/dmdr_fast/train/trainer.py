@@ -226,7 +226,7 @@ class Trainer:
                 group["lr"] = lr
         self._stage2_applied = True
 
-    def _fake_and_real(self, x: torch.Tensor, t: torch.Tensor, cond: Any, null: Any, w: float, lam_r: float):
+    def _fake_and_real(self, x: torch.Tensor, t: torch.Tensor, cond: Any, null: Any, lam_r: float):
         """(v_fake, v_cond, v_uncond or None), no grad; one batched guidance forward for a LoRA critic."""
         c = self.config.critic
         with torch.no_grad(), self._autocast():
@@ -317,7 +317,7 @@ class Trainer:
         w = self.cfg_scale.sample(self.gen)
         null = self.student.null_condition(B) if self.cfg_scale.enabled else None
         lam_r = self.dynadg.real_scale(s)
-        v_fake, v_cond, v_uncond = self._fake_and_real(x_tau, tau2, cond, null, w, lam_r)
+        v_fake, v_cond, v_uncond = self._fake_and_real(x_tau, tau2, cond, null, lam_r)
         metrics: dict[str, float] = {}
         loss = x0.new_zeros(())
         if cfg.dmdr.dmd_weight > 0:
@@ -339,6 +339,7 @@ class Trainer:
         self.opt_g.step()
         self._update_ema()
         st.gen_step += 1
+        beta_a, beta_b = self.dynars.beta_params(s)
         metrics.update(
             step=st.gen_step,
             stage=stage,
@@ -346,8 +347,8 @@ class Trainer:
             grad_norm_c=gn_c,
             lambda_r=lam_r,
             guidance=w,
-            dynars_alpha=self.dynars.beta_params(s)[0],
-            dynars_beta=self.dynars.beta_params(s)[1],
+            dynars_alpha=beta_a,
+            dynars_beta=beta_b,
             lr_g=self.opt_g.param_groups[0]["lr"],
             iter_time=time.perf_counter() - t0,
         )
