@@ -156,6 +156,8 @@ class Reward(nn.Module, ABC):
         loss_form: ``"neg"`` (``−score``) or ``"hinge"`` (``relu(margin − score)``).
         margin: Hinge margin, in the units of the score.
         check_inputs: Validate images (shape, range: one host sync) and condition on every call.
+        prompt_prefix: Text put in front of every prompt before this reward sees it (the paper
+            scores HPS on ``"Realistic photo " + prompt``); ignored for label conditions.
     """
 
     #: Whether gradients flow from the score to the images. Non-differentiable rewards are only
@@ -170,6 +172,7 @@ class Reward(nn.Module, ABC):
         loss_form: LossForm = "neg",
         margin: float = 0.0,
         check_inputs: bool = True,
+        prompt_prefix: str = "",
     ) -> None:
         super().__init__()
         if not isinstance(name, str) or not name:
@@ -183,6 +186,9 @@ class Reward(nn.Module, ABC):
         self.loss_form: LossForm = loss_form
         self.margin = float(margin)
         self.check_inputs = check_inputs
+        if not isinstance(prompt_prefix, str):
+            raise ValueError(f"prompt_prefix must be a string, got {type(prompt_prefix).__name__}")
+        self.prompt_prefix = prompt_prefix
         super().train(False)
 
     def train(self, mode: bool = True) -> Reward:
@@ -200,6 +206,18 @@ class Reward(nn.Module, ABC):
         Returns:
             ``(B,)`` scores (float), differentiable in ``images`` if ``differentiable``.
         """
+
+    def prompts(self, cond: RewardCondition) -> list[str]:
+        """The prompts this reward scores: ``prompt_prefix + p`` for each prompt of ``cond``.
+
+        Raises:
+            ValueError: If ``cond`` is not a sequence of strings.
+        """
+        if isinstance(cond, Tensor) or cond is None or isinstance(cond, (str, bytes)):
+            raise ValueError(
+                f"reward {self.name!r} needs prompt strings as its condition, got {type(cond).__name__}"
+            )
+        return [self.prompt_prefix + p for p in cond]
 
     def validate(self, images: Tensor, cond: RewardCondition) -> None:
         """Input checks run by :meth:`forward`; subclasses extend them (channels, condition kind)."""
@@ -228,7 +246,8 @@ class Reward(nn.Module, ABC):
 
     def extra_repr(self) -> str:
         hinge = f", margin={self.margin}" if self.loss_form == "hinge" else ""
-        return f"name={self.name!r}, weight={self.weight}, loss_form={self.loss_form!r}{hinge}"
+        prefix = f", prompt_prefix={self.prompt_prefix!r}" if self.prompt_prefix else ""
+        return f"name={self.name!r}, weight={self.weight}, loss_form={self.loss_form!r}{hinge}{prefix}"
 
 
 @dataclass
