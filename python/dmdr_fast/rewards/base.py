@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "COMBINE_MODES",
     "LOSS_FORMS",
     "CompositeReward",
     "LossForm",
@@ -45,6 +46,8 @@ __all__ = [
 ]
 
 LossForm = Literal["neg", "hinge"]
+#: How a reward's gradient joins the DMD gradient (see :func:`dmdr_fast.ops.reward_grad_combine`).
+COMBINE_MODES: tuple[str, ...] = ("fixed", "balanced")
 #: The supported loss forms.
 LOSS_FORMS: tuple[str, ...] = ("neg", "hinge")
 
@@ -158,6 +161,11 @@ class Reward(nn.Module, ABC):
         check_inputs: Validate images (shape, range: one host sync) and condition on every call.
         prompt_prefix: Text put in front of every prompt before this reward sees it (the paper
             scores HPS on ``"Realistic photo " + prompt``); ignored for label conditions.
+        combine: How the Trainer joins this reward's gradient on x0 to the DMD gradient
+            (:func:`dmdr_fast.ops.reward_grad_combine`): ``"fixed"`` adds ``weight·g_R`` (the paper);
+            ``"balanced"`` scales ``g_R`` per sample to ``ratio`` times the DMD gradient's norm.
+        ratio: Reward-to-DMD gradient-norm ratio of ``combine="balanced"``.
+        max_weight: Cap on the per-sample weight of ``combine="balanced"`` (``None``: no cap).
     """
 
     #: Whether gradients flow from the score to the images. Non-differentiable rewards are only
@@ -173,6 +181,9 @@ class Reward(nn.Module, ABC):
         margin: float = 0.0,
         check_inputs: bool = True,
         prompt_prefix: str = "",
+        combine: Literal["fixed", "balanced"] = "fixed",
+        ratio: float = 1.0,
+        max_weight: float | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(name, str) or not name:
@@ -189,6 +200,15 @@ class Reward(nn.Module, ABC):
         if not isinstance(prompt_prefix, str):
             raise ValueError(f"prompt_prefix must be a string, got {type(prompt_prefix).__name__}")
         self.prompt_prefix = prompt_prefix
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+        if not (isinstance(ratio, (int, float)) and 0 <= ratio < float("inf")):
+            raise ValueError(f"ratio must be a finite number >= 0, got {ratio!r}")
+        if max_weight is not None and not (isinstance(max_weight, (int, float)) and max_weight >= 0):
+            raise ValueError(f"max_weight must be None or a number >= 0, got {max_weight!r}")
+        self.combine = combine
+        self.ratio = float(ratio)
+        self.max_weight = None if max_weight is None else float(max_weight)
         super().train(False)
 
     def train(self, mode: bool = True) -> Reward:
@@ -247,7 +267,8 @@ class Reward(nn.Module, ABC):
     def extra_repr(self) -> str:
         hinge = f", margin={self.margin}" if self.loss_form == "hinge" else ""
         prefix = f", prompt_prefix={self.prompt_prefix!r}" if self.prompt_prefix else ""
-        return f"name={self.name!r}, weight={self.weight}, loss_form={self.loss_form!r}{hinge}{prefix}"
+        comb = f", combine='balanced', ratio={self.ratio}" if self.combine == "balanced" else ""
+        return f"name={self.name!r}, weight={self.weight}, loss_form={self.loss_form!r}{hinge}{prefix}{comb}"
 
 
 @dataclass
@@ -256,7 +277,10 @@ class RewardOutput:
 
     Attributes:
         loss: ``(B,)`` summed weighted loss of the differentiable rewards (zeros if there are none);
-            differentiable in the images. The generator loss uses ``loss.mean()``.
+            differentiable in the images: the ReFL loss is ``loss.mean()``.
+        terms: Name → ``(B,)`` *unweighted* loss (``form(score)``) of each differentiable reward,
+            differentiable in the images; the Trainer takes one gradient per term and weights it
+            with :func:`dmdr_fast.ops.reward_grad_combine`.
         scores: Name → ``(B,)`` score of every reward (non-differentiable ones detached).
         logs: ``reward/<name>`` (mean score) and ``reward_loss/<name>`` (mean weighted loss, for
             differentiable rewards) as detached 0-dim tensors, so that building them costs no
@@ -264,6 +288,7 @@ class RewardOutput:
     """
 
     loss: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
     scores: dict[str, Tensor] = field(default_factory=dict)
     logs: dict[str, Tensor] = field(default_factory=dict)
 
@@ -322,11 +347,13 @@ class CompositeReward(nn.Module):
         batch = check_images(images, check_range=False)
         total = images.new_zeros(batch)
         scores: dict[str, Tensor] = {}
+        terms: dict[str, Tensor] = {}
         logs: dict[str, Tensor] = {}
         for r in self.rewards:
             if r.differentiable:
                 score = r(images, cond)
-                loss = r.loss_from_score(score)
+                terms[r.name] = reward_loss(score, r.loss_form, r.margin)
+                loss = r.weight * terms[r.name]
                 total = total + loss
                 logs[f"reward_loss/{r.name}"] = loss.detach().mean()
             else:
@@ -334,4 +361,4 @@ class CompositeReward(nn.Module):
                     score = r(images.detach(), cond)
             scores[r.name] = score if r.differentiable else score.detach()
             logs[f"reward/{r.name}"] = score.detach().float().mean()
-        return RewardOutput(loss=total, scores=scores, logs=logs)
+        return RewardOutput(loss=total, terms=terms, scores=scores, logs=logs)

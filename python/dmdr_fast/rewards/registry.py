@@ -1,0 +1,319 @@
+"""Build rewards by kind name (from configs / the CLI): ``build_reward("pickscore", path=..., weight=...)``.
+
+Each kind maps to a *builder*: a function taking the keyword arguments of :func:`build_reward`
+(``path``, ``name``, ``weight``, ``loss_form``, ``margin``, ``prompt_prefix``, ``device``,
+``dtype``) plus kind-specific ones, and returning a :class:`~dmdr_fast.rewards.base.Reward`.
+
+Adding a kind (e.g. ``"hps"`` or ``"image_reward"``): write a builder taking those keywords (in the
+reward's module or here) and either add it to ``_BUILDERS`` below — with its download source in
+``_SOURCES`` if it loads weights — (built-in kinds, listed in :data:`REWARD_KINDS`), or call
+``register_reward_kind(kind, builder, source=...)`` at run time (listed by
+:func:`available_reward_kinds`). For kinds with a source, :func:`build_reward` turns a missing
+``path`` into a :class:`MissingWeightsError` naming what to download, so builders always get a path.
+
+Reward models are frozen (``requires_grad_(False)``, eval); ``dtype`` (e.g. ``torch.bfloat16``)
+casts the model only, scores stay float32.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from dmdr_fast.rewards.aesthetic import AESTHETIC_MLP_URL, AestheticReward
+from dmdr_fast.rewards.base import LOSS_FORMS, LossForm, Reward
+from dmdr_fast.rewards.callable import CallableReward
+from dmdr_fast.rewards.clip import (
+    CLIP_HUB_ID,
+    PICKSCORE_HUB_ID,
+    PICKSCORE_PROCESSOR_HUB_ID,
+    CLIPScoreReward,
+    PickScoreReward,
+)
+from dmdr_fast.rewards.hps import HPS_SOURCE, HPS_TOKENIZER_SOURCE, build_hps
+from dmdr_fast.rewards.image_reward import BERT_TOKENIZER_SOURCE, IMAGE_REWARD_SOURCE, build_image_reward
+from dmdr_fast.rewards.loading import MissingWeightsError
+
+__all__ = [
+    "REWARD_KINDS",
+    "RewardBuilder",
+    "as_dtype",
+    "available_reward_kinds",
+    "build_reward",
+    "register_reward_kind",
+    "require_path",
+    "reward_from_config",
+    "rewards_from_config",
+]
+
+#: ``builder(*, path, name, weight, loss_form, margin, prompt_prefix, device, dtype, **kwargs) -> Reward``.
+RewardBuilder = Callable[..., Reward]
+
+PathLike = str | os.PathLike[str]
+
+
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A ``torch.dtype`` from a dtype, its name (``"bfloat16"``, ``"bf16"``, ``"torch.float16"``, ...) or ``None``.
+
+    Raises:
+        ValueError: An unknown name.
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPE_NAMES:
+        raise ValueError(f"dtype must be a torch.dtype or one of {sorted(_DTYPE_NAMES)}, got {dtype!r}")
+    return _DTYPE_NAMES[key]
+
+
+def require_path(path: PathLike | None, *, kind: str, source: str) -> PathLike:
+    """Return ``path``, or raise :class:`MissingWeightsError` naming what to download for ``kind``.
+
+    Args:
+        path: The ``path`` given to :func:`build_reward`.
+        kind: The reward kind, for the message.
+        source: Hub id or URL of the weights (and anything else needed), for the message.
+    """
+    if path is None:
+        raise MissingWeightsError(
+            f"reward kind {kind!r} needs path= a local copy of {source} (download it on a machine with "
+            f"internet, e.g. `huggingface-cli download {source.split()[0]} --local-dir DIR`), or the hub "
+            f"id itself when this machine is online"
+        )
+    return path
+
+
+def _build_clip(
+    *,
+    path: PathLike | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    **kwargs: Any,
+) -> Reward:
+    """``kwargs``: reward arguments plus ``tokenizer_path``, ``scale``, ``crop``, ``text_cache_size``."""
+    assert path is not None  # build_reward checked it (the kind declares a source)
+    return CLIPScoreReward.from_pretrained(path, device=device, dtype=dtype, **kwargs)
+
+
+def _build_pickscore(
+    *,
+    path: PathLike | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    **kwargs: Any,
+) -> Reward:
+    """``kwargs``: as ``"clip"``; ``tokenizer_path`` defaults to the processor's repository for hub ids."""
+    assert path is not None
+    return PickScoreReward.from_pretrained(path, device=device, dtype=dtype, **kwargs)
+
+
+def _build_aesthetic(
+    *,
+    path: PathLike | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    **kwargs: Any,
+) -> Reward:
+    """``path``: the CLIP ViT-L/14 folder; ``kwargs``: reward arguments plus ``mlp_path``, ``crop``."""
+    assert path is not None
+    return AestheticReward.from_pretrained(path, device=device, dtype=dtype, **kwargs)
+
+
+def _build_callable(
+    *,
+    path: PathLike | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    fn: Any = None,
+    **kwargs: Any,
+) -> Reward:
+    """``fn``: the scorer (required); ``kwargs``: :class:`CallableReward` arguments."""
+    if fn is None:
+        raise ValueError("reward kind 'callable' needs fn=, a function fn(images, cond) -> (B,)")
+    if path is not None:
+        raise ValueError("reward kind 'callable' takes no path (it wraps fn)")
+    if dtype is not None and not isinstance(fn, nn.Module):
+        raise ValueError("reward kind 'callable': dtype only applies when fn is an nn.Module")
+    if dtype is not None:
+        fn.to(dtype=dtype)
+    reward = CallableReward(fn, **kwargs)
+    return reward if device is None else reward.to(device)
+
+
+_BUILDERS: dict[str, RewardBuilder] = {
+    "clip": _build_clip,
+    "pickscore": _build_pickscore,
+    "aesthetic": _build_aesthetic,
+    "callable": _build_callable,
+    "hps": build_hps,
+    "image_reward": build_image_reward,
+}
+# Kinds that need weights: where to get them, for the error when ``path`` is missing.
+_SOURCES: dict[str, str] = {
+    "clip": CLIP_HUB_ID,
+    "pickscore": f"{PICKSCORE_HUB_ID} (tokenizer: {PICKSCORE_PROCESSOR_HUB_ID}, pass tokenizer_path=)",
+    "aesthetic": f"{CLIP_HUB_ID} (and the head {AESTHETIC_MLP_URL}, pass mlp_path=)",
+    "hps": f"{HPS_SOURCE} (HPS_v2.1_compressed.pt; tokenizer: {HPS_TOKENIZER_SOURCE})",
+    "image_reward": f"{IMAGE_REWARD_SOURCE} (ImageReward.pt, med_config.json; tokenizer: {BERT_TOKENIZER_SOURCE})",
+}
+
+#: The built-in reward kinds (kinds added with :func:`register_reward_kind` are listed by
+#: :func:`available_reward_kinds`).
+REWARD_KINDS: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def available_reward_kinds() -> tuple[str, ...]:
+    """All kinds :func:`build_reward` accepts now, built-in and registered."""
+    return tuple(_BUILDERS)
+
+
+def register_reward_kind(
+    kind: str, builder: RewardBuilder, *, source: str | None = None, overwrite: bool = False
+) -> None:
+    """Make ``build_reward(kind, ...)`` call ``builder``.
+
+    Args:
+        kind: The name used in configs.
+        builder: ``builder(*, path, name, weight, loss_form, margin, prompt_prefix, device, dtype,
+            **kwargs) -> Reward``; ``dtype`` arrives as a ``torch.dtype`` or ``None``.
+        source: For kinds that load weights: where they are published (hub id or URL). Then
+            ``build_reward`` refuses ``path=None`` with a :class:`MissingWeightsError` naming it,
+            before calling ``builder``.
+        overwrite: Replace an existing kind (otherwise that is an error).
+
+    Raises:
+        ValueError: ``kind`` is empty or already registered (without ``overwrite``).
+        TypeError: ``builder`` is not callable.
+    """
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"kind must be a non-empty string, got {kind!r}")
+    if not callable(builder):
+        raise TypeError(f"builder must be callable, got {type(builder).__name__}")
+    if kind in _BUILDERS and not overwrite:
+        raise ValueError(f"reward kind {kind!r} is already registered; pass overwrite=True to replace it")
+    _BUILDERS[kind] = builder
+    if source is None:
+        _SOURCES.pop(kind, None)
+    else:
+        _SOURCES[kind] = source
+
+
+def build_reward(
+    kind: str,
+    *,
+    path: PathLike | None = None,
+    name: str | None = None,
+    weight: float = 1.0,
+    loss_form: LossForm = "neg",
+    margin: float = 0.0,
+    prompt_prefix: str = "",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    **kwargs: Any,
+) -> Reward:
+    """Build a frozen reward of a given kind.
+
+    Args:
+        kind: One of :func:`available_reward_kinds` (built-in: :data:`REWARD_KINDS`).
+        path: Local weights (folder/file) or, online, a hub id; required by model-based kinds.
+        name: Log key; defaults to ``kind``.
+        weight: Loss multiplier.
+        loss_form: ``"neg"`` or ``"hinge"``.
+        margin: Hinge margin, in score units (paper: 0.7 for CLIP cosine).
+        prompt_prefix: Text put before every prompt.
+        device: Move the reward model there.
+        dtype: Cast the reward model: a ``torch.dtype`` or a name from a config (``"bfloat16"``,
+            ``"bf16"``, ``"float16"``, ``"fp16"``, ``"float32"``, ``"fp32"``); scores stay float32.
+        **kwargs: Kind-specific: ``tokenizer_path``, ``scale``, ``crop``, ``text_cache_size``
+            (``"clip"``, ``"pickscore"``); ``mlp_path`` (``"aesthetic"``); ``fn``, ``differentiable``,
+            ``cond_kind``, ``channels`` (``"callable"``).
+
+    Returns:
+        The :class:`Reward`.
+
+    Raises:
+        ValueError: Unknown ``kind`` (lists the kinds), ``loss_form`` or ``dtype``.
+        MissingWeightsError: ``path`` is missing or does not hold the weights (names the download).
+        ImportError: An optional dependency is missing (names the pip extra).
+    """
+    builder = _BUILDERS.get(kind)
+    if builder is None:
+        raise ValueError(
+            f"unknown reward kind {kind!r}; available kinds: {', '.join(available_reward_kinds())}"
+        )
+    if loss_form not in LOSS_FORMS:
+        raise ValueError(f"loss_form must be one of {LOSS_FORMS}, got {loss_form!r}")
+    if kind in _SOURCES:
+        path = require_path(path, kind=kind, source=_SOURCES[kind])
+    reward = builder(
+        path=path,
+        name=kind if name is None else name,
+        weight=weight,
+        loss_form=loss_form,
+        margin=margin,
+        prompt_prefix=prompt_prefix,
+        device=device,
+        dtype=as_dtype(dtype),
+        **kwargs,
+    )
+    if not isinstance(reward, Reward):
+        raise TypeError(f"builder of reward kind {kind!r} returned {type(reward).__name__}, not a Reward")
+    return reward
+
+
+def reward_from_config(config: Any, *, device: torch.device | str | None = None, dtype: Any = None) -> Reward:
+    """Build the reward of one :class:`~dmdr_fast.train.config.RewardConfig` entry.
+
+    The entry's ``kind``, ``path``, ``name``, ``weight``, ``form``, ``margin``, ``prompt_prefix``,
+    ``combine``, ``ratio``, ``max_weight`` and ``kwargs`` map onto :func:`build_reward`. The
+    ``classifier`` kind wraps a model the caller owns (a preset trains it), so it is not built here.
+
+    Raises:
+        ValueError: ``kind`` is ``classifier`` or ``none``, or unknown.
+    """
+    if config.kind in ("classifier", "none"):
+        raise ValueError(
+            f"reward kind {config.kind!r} cannot be built from a config alone: pass a "
+            "dmdr_fast.rewards.ClassifierReward built on your classifier (a preset does this)"
+        )
+    return build_reward(
+        config.kind,
+        path=config.path,
+        name=config.name,
+        weight=config.weight,
+        loss_form=config.form,
+        margin=config.margin,
+        prompt_prefix=config.prompt_prefix,
+        device=device,
+        dtype=dtype,
+        combine=config.combine,
+        ratio=config.ratio,
+        max_weight=config.max_weight,
+        **dict(config.kwargs),
+    )
+
+
+def rewards_from_config(configs: Any, *, device: torch.device | str | None = None, dtype: Any = None):
+    """A :class:`~dmdr_fast.rewards.CompositeReward` of the active entries of ``config.rewards`` (or None)."""
+    from dmdr_fast.rewards.base import CompositeReward
+
+    active = [c for c in configs if c.active]
+    if not active:
+        return None
+    return CompositeReward([reward_from_config(c, device=device, dtype=dtype) for c in active])
