@@ -15,4 +15,10 @@ for dt in bfloat16 float32; do
   "$PY" -m dmdr_fast.cli bench dmd-loss --device cuda --dtype "$dt" --json "$OUT/bench_dmd_loss_$dt.json" \
     | tee "$OUT/bench_dmd_loss_$dt.txt"
 done
+# reward-grad: its GPU tests (also in the run above), then the bench in both dtypes.
+"$PY" -m pytest -q -m gpu tests/ops/test_reward_grad.py 2>&1 | tee "$OUT/pytest_gpu_reward_grad.txt" | tail -3
+for dt in bfloat16 float32; do
+  "$PY" -m dmdr_fast.cli bench reward-grad --device cuda --dtype "$dt" --json "$OUT/bench_reward_grad_$dt.json" \
+    | tee "$OUT/bench_reward_grad_$dt.txt"
+done
 "$PY" -m dmdr_fast.cli bench step --set train.device=cuda --json "$OUT/bench_step.json" | tee "$OUT/bench_step.txt"

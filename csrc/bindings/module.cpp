@@ -8,10 +8,12 @@
 
 #include "build_info.h"
 #include "dmdr_fast/dmd_loss.h"
+#include "dmdr_fast/reward_grad.h"
 #include "dmdr_fast/runtime.h"
 
 namespace py = pybind11;
 using dmdr_fast::DmdLossParams;
+using dmdr_fast::RewardGradParams;
 
 namespace {
 
@@ -38,6 +40,31 @@ DmdLossParams make_dmd_params(uintptr_t x0, uintptr_t x_t, uintptr_t t, uintptr_
   p.batch = batch;
   p.numel_per_sample = numel;
   p.guidance = static_cast<float>(guidance);
+  p.eps = static_cast<float>(eps);
+  p.dtype = dmdr_fast::dtype_from_code(dtype);
+  return p;
+}
+
+// `stats` is a (4, B) float32 buffer: rows dmd_norm, reward_norm, cosine, weight.
+RewardGradParams make_reward_params(uintptr_t g_dmd, uintptr_t g_reward, uintptr_t g,
+                                    uintptr_t stats, uintptr_t nonfinite, int64_t batch,
+                                    int64_t numel, bool balanced, double weight, double ratio,
+                                    double max_weight, double eps, int dtype) {
+  RewardGradParams p;
+  p.g_dmd = as_ptr<const void>(g_dmd);
+  p.g_reward = as_ptr<const void>(g_reward);
+  p.g = as_ptr<void>(g);
+  p.dmd_norm = as_ptr<float>(stats);
+  p.reward_norm = p.dmd_norm + batch;
+  p.cosine = p.reward_norm + batch;
+  p.weight = p.cosine + batch;
+  p.nonfinite = as_ptr<int64_t>(nonfinite);
+  p.batch = batch;
+  p.numel_per_sample = numel;
+  p.balanced = balanced;
+  p.weight_value = static_cast<float>(weight);
+  p.ratio = static_cast<float>(ratio);
+  p.max_weight = static_cast<float>(max_weight);  // +Inf stays +Inf
   p.eps = static_cast<float>(eps);
   p.dtype = dmdr_fast::dtype_from_code(dtype);
   return p;
@@ -109,4 +136,47 @@ PYBIND11_MODULE(_C, m) {
       py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"), py::arg("stream"),
       "Fused DMD loss forward on a CUDA device (two launches on `stream`). Pointers are device "
       "buffers on `device`; the workspace holds dmd_loss_workspace_bytes(...) bytes.");
+
+  m.def(
+      "reward_grad_fwd_cpu",
+      [](uintptr_t g_dmd, uintptr_t g_reward, uintptr_t g, uintptr_t stats, uintptr_t nonfinite,
+         int64_t batch, int64_t numel, bool balanced, double weight, double ratio,
+         double max_weight, double eps, int dtype, int num_threads) {
+        const RewardGradParams p =
+            make_reward_params(g_dmd, g_reward, g, stats, nonfinite, batch, numel, balanced,
+                               weight, ratio, max_weight, eps, dtype);
+        py::gil_scoped_release release;
+        dmdr_fast::cpu::reward_grad_fwd(p, num_threads);
+      },
+      py::arg("g_dmd"), py::arg("g_reward"), py::arg("g"), py::arg("stats"), py::arg("nonfinite"),
+      py::arg("batch"), py::arg("numel"), py::arg("balanced"), py::arg("weight"),
+      py::arg("ratio"), py::arg("max_weight"), py::arg("eps"), py::arg("dtype"),
+      py::arg("num_threads"),
+      "Fused reward-gradient combination on the CPU. All pointers are contiguous host buffers. "
+      "Writes g (B, D), stats (4, B) float32 [dmd_norm, reward_norm, cosine, weight] and "
+      "nonfinite (B,) int64.");
+
+  m.def("reward_grad_workspace_bytes", &dmdr_fast::cuda::reward_grad_workspace_bytes,
+        py::arg("batch"), py::arg("numel"), py::arg("device"),
+        "Device workspace in bytes that reward_grad_fwd_cuda needs.");
+
+  m.def(
+      "reward_grad_fwd_cuda",
+      [](uintptr_t g_dmd, uintptr_t g_reward, uintptr_t g, uintptr_t stats, uintptr_t nonfinite,
+         int64_t batch, int64_t numel, bool balanced, double weight, double ratio,
+         double max_weight, double eps, int dtype, uintptr_t workspace, size_t workspace_bytes,
+         int device, uintptr_t stream) {
+        const RewardGradParams p =
+            make_reward_params(g_dmd, g_reward, g, stats, nonfinite, batch, numel, balanced,
+                               weight, ratio, max_weight, eps, dtype);
+        dmdr_fast::cuda::reward_grad_fwd(p, as_ptr<void>(workspace), workspace_bytes, device,
+                                         as_ptr<void>(stream));
+      },
+      py::arg("g_dmd"), py::arg("g_reward"), py::arg("g"), py::arg("stats"), py::arg("nonfinite"),
+      py::arg("batch"), py::arg("numel"), py::arg("balanced"), py::arg("weight"),
+      py::arg("ratio"), py::arg("max_weight"), py::arg("eps"), py::arg("dtype"),
+      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"), py::arg("stream"),
+      "Fused reward-gradient combination on a CUDA device (two launches on `stream`). Pointers "
+      "are device buffers on `device`; the workspace holds reward_grad_workspace_bytes(...) "
+      "bytes.");
 }

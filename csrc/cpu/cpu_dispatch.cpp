@@ -2,15 +2,18 @@
 #include <stdexcept>
 
 #include "dmdr_fast/dmd_loss.h"
+#include "dmdr_fast/reward_grad.h"
 
 namespace dmdr_fast::cpu {
 
 namespace base {
 void dmd_loss_fwd(const DmdLossParams& p, int num_threads);
+void reward_grad_fwd(const RewardGradParams& p, int num_threads);
 }
 #if defined(DMDR_FAST_HAVE_AVX2)
 namespace avx2 {
 void dmd_loss_fwd(const DmdLossParams& p, int num_threads);
+void reward_grad_fwd(const RewardGradParams& p, int num_threads);
 }
 #endif
 
@@ -28,6 +31,13 @@ void dmd_loss_fwd(const DmdLossParams& p, int num_threads) {
   if (isa()[0] == 'a') return avx2::dmd_loss_fwd(p, num_threads);
 #endif
   base::dmd_loss_fwd(p, num_threads);
+}
+
+void reward_grad_fwd(const RewardGradParams& p, int num_threads) {
+#if defined(DMDR_FAST_HAVE_AVX2)
+  if (isa()[0] == 'a') return avx2::reward_grad_fwd(p, num_threads);
+#endif
+  base::reward_grad_fwd(p, num_threads);
 }
 
 }  // namespace dmdr_fast::cpu

@@ -3,6 +3,7 @@
 #include <string>
 
 #include "dmdr_fast/dmd_loss.h"
+#include "dmdr_fast/reward_grad.h"
 #include "dmdr_fast/runtime.h"
 
 namespace dmdr_fast {
@@ -18,6 +19,12 @@ size_t dmd_loss_workspace_bytes(int64_t, int64_t, int) {
   throw std::runtime_error("dmdr_fast._C was built without CUDA");
 }
 void dmd_loss_fwd(const DmdLossParams&, void*, size_t, int, void*) {
+  throw std::runtime_error("dmdr_fast._C was built without CUDA");
+}
+size_t reward_grad_workspace_bytes(int64_t, int64_t, int) {
+  throw std::runtime_error("dmdr_fast._C was built without CUDA");
+}
+void reward_grad_fwd(const RewardGradParams&, void*, size_t, int, void*) {
   throw std::runtime_error("dmdr_fast._C was built without CUDA");
 }
 }  // namespace cuda

@@ -31,10 +31,11 @@ def _cmd_env(args: argparse.Namespace) -> int:
     except ImportError:
         print("triton: not installed")
     rows = backends.availability_table()
-    width = max(len(r["status"]) for r in rows)
-    print(f"\n{'op':<12}{'backend':<9}{'device':<7}{'available':<{min(width, 60) + 2}}note")
+    width = min(max(len(r["status"]) for r in rows), 60) + 2
+    op_w = max(len(r["op"]) for r in [*rows, {"op": "op"}]) + 2
+    print(f"\n{'op':<{op_w}}{'backend':<9}{'device':<7}{'available':<{width}}  note")
     for r in rows:
-        print(f"{r['op']:<12}{r['backend']:<9}{r['device']:<7}{r['status']:<{min(width, 60) + 2}}{r['note']}")
+        print(f"{r['op']:<{op_w}}{r['backend']:<9}{r['device']:<7}{r['status']:<{width}}  {r['note']}")
     return 0
 
 
@@ -143,6 +144,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from dmdr_fast.benchmarks import bench_dmd_loss
 
         return bench_dmd_loss.main(args)
+    if args.what == "reward-grad":
+        from dmdr_fast.benchmarks import bench_reward_grad
+
+        return bench_reward_grad.main(args)
     if args.what == "step":
         from dmdr_fast.benchmarks import bench_step
         from dmdr_fast.models import DiTAdapter, dit_from_config
@@ -229,6 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     dmd.add_argument("--reps", type=int, default=20)
     dmd.add_argument("--warmup", type=int, default=3)
     dmd.add_argument("--json", default=None, help="also write the result to this JSON file")
+    rg = bench_sub.add_parser(
+        "reward-grad", help="fused reward-gradient combination vs eager, torch.compile and copy bandwidth"
+    )
+    rg.add_argument("--shape", default="8x16x128x128", help="B x ... of the gradients (default 8x16x128x128)")
+    rg.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    rg.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    rg.add_argument("--providers", default="eager,compile,torch,cpp,cuda,triton", help="comma-separated")
+    rg.add_argument("--mode", default="balanced", choices=["balanced", "fixed"])
+    rg.add_argument("--weight", type=float, default=1.0, help="weight of mode fixed")
+    rg.add_argument("--ratio", type=float, default=1.0, help="target norm ratio of mode balanced")
+    rg.add_argument("--max-weight", type=float, default=float("inf"), help="cap of mode balanced")
+    rg.add_argument("--nonfinite", type=int, default=0, help="NaN entries put into g_reward")
+    rg.add_argument("--reps", type=int, default=20)
+    rg.add_argument("--warmup", type=int, default=3)
+    rg.add_argument("--json", default=None, help="also write the result to this JSON file")
     step = bench_sub.add_parser("step", help="a DMDR iteration of the Trainer vs the paper's eager step")
     step.add_argument("--preset", default="digits")
     step.add_argument("--set", action="append", metavar="KEY=VALUE")

@@ -84,7 +84,17 @@ def test_to_dict_is_plain_data():
     assert data["student"]["lora"]["targets"] == ["a.*", "re:b"]
     assert data["optim"]["betas"] == [0.0, 0.99]
     assert data["rewards"][0]["name"] == "cls"
-    assert list(data) == ["name", "model", "student", "critic", "dmdr", "optim", "rewards", "train"]
+    assert list(data) == [
+        "name",
+        "model",
+        "student",
+        "critic",
+        "dmdr",
+        "optim",
+        "rewards",
+        "monitor",
+        "train",
+    ]
 
 
 def test_save_is_atomic_and_overwrites(tmp_path):

@@ -27,6 +27,7 @@ __all__ = [
     "arrange_by_class",
     "make_image_grid",
     "plot_metric_curves",
+    "plot_monitor",
     "save_class_grid",
     "save_comparison_grid",
     "save_image_grid",
@@ -342,6 +343,70 @@ def plot_metric_curves(
         ax.set_visible(False)
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize="small")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=100)
+    return out
+
+
+def plot_monitor(
+    runs: Mapping[str, Sequence[Mapping[str, float]]],
+    path: str | os.PathLike[str],
+    metrics: Sequence[str] = ("train_reward", "heldout", "diversity", "cosine"),
+    titles: Mapping[str, str] | None = None,
+) -> Path:
+    """The reward-hacking monitor's curves, runs overlaid; flagged evaluations marked with a red ×.
+
+    Args:
+        runs: Run name → :attr:`RewardHackingMonitor.history` (records with ``step``, the
+            metrics, and ``flag``).
+        path: Output PNG.
+        metrics: Which monitor values to plot, one panel each.
+        titles: Optional panel titles per metric.
+
+    Returns:
+        The path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not any(runs.values()):
+        raise ValueError("no monitor history to plot")
+    default_titles = {
+        "train_reward": "training reward (↑ = optimised)",
+        "heldout": "held-out score",
+        "diversity": "within-condition diversity",
+        "cosine": "cos(g_DMD, g_reward)",
+    }
+    titles = {**default_titles, **(titles or {})}
+    fig = Figure(figsize=(4.0 * len(metrics), 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(metrics), squeeze=False).ravel()
+    colors = {name: f"C{i}" for i, name in enumerate(runs)}  # one colour per run in every panel
+    for ax, metric in zip(axes, metrics, strict=True):
+        for name, records in runs.items():
+            pts = [
+                (float(r["step"]), float(r[metric]), bool(r.get("flag", 0)))
+                for r in records
+                if metric in r and math.isfinite(float(r[metric]))
+            ]
+            if not pts:
+                continue
+            xs, ys, flags = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o", markersize=2, color=colors[name])
+            fx = [x for x, f in zip(xs, flags, strict=True) if f]
+            fy = [y for y, f in zip(ys, flags, strict=True) if f]
+            if fx:
+                ax.scatter(fx, fy, marker="x", color="red", s=40, zorder=3)
+        ax.set_title(titles.get(metric, metric), fontsize="medium")
+        ax.set_xlabel("generator step")
+        ax.grid(alpha=0.3)
+    # One legend for all runs (a run without a metric, e.g. DMD-only's training reward, keeps its colour).
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, marker="o", markersize=3, label=n) for n, c in colors.items()]
+    handles.append(Line2D([], [], color="red", marker="x", linestyle="none", label="monitor warning"))
+    fig.legend(handles=handles, loc="outside right center", fontsize="small")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png", dpi=100)

@@ -8,9 +8,12 @@ when every input is float64).
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 
-__all__ = ["dmd_loss_ref", "real_velocity_ref"]
+__all__ = ["RewardGradStats", "dmd_loss_ref", "real_velocity_ref", "reward_grad_combine_ref"]
 
 
 def _accum_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -87,3 +90,85 @@ def dmd_loss_ref(
     g = torch.nan_to_num((x0_fake - x0_real) / norm)
     loss = 0.5 * g.square().mean()
     return loss, g
+
+
+class RewardGradStats(NamedTuple):
+    """Per-sample diagnostics of :func:`dmdr_fast.ops.reward_grad_combine`, each of shape (B,).
+
+    Attributes:
+        dmd_norm: ``‖g_dmd‖₂`` per sample.
+        reward_norm: ``‖r‖₂`` per sample, ``r`` being ``g_reward`` with NaN/±Inf entries zeroed.
+        cosine: cosine between ``g_dmd`` and ``r`` (0 when either norm is 0).
+        weight: the weight ``w`` that multiplied ``r``.
+        nonfinite: int64 count of NaN/±Inf entries of ``g_reward``.
+    """
+
+    dmd_norm: torch.Tensor
+    reward_norm: torch.Tensor
+    cosine: torch.Tensor
+    weight: torch.Tensor
+    nonfinite: torch.Tensor
+
+
+def reward_grad_combine_ref(
+    g_dmd: torch.Tensor,
+    g_reward: torch.Tensor,
+    mode: str = "fixed",
+    weight: float = 1.0,
+    ratio: float = 1.0,
+    max_weight: float = math.inf,
+    eps: float = 1e-12,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, RewardGradStats]:
+    """Combination of the DMD direction with the reward gradient, written out literally.
+
+    Per sample ``i`` (every dimension after the first flattened)::
+
+        r_i   = g_reward_i with NaN, +Inf and −Inf entries replaced by 0   (n_i = their number)
+        a_i   = ‖g_dmd_i‖₂      b_i = ‖r_i‖₂      d_i = ⟨g_dmd_i, r_i⟩
+        cos_i = d_i / (a_i·b_i) if a_i·b_i > 0 else 0
+        w_i   = weight                                  (mode "fixed"; max_weight ignored)
+              = min(max_weight, ratio·a_i / (b_i + eps))  (mode "balanced")
+        g_i   = g_dmd_i + w_i·r_i
+
+    ``g_dmd`` is not sanitised: it must be finite. Inputs are detached (they are gradients).
+
+    Args:
+        g_dmd: (B, ...) DMD direction.
+        g_reward: (B, ...) reward gradient, same shape.
+        mode: ``"fixed"`` or ``"balanced"``.
+        weight: the weight of mode ``"fixed"``.
+        ratio: target ratio ``‖w·r‖ / ‖g_dmd‖`` of mode ``"balanced"``.
+        max_weight: cap on the balanced weight (``math.inf``: no cap).
+        eps: added to ``‖r‖`` in the balanced weight.
+        upcast: compute in float32 (float64 when the promoted input dtype is float64). With
+            ``upcast=False`` the arithmetic runs in the promoted input dtype, which is how tests
+            measure PyTorch's own low-precision error.
+
+    Returns:
+        ``(g, stats)``: ``g`` of g_dmd's shape in the computation dtype, and
+        :class:`RewardGradStats` (the first four in the computation dtype, ``nonfinite`` int64).
+    """
+    dt = torch.promote_types(g_dmd.dtype, g_reward.dtype)
+    if upcast:
+        dt = torch.float64 if dt == torch.float64 else torch.float32
+    B = g_dmd.shape[0]
+    d = g_dmd.detach().to(dt).reshape(B, -1)
+    r = g_reward.detach().to(dt).reshape(B, -1)
+
+    finite = torch.isfinite(r)
+    nonfinite = (~finite).sum(dim=1)
+    r = torch.where(finite, r, 0.0)
+    a = (d * d).sum(dim=1).sqrt()
+    b = (r * r).sum(dim=1).sqrt()
+    dot = (d * r).sum(dim=1)
+    ab = a * b
+    cosine = torch.where(ab > 0, dot / ab, 0.0)
+    if mode == "fixed":
+        w = torch.full_like(a, weight)
+    elif mode == "balanced":
+        w = (ratio * a / (b + eps)).clamp(max=max_weight)
+    else:
+        raise ValueError(f"reward_grad_combine_ref: `mode` must be 'fixed' or 'balanced', got {mode!r}")
+    g = (d + w[:, None] * r).reshape(g_dmd.shape)
+    return g, RewardGradStats(a, b, cosine, w, nonfinite)

@@ -29,6 +29,7 @@ import torch
 from dmdr_fast.algo import euler_sample
 from dmdr_fast.eval.metrics import RealReference, compute_features, evaluate_features
 from dmdr_fast.train.config import DMDRTrainerConfig, RewardConfig
+from dmdr_fast.train.monitor import RewardHackingMonitor
 from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "evaluate_images",
     "load_preset",
     "make_evaluator",
+    "make_monitor",
     "make_reward",
     "prepare_assets",
     "run_digits",
@@ -138,9 +140,31 @@ def make_reward(assets: DigitsAssets, configs: Sequence[RewardConfig]):
             ClassifierReward(
                 copy.deepcopy(assets.reward_classifier), name=r.name or "classifier", weight=r.weight,
                 loss_form=r.form, margin=r.margin, num_classes=NUM_CLASSES, in_channels=1,
+                combine=r.combine, ratio=r.ratio, max_weight=r.max_weight,
             )
         )  # fmt: skip
     return CompositeReward(rewards)
+
+
+def make_monitor(assets: DigitsAssets, config: DMDRTrainerConfig) -> RewardHackingMonitor | None:
+    """The reward-hacking monitor of a digits run (None when ``monitor.every`` is 0).
+
+    Held-out conditions: every class twice. Held-out judge: the *evaluation* network's
+    log-probability of the label (trained on a split disjoint from the reward classifier's, never
+    used in training). Diversity: mean pairwise distance of evaluation-network features among the
+    samples of one condition.
+    """
+    from dmdr_fast.rewards import ClassifierReward
+
+    if not config.monitor.every:
+        return None
+    heldout = ClassifierReward(
+        copy.deepcopy(assets.eval_network), name="heldout", num_classes=NUM_CLASSES, in_channels=1
+    )
+    features = assets.eval_network.features
+    return RewardHackingMonitor(
+        torch.arange(NUM_CLASSES).repeat(2), heldout=heldout, features=lambda x: features(x.cpu())
+    )
 
 
 def balanced_labels(num: int) -> torch.Tensor:
@@ -211,6 +235,7 @@ def train_student(
         data=ClassLabelSampler(NUM_CLASSES),
         out_dir=out_dir,
         evaluator=make_evaluator(assets, config.train.num_eval_samples),
+        monitor=make_monitor(assets, config),
     )
     if resume:
         trainer.resume()
@@ -227,7 +252,7 @@ def run_digits(
     progress: bool = True,
 ) -> dict[str, Any]:
     """The main job: assets → DMDR (stage 1 + 2) → evaluation → report. Returns the metrics."""
-    from dmdr_fast.eval.plots import plot_metric_curves, save_class_grid, save_comparison_grid
+    from dmdr_fast.eval.plots import plot_metric_curves, plot_monitor, save_class_grid, save_comparison_grid
     from dmdr_fast.eval.report import format_metrics_table
 
     out = Path(out_dir)
@@ -265,10 +290,26 @@ def run_digits(
             out / "metrics_over_steps.png",
             metrics=["fd", "precision", "recall", "accuracy", "diversity_ratio", "reward"],
         )
+    monitor_lines: list[str] = []
+    if trainer.monitor is not None and trainer.monitor.history:
+        plot_monitor({config.name: trainer.monitor.history}, out / "monitor.png")
+        monitor_lines = [
+            "## Reward-hacking monitor",
+            "",
+            f"Every {config.monitor.every} generator steps: training reward, held-out score (the evaluation "
+            "network's log-probability of the label) and within-class diversity on fixed noise; verdict: "
+            f"**{trainer.monitor.verdict()}**.",
+            "",
+            *[f"- {w}" for w in trainer.monitor.warnings[:5]],
+            "",
+            "![monitor](monitor.png)",
+        ]
     elapsed = time.perf_counter() - t_start
     metrics = {
         "results": results,
         "history": history,
+        "monitor": trainer.monitor.history if trainer.monitor is not None else [],
+        "monitor_warnings": trainer.monitor.warnings if trainer.monitor is not None else [],
         "real_vs_real": assets.info["real_vs_real"],
         "assets": assets.info,
         "timing_s": {"assets": t_assets, "train": t_train, "total": elapsed},
@@ -291,6 +332,8 @@ def run_digits(
         "",
         "![metrics over training](metrics_over_steps.png)" if history else "",
         "",
+        *monitor_lines,
+        "",
         f"Time: assets {t_assets:.0f} s (teacher cache hit: {assets.info['teacher']['cache_hit']}), "
         f"training {t_train:.0f} s, total {elapsed:.0f} s.",
     ]
@@ -305,8 +348,9 @@ def run_experiment(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Teacher (with and without CFG), DMD-only, DMDR and reward-only students on one teacher."""
-    from dmdr_fast.eval.plots import plot_metric_curves, save_comparison_grid
+    """Teacher (with and without CFG), DMD-only, DMDR (fixed and balanced reward weighting) and
+    reward-only students on one teacher, with the reward-hacking monitor's verdict for each."""
+    from dmdr_fast.eval.plots import plot_metric_curves, plot_monitor, save_comparison_grid
     from dmdr_fast.eval.report import write_metrics_table
 
     out = Path(out_dir)
@@ -327,9 +371,13 @@ def run_experiment(
         grids[f"teacher CFG {w:g}"] = img[:50]
     reward = base.active_rewards[0] if base.active_rewards else RewardConfig(kind="classifier", weight=0.05)
     total = base.train.max_steps
+    balanced_ratio = float(base.model.kwargs.get("experiment_balanced_ratio", 0.5))
     runs = {
         "DMD only": base.with_overrides(["rewards=[]", "dmdr.cold_start_steps=0"]),
-        "DMDR": base,
+        "DMDR fixed": base.with_overrides(["rewards.0.combine=fixed"]),
+        "DMDR balanced": base.with_overrides(
+            ["rewards.0.combine=balanced", f"rewards.0.ratio={balanced_ratio}"]
+        ),
         "reward only": base.with_overrides(
             [
                 "dmdr.dmd_weight=0",
@@ -338,19 +386,34 @@ def run_experiment(
             ]
         ),
     }
-    histories = {}
+    histories, monitors, verdicts = {}, {}, {}
     for name, cfg in runs.items():
         cfg = cfg.with_overrides([f"name={name.replace(' ', '-').lower()}", f"train.max_steps={total}"])
         trainer = train_student(cfg, assets, out / cfg.name, progress=progress)
         img = trainer.student.decode(trainer.sample(labels, generator=torch.Generator().manual_seed(4321)))
-        results[f"{name} (1-step)"] = evaluate_images(assets, img, labels)
+        row = f"{name} (1-step)"
+        results[row] = evaluate_images(assets, img, labels)
         grids[name] = img[:50]
         histories[name] = trainer.state.history
+        if trainer.monitor is not None:
+            monitors[name] = trainer.monitor.history
+            verdicts[name] = {"verdict": trainer.monitor.verdict(), "warnings": trainer.monitor.warnings}
     write_metrics_table(results, out / "table.md", title="Digits: teacher vs 1-step students")
     save_comparison_grid(grids, out / "samples.png", nrow=10)
     plot_metric_curves(
         histories, out / "curves.png", metrics=["fd", "recall", "accuracy", "diversity_ratio", "reward"]
     )
-    summary = {"results": results, "histories": histories, "real_vs_real": assets.info["real_vs_real"]}
+    if monitors:
+        plot_monitor(monitors, out / "monitor.png")
+        lines = ["| run | monitor verdict |", "|---|---|"]
+        lines += [f"| {n} | {v['verdict']} |" for n, v in verdicts.items()]
+        (out / "monitor.md").write_text("\n".join(lines) + "\n")
+    summary = {
+        "results": results,
+        "histories": histories,
+        "monitor": monitors,
+        "verdicts": verdicts,
+        "real_vs_real": assets.info["real_vs_real"],
+    }
     _write_json(out / "experiment.json", summary)
     return summary

@@ -7,7 +7,7 @@ class-conditional stage-2 reward (``0.05 · cross-entropy`` of a frozen classifi
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,7 @@ class ClassifierReward(Reward):
         in_channels: Required image channels; read from ``classifier.config.in_channels`` when
             present.
         check_inputs: Validate images, labels and logits on every call (a few host syncs).
+        **reward_kwargs: Further :class:`Reward` arguments (``combine``, ``ratio``, ``max_weight``).
     """
 
     def __init__(
@@ -65,9 +66,15 @@ class ClassifierReward(Reward):
         num_classes: int | None = None,
         in_channels: int | None = None,
         check_inputs: bool = True,
+        **reward_kwargs: Any,
     ) -> None:
         super().__init__(
-            name=name, weight=weight, loss_form=loss_form, margin=margin, check_inputs=check_inputs
+            name=name,
+            weight=weight,
+            loss_form=loss_form,
+            margin=margin,
+            check_inputs=check_inputs,
+            **reward_kwargs,
         )
         if not isinstance(classifier, nn.Module):
             raise TypeError(f"classifier must be an nn.Module, got {type(classifier).__name__}")

@@ -8,7 +8,8 @@ The root is :class:`DMDRTrainerConfig`::
     critic   CriticConfig   the guidance network's trainable part ψ and the fake scale λ_f
     dmdr     DMDRConfig     the method: CFG of the real score, DynaDG/DynaRS, R, stages, weights
     optim    OptimConfig    the two AdamW optimisers (generator and critic), stage-2 LRs, clipping
-    rewards  tuple[RewardConfig, ...]  reward models and weights (empty = DMD only)
+    rewards  tuple[RewardConfig, ...]  reward models, weights and how they combine with DMD
+    monitor  MonitorConfig  the reward-hacking monitor (held-out score, diversity, cosine)
     train    TrainConfig    steps, batch, seed, precision, logging/eval/checkpoint cadence, device
 
 Defaults follow the authors' released recipe (PAPER_NOTES "TL;DR"; the 1-step SiT-XL/2 stage 1:
@@ -45,6 +46,7 @@ __all__ = [
     "DMDRTrainerConfig",
     "LoraSpec",
     "ModelConfig",
+    "MonitorConfig",
     "OptimConfig",
     "RewardConfig",
     "StudentConfig",
@@ -442,18 +444,48 @@ class OptimConfig(ConfigBase):
 class RewardConfig(ConfigBase):
     """One frozen, differentiable reward on decoded samples, applied from stage 2 on."""
 
-    kind: Literal["none", "classifier"] = field(
+    kind: Literal["none", "classifier", "clip", "pickscore", "hps", "image_reward", "aesthetic"] = field(
         default="classifier",
         metadata={
             "help": "'classifier': a frozen classifier, r = log p(c | decode(x0)) (ReFL; paper SiT: DINOv2-L "
-            "linear head); 'none': a disabled entry (its weight must be 0)."
+            "linear head); 'clip' / 'pickscore' / 'hps' / 'image_reward' / 'aesthetic': text-image reward "
+            "models loaded from `path` (dmdr_fast.rewards.build_reward); 'none': a disabled entry (its "
+            "weight must be 0)."
         },
     )
     weight: float = field(
         default=0.05,
         metadata={
-            "help": "λ_R: the generator loss adds weight·ℓ_R (paper: 0.05 for the SiT classifier CE; 0.1–0.3 "
-            "for CLIP/HPS). Pick it so that ℓ_R ≈ L_DMD at the start of stage 2 (author's advice)."
+            "help": "λ_R of combine='fixed': the generator's gradient on x0 is g_DMD + weight·∇ℓ_R, i.e. the "
+            "loss L_DMD + weight·ℓ_R (paper: 0.05 for the SiT classifier CE; 0.1–0.3 for CLIP/HPS). Pick it "
+            "so that ℓ_R ≈ L_DMD at the start of stage 2 (author's advice). 0 disables the reward."
+        },
+    )
+    combine: Literal["fixed", "balanced"] = field(
+        default="fixed",
+        metadata={
+            "help": "How the reward gradient joins the DMD gradient on x0 (dmdr_fast.ops.reward_grad_combine): "
+            "'fixed' = g_DMD + weight·g_R (the paper); 'balanced' = per sample g_DMD + w_i·g_R with "
+            "w_i = min(max_weight, ratio·|g_DMD,i| / |g_R,i|): the reward pushes each sample `ratio` times "
+            "as hard as distribution matching, whatever the reward's scale."
+        },
+    )
+    ratio: float = field(
+        default=1.0,
+        metadata={"help": "combine='balanced': reward-to-DMD gradient-norm ratio per sample (e.g. 0.5)."},
+    )
+    max_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "combine='balanced': cap on the per-sample weight w_i (null = no cap); guards samples whose "
+            "reward gradient is nearly zero."
+        },
+    )
+    prompt_prefix: str = field(
+        default="",
+        metadata={
+            "help": "Text put before every prompt this reward scores (paper: 'Realistic photo ' for HPS); "
+            "ignored for class labels."
         },
     )
     form: Literal["neg", "hinge"] = field(
@@ -495,11 +527,63 @@ class RewardConfig(ConfigBase):
                 owner=type(self).__name__,
             )
         require(self, "name", self.name is None or bool(self.name.strip()), "a non-empty string or null")
+        check_range(self, "ratio", ge=0)
+        if self.max_weight is not None:
+            check_range(self, "max_weight", ge=0)
 
     @property
     def active(self) -> bool:
-        """True iff this reward contributes to the loss (a kind other than 'none', weight > 0)."""
-        return self.kind != "none" and self.weight > 0
+        """True iff this reward contributes to the loss: a kind other than 'none' and a positive
+        ``weight`` (``combine='fixed'``) or ``ratio`` (``'balanced'``)."""
+        if self.kind == "none":
+            return False
+        return self.weight > 0 if self.combine == "fixed" else self.ratio > 0
+
+
+@dataclass(frozen=True)
+class MonitorConfig(ConfigBase):
+    """The reward-hacking monitor (:class:`dmdr_fast.train.monitor.RewardHackingMonitor`).
+
+    Every ``every`` generator steps it samples the student on fixed noise for fixed held-out
+    conditions and records the training reward, a held-out score (a model the student is not
+    trained on) and sample diversity. While the reward is being optimised (stage 2), an evaluation
+    is *suspicious* when the training reward rose by more than ``reward_tol`` while the held-out
+    score fell by more than ``heldout_tol`` or diversity fell by more than ``diversity_tol``
+    (relative) since the previous one; ``patience`` suspicious evaluations in a row raise a warning.
+    """
+
+    every: int = field(
+        default=0,
+        metadata={
+            "help": "Generator steps between monitor evaluations; 0 = off (the preset or the caller must "
+            "supply the monitor's held-out conditions and score)."
+        },
+    )
+    samples_per_condition: int = field(
+        default=8, metadata={"help": "Samples per held-out condition (diversity is measured among them)."}
+    )
+    patience: int = field(
+        default=3, metadata={"help": "Suspicious evaluations in a row before the monitor warns."}
+    )
+    reward_tol: float = field(
+        default=0.0, metadata={"help": "Minimum rise of the training reward that counts as a rise."}
+    )
+    heldout_tol: float = field(
+        default=0.0, metadata={"help": "Minimum fall of the held-out score that counts as a fall."}
+    )
+    diversity_tol: float = field(
+        default=0.01,
+        metadata={"help": "Minimum relative fall of diversity that counts as a fall (0.01 = 1 %)."},
+    )
+    seed: int = field(default=2024, metadata={"help": "Seed of the monitor's fixed noise."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "every", ge=0)
+        check_range(self, "samples_per_condition", ge=2)
+        check_range(self, "patience", ge=1)
+        for name in ("reward_tol", "heldout_tol", "diversity_tol"):
+            check_range(self, name, ge=0)
 
 
 @dataclass(frozen=True)
@@ -613,6 +697,9 @@ class DMDRTrainerConfig(ConfigBase):
             "pure DMD. Add one from the CLI with --set rewards.0.kind=classifier."
         },
     )
+    monitor: MonitorConfig = field(
+        default_factory=MonitorConfig, metadata={"help": "The reward-hacking monitor."}
+    )
     train: TrainConfig = field(
         default_factory=TrainConfig, metadata={"help": "Run length, cadence and numerics."}
     )
@@ -653,6 +740,13 @@ class DMDRTrainerConfig(ConfigBase):
             )
         if dmdr.decoupled and dmdr.dmd_weight == 0:
             self._fail("dmdr.decoupled", "needs dmdr.dmd_weight > 0 (it splits the DMD term)")
+        for i, r in enumerate(self.rewards):
+            if r.active and r.combine == "balanced" and dmdr.dmd_weight == 0:
+                self._fail(
+                    f"rewards.{i}.combine",
+                    "'balanced' scales the reward gradient to the DMD gradient, which is zero with "
+                    "dmdr.dmd_weight = 0; use combine='fixed' for the reward-only baseline",
+                )
         names = [r.name for r in self.rewards if r.name is not None]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -660,7 +754,7 @@ class DMDRTrainerConfig(ConfigBase):
 
     @property
     def active_rewards(self) -> tuple[RewardConfig, ...]:
-        """The rewards that contribute to the loss (kind other than 'none' and weight > 0)."""
+        """The rewards that contribute to the loss (see :attr:`RewardConfig.active`)."""
         return tuple(r for r in self.rewards if r.active)
 
     def stage(self, step: int) -> int:

@@ -45,6 +45,7 @@ from dmdr_fast.models.roles import make_guidance, make_student
 from dmdr_fast.train import checkpoint as ckpt
 from dmdr_fast.train.config import DMDRTrainerConfig
 from dmdr_fast.train.logging import RunLogger
+from dmdr_fast.train.monitor import RewardHackingMonitor
 
 __all__ = ["ClassLabelSampler", "ConditionSampler", "Trainer", "TrainerState"]
 
@@ -106,6 +107,9 @@ class Trainer:
         out_dir: where logs, samples and checkpoints go (None: nothing is written).
         evaluator: optional ``evaluator(trainer) -> dict`` called every ``train.eval_every``
             generator steps; its results are logged and kept in ``state.history``.
+        monitor: optional :class:`~dmdr_fast.train.monitor.RewardHackingMonitor`, run every
+            ``monitor.every`` generator steps; logs ``monitor/*`` and warns (log + progress bar)
+            when the training reward rises while the held-out score or diversity falls.
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class Trainer:
         data: ConditionSampler,
         out_dir: str | os.PathLike[str] | None = None,
         evaluator: Callable[[Trainer], dict[str, float]] | None = None,
+        monitor: RewardHackingMonitor | None = None,
     ) -> None:
         if config.active_rewards and reward is None:
             raise ValueError("config.rewards has active rewards but no `reward` model was passed to Trainer")
@@ -145,6 +150,12 @@ class Trainer:
         self.reward = reward.to(self.device).eval() if reward is not None else None
         self.data = data
         self.evaluator = evaluator
+        self.monitor = monitor
+        if monitor is not None and not monitor.config_given:
+            monitor.config = config.monitor
+        if monitor is not None and isinstance(monitor.heldout, nn.Module):
+            monitor.heldout.to(self.device).eval()
+        self._cosines: list[float] = []  # reward_cos/* since the last monitor evaluation
         self.out_dir = Path(out_dir) if out_dir is not None else None
 
         s, c = config.student, config.critic
@@ -318,23 +329,10 @@ class Trainer:
         null = self.student.null_condition(B) if self.cfg_scale.enabled else None
         lam_r = self.dynadg.real_scale(s)
         v_fake, v_cond, v_uncond = self._fake_and_real(x_tau, tau2, cond, null, lam_r)
-        metrics: dict[str, float] = {}
-        loss = x0.new_zeros(())
-        if cfg.dmdr.dmd_weight > 0:
-            loss_dmd = generator_dmd_loss(
-                x0, x_tau, tau2, v_fake, v_cond, v_uncond, w if v_uncond is not None else 1.0, eps=cfg.dmdr.eps,
-                backend=cfg.train.kernel_backend,
-            )  # fmt: skip
-            loss = loss + cfg.dmdr.dmd_weight * loss_dmd
-            metrics["loss_dmd"] = loss_dmd.item()
-        if self.reward is not None and stage == 2:
-            out = self.reward(
-                self.student.decode(x0), raw.to(self.device) if isinstance(raw, torch.Tensor) else raw
-            )
-            loss = loss + out.loss.mean()
-            metrics["loss_reward"] = out.loss.detach().mean().item()
-            metrics.update(out.log_values())
-        loss.backward()
+        raw_dev = raw.to(self.device) if isinstance(raw, torch.Tensor) else raw
+        metrics = self._generator_backward(
+            x0, x_tau, tau2, v_fake, v_cond, v_uncond, w if v_uncond is not None else 1.0, raw_dev, stage
+        )
         metrics["grad_norm_g"] = _grad_norm(_trainable(self.student.network), cfg.optim.grad_clip)
         self.opt_g.step()
         self._update_ema()
@@ -354,6 +352,97 @@ class Trainer:
         )
         self._critic_losses.clear()
         return metrics
+
+    def _generator_backward(
+        self,
+        x0: torch.Tensor,
+        x_tau: torch.Tensor,
+        tau: torch.Tensor,
+        v_fake: torch.Tensor,
+        v_cond: torch.Tensor,
+        v_uncond: torch.Tensor | None,
+        guidance: float,
+        raw: Any,
+        stage: int,
+    ) -> dict[str, float]:
+        """Gradient of the generator objective on x0, then ONE backward through the student.
+
+        The DMD direction and each reward's gradient are taken on a detached copy of ``x0``
+        (``autograd.grad`` through the DMD op, and through decode + reward), joined per sample by
+        :func:`dmdr_fast.ops.reward_grad_combine` (``fixed``: ``g_DMD + weight·g_R``, exactly the
+        gradient of ``L_DMD + weight·ℓ_R``; ``balanced``: norm-matched), and pushed through the
+        student with ``x0.backward(g)``. The student's graph is traversed once whatever the number
+        of rewards, and a non-finite reward gradient is zeroed instead of poisoning the weights.
+
+        Args:
+            x0: ``(B, ...)`` the generator's one-step estimate, with grad.
+            x_tau, tau, v_fake, v_cond, v_uncond, guidance: the DMD inputs (no grad).
+            raw: the batch's raw conditions (what rewards see).
+            stage: 1 (DMD only) or 2 (DMD + rewards).
+
+        Returns:
+            Metrics: ``loss_dmd``, ``loss_reward``, reward logs, and per reward group
+            ``reward_w/<name>`` (mean weight applied), ``reward_nonfinite/<name>`` and, with DMD
+            on, ``reward_cos/<name>`` (cosine of the DMD and reward directions) and
+            ``reward_push/<name>`` (mean ``w·|g_R| / |g_DMD|``).
+        """
+        from dmdr_fast.ops import reward_grad_combine
+
+        cfg = self.config
+        xd = x0.detach().requires_grad_(True)
+        metrics: dict[str, float] = {}
+        if cfg.dmdr.dmd_weight > 0:
+            loss_dmd = generator_dmd_loss(
+                xd, x_tau, tau, v_fake, v_cond, v_uncond, guidance, eps=cfg.dmdr.eps,
+                backend=cfg.train.kernel_backend,
+            )  # fmt: skip
+            (g,) = torch.autograd.grad(cfg.dmdr.dmd_weight * loss_dmd, xd)
+            metrics["loss_dmd"] = loss_dmd.item()
+        else:
+            g = torch.zeros_like(xd)
+        if self.reward is not None and stage == 2:
+            out = self.reward(self.student.decode(xd), raw)
+            metrics["loss_reward"] = out.loss.detach().mean().item()
+            metrics.update(out.log_values())
+            groups = self._reward_groups(out)
+            g_dmd = g
+            for i, (name, term, kwargs) in enumerate(groups):
+                (g_r,) = torch.autograd.grad(term, xd, retain_graph=i + 1 < len(groups))
+                combined, st = reward_grad_combine(g_dmd, g_r, backend=cfg.train.kernel_backend, **kwargs)
+                # Several groups: g = g_DMD + Σ_k w_k·g_k, each w_k balanced against g_DMD alone.
+                g = combined if g is g_dmd else g + (combined - g_dmd)
+                metrics[f"reward_w/{name}"] = st.weight.mean().item()
+                if cfg.dmdr.dmd_weight > 0:  # direction and push relative to DMD (undefined without it)
+                    push = st.weight * st.reward_norm / st.dmd_norm.clamp_min(1e-30)
+                    metrics[f"reward_cos/{name}"] = st.cosine.mean().item()
+                    metrics[f"reward_push/{name}"] = push.mean().item()
+                metrics[f"reward_nonfinite/{name}"] = float(st.nonfinite.sum().item())
+        x0.backward(g.to(x0.dtype))
+        return metrics
+
+    def _reward_groups(self, out: Any) -> list[tuple[str, torch.Tensor, dict[str, Any]]]:
+        """(name, scalar unweighted loss, combine kwargs) per gradient to take.
+
+        A single ``fixed`` reward keeps its weight in the op (so the logged norms are the reward's
+        own); several ``fixed`` rewards are linear and share one gradient of ``Σ weight·ℓ``; every
+        ``balanced`` reward needs its own gradient (its weight depends on that gradient's norm).
+        """
+        assert self.reward is not None
+        rewards = self.reward.differentiable_rewards
+        fixed = [r for r in rewards if r.combine == "fixed" and r.weight != 0]
+        groups: list[tuple[str, torch.Tensor, dict[str, Any]]] = []
+        if len(fixed) == 1:
+            r = fixed[0]
+            groups.append((r.name, out.terms[r.name].mean(), {"mode": "fixed", "weight": r.weight}))
+        elif fixed:
+            total = sum(r.weight * out.terms[r.name].mean() for r in fixed)
+            groups.append(("fixed", total, {"mode": "fixed", "weight": 1.0}))
+        for r in rewards:
+            if r.combine == "balanced" and r.ratio > 0:
+                cap = math.inf if r.max_weight is None else r.max_weight
+                kwargs = {"mode": "balanced", "ratio": r.ratio, "max_weight": cap}
+                groups.append((r.name, out.terms[r.name].mean(), kwargs))
+        return groups
 
     def _update_ema(self) -> None:
         if self.ema is None:
@@ -409,6 +498,15 @@ class Trainer:
                     self.logger.log(s, metrics)
                 if cfg.sample_every and s % cfg.sample_every == 0:
                     self.save_sample_grid()
+                self._cosines += [v for k, v in metrics.items() if k.startswith("reward_cos/")]
+                if (
+                    self.monitor is not None
+                    and self.config.monitor.every
+                    and s % self.config.monitor.every == 0
+                ):
+                    warning = self.run_monitor()
+                    if warning and bar is not None:
+                        bar.write(f"WARNING: {warning}")
                 if self.evaluator is not None and (
                     (cfg.eval_every and s % cfg.eval_every == 0) or s == total
                 ):
@@ -431,6 +529,22 @@ class Trainer:
         self.state.history.append({"step": self.state.gen_step, **results})
         self.logger.log(self.state.gen_step, {f"eval/{k}": v for k, v in results.items()})
         return results
+
+    def run_monitor(self) -> str | None:
+        """One reward-hacking monitor evaluation (see :mod:`dmdr_fast.train.monitor`); returns its warning."""
+        assert self.monitor is not None
+        values = self.monitor.measure(self)
+        if self._cosines:
+            values["cosine"] = sum(self._cosines) / len(self._cosines)
+        self._cosines = []
+        # Judged only while the reward acts on the generator (stage 2): stage-1 changes are DMD's own.
+        active = self.reward is not None and self.config.stage(max(self.state.gen_step - 1, 0)) == 2
+        warning = self.monitor.update(self.state.gen_step, values, active=active)
+        row = self.monitor.history[-1]
+        self.logger.log(self.state.gen_step, {f"monitor/{k}": v for k, v in row.items() if k != "step"})
+        if warning:
+            self.logger.note(f"WARNING: {warning}")
+        return warning
 
     # ------------------------------------------------------------------------------ sampling
 
@@ -503,6 +617,8 @@ class Trainer:
             "ema": self.ema,
             "rng": {"gen": self.gen.get_state(), "torch": torch.get_rng_state()},
             "critic_losses": list(self._critic_losses),
+            "monitor": self.monitor.state_dict() if self.monitor is not None else None,
+            "cosines": list(self._cosines),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -520,6 +636,9 @@ class Trainer:
         st = sd["state"]
         self.state = TrainerState(step=st["step"], gen_step=st["gen_step"], history=list(st["history"]))
         self._critic_losses = list(sd.get("critic_losses", []))
+        if self.monitor is not None and sd.get("monitor") is not None:
+            self.monitor.load_state_dict(sd["monitor"])
+        self._cosines = list(sd.get("cosines", []))
         self._stage2_applied = False  # re-applied (explicitly) on the next step if in stage 2
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path | None:

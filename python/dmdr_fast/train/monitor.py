@@ -1,0 +1,191 @@
+"""The reward-hacking monitor: is the reward rising for the wrong reasons?
+
+Reward hacking shows as a training reward that keeps rising while everything the student is *not*
+trained on gets worse: a held-out judge (another reward model, or an evaluation network trained on
+other data) stops agreeing, and samples lose diversity (the generator collapses onto what the
+reward likes best). The monitor measures exactly these, on fixed noise and fixed held-out
+conditions so that successive evaluations differ only by the student's weights:
+
+* ``train_reward``: ``−Σ_k ℓ_k`` of the training rewards (the mean score for a single ``neg``
+  reward), on the held-out conditions;
+* ``heldout``: the mean score of the held-out judge;
+* ``diversity``: the mean pairwise distance, in a feature space, between the
+  ``samples_per_condition`` samples drawn for each condition (different noise, same condition);
+* ``cosine``: the mean cosine between the DMD and reward directions on x0 over the generator steps
+  since the previous evaluation (from :func:`dmdr_fast.ops.reward_grad_combine`): a reward that
+  pulls against distribution matching shows a negative cosine.
+
+While the reward is being optimised, an evaluation is *suspicious* when the training reward rose
+(by more than ``reward_tol``) and the held-out score fell (by more than ``heldout_tol``) or the
+diversity fell (by more than ``diversity_tol``, relative) since the previous evaluation;
+``patience`` suspicious evaluations in a row give a warning. The rule is deliberately simple and
+its thresholds are in :class:`~dmdr_fast.train.config.MonitorConfig`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dmdr_fast.train.config import MonitorConfig
+
+if TYPE_CHECKING:
+    from dmdr_fast.train.trainer import Trainer
+
+__all__ = ["RewardHackingMonitor", "mean_pairwise_distance", "pixel_features"]
+
+#: ``(images, cond) -> (B,)`` held-out scores (a :class:`~dmdr_fast.rewards.Reward` fits).
+HeldoutScore = Callable[[Tensor, Any], Tensor]
+
+
+def pixel_features(images: Tensor, size: int = 16) -> Tensor:
+    """Default diversity features: images average-pooled to ``size × size``, flattened; ``(B, F)``."""
+    return F.adaptive_avg_pool2d(images.float(), size).flatten(1)
+
+
+def mean_pairwise_distance(features: Tensor, groups: int) -> float:
+    """Mean L2 distance between distinct samples of the same group.
+
+    Args:
+        features: ``(groups·K, F)`` with the K samples of each group contiguous.
+        groups: Number of groups (K ≥ 2 samples each).
+    """
+    f = features.double().view(groups, -1, features.shape[-1])
+    k = f.shape[1]
+    d = torch.cdist(f, f)  # (G, K, K), zero diagonal
+    return float(d.sum() / (groups * k * (k - 1)))
+
+
+def _repeat(conditions: Any, k: int) -> Any:
+    if isinstance(conditions, Tensor):
+        return conditions.repeat_interleave(k, dim=0)
+    return [c for c in conditions for _ in range(k)]
+
+
+class RewardHackingMonitor:
+    """Measures and judges the signs of reward hacking during a DMDR run.
+
+    Args:
+        conditions: The held-out conditions: ``(G,)`` labels or G prompts (not used in training
+            batches if possible).
+        heldout: The held-out judge ``(images, cond) -> (B,)``, or None (then only diversity is
+            checked).
+        features: ``images -> (B, F)`` features for diversity (default :func:`pixel_features`);
+            an evaluation network's embedding is better than pixels.
+        config: Samples per condition, patience and tolerances; None = the Trainer's
+            ``config.monitor`` (set when the monitor is passed to the Trainer).
+    """
+
+    def __init__(
+        self,
+        conditions: Tensor | Sequence[str],
+        *,
+        heldout: HeldoutScore | None = None,
+        features: Callable[[Tensor], Tensor] | None = None,
+        config: MonitorConfig | None = None,
+    ) -> None:
+        self.config_given = config is not None
+        self.config = config if config is not None else MonitorConfig()
+        if len(conditions) == 0:
+            raise ValueError("the monitor needs at least one held-out condition")
+        self.conditions = conditions
+        self.heldout = heldout
+        self.features = features if features is not None else pixel_features
+        self.history: list[dict[str, float]] = []
+        self.warnings: list[str] = []
+        self._streak = 0
+
+    # ------------------------------------------------------------------ measuring
+
+    @torch.no_grad()
+    def measure(self, trainer: Trainer) -> dict[str, float]:
+        """Sample the student (current weights, fixed noise) and score the samples."""
+        cfg = self.config
+        k = cfg.samples_per_condition
+        raw = _repeat(self.conditions, k)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        images = trainer.student.decode(trainer.sample(raw, generator=gen, use_ema=False)).float()
+        raw_dev = raw.to(images.device) if isinstance(raw, Tensor) else raw
+        out: dict[str, float] = {}
+        if trainer.reward is not None:
+            r = trainer.reward(images, raw_dev)
+            terms = list(r.terms.values())
+            out["train_reward"] = float(-sum(t.mean() for t in terms)) if terms else math.nan
+        if self.heldout is not None:
+            out["heldout"] = float(self.heldout(images, raw_dev).float().mean())
+        feats = self.features(images).reshape(images.shape[0], -1)
+        out["diversity"] = mean_pairwise_distance(feats, len(self.conditions))
+        return out
+
+    # ------------------------------------------------------------------ judging
+
+    def _suspicious(self, prev: dict[str, float], cur: dict[str, float]) -> list[str]:
+        """Reasons why ``cur`` looks like hacking relative to ``prev`` (empty: it does not)."""
+        c = self.config
+        rose = cur.get("train_reward", math.nan) - prev.get("train_reward", math.nan)
+        if not rose > c.reward_tol:  # also False for NaN
+            return []
+        reasons = []
+        if "heldout" in cur and "heldout" in prev and cur["heldout"] < prev["heldout"] - c.heldout_tol:
+            reasons.append(f"held-out score {prev['heldout']:.4g}→{cur['heldout']:.4g}")
+        if cur["diversity"] < prev["diversity"] * (1 - c.diversity_tol):
+            reasons.append(f"diversity {prev['diversity']:.4g}→{cur['diversity']:.4g}")
+        return reasons
+
+    def update(self, step: int, values: dict[str, float], *, active: bool = True) -> str | None:
+        """Record one evaluation; returns a warning when ``patience`` suspicious ones came in a row.
+
+        Args:
+            step: The generator step.
+            values: :meth:`measure`'s result, optionally with ``cosine``.
+            active: Whether the reward was being optimised since the previous evaluation
+                (stage 2); inactive evaluations are recorded but reset the streak.
+        """
+        row = {"step": float(step), **{k: float(v) for k, v in values.items()}}
+        prev = self.history[-1] if self.history else None
+        reasons = self._suspicious(prev, row) if (prev is not None and active) else []
+        self._streak = self._streak + 1 if reasons else 0
+        row["suspicious"] = float(bool(reasons))
+        row["streak"] = float(self._streak)
+        row["flag"] = float(self._streak >= self.config.patience)
+        self.history.append(row)
+        if self._streak >= self.config.patience:
+            rose = f"training reward {prev['train_reward']:.4g}→{row['train_reward']:.4g}" if prev else ""
+            msg = (
+                f"possible reward hacking at step {step}: {self._streak} evaluations in a row with the "
+                f"training reward rising ({rose}) while " + " and ".join(reasons)
+            )
+            self.warnings.append(msg)
+            return msg
+        return None
+
+    @property
+    def first_flag_step(self) -> int | None:
+        """The first step at which the monitor warned, or None."""
+        for row in self.history:
+            if row["flag"]:
+                return int(row["step"])
+        return None
+
+    def verdict(self) -> str:
+        """One line for a report: when the monitor first warned, or that it never did."""
+        first = self.first_flag_step
+        n = sum(int(r["flag"]) for r in self.history)
+        if first is None:
+            return f"no warning ({len(self.history)} evaluations)"
+        return f"WARNED from step {first} ({n} of {len(self.history)} evaluations flagged)"
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "warnings": list(self.warnings), "streak": self._streak}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.history = list(sd["history"])
+        self.warnings = list(sd["warnings"])
+        self._streak = int(sd["streak"])

@@ -1,0 +1,124 @@
+"""The reward-hacking monitor: its rule on synthetic histories, its measurement, and its life in the Trainer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dmdr_fast.models import DiTAdapter, tiny_dit
+from dmdr_fast.rewards import ClassifierReward, CompositeReward
+from dmdr_fast.train.config import DMDRTrainerConfig, MonitorConfig
+from dmdr_fast.train.monitor import RewardHackingMonitor, mean_pairwise_distance
+from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
+
+ATTN = ["*attn1.to_q", "*attn1.to_k", "*attn1.to_v", "*attn1.to_out.0"]
+
+
+def _feed(monitor, rows, active=True):
+    return [monitor.update(10 * (i + 1), r, active=active) for i, r in enumerate(rows)]
+
+
+def test_warns_after_patience_suspicious_evaluations_in_a_row():
+    m = RewardHackingMonitor(torch.arange(2), config=MonitorConfig(patience=3, diversity_tol=0.01))
+    rows = [
+        {"train_reward": 0.0, "heldout": 1.0, "diversity": 1.0},
+        {"train_reward": 0.1, "heldout": 1.1, "diversity": 0.9},  # suspicious (diversity)
+        {"train_reward": 0.2, "heldout": 1.0, "diversity": 0.9},  # suspicious (held-out)
+        {"train_reward": 0.3, "heldout": 1.1, "diversity": 0.8},  # suspicious → 3rd in a row: warn
+        {"train_reward": 0.3, "heldout": 1.1, "diversity": 0.7},  # reward flat: streak resets
+    ]
+    out = _feed(m, rows)
+    assert out[:3] == [None, None, None] and out[4] is None
+    assert "step 40" in out[3] and "diversity 0.9→0.8" in out[3]
+    assert [r["streak"] for r in m.history] == [0, 1, 2, 3, 0]
+    assert m.first_flag_step == 40 and "WARNED from step 40" in m.verdict()
+
+
+def test_small_changes_within_tolerance_do_not_count():
+    m = RewardHackingMonitor(
+        torch.arange(2), config=MonitorConfig(patience=1, diversity_tol=0.05, heldout_tol=0.1)
+    )
+    rows = [{"train_reward": 0.0, "heldout": 1.0, "diversity": 1.0}]
+    rows += [
+        {"train_reward": 0.1 * i, "heldout": 1.0 - 0.01 * i, "diversity": 1.0 - 0.01 * i} for i in range(1, 4)
+    ]
+    assert _feed(m, rows) == [None] * 4
+    assert m.verdict().startswith("no warning")
+
+
+def test_inactive_evaluations_never_count_and_missing_reward_is_never_suspicious():
+    m = RewardHackingMonitor(torch.arange(2), config=MonitorConfig(patience=1))
+    rows = [{"train_reward": float(i), "diversity": 1.0 / (i + 1)} for i in range(4)]
+    assert _feed(m, rows, active=False) == [None] * 4
+    m2 = RewardHackingMonitor(torch.arange(2), config=MonitorConfig(patience=1))
+    assert _feed(m2, [{"diversity": 1.0}, {"diversity": 0.5}]) == [None, None]
+
+
+def test_mean_pairwise_distance_matches_brute_force():
+    torch.manual_seed(0)
+    f = torch.randn(3 * 4, 5)
+    want = []
+    for g in range(3):
+        block = f[4 * g : 4 * g + 4].double()
+        want += [(block[i] - block[j]).norm() for i in range(4) for j in range(4) if i != j]
+    assert mean_pairwise_distance(f, 3) == pytest.approx(float(torch.stack(want).mean()), rel=1e-12)
+    assert mean_pairwise_distance(torch.ones(6, 3), 2) == 0.0  # collapsed: no diversity
+
+
+def test_state_dict_round_trip():
+    m = RewardHackingMonitor(torch.arange(2), config=MonitorConfig(patience=2))
+    _feed(m, [{"train_reward": 0.0, "diversity": 1.0}, {"train_reward": 1.0, "diversity": 0.5}])
+    m2 = RewardHackingMonitor(torch.arange(2), config=MonitorConfig(patience=2))
+    m2.load_state_dict(m.state_dict())
+    assert m2.update(30, {"train_reward": 2.0, "diversity": 0.2}) is not None  # the streak survived
+
+
+def _trainer(tmp_path=None, every=1):
+    torch.manual_seed(0)  # the same reward and held-out networks in every call
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    heldout_net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    cfg = DMDRTrainerConfig.from_dict(
+        {
+            "train": {"max_steps": 4, "batch_size": 4, "tensorboard": False, "device": "cpu", "log_every": 1,
+                      "sample_every": 0, "eval_every": 0, "checkpoint_every": 2, "deterministic": True},
+            "dmdr": {"dynamic_horizon": 4, "ratio_update": 1, "cold_start_steps": 1},
+            "critic": {"lora": {"rank": 4, "targets": ATTN}},
+            "student": {"num_steps": 1},
+            "rewards": [{"kind": "classifier", "name": "clf", "weight": 0.5}],
+            "monitor": {"every": every, "samples_per_condition": 3},
+        }
+    )  # fmt: skip
+    monitor = RewardHackingMonitor(
+        torch.arange(4), heldout=ClassifierReward(heldout_net, name="heldout", num_classes=10, in_channels=1)
+    )
+    reward = CompositeReward([ClassifierReward(clf, name="clf", weight=0.5, num_classes=10, in_channels=1)])
+    return Trainer(
+        cfg, DiTAdapter(tiny_dit(num_layers=1, seed=0)), reward=reward, data=ClassLabelSampler(10),
+        out_dir=tmp_path, monitor=monitor,
+    )  # fmt: skip
+
+
+def test_trainer_runs_the_monitor_and_resumes_it(tmp_path):
+    from dmdr_fast.train.logging import read_jsonl
+
+    tr = _trainer(tmp_path / "a")
+    assert tr.monitor.config == tr.config.monitor  # the Trainer's config applies
+    tr.fit(max_steps=4, progress=False)
+    hist = tr.monitor.history
+    assert [int(r["step"]) for r in hist] == [1, 2, 3, 4]
+    for r in hist:
+        assert {"train_reward", "heldout", "diversity"} <= r.keys()
+        assert math.isfinite(r["diversity"]) and r["diversity"] > 0
+    assert "cosine" not in hist[0] and "cosine" in hist[1]  # the reward acts from step 2 (stage 2)
+    logged = [row for row in read_jsonl(tmp_path / "a" / "metrics.jsonl") if "monitor/diversity" in row]
+    assert len(logged) == 4
+
+    tr2 = _trainer(tmp_path / "b")
+    tr2.fit(max_steps=2, progress=False)
+    tr3 = _trainer(tmp_path / "b")
+    assert tr3.resume()
+    tr3.fit(max_steps=4, progress=False)
+    for a, b in zip(tr3.monitor.history, hist, strict=True):
+        assert a == pytest.approx(b)
