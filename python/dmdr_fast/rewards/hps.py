@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from dmdr_fast.rewards.base import LossForm, Reward, RewardCondition, check_condition, check_images
-from dmdr_fast.rewards.loading import MissingWeightsError, optional_import, resolve_local
+from dmdr_fast.rewards.loading import MissingWeightsError, as_dtype, hub_file, optional_import, resolve_local
 from dmdr_fast.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 
 if TYPE_CHECKING:
@@ -380,15 +380,6 @@ def _load_clip_tokenizer(where: str | os.PathLike[str]) -> Any:
         raise MissingWeightsError(f"HPS tokenizer: could not load {where} ({exc}); {hint}") from exc
 
 
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype must be a torch dtype or its name, got {dtype!r}")
-    return value
-
-
 class HPSReward(Reward):
     """Human Preference Score v2 / v2.1: ``score = scale · cos(image_emb, text_emb)``, differentiable in the images.
 
@@ -547,7 +538,7 @@ class HPSReward(Reward):
         model = tf.CLIPModel(config)
         model.load_state_dict(open_clip_to_transformers_state_dict(sd, config), strict=True)
         reward = cls(model, tok, **reward_kwargs)
-        return reward.to(device=device, dtype=_as_dtype(dtype))
+        return reward.to(device=device, dtype=as_dtype(dtype))
 
 
 def _find_hps_checkpoint(folder: Path, version: str | None) -> Path:
@@ -561,17 +552,6 @@ def _find_hps_checkpoint(folder: Path, version: str | None) -> Path:
     if len(found) > 1:
         raise ValueError(f"HPS: {folder} holds {[p.name for p in found]}; pass version='v2.0' or 'v2.1'")
     return found[0]
-
-
-def _hub_file(repo: str, filename: str, what: str) -> Path:
-    hub = optional_import("huggingface_hub", extra=HPS_EXTRA, what=what)
-    try:
-        return Path(hub.hf_hub_download(repo_id=repo, filename=filename))
-    except Exception as exc:  # offline, gated, missing file: all mean "fetch it yourself"
-        raise MissingWeightsError(
-            f"{what}: could not fetch {filename} from {repo} ({type(exc).__name__}: {exc}); download it "
-            f"on a machine with internet and pass the local path"
-        ) from exc
 
 
 def build_hps(
@@ -613,7 +593,7 @@ def build_hps(
     source = f"{HPS_SOURCE} ({' or '.join(HPS_CHECKPOINTS.values())})"
     where = resolve_local(path, what="HPS", source=source)
     if isinstance(where, str):  # hub id
-        checkpoint = _hub_file(where, HPS_CHECKPOINTS[version or "v2.1"], "HPS")
+        checkpoint = hub_file(where, HPS_CHECKPOINTS[version or "v2.1"], what="HPS", extra=HPS_EXTRA)
         tokenizer = HPS_TOKENIZER_SOURCE if tokenizer is None else tokenizer
     else:
         checkpoint = where if where.is_file() else _find_hps_checkpoint(where, version)

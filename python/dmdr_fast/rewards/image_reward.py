@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from dmdr_fast.rewards.base import LossForm, Reward, RewardCondition, check_condition, check_images
-from dmdr_fast.rewards.loading import MissingWeightsError, optional_import, resolve_local
+from dmdr_fast.rewards.loading import MissingWeightsError, as_dtype, hub_file, optional_import, resolve_local
 from dmdr_fast.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 
 if TYPE_CHECKING:
@@ -379,15 +379,6 @@ def load_image_reward_tokenizer(where: str | os.PathLike[str]) -> Any:
     return tok
 
 
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype must be a torch dtype or its name, got {dtype!r}")
-    return value
-
-
 class ImageReward(Reward):
     """ImageReward score ``(mlp(BLIP_text(prompt | image)[CLS]) − mean) / std``, differentiable in the images.
 
@@ -534,18 +525,7 @@ class ImageReward(Reward):
         model = ImageRewardModel(vision_config, text_config)
         model.load_state_dict(image_reward_to_transformers_state_dict(sd), strict=True)
         reward = cls(model, tok, **reward_kwargs)
-        return reward.to(device=device, dtype=_as_dtype(dtype))
-
-
-def _hub_file(repo: str, filename: str) -> Path:
-    hub = optional_import("huggingface_hub", extra=IMAGE_REWARD_EXTRA, what="ImageReward")
-    try:
-        return Path(hub.hf_hub_download(repo_id=repo, filename=filename))
-    except Exception as exc:  # offline, gated, missing file: all mean "fetch it yourself"
-        raise MissingWeightsError(
-            f"ImageReward: could not fetch {filename} from {repo} ({type(exc).__name__}: {exc}); download it "
-            f"on a machine with internet and pass the local folder"
-        ) from exc
+        return reward.to(device=device, dtype=as_dtype(dtype))
 
 
 def build_image_reward(
@@ -583,7 +563,10 @@ def build_image_reward(
     source = f"{IMAGE_REWARD_SOURCE} ({_CHECKPOINT}, {_MED_CONFIG})"
     where = resolve_local(path, what="ImageReward", source=source, expect=(_CHECKPOINT, _MED_CONFIG))
     if isinstance(where, str):  # hub id
-        checkpoint, med = _hub_file(where, _CHECKPOINT), _hub_file(where, _MED_CONFIG)
+        checkpoint, med = (
+            hub_file(where, _CHECKPOINT, what="ImageReward", extra=IMAGE_REWARD_EXTRA),
+            hub_file(where, _MED_CONFIG, what="ImageReward", extra=IMAGE_REWARD_EXTRA),
+        )
         tokenizer = BERT_TOKENIZER_SOURCE if tokenizer is None else tokenizer
     else:
         if not where.is_dir():

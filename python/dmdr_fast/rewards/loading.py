@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["MissingWeightsError", "optional_import", "resolve_local"]
+import torch
+
+__all__ = ["MissingWeightsError", "as_dtype", "hub_file", "optional_import", "resolve_local"]
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -61,4 +63,49 @@ def optional_import(module: str, *, extra: str, what: str):
         raise ImportError(
             f"{what} needs the optional package {module!r} ({exc}); install it with "
             f"`pip install 'dmdr-fast[{extra}]'`"
+        ) from exc
+
+
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A ``torch.dtype`` from a dtype, its name (``"bfloat16"``, ``"bf16"``, ``"torch.float16"``, ...) or ``None``.
+
+    Raises:
+        ValueError: An unknown name.
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPE_NAMES:
+        raise ValueError(f"dtype must be a torch.dtype or one of {sorted(_DTYPE_NAMES)}, got {dtype!r}")
+    return _DTYPE_NAMES[key]
+
+
+def hub_file(repo: str, filename: str, *, what: str, extra: str) -> Path:
+    """Download one file of a hub repository (online only) or raise :class:`MissingWeightsError`.
+
+    Args:
+        repo: Hub id, e.g. ``"xswu/HPSv2"``.
+        filename: File inside the repository.
+        what: Human name of the model, for the error.
+        extra: The pip extra that provides ``huggingface_hub``, for the ImportError.
+    """
+    hub = optional_import("huggingface_hub", extra=extra, what=what)
+    try:
+        return Path(hub.hf_hub_download(repo_id=repo, filename=filename))
+    except Exception as exc:  # offline, gated, missing file: all mean "fetch it yourself"
+        raise MissingWeightsError(
+            f"{what}: could not fetch {filename} from {repo} ({type(exc).__name__}: {exc}); download it "
+            f"on a machine with internet and pass the local path"
         ) from exc

@@ -36,7 +36,7 @@ from dmdr_fast.rewards.clip import (
 )
 from dmdr_fast.rewards.hps import HPS_SOURCE, HPS_TOKENIZER_SOURCE, build_hps
 from dmdr_fast.rewards.image_reward import BERT_TOKENIZER_SOURCE, IMAGE_REWARD_SOURCE, build_image_reward
-from dmdr_fast.rewards.loading import MissingWeightsError
+from dmdr_fast.rewards.loading import MissingWeightsError, as_dtype
 
 __all__ = [
     "REWARD_KINDS",
@@ -54,32 +54,6 @@ __all__ = [
 RewardBuilder = Callable[..., Reward]
 
 PathLike = str | os.PathLike[str]
-
-
-_DTYPE_NAMES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-}
-
-
-def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A ``torch.dtype`` from a dtype, its name (``"bfloat16"``, ``"bf16"``, ``"torch.float16"``, ...) or ``None``.
-
-    Raises:
-        ValueError: An unknown name.
-    """
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPE_NAMES:
-        raise ValueError(f"dtype must be a torch.dtype or one of {sorted(_DTYPE_NAMES)}, got {dtype!r}")
-    return _DTYPE_NAMES[key]
 
 
 def require_path(path: PathLike | None, *, kind: str, source: str) -> PathLike:
