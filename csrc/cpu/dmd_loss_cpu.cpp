@@ -13,12 +13,11 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cfloat>
-#include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <stdexcept>
 #include <vector>
 
+#include "dmdr_fast/cpu_convert.h"
 #include "dmdr_fast/dispatch.h"
 #include "dmdr_fast/dmd_loss.h"
 #include "dmdr_fast/dmd_loss_math.h"
@@ -29,71 +28,6 @@
 
 namespace dmdr_fast::cpu::DMDR_CPU_ISA {
 namespace {
-
-// 16-bit storage types; conversions are done with integer bit operations so that the same code
-// runs on any x86/ARM CPU without F16C or AVX512-BF16.
-struct Half {
-  uint16_t bits;
-};
-struct BFloat16 {
-  uint16_t bits;
-};
-
-inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const BFloat16* p, int64_t i) {
-  return bits_to_float(static_cast<uint32_t>(p[i].bits) << 16);
-}
-inline float load(const Half* p, int64_t i) {
-  // IEEE binary16 → binary32. Normal numbers: rebias the exponent; subnormals: scale by 2^-24;
-  // Inf/NaN: all-ones exponent.
-  const uint32_t h = p[i].bits;
-  const uint32_t sign = (h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu;
-  const uint32_t man = h & 0x3ffu;
-  float mag;
-  if (exp == 0) {
-    mag = static_cast<float>(man) * 5.9604644775390625e-8f;  // 2^-24
-  } else if (exp == 31) {
-    mag = bits_to_float(0x7f800000u | (man << 13));
-  } else {
-    mag = bits_to_float(((exp + 112u) << 23) | (man << 13));
-  }
-  return bits_to_float(float_to_bits(mag) | sign);
-}
-
-inline void store(float* p, int64_t i, float v) { p[i] = v; }
-inline void store(BFloat16* p, int64_t i, float v) {
-  // Round to nearest even; callers never store NaN (g is already nan_to_num'd).
-  const uint32_t u = float_to_bits(clamp_finite(v, 3.38953139e38f));
-  p[i].bits = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-inline void store(Half* p, int64_t i, float v) {
-  v = clamp_finite(v, 65504.f);
-  const uint32_t u = float_to_bits(v);
-  const uint32_t sign = (u >> 16) & 0x8000u;
-  const float a = std::fabs(v);
-  uint16_t out;
-  if (a < 6.103515625e-05f) {  // below the smallest normal half: subnormal or zero
-    out = static_cast<uint16_t>(std::nearbyint(a * 16777216.f));  // a / 2^-24, ties to even
-  } else {
-    const uint32_t ua = float_to_bits(a);
-    // Rebias exponent (127 → 15) and round the 23-bit mantissa to 10 bits, ties to even.
-    const uint32_t rounded = ua + 0xfffu + ((ua >> 13) & 1u);
-    out = static_cast<uint16_t>((rounded - (112u << 23)) >> 13);
-  }
-  p[i].bits = static_cast<uint16_t>(out | sign);
-}
 
 // Work unit: a contiguous chunk of one sample; 4096 elements give enough chunks for load balance.
 constexpr int64_t kChunk = 4096;

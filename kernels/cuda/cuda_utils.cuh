@@ -1,5 +1,5 @@
 // Helpers shared by the CUDA kernels: float32 conversions of the storage types, 16-byte packs,
-// block reductions, error checks and device queries. (dmd_loss.cu still carries its own copy.)
+// block reductions, error checks and device queries.
 //
 // Internal linkage throughout (anonymous namespace): each .cu gets its own copy.
 #pragma once

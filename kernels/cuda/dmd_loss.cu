@@ -18,6 +18,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda_utils.cuh"
 #include "dmdr_fast/dispatch.h"
 #include "dmdr_fast/dmd_loss.h"
 #include "dmdr_fast/dmd_loss_math.h"
@@ -26,55 +27,6 @@ namespace dmdr_fast::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kMaxDevices = 64;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(clamp_finite(x, 65504.f));
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(clamp_finite(x, 3.38953139e38f));
-}
-
-// VEC elements of T moved as one aligned load/store (16 bytes when VEC·sizeof(T) == 16).
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-template <typename T, int VEC>
-__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p, int64_t i) {
-  return *reinterpret_cast<const Pack<T, VEC>*>(p + i);
-}
-
-// Sum over the block; the result is valid in thread 0. Safe to call several times per kernel.
-__device__ __forceinline__ float block_sum(float v) {
-  __shared__ float warp_sums[kWarps];
-  __syncthreads();  // previous users of warp_sums are done
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? warp_sums[lane] : 0.f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  }
-  return v;
-}
 
 template <typename T, int VEC, bool kHasUncond>
 __global__ void __launch_bounds__(kThreads)
@@ -99,7 +51,7 @@ __global__ void __launch_bounds__(kThreads)
                                           to_float(c.v[j]), to_float(u.v[j]), guidance);
     }
   }
-  acc = block_sum(acc);
+  acc = block_sum<kThreads>(acc);
   if (threadIdx.x == 0) part_a[b * gridDim.x + blockIdx.x] = acc;
 }
 
@@ -146,9 +98,9 @@ __global__ void __launch_bounds__(kThreads) dmd_direction_kernel(
       out.v[j] = from_float<T>(gj);
       acc += gj * gj;
     }
-    *reinterpret_cast<Pack<T, VEC>*>(g + base + i) = out;
+    store_pack<T, VEC>(g, base + i, out);
   }
-  acc = block_sum(acc);
+  acc = block_sum<kThreads>(acc);
   if (threadIdx.x == 0) {
     part_s[b * nblk + blockIdx.x] = acc;
     if (blockIdx.x == 0) norm_out[b] = norm;
@@ -169,29 +121,11 @@ __global__ void __launch_bounds__(kThreads) dmd_direction_kernel(
     sumsq_out[bb] = s;
     total += s;
   }
-  total = block_sum(total);
+  total = block_sum<kThreads>(total);
   if (threadIdx.x == 0) {
     loss_out[0] = static_cast<float>(0.5 * static_cast<double>(total) /
                                      (static_cast<double>(B) * static_cast<double>(D)));
   }
-}
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("dmdr_fast CUDA error in ") + what + ": " +
-                             cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
-  }
-}
-
-int sm_count(int device) {
-  static int cache[kMaxDevices] = {0};
-  if (device < 0 || device >= kMaxDevices) return 132;
-  if (cache[device] == 0) {
-    int n = 0;
-    check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "sm_count");
-    cache[device] = std::max(1, n);
-  }
-  return cache[device];
 }
 
 // Blocks per sample: about four resident blocks per SM in total, but never less than one full
@@ -201,8 +135,6 @@ int64_t blocks_per_sample(int64_t B, int64_t D, int device) {
   const int64_t max_useful = (D + kThreads - 1) / kThreads;
   return std::max<int64_t>(1, std::min(target, max_useful));
 }
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 template <typename T, bool kHasUncond>
 void launch(const DmdLossParams& p, float* part_a, float* part_s, unsigned int* counter,

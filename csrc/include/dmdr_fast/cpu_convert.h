@@ -3,7 +3,7 @@
 //
 // Everything here has internal linkage: the CPU kernels are compiled once per ISA level (base and
 // AVX2, see CMakeLists.txt), and the linker must not merge an out-of-line AVX2 copy of a function
-// into the base kernels. (dmd_loss_cpu.cpp still carries its own copy of these conversions.)
+// into the base kernels.
 #pragma once
 
 #include <cmath>

@@ -17,6 +17,10 @@
 #include "dmdr_fast/macros.h"
 
 namespace dmdr_fast {
+// Internal linkage: the CPU kernels are compiled once per ISA level (base and AVX2), and an
+// out-of-line copy of an `inline` function with external linkage could be merged by the linker
+// with the copy of the other ISA level.
+namespace {
 
 struct DmdElem {
   float abs_residual;  // |x0 − x̂0_real|
@@ -49,8 +53,7 @@ DMDR_HD float dmd_diff(float x_t, float t, float v_fake, float v_cond, float v_u
 
 // Clamp into [-max_finite, max_finite] (callers remove NaN first). Plain comparisons, not
 // fminf/fmaxf: those must honour NaN rules, so GCC calls libm for them instead of emitting
-// min/max instructions. Used with a narrower output type's range (e.g.
-// ±65504 for float16) before the store, so that ±FLT_MAX never becomes ±Inf in a 16-bit gradient.
+// min/max instructions.
 DMDR_HD float clamp_finite(float x, float max_finite) {
   x = x > max_finite ? max_finite : x;
   return x < -max_finite ? -max_finite : x;
@@ -67,4 +70,5 @@ DMDR_HD float dmd_direction(float diff, float normaliser) {
   return nan_to_num_f32(diff / normaliser);
 }
 
+}  // namespace
 }  // namespace dmdr_fast

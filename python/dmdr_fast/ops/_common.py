@@ -1,4 +1,4 @@
-"""Input validation and small launcher helpers shared by every op.
+"""Input validation, launcher helpers and backend registration shared by every op.
 
 Validation happens once, in Python, before any backend runs: the compiled kernels trust their
 inputs (they receive raw pointers), so every check that protects them lives here. Messages name
@@ -8,24 +8,40 @@ the argument, what was expected and what was received.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
+
+from dmdr_fast import backends
+from dmdr_fast._native import get_native, native_error, triton_error
 
 __all__ = [
     "FLOAT_DTYPES",
     "FUSED_DTYPES",
+    "OUT_MAX",
     "check_float_tensor",
     "check_same_device",
     "check_same_shape",
     "cuda_capability_check",
     "dtype_code",
+    "native_available",
     "promote",
+    "register_fused_backends",
+    "triton_grid",
 ]
 
 FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
 # Fused kernels compute in float32 and store in these; float64 is served by the reference.
 FUSED_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+# Largest finite value of each output dtype: stores into a narrower dtype saturate there, so that a
+# 16-bit output never holds ±Inf (float64: no bound).
+OUT_MAX = {
+    torch.float64: math.inf,
+    torch.float32: 3.4028234663852886e38,
+    torch.float16: 65504.0,
+    torch.bfloat16: 3.3895313892515355e38,
+}
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
@@ -92,3 +108,75 @@ def cuda_capability_check(min_major: int, min_minor: int = 0):
         return []
 
     return check
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def triton_grid(B: int, D: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_SIZE, ITERS, blocks per sample): ~4 programs per SM in total on a GPU."""
+    if device.type == "cuda":
+        block = 1024
+        target = max(1, -(-4 * torch.cuda.get_device_properties(device).multi_processor_count // B))
+    else:  # interpreter: few, small programs keep it fast
+        block, target = 128, 4
+    iters = 1
+    while iters < 16 and block * iters * target < D:
+        iters *= 2
+    while -(-D // (block * iters)) > 4096:  # keep the partial-sum row loadable by one program
+        iters *= 2
+    return block, iters, -(-D // (block * iters))
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def native_available(device_type: str) -> str:
+    """Why the ``dmdr_fast._C`` kernels cannot run on ``device_type`` ('' when they can)."""
+    native = get_native()
+    if native is None:
+        return native_error()
+    if device_type == "cuda":
+        if not native.build_info()["cuda"]:
+            return "dmdr_fast._C was built without CUDA (reinstall with nvcc and DMDR_FAST_CUDA=ON)"
+        count, why = native.cuda_device_count()
+        if count == 0:
+            return f"no CUDA device visible to dmdr_fast._C ({why})"
+    return ""
+
+
+def register_fused_backends(
+    op: str,
+    torch_fn: Callable[..., object],
+    cpp_fn: Callable[..., object],
+    cuda_fn: Callable[..., object],
+    triton_fn: Callable[..., object],
+    *,
+    cuda_checks: Sequence[Callable[..., list[str]]] = (),
+    triton_checks: Sequence[Callable[..., list[str]]] = (),
+) -> None:
+    """Register the four backends of a fused op and their automatic priorities.
+
+    torch (the reference, every float dtype), cpp (CPU), cuda (compute capability >= 8.0, plus
+    ``cuda_checks``) and triton (plus ``triton_checks``); the fused ones take ``FUSED_DTYPES``.
+    Priority: cuda, triton, torch on CUDA tensors; cpp, torch on CPU tensors.
+    """
+    backends.register(backends.BackendImpl(
+        op, "torch", torch_fn, frozenset({"cpu", "cuda"}), FLOAT_DTYPES,
+        note="pure-PyTorch reference (the spec)",
+    ))  # fmt: skip
+    backends.register(backends.BackendImpl(
+        op, "cpp", cpp_fn, frozenset({"cpu"}), FUSED_DTYPES, native_available,
+        note="fused C++ kernel, OpenMP",
+    ))  # fmt: skip
+    backends.register(backends.BackendImpl(
+        op, "cuda", cuda_fn, frozenset({"cuda"}), FUSED_DTYPES, native_available,
+        input_checks=(cuda_capability_check(8, 0), *cuda_checks),
+        note="fused CUDA kernels, 16-byte vector loads",
+    ))  # fmt: skip
+    backends.register(backends.BackendImpl(
+        op, "triton", triton_fn, frozenset({"cpu", "cuda"}), FUSED_DTYPES, triton_error,
+        input_checks=tuple(triton_checks), note="fused Triton kernels (CPU: interpreter only)",
+    ))  # fmt: skip
+    backends.set_priority(op, "cuda", ("cuda", "triton", "torch"))
+    backends.set_priority(op, "cpu", ("cpp", "torch"))

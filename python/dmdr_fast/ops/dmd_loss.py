@@ -15,16 +15,16 @@ from __future__ import annotations
 import torch
 
 from dmdr_fast import backends
-from dmdr_fast._native import get_native, get_triton_kernels, native_error, triton_error
+from dmdr_fast._native import get_native, get_triton_kernels
 from dmdr_fast.ops._common import (
-    FLOAT_DTYPES,
-    FUSED_DTYPES,
+    OUT_MAX,
     check_float_tensor,
     check_same_device,
     check_same_shape,
-    cuda_capability_check,
     dtype_code,
     promote,
+    register_fused_backends,
+    triton_grid,
 )
 from dmdr_fast.ops.reference import dmd_loss_ref
 
@@ -104,28 +104,6 @@ def dmd_loss_fwd_cuda(x0, x_t, t, v_fake, v_cond, v_uncond, guidance, eps):
     return loss, _finite_in(g, x0.dtype)
 
 
-_OUT_MAX = {
-    torch.float32: 3.4028234663852886e38,
-    torch.float16: 65504.0,
-    torch.bfloat16: 3.3895313892515355e38,
-}
-
-
-def _triton_grid(B: int, D: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_SIZE, ITERS, blocks per sample): ~4 programs per SM in total on a GPU."""
-    if device.type == "cuda":
-        block = 1024
-        target = max(1, -(-4 * torch.cuda.get_device_properties(device).multi_processor_count // B))
-    else:  # interpreter: few, small programs keep it fast
-        block, target = 128, 4
-    iters = 1
-    while iters < 16 and block * iters * target < D:
-        iters *= 2
-    while -(-D // (block * iters)) > 4096:  # keep the partial-sum row loadable by one program
-        iters *= 2
-    return block, iters, -(-D // (block * iters))
-
-
 def dmd_loss_fwd_triton(x0, x_t, t, v_fake, v_cond, v_uncond, guidance, eps):
     """Fused Triton kernels (two launches); on CPU only under TRITON_INTERPRET=1."""
     kernels = get_triton_kernels("dmd_loss")
@@ -133,7 +111,7 @@ def dmd_loss_fwd_triton(x0, x_t, t, v_fake, v_cond, v_uncond, guidance, eps):
 
     dt, (a, s, f, c, u), tf = _flat_inputs(x0, x_t, t, v_fake, v_cond, v_uncond)
     B, D = a.shape
-    block, iters, nblk = _triton_grid(B, D, a.device)
+    block, iters, nblk = triton_grid(B, D, a.device)
     g = torch.empty(x0.shape, dtype=dt, device=x0.device)
     part = torch.empty(2, B, nblk, dtype=torch.float32, device=a.device)
     norm = torch.empty(B, dtype=torch.float32, device=a.device)
@@ -145,7 +123,7 @@ def dmd_loss_fwd_triton(x0, x_t, t, v_fake, v_cond, v_uncond, guidance, eps):
     )  # fmt: skip
     kernels._dmd_loss_fwd_kernel[grid](
         s, tf, f, c, u if has_u else c, part[0], part[1], g, norm, D, float(guidance), float(eps),
-        _OUT_MAX[dt], HAS_UNCOND=has_u, BLOCK_SIZE=block, ITERS=iters,
+        OUT_MAX[dt], HAS_UNCOND=has_u, BLOCK_SIZE=block, ITERS=iters,
         NBLK_P2=triton.next_power_of_2(nblk),
     )  # fmt: skip
     loss = 0.5 * part[1].sum(dtype=torch.float64) / (B * D)
@@ -155,37 +133,7 @@ def dmd_loss_fwd_triton(x0, x_t, t, v_fake, v_cond, v_uncond, guidance, eps):
 # ----------------------------------------------------------------------------- registration
 
 
-def _native_available(device_type: str) -> str:
-    native = get_native()
-    if native is None:
-        return native_error()
-    if device_type == "cuda":
-        if not native.build_info()["cuda"]:
-            return "dmdr_fast._C was built without CUDA (reinstall with nvcc and DMDR_FAST_CUDA=ON)"
-        count, why = native.cuda_device_count()
-        if count == 0:
-            return f"no CUDA device visible to dmdr_fast._C ({why})"
-    return ""
-
-
-backends.register(backends.BackendImpl(
-    OP, "torch", dmd_loss_fwd_torch, frozenset({"cpu", "cuda"}), FLOAT_DTYPES,
-    note="pure-PyTorch reference (the spec)",
-))  # fmt: skip
-backends.register(backends.BackendImpl(
-    OP, "cpp", dmd_loss_fwd_cpp, frozenset({"cpu"}), FUSED_DTYPES, _native_available,
-    note="fused C++ kernel, OpenMP",
-))  # fmt: skip
-backends.register(backends.BackendImpl(
-    OP, "cuda", dmd_loss_fwd_cuda, frozenset({"cuda"}), FUSED_DTYPES, _native_available,
-    input_checks=(cuda_capability_check(8, 0),), note="fused CUDA kernels, 16-byte vector loads",
-))  # fmt: skip
-backends.register(backends.BackendImpl(
-    OP, "triton", dmd_loss_fwd_triton, frozenset({"cpu", "cuda"}), FUSED_DTYPES, triton_error,
-    note="fused Triton kernels (CPU: interpreter only)",
-))  # fmt: skip
-backends.set_priority(OP, "cuda", ("cuda", "triton", "torch"))
-backends.set_priority(OP, "cpu", ("cpp", "torch"))
+register_fused_backends(OP, dmd_loss_fwd_torch, dmd_loss_fwd_cpp, dmd_loss_fwd_cuda, dmd_loss_fwd_triton)
 
 
 # ----------------------------------------------------------------------------- custom op + autograd

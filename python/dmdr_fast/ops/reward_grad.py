@@ -20,21 +20,17 @@ import math
 import torch
 
 from dmdr_fast import backends
-from dmdr_fast._native import get_native, get_triton_kernels, triton_error
+from dmdr_fast._native import get_native, get_triton_kernels
 from dmdr_fast.ops._common import (
-    FLOAT_DTYPES,
-    FUSED_DTYPES,
+    OUT_MAX,
     check_float_tensor,
     check_same_device,
     check_same_shape,
-    cuda_capability_check,
     dtype_code,
     promote,
+    register_fused_backends,
+    triton_grid,
 )
-
-# The availability rule of the native backends and the Triton grid heuristic are the same as
-# dmd_loss's (candidates for ops/_common.py).
-from dmdr_fast.ops.dmd_loss import _native_available, _triton_grid
 from dmdr_fast.ops.reference import RewardGradStats, reward_grad_combine_ref
 
 __all__ = ["RewardGradStats", "reward_grad_combine"]
@@ -43,16 +39,8 @@ OP = "reward_grad_combine"
 MODES = ("fixed", "balanced")
 Tensor = torch.Tensor
 
-_F32_MAX = 3.4028234663852886e38
+_F32_MAX = OUT_MAX[torch.float32]
 _F32_TINY = 1.1754943508222875e-38  # smallest normal float32
-# Largest finite value of each output dtype: casts into a narrower dtype saturate there, so that a
-# 16-bit g never holds ±Inf (as dmd_loss's direction).
-_OUT_MAX = {
-    torch.float64: math.inf,
-    torch.float32: _F32_MAX,
-    torch.float16: 65504.0,
-    torch.bfloat16: 3.3895313892515355e38,
-}
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -65,8 +53,8 @@ def _cast_out(g: Tensor, dtype: torch.dtype) -> Tensor:
     """Cast to the output ``dtype``, saturating at its largest finite value (NaN passes through)."""
     if g.dtype == dtype:
         return g
-    if _OUT_MAX[dtype] < _OUT_MAX[g.dtype]:
-        g = g.clamp(-_OUT_MAX[dtype], _OUT_MAX[dtype])
+    if OUT_MAX[dtype] < OUT_MAX[g.dtype]:
+        g = g.clamp(-OUT_MAX[dtype], OUT_MAX[dtype])
     return g.to(dtype)
 
 
@@ -129,11 +117,11 @@ def reward_grad_fwd_triton(g_dmd, g_reward, balanced, weight, ratio, max_weight,
 
     dt, d, r = _flat_inputs(g_dmd, g_reward)
     B, D = d.shape
-    block, iters, nblk = _triton_grid(B, D, d.device)
+    block, iters, nblk = triton_grid(B, D, d.device)
     g, stats, nonfinite = _outputs(g_dmd, dt, B)
     part = torch.empty(3, B, nblk, dtype=torch.float32, device=d.device)
     part_n = torch.empty(B, nblk, dtype=torch.int32, device=d.device)
-    out_max = math.inf if dt == torch.float32 else _OUT_MAX[dt]
+    out_max = math.inf if dt == torch.float32 else OUT_MAX[dt]
     fixed = not balanced  # the weight is known: the reduction writes g, the 2nd launch only finishes
     kernels._reward_grad_reduce_kernel[(nblk, B)](
         d, r, g, part, part_n, D, B, weight, out_max, WRITE_G=fixed, BLOCK_SIZE=block, ITERS=iters,
@@ -156,25 +144,15 @@ def _grid_batch_check(*, device: torch.device, batch: int = 1, **_: object) -> l
     return []
 
 
-backends.register(backends.BackendImpl(
-    OP, "torch", reward_grad_fwd_torch, frozenset({"cpu", "cuda"}), FLOAT_DTYPES,
-    note="pure-PyTorch reference (the spec)",
-))  # fmt: skip
-backends.register(backends.BackendImpl(
-    OP, "cpp", reward_grad_fwd_cpp, frozenset({"cpu"}), FUSED_DTYPES, _native_available,
-    note="fused C++ kernel, OpenMP",
-))  # fmt: skip
-backends.register(backends.BackendImpl(
-    OP, "cuda", reward_grad_fwd_cuda, frozenset({"cuda"}), FUSED_DTYPES, _native_available,
-    input_checks=(cuda_capability_check(8, 0), _grid_batch_check),
-    note="fused CUDA kernels, 16-byte vector loads",
-))  # fmt: skip
-backends.register(backends.BackendImpl(
-    OP, "triton", reward_grad_fwd_triton, frozenset({"cpu", "cuda"}), FUSED_DTYPES, triton_error,
-    input_checks=(_grid_batch_check,), note="fused Triton kernels (CPU: interpreter only)",
-))  # fmt: skip
-backends.set_priority(OP, "cuda", ("cuda", "triton", "torch"))
-backends.set_priority(OP, "cpu", ("cpp", "torch"))
+register_fused_backends(
+    OP,
+    reward_grad_fwd_torch,
+    reward_grad_fwd_cpp,
+    reward_grad_fwd_cuda,
+    reward_grad_fwd_triton,
+    cuda_checks=(_grid_batch_check,),
+    triton_checks=(_grid_batch_check,),
+)
 
 
 # ----------------------------------------------------------------------------- custom op
