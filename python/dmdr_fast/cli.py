@@ -144,6 +144,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from dmdr_fast.benchmarks import bench_dmd_loss
 
         return bench_dmd_loss.main(args)
+    if args.what == "attention":
+        from dmdr_fast.benchmarks import bench_attention
+
+        return bench_attention.main(args)
     if args.what == "reward-grad":
         from dmdr_fast.benchmarks import bench_reward_grad
 
@@ -249,6 +253,26 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--reps", type=int, default=20)
     rg.add_argument("--warmup", type=int, default=3)
     rg.add_argument("--json", default=None, help="also write the result to this JSON file")
+    att = bench_sub.add_parser(
+        "attention", help="attention backends (TFLOP/s) vs the best SDPA kernel and the matmul rate"
+    )
+    att.add_argument(
+        "--shape",
+        default="auto",
+        help="comma-separated BxHxLqxLkxD (auto: 2x16x4096x4096x128,1x24x4429x4429x64 on CUDA, 1x4x256x256x64 on CPU)",
+    )
+    att.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                     help="auto: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
+    att.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    att.add_argument(
+        "--providers",
+        default="auto",
+        help="comma-separated: sdpa, sdpa-flash, sdpa-efficient, sdpa-cudnn, sdpa-math, torch, xformers, triton, fp8",
+    )
+    att.add_argument("--pad-frac", type=float, default=0.0, help="fraction of keys marked as padding (mask)")
+    att.add_argument("--reps", type=int, default=20)
+    att.add_argument("--warmup", type=int, default=3)
+    att.add_argument("--json", default=None, help="also write the result to this JSON file")
     step = bench_sub.add_parser("step", help="a DMDR iteration of the Trainer vs the paper's eager step")
     step.add_argument("--preset", default="digits")
     step.add_argument("--set", action="append", metavar="KEY=VALUE")

@@ -158,8 +158,7 @@ def test_variants_train(overrides):
 
 @pytest.mark.parametrize(
     "section,key,value,match",
-    [("train", "compile", True, "train.compile"), ("train", "attention", "flash", "train.attention"),
-     ("dmdr", "decoupled", True, "dmdr.decoupled")],
+    [("train", "compile", True, "train.compile"), ("dmdr", "decoupled", True, "dmdr.decoupled")],
 )  # fmt: skip
 def test_unsupported_options_refuse_loudly(section, key, value, match):
     base = small_config().to_dict()
@@ -200,3 +199,30 @@ def test_ddp_two_process_gloo(tmp_path):
     assert torch.equal(p0, p1)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2], "only rank 0 logs"
+
+
+def _processor_names(net) -> set[str]:
+    return {type(m.processor).__name__ for m in net.modules() if hasattr(m, "processor")}
+
+
+@pytest.mark.parametrize("attention", ["torch", "native"])
+def test_attention_backend_reaches_every_network(attention):
+    """train.attention routes teacher/guidance, student and a full critic through the dispatcher."""
+    base = small_config().to_dict()
+    base["train"] = {**base["train"], "attention": attention}
+    base["critic"] = {"kind": "full"}
+    tr = make_trainer(DMDRTrainerConfig.from_dict(base))
+    nets = [tr.guidance.network, tr.student.network, tr.critic.network]
+    native = _processor_names(DiTAdapter(tiny_dit(num_layers=1, seed=0)).network)
+    for net in nets:
+        names = _processor_names(net)
+        assert (names == native) if attention == "native" else (names.isdisjoint(native) and names)
+    tr.fit(max_steps=1, progress=False)
+    assert _processor_names(tr.export_student()) == native  # exported without dmdr_fast's processors
+
+
+def test_unknown_attention_backend_is_refused():
+    base = small_config().to_dict()
+    base["train"] = {**base["train"], "attention": "flash"}
+    with pytest.raises(ValueError, match="flash"):
+        make_trainer(DMDRTrainerConfig.from_dict(base))

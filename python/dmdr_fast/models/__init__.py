@@ -5,6 +5,7 @@
   scales, merging, and peft/diffusers-format files.
 - :mod:`~dmdr_fast.models.dit` — class-conditional diffusers DiT adapter and tiny-DiT factories.
 - :mod:`~dmdr_fast.models.roles` — student / guidance construction and batched multi-pass velocity.
+- :mod:`~dmdr_fast.models.attention` — route diffusers attention through :func:`dmdr_fast.ops.attention`.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -40,8 +41,8 @@ from dmdr_fast.models.protocol import (
 )
 from dmdr_fast.models.roles import batched_velocity, make_guidance, make_student
 
-# The DiT names import diffusers (seconds); load them on first use so that `import dmdr_fast.models`
-# (LoRA, protocol) stays cheap.
+# The DiT and attention names import diffusers (seconds); load them on first use so that
+# `import dmdr_fast.models` (LoRA, protocol) stays cheap.
 _LAZY_DIT = (
     "DIT_ATTENTION_TARGETS",
     "DIT_FEEDFORWARD_TARGETS",
@@ -50,6 +51,7 @@ _LAZY_DIT = (
     "dit_from_config",
     "tiny_dit",
 )
+_LAZY_ATTENTION = ("attention_backend", "restore_attention", "use_attention")
 
 
 def __getattr__(name: str) -> Any:
@@ -57,10 +59,15 @@ def __getattr__(name: str) -> Any:
         from dmdr_fast.models import dit
 
         return getattr(dit, name)
+    if name in _LAZY_ATTENTION:
+        from dmdr_fast.models import attention
+
+        return getattr(attention, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if TYPE_CHECKING:
+    from dmdr_fast.models.attention import attention_backend, restore_attention, use_attention
     from dmdr_fast.models.dit import (
         DIT_ATTENTION_TARGETS,
         DIT_FEEDFORWARD_TARGETS,
@@ -84,6 +91,7 @@ __all__ = [
     "LoraLayer",
     "LoraLinear",
     "ScaleSpec",
+    "attention_backend",
     "batched_velocity",
     "cat_conditions",
     "condition_batch_size",
@@ -99,8 +107,10 @@ __all__ = [
     "make_student",
     "merge_and_unload",
     "merged_state_dict",
+    "restore_attention",
     "save_lora",
     "set_lora_scale",
     "slice_condition",
     "tiny_dit",
+    "use_attention",
 ]

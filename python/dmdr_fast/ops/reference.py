@@ -13,7 +13,14 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["RewardGradStats", "dmd_loss_ref", "real_velocity_ref", "reward_grad_combine_ref"]
+__all__ = [
+    "RewardGradStats",
+    "attention_bwd_ref",
+    "attention_ref",
+    "dmd_loss_ref",
+    "real_velocity_ref",
+    "reward_grad_combine_ref",
+]
 
 
 def _accum_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -172,3 +179,95 @@ def reward_grad_combine_ref(
         raise ValueError(f"reward_grad_combine_ref: `mode` must be 'fixed' or 'balanced', got {mode!r}")
     g = (d + w[:, None] * r).reshape(g_dmd.shape)
     return g, RewardGradStats(a, b, cosine, w, nonfinite)
+
+
+def _attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    scale: float | None,
+    dt: torch.dtype,
+) -> torch.Tensor:
+    """P = softmax(q·kᵀ·scale + mask) in ``dt``; rows with every key masked are all zeros."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale
+    if key_padding_mask is not None:
+        s = s.masked_fill(key_padding_mask[:, None, None, :], -math.inf)
+    # Subtract the (detached) row max: softmax is shift-invariant, and a row of -inf gets a
+    # shift of 0, so exp() gives exact zeros and the division below 0/1 instead of NaN.
+    m = s.detach().amax(dim=-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isfinite(m), m, 0.0))
+    denom = p.sum(dim=-1, keepdim=True)
+    return p / torch.where(denom > 0, denom, 1.0)
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Non-causal scaled dot-product attention, written out literally (differentiable in q, k, v).
+
+    ::
+
+        S = q·kᵀ·scale          (B, H, Lq, Lk);  scale defaults to 1/sqrt(D)
+        S[b, :, :, j] = −inf    where key_padding_mask[b, j] is True (that key is padding)
+        P = softmax(S, dim=−1)  (a row whose keys are all padding: P = 0, so its output is 0)
+        out = P·v               (B, H, Lq, D)
+
+    Materialises the full (B, H, Lq, Lk) score matrix: the specification, not a fast path.
+
+    Args:
+        q: (B, H, Lq, D) queries.
+        k: (B, H, Lk, D) keys.
+        v: (B, H, Lk, D) values.
+        key_padding_mask: optional bool (B, Lk), True = padding (ignored key), as in
+            ``torch.nn.MultiheadAttention``.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        upcast: compute in float32 (float64 for float64 inputs) and cast the output back to
+            q's dtype; with ``upcast=False`` everything runs in q's dtype, which is how tests
+            measure PyTorch's own low-precision error.
+
+    Returns:
+        (B, H, Lq, D) in q's dtype.
+    """
+    dt = (torch.float64 if q.dtype == torch.float64 else torch.float32) if upcast else q.dtype
+    p = _attention_probs(q, k, key_padding_mask, scale, dt)
+    return (p @ v.to(dt)).to(q.dtype)
+
+
+def attention_bwd_ref(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Closed-form gradients of :func:`attention_ref` (float32, float64 for float64 inputs).
+
+    With P and out as in :func:`attention_ref`, dO = ``grad_out`` and δ = rowsum(dO ∘ out)::
+
+        dV = Pᵀ·dO       dP = dO·vᵀ       dS = P ∘ (dP − δ)
+        dQ = dS·k·scale  dK = dSᵀ·q·scale
+
+    Masked keys and fully padded rows have P = 0, hence zero gradients. This is the math the
+    flash backward kernels implement blockwise (recomputing P from q, k and the log-sum-exp).
+
+    Returns:
+        ``(dq, dk, dv)`` in the dtypes of q, k and v.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    p = _attention_probs(q, k, key_padding_mask, scale, dt)
+    do, q_, k_, v_ = (x.to(dt) for x in (grad_out, q, k, v))
+    out = p @ v_
+    delta = (do * out).sum(dim=-1, keepdim=True)
+    dv = p.transpose(-1, -2) @ do
+    ds = p * (do @ v_.transpose(-1, -2) - delta)
+    dq = (ds @ k_) * scale
+    dk = (ds.transpose(-1, -2) @ q_) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

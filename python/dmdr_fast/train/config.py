@@ -645,7 +645,11 @@ class TrainConfig(ConfigBase):
     )
     attention: str = field(
         default="sdpa",
-        metadata={"help": "Attention backend name for the models' attention layers (default PyTorch SDPA)."},
+        metadata={
+            "help": "Attention of all networks, through dmdr_fast.ops.attention: a backend name ('sdpa', "
+            "'triton', 'xformers', 'torch' = the fp32 reference), 'auto' (the dispatcher chooses) or "
+            "'native' (the models' own diffusers attention, untouched)."
+        },
     )
     kernel_backend: str | None = field(
         default=None,

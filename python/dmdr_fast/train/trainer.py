@@ -129,11 +129,6 @@ class Trainer:
             raise NotImplementedError(
                 "train.compile=true is not supported by the Trainer yet; set train.compile=false"
             )
-        if config.train.attention != "sdpa":
-            raise NotImplementedError(
-                f"train.attention={config.train.attention!r}: only 'sdpa' (the models' own attention) "
-                "is available until the attention dispatcher lands"
-            )
         if config.dmdr.decoupled:
             raise NotImplementedError(
                 "dmdr.decoupled=True: the Trainer does not run Decoupled DMD yet (the loss exists as "
@@ -169,6 +164,7 @@ class Trainer:
             teacher.network.requires_grad_(False)
             self.guidance = teacher
             self.critic = make_student(teacher)
+        self._use_attention(teacher)
         self._student_net = self._wrap_ddp(self.student)
         critic_owner = self.critic if self.critic is not None else self.guidance
         self._critic_net = self._wrap_ddp(critic_owner)
@@ -209,6 +205,21 @@ class Trainer:
         self._critic_losses: list[float] = []
 
     # ------------------------------------------------------------------------------ helpers
+
+    def _use_attention(self, teacher: FlowModelAdapter) -> None:
+        """Route the attention of all networks (teacher/guidance, student, full critic) through
+        :func:`dmdr_fast.ops.attention` with ``train.attention`` as the backend ("native" keeps the
+        models' own attention, "auto" lets the dispatcher choose)."""
+        name = self.config.train.attention
+        if name == "native":
+            return
+        from dmdr_fast.models.attention import use_attention
+
+        networks = [teacher.network, self.student.network]
+        if self.critic is not None:
+            networks.append(self.critic.network)
+        for net in {id(n): n for n in networks}.values():
+            use_attention(net, None if name == "auto" else name)
 
     def _wrap_ddp(self, adapter: FlowModelAdapter) -> Callable[..., torch.Tensor]:
         """The callable used for gradient-carrying forwards (DDP-wrapped under torchrun)."""
@@ -668,5 +679,8 @@ class Trainer:
 
     def export_student(self) -> nn.Module:
         """A standalone copy of the student network (EMA weights when EMA is on)."""
+        from dmdr_fast.models.attention import restore_attention
+
         with self.ema_weights():
-            return copy.deepcopy(self.student.network).eval()
+            # The copy gets the models' own attention back: it must not depend on dmdr_fast to run.
+            return restore_attention(copy.deepcopy(self.student.network)).eval()
