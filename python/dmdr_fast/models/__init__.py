@@ -6,6 +6,8 @@
 - :mod:`~dmdr_fast.models.dit` — class-conditional diffusers DiT adapter and tiny-DiT factories.
 - :mod:`~dmdr_fast.models.roles` — student / guidance construction and batched multi-pass velocity.
 - :mod:`~dmdr_fast.models.attention` — route diffusers attention through :func:`dmdr_fast.ops.attention`.
+- :mod:`~dmdr_fast.models.sd3` — :class:`SD3Adapter` for SD3 / SD3.5 pipelines (text conditions,
+  flow matching with shift, VAE decode).
 """
 
 from typing import TYPE_CHECKING, Any
@@ -52,6 +54,7 @@ _LAZY_DIT = (
     "tiny_dit",
 )
 _LAZY_ATTENTION = ("attention_backend", "restore_attention", "use_attention")
+_LAZY_SD3 = ("SD3Adapter", "SD3Condition")
 
 
 def __getattr__(name: str) -> Any:
@@ -63,6 +66,10 @@ def __getattr__(name: str) -> Any:
         from dmdr_fast.models import attention
 
         return getattr(attention, name)
+    if name in _LAZY_SD3:
+        from dmdr_fast.models import sd3
+
+        return getattr(sd3, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -76,6 +83,7 @@ if TYPE_CHECKING:
         dit_from_config,
         tiny_dit,
     )
+    from dmdr_fast.models.sd3 import SD3Adapter, SD3Condition
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -90,6 +98,8 @@ __all__ = [
     "LoraConv2d",
     "LoraLayer",
     "LoraLinear",
+    "SD3Adapter",
+    "SD3Condition",
     "ScaleSpec",
     "attention_backend",
     "batched_velocity",

@@ -1,0 +1,360 @@
+"""Adapter for diffusers' SD3 / SD3.5 ``SD3Transformer2DModel`` (flow matching, joint attention).
+
+What diffusers' SD3 does and how the adapter maps it (diffusers 0.42):
+
+- Noise convention: ``FlowMatchEulerDiscreteScheduler`` forms ``x_σ = σ·ε + (1 − σ)·x0``
+  (``scale_noise``) and steps ``x ← x + (σ_next − σ)·v`` with the raw transformer output ``v``
+  (``step``, deterministic branch). So the output *is* ``v = ε − x0`` and ``σ`` *is* our ``t``
+  (DESIGN §1): no sign flip, no rescaling of the output.
+- Time: the pipeline calls the transformer with ``timestep = σ · num_train_timesteps`` (1000), a
+  float; the adapter passes ``t · num_train_timesteps`` the same way.
+- Shift: the scheduler's ``shift`` (3.0 for SD3/SD3.5) only warps which σ values a sampler
+  visits, ``σ = shift·s / (1 + (shift − 1)·s)``; it does not enter the network call. The adapter
+  exposes it as :attr:`SD3Adapter.shift` and :meth:`SD3Adapter.shift_time` for samplers/trainers.
+- Text: ``encode_prompt`` concatenates the two CLIP penultimate hidden states along channels,
+  zero-pads them to ``joint_attention_dim`` and appends the T5 tokens (zeros of length
+  ``max_sequence_length`` when ``text_encoder_3`` is ``None``) along the sequence; the pooled
+  projection is the two CLIP pooled outputs concatenated. The adapter stores both in an
+  :class:`SD3Condition`; the null condition is the empty prompt ``""`` (what the pipeline uses as
+  the default negative prompt for classifier-free guidance).
+- Decoding: ``latents / scaling_factor + shift_factor`` → ``vae.decode`` → ``[-1, 1]`` images,
+  mapped to ``[0, 1]`` here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+from torch import nn
+
+from dmdr_fast.models.protocol import Condition
+
+__all__ = ["SD3Adapter", "SD3Condition"]
+
+
+@dataclasses.dataclass
+class SD3Condition:
+    """A batch of SD3 text conditions.
+
+    Attributes:
+        prompt_embeds: ``(B, L, joint_attention_dim)`` token embeddings (CLIP ⊕ T5 tokens).
+        pooled_projections: ``(B, pooled_projection_dim)`` pooled CLIP embeddings.
+    """
+
+    prompt_embeds: torch.Tensor
+    pooled_projections: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.prompt_embeds.shape[0])
+
+
+class SD3Adapter(nn.Module):
+    """A diffusers ``SD3Transformer2DModel`` (+ VAE and text encoders) behind ``FlowModelAdapter``.
+
+    Conditions are :class:`SD3Condition` batches. The adapter is an ``nn.Module`` holding the
+    transformer as ``.transformer`` and the frozen VAE and text encoders as submodules (so
+    ``.to`` moves them and :func:`~dmdr_fast.models.make_student` shares them instead of copying);
+    the pipeline object itself is kept only to call its ``encode_prompt``. ``forward`` is the
+    velocity.
+
+    Args:
+        transformer: The SD3/SD3.5 transformer (predicts ``v = ε − x0``, see module docstring).
+        vae: The ``AutoencoderKL``; ``None`` disables :meth:`decode`.
+        pipeline: A ``StableDiffusion3Pipeline`` whose ``encode_prompt`` (text encoders and
+            tokenizers) turns prompts into conditions; ``None`` disables text encoding.
+        resolution: Image side (or ``(height, width)``) in pixels; sets :attr:`sample_shape`.
+            Default: ``transformer.config.sample_size · vae_scale_factor``.
+        num_train_timesteps: The network's timestep is ``t · num_train_timesteps``.
+        shift: The scheduler's time shift (informational, see :meth:`shift_time`).
+        max_sequence_length: T5 token count passed to ``encode_prompt`` (its default is 256).
+        clamp: Clamp decoded images to ``[0, 1]``.
+    """
+
+    def __init__(
+        self,
+        transformer: SD3Transformer2DModel,
+        *,
+        vae: AutoencoderKL | None = None,
+        pipeline: StableDiffusion3Pipeline | None = None,
+        resolution: int | tuple[int, int] | None = None,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        max_sequence_length: int = 256,
+        clamp: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(transformer, SD3Transformer2DModel):
+            raise TypeError(f"SD3Adapter needs an SD3Transformer2DModel, got {type(transformer).__name__}")
+        self.transformer = transformer
+        self.vae = vae
+        if vae is not None:
+            vae.requires_grad_(False)
+        # Register the text encoders so that .to() moves them and make_student shares them.
+        self.text_encoders = nn.ModuleList(
+            [
+                enc
+                for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                if (enc := getattr(pipeline, name, None)) is not None
+            ]
+        )
+        self.text_encoders.requires_grad_(False)
+        self._pipeline = pipeline
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.shift = float(shift)
+        self.max_sequence_length = int(max_sequence_length)
+        self.clamp = clamp
+        config = transformer.config
+        self.in_channels = int(config.in_channels)
+        self.patch_size = int(config.patch_size)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        if resolution is None:
+            resolution = int(config.sample_size) * self.vae_scale_factor
+        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+        step = self.vae_scale_factor * self.patch_size
+        if height % step or width % step:
+            raise ValueError(f"resolution {height}×{width} must be divisible by {step} (VAE factor × patch)")
+        self.resolution = (int(height), int(width))
+        self.register_buffer("_null_prompt_embeds", None, persistent=False)
+        self.register_buffer("_null_pooled", None, persistent=False)
+
+    # ---- construction -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pipeline(
+        cls,
+        pipe: StableDiffusion3Pipeline,
+        *,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
+    ) -> SD3Adapter:
+        """Build from a ``StableDiffusion3Pipeline`` (transformer, VAE, text encoders, scheduler).
+
+        ``num_train_timesteps`` and ``shift`` come from the pipeline's scheduler unless given in
+        ``kwargs`` (the other keyword arguments of :class:`SD3Adapter`). The adapter is moved to
+        ``device`` if given and put in eval mode.
+        """
+        scheduler_config = pipe.scheduler.config if getattr(pipe, "scheduler", None) is not None else {}
+        kwargs.setdefault("num_train_timesteps", scheduler_config.get("num_train_timesteps", 1000))
+        kwargs.setdefault("shift", scheduler_config.get("shift", 1.0))
+        adapter = cls(pipe.transformer, vae=pipe.vae, pipeline=pipe, **kwargs)
+        if device is not None:
+            adapter.to(device)
+        return adapter.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: torch.device | str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        load_t5: bool = True,
+        pipeline_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> SD3Adapter:
+        """Load a local diffusers SD3 folder with ``StableDiffusion3Pipeline.from_pretrained``.
+
+        Args:
+            path: The pipeline folder (``model_index.json`` and component subfolders).
+            device: Where to put the adapter.
+            torch_dtype: Load dtype for all components.
+            load_t5: ``False`` loads without ``text_encoder_3`` / ``tokenizer_3`` (T5 tokens become
+                zeros, as in the pipeline), e.g. for a folder saved without them.
+            pipeline_kwargs: Extra ``from_pretrained`` arguments (e.g. ``text_encoder_3=None``).
+            **kwargs: :class:`SD3Adapter` arguments.
+        """
+        extra = dict(pipeline_kwargs or {})
+        if torch_dtype is not None:
+            extra["torch_dtype"] = torch_dtype
+        if not load_t5:
+            extra.setdefault("text_encoder_3", None)
+            extra.setdefault("tokenizer_3", None)
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(path), **extra)
+        return cls.from_pipeline(pipe, device=device, **kwargs)
+
+    # ---- FlowModelAdapter -------------------------------------------------------------------------
+
+    @property
+    def network(self) -> SD3Transformer2DModel:
+        """The wrapped diffusers transformer."""
+        return self.transformer
+
+    @property
+    def pipeline(self) -> StableDiffusion3Pipeline | None:
+        """The pipeline used for text encoding (``None`` if not given)."""
+        return self._pipeline
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(C_latent, H / vae_scale_factor, W / vae_scale_factor)``."""
+        height, width = self.resolution
+        return (self.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: Condition) -> torch.Tensor:
+        """Velocity ``v ≈ ε − x0`` (see :meth:`forward`)."""
+        return self(x_t, t, cond)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: Condition) -> torch.Tensor:
+        """Velocity ``v ≈ ε − x0`` at ``x_t``.
+
+        Args:
+            x_t: Noisy latents ``(B, C, H, W)``, ``H``, ``W`` divisible by the patch size.
+            t: Times in ``[0, 1]`` (= the scheduler's σ), shape ``(B,)`` (a float or 0-dim tensor
+                is broadcast).
+            cond: An :class:`SD3Condition` of batch size B.
+
+        Returns:
+            Velocity ``(B, C, H, W)`` in the dtype of ``x_t``.
+        """
+        batch = self._check_sample(x_t)
+        t = _check_time(t, batch, x_t.device)
+        cond = self._check_condition(cond, batch)
+        dtype = self.transformer.pos_embed.proj.weight.dtype
+        timestep = t.float() * self.num_train_timesteps
+        out = self.transformer(
+            hidden_states=x_t.to(dtype),
+            encoder_hidden_states=cond.prompt_embeds.to(dtype),
+            pooled_projections=cond.pooled_projections.to(dtype),
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+        return out.to(x_t.dtype)
+
+    @torch.no_grad()
+    def encode_condition(self, raw: str | Sequence[str]) -> SD3Condition:
+        """Prompts → :class:`SD3Condition` via the pipeline's ``encode_prompt`` (no CFG pairing).
+
+        Raises:
+            ValueError: If the adapter has no pipeline or ``raw`` is not a string / list of strings.
+        """
+        prompts = [raw] if isinstance(raw, str) else list(raw)
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("SD3 conditions are prompts: a string or a sequence of strings")
+        if self._pipeline is None:
+            raise ValueError("this SD3Adapter was built without a pipeline, so it cannot encode prompts")
+        prompt_embeds, _, pooled, _ = self._pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self._device(),
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return SD3Condition(prompt_embeds=prompt_embeds, pooled_projections=pooled)
+
+    def null_condition(self, batch_size: int) -> SD3Condition:
+        """The empty-prompt encoding, computed once and cached, expanded to ``batch_size``.
+
+        The tensors are broadcast views (no copy) of the cached ``(1, ...)`` encoding: read-only.
+        """
+        if self._null_prompt_embeds is None:
+            null = self.encode_condition([""])
+            self._null_prompt_embeds = null.prompt_embeds
+            self._null_pooled = null.pooled_projections
+        return SD3Condition(
+            prompt_embeds=self._null_prompt_embeds.expand(batch_size, -1, -1),
+            pooled_projections=self._null_pooled.expand(batch_size, -1),
+        )
+
+    def cat_conditions(self, conds: Sequence[Condition]) -> SD3Condition:
+        """Concatenate condition batches along the batch dimension.
+
+        Raises:
+            ValueError: If ``conds`` is empty, or token counts / widths differ.
+        """
+        conds = list(conds)
+        if not conds:
+            raise ValueError("cat_conditions needs at least one condition batch, got none")
+        if not all(isinstance(c, SD3Condition) for c in conds):
+            raise ValueError("SD3Adapter.cat_conditions takes SD3Condition batches")
+        shapes = {tuple(c.prompt_embeds.shape[1:]) for c in conds}
+        if len(shapes) != 1:
+            raise ValueError(f"cannot concatenate prompt embeddings of different shapes {sorted(shapes)}")
+        return SD3Condition(
+            prompt_embeds=torch.cat([c.prompt_embeds for c in conds], dim=0),
+            pooled_projections=torch.cat([c.pooled_projections for c in conds], dim=0),
+        )
+
+    def slice_condition(self, cond: Condition, start: int, stop: int) -> SD3Condition:
+        """Samples ``start:stop`` (views)."""
+        return SD3Condition(
+            prompt_embeds=cond.prompt_embeds[start:stop],
+            pooled_projections=cond.pooled_projections[start:stop],
+        )
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents → RGB images in ``[0, 1]``, differentiably.
+
+        ``x / scaling_factor + shift_factor`` → ``vae.decode`` → ``[-1, 1]`` → ``[0, 1]``.
+
+        Args:
+            x: Latents ``(B, C, h, w)``.
+
+        Returns:
+            Images ``(B, 3, h·f, w·f)`` (``f`` = VAE scale factor) in the dtype of ``x``.
+        """
+        if self.vae is None:
+            raise ValueError("this SD3Adapter was built without a VAE, so it cannot decode")
+        config = self.vae.config
+        latents = x / config.scaling_factor
+        if config.shift_factor is not None:
+            latents = latents + config.shift_factor
+        images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        images = (images.to(x.dtype) + 1.0) / 2.0
+        return images.clamp(0.0, 1.0) if self.clamp else images
+
+    # ---- SD3-specific helpers ---------------------------------------------------------------------
+
+    def shift_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The scheduler's time shift ``shift·t / (1 + (shift − 1)·t)`` (identity for shift 1)."""
+        return self.shift * t / (1.0 + (self.shift - 1.0) * t)
+
+    def _device(self) -> torch.device:
+        return self.transformer.pos_embed.proj.weight.device
+
+    def _check_sample(self, x_t: torch.Tensor) -> int:
+        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 4:
+            shape = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
+            raise ValueError(f"x_t must be a (B, C, H, W) tensor, got {shape}")
+        _, c, h, w = x_t.shape
+        if c != self.in_channels or h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"x_t must have {self.in_channels} channels and sides divisible by patch size "
+                f"{self.patch_size}, got shape {tuple(x_t.shape)} (sample shape {self.sample_shape})"
+            )
+        return int(x_t.shape[0])
+
+    @staticmethod
+    def _check_condition(cond: Condition, batch: int) -> SD3Condition:
+        if not isinstance(cond, SD3Condition):
+            raise ValueError(
+                f"cond must be an SD3Condition (use encode_condition), got {type(cond).__name__}"
+            )
+        if cond.prompt_embeds.dim() != 3 or cond.pooled_projections.dim() != 2:
+            raise ValueError(
+                "SD3Condition needs prompt_embeds (B, L, C) and pooled_projections (B, P), got "
+                f"{tuple(cond.prompt_embeds.shape)} and {tuple(cond.pooled_projections.shape)}"
+            )
+        if cond.prompt_embeds.shape[0] != batch or cond.pooled_projections.shape[0] != batch:
+            raise ValueError(
+                f"condition batch {cond.prompt_embeds.shape[0]}/{cond.pooled_projections.shape[0]} "
+                f"does not match x_t batch {batch}"
+            )
+        return cond
+
+
+def _check_time(t: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(t, device=device)
+    if not t.is_floating_point():
+        raise ValueError(f"t must be floating point in [0, 1], got dtype {t.dtype}")
+    if t.dim() == 0:
+        return t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"t must have shape ({batch},) to match x_t, got {tuple(t.shape)}")
+    return t
