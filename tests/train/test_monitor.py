@@ -122,3 +122,27 @@ def test_trainer_runs_the_monitor_and_resumes_it(tmp_path):
     tr3.fit(max_steps=4, progress=False)
     for a, b in zip(tr3.monitor.history, hist, strict=True):
         assert a == pytest.approx(b)
+
+
+def test_bad_settings_are_refused():
+    from dmdr_fast.rewards import ClassifierReward
+    from dmdr_fast.train.config import RewardConfig
+    from dmdr_fast.train.config_io import ConfigError
+
+    with pytest.raises(ConfigError, match="patience"):
+        MonitorConfig(patience=0)
+    with pytest.raises(ConfigError, match="samples_per_condition"):
+        MonitorConfig(samples_per_condition=1)
+    with pytest.raises(ConfigError, match="diversity_tol"):
+        MonitorConfig(diversity_tol=-0.1)
+    with pytest.raises(ValueError, match="held-out condition"):
+        RewardHackingMonitor(torch.arange(0))
+    with pytest.raises(ConfigError, match="ratio"):
+        RewardConfig(ratio=-1.0)
+    with pytest.raises(ConfigError, match="max_weight"):
+        RewardConfig(max_weight=-1.0)
+    clf = torch.nn.Linear(64, 10)
+    with pytest.raises(ValueError, match="combine"):
+        ClassifierReward(clf, combine="adaptive")
+    with pytest.raises(ValueError, match="ratio"):
+        ClassifierReward(clf, combine="balanced", ratio=float("inf"))

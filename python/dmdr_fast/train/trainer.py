@@ -42,6 +42,7 @@ from dmdr_fast.algo import (
 from dmdr_fast.models.lora import lora_scale
 from dmdr_fast.models.protocol import FlowModelAdapter
 from dmdr_fast.models.roles import make_guidance, make_student
+from dmdr_fast.ops import reward_grad_combine
 from dmdr_fast.train import checkpoint as ckpt
 from dmdr_fast.train.config import DMDRTrainerConfig
 from dmdr_fast.train.logging import RunLogger
@@ -397,8 +398,6 @@ class Trainer:
             on, ``reward_cos/<name>`` (cosine of the DMD and reward directions) and
             ``reward_push/<name>`` (mean ``w·|g_R| / |g_DMD|``).
         """
-        from dmdr_fast.ops import reward_grad_combine
-
         cfg = self.config
         xd = x0.detach().requires_grad_(True)
         metrics: dict[str, float] = {}
@@ -509,7 +508,8 @@ class Trainer:
                     self.logger.log(s, metrics)
                 if cfg.sample_every and s % cfg.sample_every == 0:
                     self.save_sample_grid()
-                self._cosines += [v for k, v in metrics.items() if k.startswith("reward_cos/")]
+                if self.monitor is not None:  # mean cosine since the last monitor evaluation
+                    self._cosines += [v for k, v in metrics.items() if k.startswith("reward_cos/")]
                 if (
                     self.monitor is not None
                     and self.config.monitor.every
