@@ -30,11 +30,18 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
-from torch import nn
 
 from dmdr_fast.models.protocol import Condition
+from dmdr_fast.models.t2i import TextToImageAdapter, check_time
 
-__all__ = ["SD3Adapter", "SD3Condition"]
+__all__ = ["SD3_LORA_TARGETS", "SD3Adapter", "SD3Condition"]
+
+#: LoRA targets of the paper's SD3/SD3.5 scripts (student and critic): the joint attention's
+#: image and text projections (PAPER_NOTES §7.3).
+SD3_LORA_TARGETS = tuple(
+    f"*attn.{name}"
+    for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+)
 
 
 @dataclasses.dataclass
@@ -53,7 +60,7 @@ class SD3Condition:
         return int(self.prompt_embeds.shape[0])
 
 
-class SD3Adapter(nn.Module):
+class SD3Adapter(TextToImageAdapter):
     """A diffusers ``SD3Transformer2DModel`` (+ VAE and text encoders) behind ``FlowModelAdapter``.
 
     Conditions are :class:`SD3Condition` batches. The adapter is an ``nn.Module`` holding the
@@ -75,6 +82,11 @@ class SD3Adapter(nn.Module):
         clamp: Clamp decoded images to ``[0, 1]``.
     """
 
+    family = "sd3"
+    condition_class = SD3Condition
+    network_attr = "transformer"
+    default_lora_targets = SD3_LORA_TARGETS
+
     def __init__(
         self,
         transformer: SD3Transformer2DModel,
@@ -87,27 +99,13 @@ class SD3Adapter(nn.Module):
         max_sequence_length: int = 256,
         clamp: bool = True,
     ) -> None:
-        super().__init__()
         if not isinstance(transformer, SD3Transformer2DModel):
             raise TypeError(f"SD3Adapter needs an SD3Transformer2DModel, got {type(transformer).__name__}")
+        super().__init__(vae=vae, pipeline=pipeline, clamp=clamp)
         self.transformer = transformer
-        self.vae = vae
-        if vae is not None:
-            vae.requires_grad_(False)
-        # Register the text encoders so that .to() moves them and make_student shares them.
-        self.text_encoders = nn.ModuleList(
-            [
-                enc
-                for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
-                if (enc := getattr(pipeline, name, None)) is not None
-            ]
-        )
-        self.text_encoders.requires_grad_(False)
-        self._pipeline = pipeline
         self.num_train_timesteps = int(num_train_timesteps)
         self.shift = float(shift)
         self.max_sequence_length = int(max_sequence_length)
-        self.clamp = clamp
         config = transformer.config
         self.in_channels = int(config.in_channels)
         self.patch_size = int(config.patch_size)
@@ -119,8 +117,6 @@ class SD3Adapter(nn.Module):
         if height % step or width % step:
             raise ValueError(f"resolution {height}×{width} must be divisible by {step} (VAE factor × patch)")
         self.resolution = (int(height), int(width))
-        self.register_buffer("_null_prompt_embeds", None, persistent=False)
-        self.register_buffer("_null_pooled", None, persistent=False)
 
     # ---- construction -----------------------------------------------------------------------------
 
@@ -180,24 +176,10 @@ class SD3Adapter(nn.Module):
     # ---- FlowModelAdapter -------------------------------------------------------------------------
 
     @property
-    def network(self) -> SD3Transformer2DModel:
-        """The wrapped diffusers transformer."""
-        return self.transformer
-
-    @property
-    def pipeline(self) -> StableDiffusion3Pipeline | None:
-        """The pipeline used for text encoding (``None`` if not given)."""
-        return self._pipeline
-
-    @property
     def sample_shape(self) -> tuple[int, int, int]:
         """``(C_latent, H / vae_scale_factor, W / vae_scale_factor)``."""
         height, width = self.resolution
         return (self.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: Condition) -> torch.Tensor:
-        """Velocity ``v ≈ ε − x0`` (see :meth:`forward`)."""
-        return self(x_t, t, cond)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: Condition) -> torch.Tensor:
         """Velocity ``v ≈ ε − x0`` at ``x_t``.
@@ -212,7 +194,7 @@ class SD3Adapter(nn.Module):
             Velocity ``(B, C, H, W)`` in the dtype of ``x_t``.
         """
         batch = self._check_sample(x_t)
-        t = _check_time(t, batch, x_t.device)
+        t = check_time(t, batch, x_t.device)
         cond = self._check_condition(cond, batch)
         dtype = self.transformer.pos_embed.proj.weight.dtype
         timestep = t.float() * self.num_train_timesteps
@@ -235,9 +217,8 @@ class SD3Adapter(nn.Module):
         prompts = [raw] if isinstance(raw, str) else list(raw)
         if not all(isinstance(p, str) for p in prompts):
             raise ValueError("SD3 conditions are prompts: a string or a sequence of strings")
-        if self._pipeline is None:
-            raise ValueError("this SD3Adapter was built without a pipeline, so it cannot encode prompts")
-        prompt_embeds, _, pooled, _ = self._pipeline.encode_prompt(
+        pipe = self._require_encoders()
+        prompt_embeds, _, pooled, _ = pipe.encode_prompt(
             prompt=prompts,
             prompt_2=None,
             prompt_3=None,
@@ -248,75 +229,18 @@ class SD3Adapter(nn.Module):
         )
         return SD3Condition(prompt_embeds=prompt_embeds, pooled_projections=pooled)
 
-    def null_condition(self, batch_size: int) -> SD3Condition:
-        """The empty-prompt encoding, computed once and cached, expanded to ``batch_size``.
-
-        The tensors are broadcast views (no copy) of the cached ``(1, ...)`` encoding: read-only.
-        """
-        if self._null_prompt_embeds is None:
-            null = self.encode_condition([""])
-            self._null_prompt_embeds = null.prompt_embeds
-            self._null_pooled = null.pooled_projections
-        return SD3Condition(
-            prompt_embeds=self._null_prompt_embeds.expand(batch_size, -1, -1),
-            pooled_projections=self._null_pooled.expand(batch_size, -1),
-        )
-
-    def cat_conditions(self, conds: Sequence[Condition]) -> SD3Condition:
-        """Concatenate condition batches along the batch dimension.
-
-        Raises:
-            ValueError: If ``conds`` is empty, or token counts / widths differ.
-        """
-        conds = list(conds)
-        if not conds:
-            raise ValueError("cat_conditions needs at least one condition batch, got none")
-        if not all(isinstance(c, SD3Condition) for c in conds):
-            raise ValueError("SD3Adapter.cat_conditions takes SD3Condition batches")
-        shapes = {tuple(c.prompt_embeds.shape[1:]) for c in conds}
-        if len(shapes) != 1:
-            raise ValueError(f"cannot concatenate prompt embeddings of different shapes {sorted(shapes)}")
-        return SD3Condition(
-            prompt_embeds=torch.cat([c.prompt_embeds for c in conds], dim=0),
-            pooled_projections=torch.cat([c.pooled_projections for c in conds], dim=0),
-        )
-
-    def slice_condition(self, cond: Condition, start: int, stop: int) -> SD3Condition:
-        """Samples ``start:stop`` (views)."""
-        return SD3Condition(
-            prompt_embeds=cond.prompt_embeds[start:stop],
-            pooled_projections=cond.pooled_projections[start:stop],
-        )
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents → RGB images in ``[0, 1]``, differentiably.
-
-        ``x / scaling_factor + shift_factor`` → ``vae.decode`` → ``[-1, 1]`` → ``[0, 1]``.
-
-        Args:
-            x: Latents ``(B, C, h, w)``.
-
-        Returns:
-            Images ``(B, 3, h·f, w·f)`` (``f`` = VAE scale factor) in the dtype of ``x``.
-        """
-        if self.vae is None:
-            raise ValueError("this SD3Adapter was built without a VAE, so it cannot decode")
-        config = self.vae.config
-        latents = x / config.scaling_factor
-        if config.shift_factor is not None:
-            latents = latents + config.shift_factor
-        images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
-        images = (images.to(x.dtype) + 1.0) / 2.0
-        return images.clamp(0.0, 1.0) if self.clamp else images
-
     # ---- SD3-specific helpers ---------------------------------------------------------------------
+
+    def condition_settings(self) -> dict[str, Any]:
+        return {"max_sequence_length": self.max_sequence_length}
+
+    def pipeline_sigmas(self, num_steps: int) -> list[float] | None:
+        """``StableDiffusion3Pipeline`` passes no sigmas: the scheduler's own spacing is used."""
+        return None
 
     def shift_time(self, t: torch.Tensor) -> torch.Tensor:
         """The scheduler's time shift ``shift·t / (1 + (shift − 1)·t)`` (identity for shift 1)."""
         return self.shift * t / (1.0 + (self.shift - 1.0) * t)
-
-    def _device(self) -> torch.device:
-        return self.transformer.pos_embed.proj.weight.device
 
     def _check_sample(self, x_t: torch.Tensor) -> int:
         if not isinstance(x_t, torch.Tensor) or x_t.dim() != 4:
@@ -347,14 +271,3 @@ class SD3Adapter(nn.Module):
                 f"does not match x_t batch {batch}"
             )
         return cond
-
-
-def _check_time(t: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
-    t = torch.as_tensor(t, device=device)
-    if not t.is_floating_point():
-        raise ValueError(f"t must be floating point in [0, 1], got dtype {t.dtype}")
-    if t.dim() == 0:
-        return t.expand(batch)
-    if t.shape != (batch,):
-        raise ValueError(f"t must have shape ({batch},) to match x_t, got {tuple(t.shape)}")
-    return t

@@ -1,0 +1,357 @@
+"""The shared base of the text-to-image adapters (SD3/SD3.5, Flux, Z-Image, SDXL).
+
+A :class:`TextToImageAdapter` wraps one diffusers pipeline: its denoiser (``network``), the frozen
+VAE and text encoders, and the pipeline object (for ``encode_prompt`` and for export). It adds to
+the :class:`~dmdr_fast.models.protocol.FlowModelAdapter` protocol what text-to-image training and
+export need, so that the Trainer, the prompt cache and the exporter work for every family alike:
+
+- conditions are dataclasses of tensors whose first dimension is the batch, with a *fixed*
+  per-sample shape (token sequences are padded to a fixed length), so they concatenate, slice and
+  go to disk (:mod:`dmdr_fast.data.prompt_cache`) without family-specific code;
+- the null condition (empty prompt) is encoded once and cached; :meth:`set_null_condition` installs
+  one read from the prompt cache, after which the text encoders can be dropped
+  (:meth:`drop_text_encoders`) to free their memory;
+- :meth:`text_fingerprint` identifies what produced the conditions (family, encoder classes and
+  configs, tokenizers, sequence length), so a cache built for another model is refused;
+- :meth:`export_scheduler` is the scheduler an exported student samples with in plain diffusers, and
+  :meth:`few_step_grid` the exact time grid that scheduler visits (the Trainer trains the student on
+  it, so the exported pipeline reproduces the training-time sampler);
+- :meth:`decode` goes through the VAE (or a small :class:`~diffusers.AutoencoderTiny` installed with
+  :meth:`use_tiny_vae`), and :meth:`enable_memory_savers` switches on gradient checkpointing and VAE
+  slicing/tiling.
+
+Subclasses set the class attributes and implement :meth:`forward` (the velocity),
+:meth:`encode_condition` and, when their pipeline differs from the default, the scheduler hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dmdr_fast.models.protocol import Condition
+
+__all__ = ["TextToImageAdapter", "check_time"]
+
+_TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+_TOKENIZER_NAMES = ("tokenizer", "tokenizer_2", "tokenizer_3")
+
+
+def check_time(t: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
+    """``t`` as a ``(batch,)`` floating tensor on ``device`` (a scalar is broadcast).
+
+    Raises:
+        ValueError: If ``t`` is not floating point or has the wrong shape.
+    """
+    t = torch.as_tensor(t, device=device)
+    if not t.is_floating_point():
+        raise ValueError(f"t must be floating point in [0, 1], got dtype {t.dtype}")
+    if t.dim() == 0:
+        return t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"t must have shape ({batch},) to match x_t, got {tuple(t.shape)}")
+    return t
+
+
+def _config_digest(obj: Any) -> str:
+    """A short stable hash of a module's or tokenizer's configuration (not of its weights)."""
+    config = getattr(obj, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        data = config.to_dict()
+    elif config is not None:
+        data = dict(config)
+    else:  # a tokenizer
+        data = {"vocab_size": len(obj), "model_max_length": getattr(obj, "model_max_length", None)}
+    data = {k: v for k, v in data.items() if not k.startswith("_") and k != "transformers_version"}
+    blob = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class TextToImageAdapter(nn.Module):
+    """Base class of the diffusers text-to-image adapters (see the module docstring).
+
+    Args:
+        vae: The pipeline's VAE (``None`` disables :meth:`decode`).
+        pipeline: The diffusers pipeline (text encoding, export); ``None`` disables both.
+        clamp: Clamp decoded images to ``[0, 1]``.
+    """
+
+    #: Model family name (``ModelConfig.family``).
+    family: ClassVar[str] = ""
+    #: The condition dataclass of the family.
+    condition_class: ClassVar[type] = object
+    #: Attribute name of the denoiser on the pipeline (and on the adapter).
+    network_attr: ClassVar[str] = "transformer"
+    #: Default LoRA targets for the student and the critic (module-name globs).
+    default_lora_targets: ClassVar[tuple[str, ...]] = ()
+    #: ``prefix`` of exported LoRA files (what ``pipe.load_lora_weights`` expects).
+    lora_prefix: ClassVar[str] = "transformer"
+
+    def __init__(self, *, vae: nn.Module | None, pipeline: Any | None, clamp: bool = True) -> None:
+        super().__init__()
+        self.vae = vae
+        if vae is not None:
+            vae.requires_grad_(False)
+        self.tiny_vae: nn.Module | None = None
+        # Registered so that .to() moves them and make_student shares them instead of copying.
+        self.text_encoders = nn.ModuleList(
+            [enc for name in _TEXT_ENCODER_NAMES if (enc := getattr(pipeline, name, None)) is not None]
+        )
+        self.text_encoders.requires_grad_(False)
+        self._pipeline = pipeline
+        self.clamp = clamp
+        self._null: Any = None  # the cached (1, ...) empty-prompt condition
+        self._fingerprint: dict[str, Any] | None = None
+
+    # ---- protocol members shared by all families ---------------------------------------------------
+
+    @property
+    def network(self) -> nn.Module:
+        """The wrapped diffusers denoiser (transformer or UNet)."""
+        return getattr(self, self.network_attr)
+
+    @property
+    def pipeline(self) -> Any | None:
+        """The diffusers pipeline (``None`` if not given)."""
+        return self._pipeline
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: Condition) -> torch.Tensor:
+        """Velocity ``v ≈ ε − x0`` (see :meth:`forward`)."""
+        return self(x_t, t, cond)
+
+    def null_condition(self, batch_size: int) -> Any:
+        """The empty-prompt condition, encoded once and cached, expanded to ``batch_size``.
+
+        The tensors are broadcast views (no copy) of the cached ``(1, ...)`` condition: read-only.
+        """
+        if self._null is None:
+            self._null = self.encode_condition([""])
+        return _map_fields(self._null, lambda v: v.expand(batch_size, *v.shape[1:]))
+
+    def set_null_condition(self, cond: Any) -> None:
+        """Install a batch-1 null condition (e.g. from the prompt cache) instead of encoding ``""``."""
+        self._check_condition_type(cond)
+        if len(cond) != 1:
+            raise ValueError(f"the null condition must have batch size 1, got {len(cond)}")
+        self._null = _map_fields(cond, lambda v: v.to(self._device()))
+
+    def cat_conditions(self, conds: Sequence[Condition]) -> Any:
+        """Concatenate condition batches along the batch dimension.
+
+        Raises:
+            ValueError: If ``conds`` is empty, of another type, or their per-sample shapes differ.
+        """
+        conds = list(conds)
+        if not conds:
+            raise ValueError("cat_conditions needs at least one condition batch, got none")
+        for c in conds:
+            self._check_condition_type(c)
+        values = {}
+        for f in dataclasses.fields(conds[0]):
+            parts = [getattr(c, f.name) for c in conds]
+            if parts[0] is None:
+                values[f.name] = None
+                continue
+            shapes = {tuple(p.shape[1:]) for p in parts}
+            if len(shapes) != 1:
+                raise ValueError(f"cannot concatenate {f.name} of different shapes {sorted(shapes)}")
+            values[f.name] = torch.cat(parts, dim=0)
+        return type(conds[0])(**values)
+
+    def slice_condition(self, cond: Condition, start: int, stop: int) -> Any:
+        """Samples ``start:stop`` (views)."""
+        return _map_fields(cond, lambda v: v[start:stop])
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents → RGB images in ``[0, 1]``, differentiably (through the tiny VAE if installed).
+
+        Args:
+            x: Latents ``(B, *sample_shape)``.
+
+        Returns:
+            Images ``(B, 3, H, W)`` in the dtype of ``x``.
+        """
+        vae = self.tiny_vae if self.tiny_vae is not None else self.vae
+        if vae is None:
+            raise ValueError(f"this {type(self).__name__} was built without a VAE, so it cannot decode")
+        latents = self.unscale_latents(x, vae)
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        images = (images.to(x.dtype) + 1.0) / 2.0
+        return images.clamp(0.0, 1.0) if self.clamp else images
+
+    def unscale_latents(self, x: torch.Tensor, vae: nn.Module) -> torch.Tensor:
+        """Model latents → what ``vae.decode`` takes: ``x / scaling_factor + shift_factor``."""
+        config = vae.config
+        latents = x / config.scaling_factor
+        shift = getattr(config, "shift_factor", None)
+        return latents + shift if shift is not None else latents
+
+    # ---- memory ------------------------------------------------------------------------------------
+
+    def use_tiny_vae(self, vae: nn.Module | str | None) -> None:
+        """Decode for rewards through a small VAE (e.g. an ``AutoencoderTiny`` such as TAESD3/TAEF1).
+
+        Args:
+            vae: The module, a local folder (``AutoencoderTiny.from_pretrained``) or ``None`` to go
+                back to the pipeline's VAE. Its config must carry the same ``scaling_factor`` /
+                ``shift_factor`` convention as the pipeline's VAE (true for the TAESD family).
+        """
+        if isinstance(vae, str):
+            from diffusers import AutoencoderTiny
+
+            vae = AutoencoderTiny.from_pretrained(vae)
+        if vae is not None:
+            vae.requires_grad_(False)
+            vae.to(self._device()).eval()
+        self.tiny_vae = vae
+
+    def enable_memory_savers(
+        self,
+        *,
+        gradient_checkpointing: bool = False,
+        vae_slicing: bool = False,
+        vae_tiling: bool = False,
+    ) -> None:
+        """Gradient checkpointing of the denoiser (its own diffusers implementation), VAE slicing and tiling."""
+        if gradient_checkpointing:
+            if not getattr(self.network, "_supports_gradient_checkpointing", False):
+                raise ValueError(f"{type(self.network).__name__} does not support gradient checkpointing")
+            self.network.enable_gradient_checkpointing()
+        for flag, method in ((vae_slicing, "enable_slicing"), (vae_tiling, "enable_tiling")):
+            if flag and self.vae is not None and hasattr(self.vae, method):
+                getattr(self.vae, method)()
+
+    def drop_text_encoders(self) -> None:
+        """Free the text encoders (conditions must then come from the prompt cache).
+
+        The null condition is encoded first if it is not cached yet, and the fingerprint is kept.
+        """
+        if self._null is None and self._pipeline is not None:
+            self.null_condition(1)
+        self.text_fingerprint()
+        for name in _TEXT_ENCODER_NAMES:
+            if getattr(self._pipeline, name, None) is not None:
+                setattr(self._pipeline, name, None)
+        self.text_encoders = nn.ModuleList()
+        self._encoders_dropped = True
+
+    @property
+    def can_encode(self) -> bool:
+        """Whether :meth:`encode_condition` works (a pipeline with its text encoders)."""
+        return self._pipeline is not None and not getattr(self, "_encoders_dropped", False)
+
+    def _require_encoders(self) -> Any:
+        if self._pipeline is None:
+            raise ValueError(
+                f"this {type(self).__name__} was built without a pipeline, so it cannot encode prompts"
+            )
+        if getattr(self, "_encoders_dropped", False):
+            raise ValueError(
+                "the text encoders were dropped (drop_text_encoders); encode prompts with "
+                "`dmdr-fast cache-prompts` and train from the cache"
+            )
+        return self._pipeline
+
+    # ---- prompt-cache identity -------------------------------------------------------------------
+
+    def text_fingerprint(self) -> dict[str, Any]:
+        """What produced the conditions: family, text encoders and tokenizers (configs), settings.
+
+        Two adapters with equal fingerprints encode prompts the same way (same architecture and
+        configuration; the weights are identified by the pipeline's files, see the prompt cache).
+        """
+        if self._fingerprint is None:
+            pipe = self._pipeline
+            parts: dict[str, Any] = {"family": self.family, **self.condition_settings()}
+            for name in (*_TEXT_ENCODER_NAMES, *_TOKENIZER_NAMES):
+                obj = getattr(pipe, name, None)
+                if obj is not None:
+                    parts[name] = f"{type(obj).__name__}:{_config_digest(obj)}"
+            self._fingerprint = parts
+        return dict(self._fingerprint)
+
+    def condition_settings(self) -> dict[str, Any]:
+        """Settings that change the encoded conditions (e.g. the sequence length); for the fingerprint."""
+        return {}
+
+    # ---- sampling and export -----------------------------------------------------------------------
+
+    def export_scheduler(self, num_steps: int, shift: float) -> Any:
+        """The scheduler an exported N-step student samples with in plain diffusers.
+
+        Default (flow-matching families): ``FlowMatchEulerDiscreteScheduler`` with the pipeline
+        scheduler's config, static ``shift``, no dynamic shifting, and stochastic sampling for N > 1
+        (``x̂0 = x − σ·v``, then re-noise to the next σ with fresh noise — the DMD few-step sampler).
+        """
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        base = dict(getattr(getattr(self._pipeline, "scheduler", None), "config", {}) or {})
+        base = {k: v for k, v in base.items() if not k.startswith("_")}
+        base.update(
+            shift=float(shift),
+            use_dynamic_shifting=False,
+            shift_terminal=None,
+            use_karras_sigmas=False,
+            use_exponential_sigmas=False,
+            use_beta_sigmas=False,
+            invert_sigmas=False,
+            stochastic_sampling=num_steps > 1,
+        )
+        return FlowMatchEulerDiscreteScheduler.from_config(base)
+
+    def pipeline_sigmas(self, num_steps: int) -> list[float] | None:
+        """The ``sigmas`` the family's pipeline passes to ``set_timesteps`` by default (``None``: none).
+
+        Flux and Z-Image pipelines pass ``linspace(1, 1/N, N)``; SD3's passes none (override).
+        """
+        return torch.linspace(1.0, 1.0 / num_steps, num_steps).tolist()
+
+    def few_step_grid(self, num_steps: int, shift: float) -> torch.Tensor:
+        """``(N + 1,)`` times ``1 = t_0 > ... > t_N = 0`` that the exported pipeline visits.
+
+        Computed by running the exported scheduler's ``set_timesteps`` the way the family's pipeline
+        calls it, so training and plain-diffusers sampling use the same grid.
+        """
+        scheduler = self.export_scheduler(num_steps, shift)
+        sigmas = self.pipeline_sigmas(num_steps)
+        if sigmas is None:
+            scheduler.set_timesteps(num_steps)
+        else:
+            scheduler.set_timesteps(sigmas=sigmas)
+        grid = scheduler.sigmas.detach().to(torch.float32).cpu()
+        if grid.numel() != num_steps + 1 or grid[-1] != 0 or not bool((grid[1:] < grid[:-1]).all()):
+            raise ValueError(f"the exported scheduler gives an unusable grid {grid.tolist()}")
+        return grid
+
+    def pipeline_call_kwargs(self, num_steps: int) -> dict[str, Any]:
+        """Arguments for ``pipe(prompt, **kwargs)`` that sample the exported student (no CFG)."""
+        return {"num_inference_steps": int(num_steps), "guidance_scale": 1.0}
+
+    # ---- helpers ------------------------------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.network.parameters()).dtype
+
+    def _check_condition_type(self, cond: Any) -> None:
+        if not isinstance(cond, self.condition_class):
+            raise ValueError(
+                f"cond must be a {self.condition_class.__name__} (use encode_condition), got {type(cond).__name__}"
+            )
+
+
+def _map_fields(cond: Any, fn: Any) -> Any:
+    """Apply ``fn`` to every tensor field of a condition dataclass (``None`` fields stay)."""
+    values = {}
+    for f in dataclasses.fields(cond):
+        v = getattr(cond, f.name)
+        values[f.name] = fn(v) if isinstance(v, torch.Tensor) else v
+    return type(cond)(**values)
