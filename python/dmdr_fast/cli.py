@@ -52,13 +52,21 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dmdr_fast.presets import digits
+    from dmdr_fast.presets import digits, t2i
 
     config = _config_from_args(args)
+    if config.model.family in t2i.T2I_FAMILIES:
+        metrics = t2i.run_t2i(config, args.out, resume=args.resume, progress=not args.quiet)
+        for name, row in metrics["results"].items():
+            print(f"{name}: " + (", ".join(f"{k}={v:.4g}" for k, v in row.items()) or "(no rewards)"))
+        if metrics["export"]:
+            print(f"exported student: {metrics['export']}")
+        print(f"report: {args.out}/report.md")
+        return 0
     if config.model.family != "digits":
         raise SystemExit(
-            f"model.family={config.model.family!r}: `dmdr-fast train` runs the embedded digits teacher "
-            "(family 'digits') in this release; other families come with their adapters"
+            f"model.family={config.model.family!r}: `dmdr-fast train` runs the digits teacher ('digits') and "
+            f"the text-to-image families {list(t2i.T2I_FAMILIES)}"
         )
     metrics = digits.run_digits(
         config, args.out, cache_dir=args.cache_dir, resume=args.resume, progress=not args.quiet
@@ -108,12 +116,106 @@ def _load_trainer(checkpoint: str, cache_dir: str | None):
     return trainer, assets
 
 
+def _cmd_sample_pipeline(args: argparse.Namespace) -> int:
+    import math
+
+    from dmdr_fast.eval.plots import save_image_grid
+    from dmdr_fast.pipelines.export import load_exported, sample_exported
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        from dmdr_fast.data.prompts import load_prompts
+
+        prompts += load_prompts(args.prompts_file)
+    if not prompts:
+        raise SystemExit("give --prompt TEXT (repeatable) or --prompts-file FILE")
+    prompts = [p for p in prompts for _ in range(args.per_prompt)]
+    device = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
+    pipe, info = load_exported(args.pipeline, lora=args.lora, device=device)
+    if not info:
+        print("note: no dmdr_export.json found; sampling with the pipeline's own defaults")
+    images = sample_exported(
+        pipe, info, prompts, steps=args.steps, seed=args.seed, height=args.height, width=args.width
+    )
+    save_image_grid(images.cpu(), args.out, nrow=args.nrow or max(1, int(math.sqrt(len(prompts)))), scale=1)
+    steps = args.steps or info.get("num_steps", "default")
+    print(f"wrote {len(prompts)} images ({steps} steps) to {args.out}")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cmd_cache_prompts(args: argparse.Namespace) -> int:
+    import torch
+
+    from dmdr_fast.data.prompt_cache import build_prompt_cache
+    from dmdr_fast.data.prompts import load_prompts
+    from dmdr_fast.presets import t2i
+
+    config = _t2i_config(args)
+    if config.data.prompts is None:
+        raise SystemExit("give --prompts FILE (or data.prompts in the config)")
+    prompts = load_prompts(config.data.prompts, column=config.data.column)
+    device = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
+    adapter = t2i.build_adapter(config.model, device=device)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    path = build_prompt_cache(
+        adapter,
+        prompts,
+        args.out,
+        batch_size=args.batch_size,
+        dtype=dtype,
+        progress=not args.quiet,
+        model_id=config.model.path,
+        overwrite=args.overwrite,
+    )
+    print(f"prompt cache: {path} ({len(prompts)} prompts); train with --set data.cache={path}")
+    return 0
+
+
+def _t2i_config(args: argparse.Namespace):
+    """The config of a text-to-image command: --preset/--config, or just --pipeline (+ --family)."""
+    from dmdr_fast.presets import t2i
+    from dmdr_fast.presets.digits import load_preset
+
+    overrides = list(args.set or [])
+    if getattr(args, "pipeline", None):
+        overrides.insert(0, f"model.path={args.pipeline}")
+    if getattr(args, "prompts", None):
+        overrides.insert(0, f"data.prompts={args.prompts}")
+    if args.preset is None and args.config is None:
+        if not getattr(args, "pipeline", None):
+            raise SystemExit("give --preset NAME, --config FILE or --pipeline DIR")
+        family = args.family or t2i.family_of_pipeline(args.pipeline)
+        return load_preset(t2i.DEFAULT_PRESETS[family], overrides)
+    args.set = overrides
+    return _config_from_args(args)
+
+
+def _cmd_make_pipeline(args: argparse.Namespace) -> int:
+    from dmdr_fast.pipelines.random import save_random_pipeline
+
+    out = save_random_pipeline(args.family, args.size, args.out, seed=args.seed)
+    print(f"random {args.size} {args.family} pipeline: {out}")
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
     from dmdr_fast.eval.plots import save_image_grid
 
+    if args.pipeline is not None:
+        return _cmd_sample_pipeline(args)
+    if args.checkpoint is None:
+        raise SystemExit(
+            "give --checkpoint FILE (digits) or --pipeline DIR (an exported text-to-image student)"
+        )
     trainer, _ = _load_trainer(args.checkpoint, args.cache_dir)
     labels = torch.full((args.num,), args.label) if args.label is not None else torch.arange(args.num) % 10
     x = trainer.sample(labels, num_steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
@@ -152,6 +254,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from dmdr_fast.benchmarks import bench_reward_grad
 
         return bench_reward_grad.main(args)
+    if args.what == "sample":
+        from dmdr_fast.benchmarks import bench_sample
+
+        return bench_sample.main(args)
+    if args.what == "step" and args.pipeline is not None:
+        from dmdr_fast.benchmarks import bench_step
+        from dmdr_fast.presets import t2i
+
+        args.config = None
+        config = _t2i_config(args).with_overrides(
+            ["rewards=[]", "dmdr.cold_start_steps=0", "train.tensorboard=false", "monitor.every=0"]
+        )
+        return bench_step.main(args, t2i.bench_trainer(config))
     if args.what == "step":
         from dmdr_fast.benchmarks import bench_step
         from dmdr_fast.models import DiTAdapter, dit_from_config
@@ -161,7 +276,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         # The step without rewards (the paper baseline has none); the reward adds the same to both.
         config = load_preset(
-            args.preset,
+            args.preset or "digits",
             ["rewards=[]", "dmdr.cold_start_steps=0", "train.tensorboard=false", *(args.set or [])],
         )
         # Timing does not depend on the weights: a randomly initialised teacher of the preset's size.
@@ -205,10 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(exp)
     exp.set_defaults(func=_cmd_experiment)
 
-    sample = sub.add_parser("sample", help="sample a trained student to a PNG grid or an .npz")
-    sample.add_argument("--checkpoint", required=True)
+    sample = sub.add_parser(
+        "sample", help="sample a digits checkpoint, or an exported text-to-image student (--pipeline)"
+    )
+    sample.add_argument("--checkpoint", default=None, help="a digits training checkpoint")
+    sample.add_argument(
+        "--pipeline", default=None, help="an exported pipeline folder, or the teacher's folder with --lora"
+    )
+    sample.add_argument(
+        "--lora", default=None, help="an exported LoRA folder (with --pipeline = the teacher)"
+    )
+    sample.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    sample.add_argument("--prompts-file", default=None, help="prompts from a .txt/.jsonl/.csv file")
+    sample.add_argument("--per-prompt", type=int, default=1, help="images per prompt")
+    sample.add_argument("--height", type=int, default=None)
+    sample.add_argument("--width", type=int, default=None)
+    sample.add_argument("--nrow", type=int, default=None)
+    sample.add_argument("--device", default="auto")
     sample.add_argument("--steps", type=int, default=None, help="sampling steps (default: the student's)")
-    sample.add_argument("--num", type=int, default=100)
+    sample.add_argument("--num", type=int, default=100, help="digits: number of samples")
     sample.add_argument("--label", type=int, default=None, help="one class for all samples (default: cycle)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument(
@@ -216,6 +346,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--cache-dir", default=None)
     sample.set_defaults(func=_cmd_sample)
+
+    cache = sub.add_parser(
+        "cache-prompts",
+        help="encode prompts once into a safetensors cache (text encoders not needed in training)",
+    )
+    cache.add_argument("--preset", default=None, help="a text-to-image preset (its model section is used)")
+    cache.add_argument("--config", default=None, help="a YAML config file")
+    cache.add_argument("--pipeline", default=None, help="the pipeline folder (sets model.path)")
+    cache.add_argument(
+        "--family", default=None, help="with --pipeline alone: sd3, flux, zimage, sdxl (default: detected)"
+    )
+    cache.add_argument("--prompts", default=None, help="prompt file (sets data.prompts)")
+    cache.add_argument("--out", required=True, help="cache folder")
+    cache.add_argument("--batch-size", type=int, default=16)
+    cache.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="storage dtype")
+    cache.add_argument("--device", default="auto")
+    cache.add_argument("--overwrite", action="store_true", help="replace a cache built for something else")
+    add_config_args(cache)
+    cache.set_defaults(func=_cmd_cache_prompts)
+
+    make = sub.add_parser(
+        "make-pipeline", help="write a random-weight pipeline built from a config (tests, benchmarks)"
+    )
+    make.add_argument("--family", required=True, help="sd3, flux, zimage, sdxl")
+    make.add_argument("--size", default="tiny", help="tiny (all families) or sd35-medium (sd3)")
+    make.add_argument("--out", required=True)
+    make.add_argument("--seed", type=int, default=0)
+    make.set_defaults(func=_cmd_make_pipeline)
 
     ev = sub.add_parser("eval", help="metrics of a trained student (FD, precision/recall, accuracy, ...)")
     ev.add_argument("--checkpoint", required=True)
@@ -274,11 +432,36 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--warmup", type=int, default=3)
     att.add_argument("--json", default=None, help="also write the result to this JSON file")
     step = bench_sub.add_parser("step", help="a DMDR iteration of the Trainer vs the paper's eager step")
-    step.add_argument("--preset", default="digits")
+    step.add_argument(
+        "--preset", default=None, help="default: digits, or the family's preset with --pipeline"
+    )
+    step.add_argument("--pipeline", default=None, help="a text-to-image pipeline folder (sets model.path)")
+    step.add_argument(
+        "--family", default=None, help="with --pipeline: sd3, flux, zimage, sdxl (default: detected)"
+    )
     step.add_argument("--set", action="append", metavar="KEY=VALUE")
     step.add_argument("--cycles", type=int, default=10, help="timed generator cycles per implementation")
     step.add_argument("--warmup", type=int, default=2)
     step.add_argument("--json", default=None)
+    bs = bench_sub.add_parser(
+        "sample",
+        help="images/s of the few-step student vs the pipeline at its usual step count (plain diffusers)",
+    )
+    bs.add_argument("--pipeline", required=True, help="a text-to-image pipeline folder")
+    bs.add_argument("--family", default=None, help="sd3, flux, zimage, sdxl (default: detected)")
+    bs.add_argument("--steps", type=int, default=4, help="student steps")
+    bs.add_argument("--shift", type=float, default=None, help="student grid shift (default: the scheduler's)")
+    bs.add_argument("--baseline-steps", type=int, default=None, help="default: the family's usual count")
+    bs.add_argument("--baseline-guidance", type=float, default=None, help="default: the family's usual CFG")
+    bs.add_argument("--batch", type=int, default=1, help="prompts per call")
+    bs.add_argument("--resolution", type=int, default=None, help="image side (default: the pipeline's)")
+    bs.add_argument(
+        "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA"
+    )
+    bs.add_argument("--device", default="auto")
+    bs.add_argument("--reps", type=int, default=5)
+    bs.add_argument("--warmup", type=int, default=1)
+    bs.add_argument("--json", default=None)
     bench.set_defaults(func=_cmd_bench)
     return parser
 

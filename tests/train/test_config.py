@@ -87,6 +87,7 @@ def test_to_dict_is_plain_data():
     assert list(data) == [
         "name",
         "model",
+        "data",
         "student",
         "critic",
         "dmdr",

@@ -45,9 +45,8 @@ def paper_iteration(tr: Trainer) -> None:
     """One iteration the paper's way on ``tr``'s networks, optimisers and RNG (LoRA critic)."""
     cfg, st = tr.config, tr.state
     s, B = st.gen_step, cfg.train.batch_size
-    raw = tr.data.sample(B, tr.gen)
-    cond = tr.student.encode_condition(raw).to(tr.device)
-    with torch.no_grad():
+    _, cond = tr._encode(tr.data.sample(B, tr.gen))
+    with torch.no_grad(), tr._autocast():
         sim = backward_simulation(
             tr.student.velocity,
             tr._randn((B, *tr.student.sample_shape)),
@@ -60,21 +59,23 @@ def paper_iteration(tr: Trainer) -> None:
     tau = tr.dynars.sample(B, s, generator=tr.gen).to(tr.device)
     eps = noise_like(x0_sel, tr.gen)
     tr.opt_c.zero_grad(set_to_none=True)
-    with lora_scale(tr.guidance.network, cfg.critic.fake_scale):
+    with lora_scale(tr.guidance.network, cfg.critic.fake_scale), tr._autocast():
         v = tr.guidance.velocity(renoise(x0_sel, tau, eps), tau, cond)
-    critic_loss(v, x0_sel, eps).backward()
+    critic_loss(v.float(), x0_sel.float(), eps).backward()
     torch.nn.utils.clip_grad_norm_([p for p in tr.guidance.network.parameters() if p.requires_grad], 1.0)
     tr.opt_c.step()
     st.step += 1
     if st.step % cfg.dmdr.ratio_update != 0:
         return
     tr.opt_g.zero_grad(set_to_none=True)
-    x0 = sim.x_in - sim.t_in.view(-1, 1, 1, 1) * tr.student.velocity(sim.x_in, sim.t_in, cond)
+    with tr._autocast():
+        v_g = tr.student.velocity(sim.x_in, sim.t_in, cond)
+    x0 = sim.x_in - sim.t_in.view(-1, *[1] * (sim.x_in.dim() - 1)) * v_g.float()
     tau2 = tr.dynars.sample(B, s, generator=tr.gen).to(tr.device)
     x_tau = renoise(x0.detach(), tau2, noise_like(x0, tr.gen))
     w = tr.cfg_scale.sample(tr.gen)
     lam_r = tr.dynadg.real_scale(s)
-    with torch.no_grad():
+    with torch.no_grad(), tr._autocast():
         with lora_scale(tr.guidance.network, cfg.critic.fake_scale):
             v_fake = tr.guidance.velocity(x_tau, tau2, cond)
         with lora_scale(tr.guidance.network, lam_r):
@@ -84,7 +85,8 @@ def paper_iteration(tr: Trainer) -> None:
                 if tr.cfg_scale.enabled
                 else None
             )
-    loss = paper_dmd_loss(x0, x_tau, tau2, v_fake, v_cond, v_uncond, w)
+    v_uncond = v_uncond.float() if v_uncond is not None else None
+    loss = paper_dmd_loss(x0, x_tau, tau2, v_fake.float(), v_cond.float(), v_uncond, w)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in tr.student.network.parameters() if p.requires_grad], 1.0)
     tr.opt_g.step()
@@ -125,6 +127,13 @@ def run(trainer: Trainer, *, cycles: int = 10, warmup: int = 2) -> dict[str, Any
             results[f"{name}_cycle"] += c
             results[f"{name}_gen"] += g
     med = {k: statistics.median(v) for k, v in results.items()}
+    peak = {"ours": None, "paper": None}
+    if trainer.device.type == "cuda":  # one more cycle each, alone, for its allocator peak
+        for name, fn in (("ours", ours), ("paper", paper_iteration)):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(trainer.device)
+            _time_cycles(fn, trainer, 1)
+            peak[name] = torch.cuda.max_memory_allocated(trainer.device) / 2**20
     cfg = trainer.config
     return {
         "benchmark": "step",
@@ -136,6 +145,8 @@ def run(trainer: Trainer, *, cycles: int = 10, warmup: int = 2) -> dict[str, Any
         "median_ms": med,
         "speedup_cycle": med["paper_cycle"] / med["ours_cycle"],
         "speedup_gen_iter": med["paper_gen"] / med["ours_gen"],
+        "peak_mem_mib": peak,
+        "memory_ratio": peak["ours"] / peak["paper"] if peak["ours"] else None,
         "cycles": cycles,
     }
 
@@ -148,7 +159,13 @@ def format_result(r: dict[str, Any]) -> str:
         f"  cycle (R iterations = 1 generator update): ours {m['ours_cycle']:.1f} ms, "
         f"paper {m['paper_cycle']:.1f} ms  → ×{r['speedup_cycle']:.2f}\n"
         f"  generator-update iteration only:            ours {m['ours_gen']:.1f} ms, "
-        f"paper {m['paper_gen']:.1f} ms  → ×{r['speedup_gen_iter']:.2f}"
+        f"paper {m['paper_gen']:.1f} ms  → ×{r['speedup_gen_iter']:.2f}\n"
+        + (
+            f"  peak memory (one cycle):                    ours {p['ours']:.0f} MiB, "
+            f"paper {p['paper']:.0f} MiB  → ×{r['memory_ratio']:.2f}"
+            if (p := r["peak_mem_mib"])["ours"] is not None
+            else "  peak memory: measured on CUDA only"
+        )
     )
 
 

@@ -4,6 +4,7 @@ The root is :class:`DMDRTrainerConfig`::
 
     name
     model    ModelConfig    which teacher family to build and how it maps time
+    data     DataConfig     prompts and the prompt-embedding cache (text-to-image)
     student  StudentConfig  the few-step generator G (full or LoRA), N steps, shift, EMA
     critic   CriticConfig   the guidance network's trainable part ψ and the fake scale λ_f
     dmdr     DMDRConfig     the method: CFG of the real score, DynaDG/DynaRS, R, stages, weights
@@ -44,6 +45,7 @@ __all__ = [
     "CriticConfig",
     "DMDRConfig",
     "DMDRTrainerConfig",
+    "DataConfig",
     "LoraSpec",
     "ModelConfig",
     "MonitorConfig",
@@ -124,8 +126,9 @@ class ModelConfig(ConfigBase):
     family: str = field(
         default="dit",
         metadata={
-            "help": "Model family whose adapter builds the teacher: 'dit' (class-conditional diffusers "
-            "DiTTransformer2DModel); later 'sd3', 'flux', 'zimage', 'sdxl'."
+            "help": "Model family whose adapter builds the teacher: 'digits' (the embedded digits DiT), 'dit' "
+            "(class-conditional diffusers DiTTransformer2DModel), or a text-to-image pipeline folder: 'sd3' "
+            "(SD3/SD3.5), 'flux', 'zimage', 'sdxl'."
         },
     )
     path: str | None = field(
@@ -138,7 +141,9 @@ class ModelConfig(ConfigBase):
     kwargs: dict[str, Any] = field(
         default_factory=dict,
         metadata={
-            "help": "Free-form constructor arguments for the family's builder, e.g. for 'dit': "
+            "help": "Free-form constructor arguments for the family's builder (text-to-image: the adapter's "
+            "keyword arguments, e.g. {resolution: 1024, max_sequence_length: 128}; Flux: embedded_guidance), "
+            "e.g. for 'dit': "
             "{sample_size: 8, patch_size: 2, in_channels: 1, num_layers: 4, num_attention_heads: 4, "
             "attention_head_dim: 16, num_classes: 10}. Plain YAML data only."
         },
@@ -159,6 +164,34 @@ class ModelConfig(ConfigBase):
             "help": "Value range of decoded samples, mapped linearly to [0, 1] for rewards and images."
         },
     )
+    weights_dtype: Literal["fp32", "bf16", "fp16"] = field(
+        default="fp32",
+        metadata={
+            "help": "Dtype the pipeline is loaded in (text-to-image families). Frozen parts (teacher, VAE, "
+            "text encoders) stay in it; trainable weights are kept in fp32 (a full student/critic is cast "
+            "to fp32, LoRA factors are fp32). 'bf16' halves the frozen parts' memory (paper: bf16)."
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute the denoiser's activations in the backward pass (diffusers' own gradient "
+            "checkpointing): less memory, about one extra forward of compute."
+        },
+    )
+    vae_slicing: bool = field(
+        default=False, metadata={"help": "Decode a batch through the VAE one sample at a time (memory)."}
+    )
+    vae_tiling: bool = field(
+        default=False, metadata={"help": "Decode large images through the VAE in tiles (memory)."}
+    )
+    tiny_vae: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local folder of a small AutoencoderTiny (e.g. TAESD3 / TAEF1 / TAESDXL) used to decode "
+            "samples for the rewards instead of the full VAE (paper SDXL: taesdxl); null = the pipeline's VAE."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -167,6 +200,56 @@ class ModelConfig(ConfigBase):
         check_range(self, "timestep_scale", gt=0)
         lo, hi = self.pixel_range
         require(self, "pixel_range", lo < hi, "[low, high] with low < high")
+
+
+@dataclass(frozen=True)
+class DataConfig(ConfigBase):
+    """Where the conditions come from (text-to-image: prompts, optionally pre-encoded in a cache).
+
+    DMDR needs no images: a batch is a set of prompts (or class labels for class-conditional
+    teachers, which ignore this section).
+    """
+
+    prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training prompts: a .txt (one per line), .jsonl or .csv file (dmdr_fast.data.load_prompts). "
+            "Optional when 'cache' is given (the cache stores its prompts)."
+        },
+    )
+    column: str | None = field(
+        default=None,
+        metadata={"help": "Prompt column of a .jsonl/.csv file; null = the first of prompt, caption, text."},
+    )
+    cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "A prompt-embedding cache built by `dmdr-fast cache-prompts` (safetensors shards). Training "
+            "reads conditions from it instead of running the text encoders; it is refused if it was built "
+            "for another model."
+        },
+    )
+    offload_text_encoders: bool = field(
+        default=True,
+        metadata={
+            "help": "With a cache: free the text encoders after loading (rewards still see the prompts), so "
+            "they take no GPU memory during training."
+        },
+    )
+    eval_prompts: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Held-out prompts for sample grids and the reward-hacking monitor; empty = the first "
+            "training prompts. Encoded once at start (before the text encoders are freed)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("prompts", "cache", "column"):
+            value = getattr(self, name)
+            require(self, name, value is None or bool(value.strip()), "a non-empty string or null")
+        require(self, "eval_prompts", all(p.strip() for p in self.eval_prompts), "non-empty prompts")
 
 
 @dataclass(frozen=True)
@@ -684,6 +767,9 @@ class DMDRTrainerConfig(ConfigBase):
 
     name: str = field(default="dmdr", metadata={"help": "Run name (used in logs and report titles)."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The teacher model."})
+    data: DataConfig = field(
+        default_factory=DataConfig, metadata={"help": "Prompts and the prompt-embedding cache."}
+    )
     student: StudentConfig = field(
         default_factory=StudentConfig, metadata={"help": "The few-step generator G."}
     )

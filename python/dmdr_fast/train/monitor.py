@@ -24,6 +24,7 @@ its thresholds are in :class:`~dmdr_fast.train.config.MonitorConfig`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dmdr_fast.data.prompts import PromptBatch
 from dmdr_fast.train.config import MonitorConfig
 
 if TYPE_CHECKING:
@@ -64,7 +66,22 @@ def mean_pairwise_distance(features: Tensor, groups: int) -> float:
 def _repeat(conditions: Any, k: int) -> Any:
     if isinstance(conditions, Tensor):
         return conditions.repeat_interleave(k, dim=0)
+    if isinstance(conditions, PromptBatch):  # pre-encoded prompts: repeat the condition rows too
+        index = torch.arange(len(conditions)).repeat_interleave(k)
+        return PromptBatch(
+            prompts=_repeat(conditions.prompts, k),
+            condition=_map_tensors(conditions.condition, lambda v: v[index.to(v.device)]),
+        )
     return [c for c in conditions for _ in range(k)]
+
+
+def _map_tensors(cond: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(cond, Tensor):
+        return fn(cond)
+    if dataclasses.is_dataclass(cond) and not isinstance(cond, type):
+        fields = {f.name: _map_tensors(getattr(cond, f.name), fn) for f in dataclasses.fields(cond)}
+        return dataclasses.replace(cond, **fields)
+    return cond
 
 
 class RewardHackingMonitor:
@@ -110,6 +127,8 @@ class RewardHackingMonitor:
         raw = _repeat(self.conditions, k)
         gen = torch.Generator().manual_seed(cfg.seed)
         images = trainer.student.decode(trainer.sample(raw, generator=gen, use_ema=False)).float()
+        if isinstance(raw, PromptBatch):
+            raw = list(raw.prompts)  # rewards and judges score against the prompt text
         raw_dev = raw.to(images.device) if isinstance(raw, Tensor) else raw
         out: dict[str, float] = {}
         if trainer.reward is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -39,6 +40,7 @@ from dmdr_fast.algo import (
     noise_like,
     renoise,
 )
+from dmdr_fast.data.prompts import PromptBatch
 from dmdr_fast.models.lora import lora_scale
 from dmdr_fast.models.protocol import FlowModelAdapter
 from dmdr_fast.models.roles import make_guidance, make_student
@@ -82,6 +84,16 @@ def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _to_device(cond: Any, device: torch.device) -> Any:
+    """Move a condition batch (a tensor or a dataclass of tensors) to ``device``."""
+    if isinstance(cond, torch.Tensor):
+        return cond.to(device)
+    if dataclasses.is_dataclass(cond) and not isinstance(cond, type):
+        fields = {f.name: _to_device(getattr(cond, f.name), device) for f in dataclasses.fields(cond)}
+        return dataclasses.replace(cond, **fields)
+    return cond
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -142,7 +154,8 @@ class Trainer:
         if config.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(config.train.seed + self.rank)  # LoRA initialisation below
-        teacher.network.to(self.device)
+        # The whole adapter (VAE, text encoders of text-to-image families), not only the network.
+        (teacher if isinstance(teacher, nn.Module) else teacher.network).to(self.device)
         self.reward = reward.to(self.device).eval() if reward is not None else None
         self.data = data
         self.evaluator = evaluator
@@ -155,16 +168,20 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
 
         s, c = config.student, config.critic
+        targets = getattr(teacher, "default_lora_targets", ())
         self.student = make_student(
-            teacher, lora=s.lora.to_lora_config("student") if s.kind == "lora" else None
+            teacher, lora=s.lora.to_lora_config("student", targets) if s.kind == "lora" else None
         )
+        if s.kind == "full":
+            self.student.network.float()  # fp32 master weights even when the teacher is bf16
         if c.kind == "lora":
-            self.guidance = make_guidance(teacher, c.lora.to_lora_config("critic"))
+            self.guidance = make_guidance(teacher, c.lora.to_lora_config("critic", targets))
             self.critic = None
         else:  # DMD2-style trainable full copy as the fake score; the teacher stays frozen
             teacher.network.requires_grad_(False)
             self.guidance = teacher
             self.critic = make_student(teacher)
+            self.critic.network.float()
         self._use_attention(teacher)
         self._student_net = self._wrap_ddp(self.student)
         critic_owner = self.critic if self.critic is not None else self.guidance
@@ -191,7 +208,7 @@ class Trainer:
             if s.ema_decay > 0
             else None
         )
-        self.grid = few_step_timesteps(s.num_steps, s.shift, device=self.device)
+        self.grid = self._grid(s.num_steps)
         self.dynars, self.dynadg, self.cfg_scale = (
             config.dmdr.dynars(),
             config.dmdr.dynadg(),
@@ -232,6 +249,26 @@ class Trainer:
         if self.config.train.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def _grid(self, num_steps: int) -> torch.Tensor:
+        """The student's ``(N + 1,)`` time grid: the adapter's own (text-to-image families: exactly
+        what the exported diffusers scheduler visits) or the shifted uniform grid."""
+        grid_fn = getattr(self.student, "few_step_grid", None)
+        if grid_fn is not None:
+            return grid_fn(num_steps, self.config.student.shift).to(self.device)
+        return few_step_timesteps(num_steps, self.config.student.shift, device=self.device)
+
+    def _encode(self, raw: Any) -> tuple[Any, Any]:
+        """``(what rewards see, the encoded condition batch on the device)`` for sampled conditions.
+
+        A :class:`~dmdr_fast.data.prompts.PromptBatch` (from the prompt cache) carries its encoded
+        condition, so no text encoder runs; anything else goes through ``encode_condition``.
+        """
+        if isinstance(raw, PromptBatch):
+            return list(raw.prompts), _to_device(raw.condition, self.device)
+        cond = self.student.encode_condition(raw)
+        raw = raw.to(self.device) if isinstance(raw, torch.Tensor) else raw
+        return raw, _to_device(cond, self.device)
 
     def _randn(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=self.gen).to(self.device)
@@ -284,9 +321,7 @@ class Trainer:
         if stage == 2 and not self._stage2_applied:
             self._enter_stage2()
         B = cfg.train.batch_size
-        raw = self.data.sample(B, self.gen)
-        cond = self.student.encode_condition(raw)
-        cond = cond.to(self.device) if isinstance(cond, torch.Tensor) else cond
+        raw, cond = self._encode(self.data.sample(B, self.gen))
 
         gen_update = (st.step + 1) % cfg.dmdr.ratio_update == 0
         # In a generator-update iteration the generator's own forward x0 = x_in − t_k·G(x_in)
@@ -341,9 +376,8 @@ class Trainer:
         null = self.student.null_condition(B) if self.cfg_scale.enabled else None
         lam_r = self.dynadg.real_scale(s)
         v_fake, v_cond, v_uncond = self._fake_and_real(x_tau, tau2, cond, null, lam_r)
-        raw_dev = raw.to(self.device) if isinstance(raw, torch.Tensor) else raw
         metrics = self._generator_backward(
-            x0, x_tau, tau2, v_fake, v_cond, v_uncond, w if v_uncond is not None else 1.0, raw_dev, stage
+            x0, x_tau, tau2, v_fake, v_cond, v_uncond, w if v_uncond is not None else 1.0, raw, stage
         )
         metrics["grad_norm_g"] = _grad_norm(_trainable(self.student.network), cfg.optim.grad_clip)
         self.opt_g.step()
@@ -571,21 +605,17 @@ class Trainer:
         """Few-step samples of the student in the model's space (decode them for images).
 
         Args:
-            raw_cond: raw conditions, one per sample (e.g. a (M,) label tensor).
+            raw_cond: raw conditions, one per sample (e.g. a (M,) label tensor, a list of prompts,
+                or a :class:`~dmdr_fast.data.prompts.PromptBatch` with pre-encoded conditions).
             num_steps: sampling steps (default: the student's N; the grid keeps its shift).
             generator: RNG for the noise (default: a fresh one seeded with ``train.seed``, so
                 that sampling never disturbs the training RNG).
             use_ema: sample with the EMA weights when EMA is on.
         """
         gen = generator if generator is not None else torch.Generator().manual_seed(self.config.train.seed)
-        cond = self.student.encode_condition(raw_cond)
-        cond = cond.to(self.device) if isinstance(cond, torch.Tensor) else cond
         n = len(raw_cond)
-        grid = (
-            self.grid
-            if num_steps is None
-            else few_step_timesteps(num_steps, self.config.student.shift, device=self.device)
-        )
+        _, cond = self._encode(raw_cond)
+        grid = self.grid if num_steps is None else self._grid(num_steps)
         noise = torch.randn((n, *self.student.sample_shape), generator=gen).to(self.device)
         ctx = self.ema_weights() if use_ema else contextlib.nullcontext()
         with ctx, self._autocast():

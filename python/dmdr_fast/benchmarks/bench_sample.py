@@ -1,0 +1,162 @@
+"""``dmdr-fast bench sample``: images/s of few-step sampling vs the same pipeline at its usual step count.
+
+Both sides run the SAME diffusers pipeline object (same weights, dtype, device, resolution, batch):
+
+* ``baseline``: plain diffusers as users run the teacher — its own scheduler, its default step
+  count and CFG (SD3 28 steps / CFG 7; Flux 28 / embedded guidance 3.5; Z-Image 50 / CFG 5;
+  SDXL 50 / CFG 5), so two network evaluations per step where CFG is on;
+* ``student``: the exported few-step scheduler (:meth:`export_scheduler`) and call arguments
+  (:meth:`pipeline_call_kwargs`, no CFG) of the family's adapter, N steps.
+
+The weights do not matter for speed, so a random-weight pipeline (``dmdr-fast make-pipeline``) of
+the real size gives the same figures as the trained student. Each timed call includes text
+encoding and VAE decoding (what a user waits for).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from dmdr_fast.benchmarks.harness import machine_info
+
+__all__ = ["BASELINES", "main", "run"]
+
+#: (steps, guidance) of each family's pipeline defaults in diffusers 0.42.
+BASELINES = {"sd3": (28, 7.0), "flux": (28, 3.5), "zimage": (50, 5.0), "sdxl": (50, 5.0)}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _time_calls(
+    pipe: Any, kwargs: dict[str, Any], reps: int, warmup: int, device: torch.device
+) -> list[float]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for i in range(warmup + reps):
+        sync()
+        start = time.perf_counter()
+        pipe(**kwargs, generator=torch.Generator().manual_seed(i), output_type="pt")
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def run(
+    pipeline: str,
+    *,
+    family: str | None = None,
+    steps: int = 4,
+    shift: float | None = None,
+    baseline_steps: int | None = None,
+    baseline_guidance: float | None = None,
+    batch: int = 1,
+    resolution: int | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    reps: int = 5,
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """Time both sides (interleaved per repetition) and return images/s, ratios and peak memory."""
+    from diffusers import DiffusionPipeline
+
+    from dmdr_fast.presets.t2i import adapter_class, family_of_pipeline
+
+    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = _DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    family = family or family_of_pipeline(pipeline)
+    pipe = DiffusionPipeline.from_pretrained(str(pipeline), torch_dtype=dt).to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    adapter = adapter_class(family).from_pipeline(pipe, resolution=resolution)
+    height, width = adapter.resolution
+    base_steps, base_w = BASELINES[family]
+    base_steps = baseline_steps or base_steps
+    base_w = base_w if baseline_guidance is None else baseline_guidance
+    prompts = [f"a photo of object number {i}, studio light" for i in range(batch)]
+    common = {"prompt": prompts, "height": height, "width": width}
+    original = pipe.scheduler
+    few = adapter.export_scheduler(
+        steps, shift if shift is not None else float(getattr(adapter, "shift", 1.0))
+    )
+    sides = {
+        "baseline": (original, {**common, "num_inference_steps": base_steps, "guidance_scale": base_w}),
+        "student": (few, {**common, **adapter.pipeline_call_kwargs(steps)}),
+    }
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    peak: dict[str, float | None] = {k: None for k in sides}
+    for name, (scheduler, kwargs) in sides.items():  # warm-up (and the CUDA peak, measured alone)
+        pipe.scheduler = scheduler
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        _time_calls(pipe, kwargs, 0, max(warmup, 1), dev)
+        if dev.type == "cuda":
+            peak[name] = torch.cuda.max_memory_allocated(dev) / 2**20
+    for _ in range(reps):  # interleaved so that drifting load hits both alike
+        for name, (scheduler, kwargs) in sides.items():
+            pipe.scheduler = scheduler
+            times[name] += _time_calls(pipe, kwargs, 1, 0, dev)
+    pipe.scheduler = original
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ips = {k: batch / v for k, v in med.items()}
+    return {
+        "benchmark": "sample",
+        "pipeline": str(pipeline),
+        "family": family,
+        "resolution": [height, width],
+        "batch": batch,
+        "dtype": str(dt).removeprefix("torch."),
+        "student_steps": steps,
+        "baseline_steps": base_steps,
+        "baseline_guidance": base_w,
+        "params_denoiser_m": sum(p.numel() for p in adapter.network.parameters()) / 1e6,
+        "machine": machine_info(dev),
+        "median_s": med,
+        "images_per_s": ips,
+        "speedup": ips["student"] / ips["baseline"],
+        "peak_mem_mib": peak,
+        "reps": reps,
+    }
+
+
+def format_result(r: dict[str, Any]) -> str:
+    m, ips, peak = r["median_s"], r["images_per_s"], r["peak_mem_mib"]
+    mem = (
+        f"\n  peak memory: baseline {peak['baseline']:.0f} MiB, student {peak['student']:.0f} MiB"
+        if peak["student"] is not None
+        else ""
+    )
+    h, w = r["resolution"]
+    return (
+        f"bench sample: {r['family']} ({r['params_denoiser_m']:.0f}M-param denoiser), {h}×{w}, batch "
+        f"{r['batch']}, {r['dtype']}  ({r['machine'].get('gpu', r['machine']['cpu'])}, {r['machine']['date']})\n"
+        f"  baseline {r['baseline_steps']} steps, CFG {r['baseline_guidance']:g}: {m['baseline'] * 1e3:.1f} ms/call, "
+        f"{ips['baseline']:.3g} images/s\n"
+        f"  student  {r['student_steps']} steps, no CFG:  {m['student'] * 1e3:.1f} ms/call, "
+        f"{ips['student']:.3g} images/s  → ×{r['speedup']:.1f}" + mem
+    )
+
+
+def main(args: Any) -> int:
+    result = run(
+        args.pipeline,
+        family=args.family,
+        steps=args.steps,
+        shift=args.shift,
+        baseline_steps=args.baseline_steps,
+        baseline_guidance=args.baseline_guidance,
+        batch=args.batch,
+        resolution=args.resolution,
+        dtype=args.dtype,
+        device=args.device,
+        reps=args.reps,
+        warmup=args.warmup,
+    )
+    print(format_result(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0

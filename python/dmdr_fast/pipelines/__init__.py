@@ -1,0 +1,6 @@
+"""Diffusers pipelines around a distilled student: export, loading and sampling, random test pipelines.
+
+- :mod:`~dmdr_fast.pipelines.export` — save a student as a diffusers pipeline folder or LoRA, load
+  it with plain diffusers, sample it.
+- :mod:`~dmdr_fast.pipelines.random` — random-weight pipelines from configs (tests, benchmarks).
+"""

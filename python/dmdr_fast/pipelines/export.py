@@ -1,0 +1,197 @@
+"""Export a trained text-to-image student so that plain diffusers samples it, and sample it back.
+
+Two formats, chosen by how the student was trained (``student.kind``):
+
+- **full fine-tune** → a complete diffusers pipeline folder (``pipe.save_pretrained``): the
+  student's denoiser (EMA weights if any, diffusers' own attention) in place of the teacher's, the
+  teacher's VAE, text encoders and tokenizers, and the exported few-step scheduler;
+- **LoRA** → ``pytorch_lora_weights.safetensors`` (+ ``adapter_config.json``) that
+  ``pipe.load_lora_weights(folder)`` reads on top of the teacher pipeline, and the few-step
+  scheduler in ``scheduler/`` (``pipe.scheduler = <SchedulerClass>.from_pretrained(folder,
+  subfolder="scheduler")``).
+
+Both also get ``dmdr_export.json``: the family, the number of steps, the keyword arguments to call
+the pipeline with (no CFG: the guidance is distilled into the student) and the teacher's folder.
+The scheduler is the adapter's :meth:`~dmdr_fast.models.t2i.TextToImageAdapter.export_scheduler`,
+and the Trainer trained the student on exactly the grid it visits
+(:meth:`~dmdr_fast.models.t2i.TextToImageAdapter.few_step_grid`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dmdr_fast._io import atomic_write_text
+
+if TYPE_CHECKING:
+    from dmdr_fast.train.trainer import Trainer
+
+__all__ = ["EXPORT_INFO_NAME", "export_student", "load_exported", "read_export_info", "sample_exported"]
+
+EXPORT_INFO_NAME = "dmdr_export.json"
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export_student(
+    trainer: Trainer, out_dir: str | os.PathLike[str], *, base_path: str | None = None
+) -> Path:
+    """Write the trainer's student as a diffusers pipeline folder (full) or LoRA folder (LoRA).
+
+    Args:
+        trainer: A Trainer whose student is a text-to-image adapter.
+        out_dir: Output folder (created).
+        base_path: The teacher's pipeline folder; default ``config.model.path``. A full export
+            reloads the other components from it when the adapter no longer holds them (text
+            encoders dropped after caching prompts).
+
+    Returns:
+        ``out_dir``.
+    """
+    from dmdr_fast.models.lora_io import save_lora
+
+    student, config = trainer.student, trainer.config
+    if not hasattr(student, "export_scheduler"):
+        raise ValueError(
+            f"{type(student).__name__} is not a text-to-image adapter: nothing to export to diffusers"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n, shift = config.student.num_steps, config.student.shift
+    scheduler = student.export_scheduler(n, shift)
+    base_path = base_path if base_path is not None else config.model.path
+    dtype = _DTYPES[config.model.weights_dtype]
+    if config.student.kind == "lora":
+        with trainer.ema_weights():
+            save_lora(student.network, out, adapter="student", prefix=student.lora_prefix)
+        scheduler.save_pretrained(out / "scheduler")
+        kind = "lora"
+    else:
+        network = trainer.export_student().to(dtype)  # EMA weights, native attention, own copy
+        pipe = _assemble(student, network, scheduler, base_path, dtype)
+        pipe.save_pretrained(out)
+        kind = "pipeline"
+    info = {
+        "format": 1,
+        "kind": kind,
+        "family": student.family,
+        "pipeline_class": type(student.pipeline).__name__ if student.pipeline is not None else None,
+        "num_steps": n,
+        "shift": shift,
+        "scheduler_class": type(scheduler).__name__,
+        "call_kwargs": student.pipeline_call_kwargs(n),
+        "resolution": list(getattr(student, "resolution", ()) or ()),
+        "base_pipeline": base_path,
+        "lora_prefix": student.lora_prefix if kind == "lora" else None,
+        "trained_steps": trainer.state.gen_step,
+    }
+    atomic_write_text(out / EXPORT_INFO_NAME, json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def _assemble(
+    student: Any, network: torch.nn.Module, scheduler: Any, base_path: str | None, dtype: torch.dtype
+):
+    """The teacher pipeline's components with the student's denoiser and the few-step scheduler."""
+    pipe = student.pipeline
+    if pipe is not None and student.can_encode:
+        components = dict(pipe.components)
+        components[student.network_attr] = network
+        components["scheduler"] = scheduler
+        return type(pipe)(**components)
+    if base_path is None:
+        raise ValueError(
+            "the adapter no longer holds the text encoders (dropped after caching prompts) and no "
+            "base pipeline folder is known: pass base_path (the teacher's folder)"
+        )
+    cls = type(pipe) if pipe is not None else None
+    if cls is None:
+        from diffusers import DiffusionPipeline
+
+        cls = DiffusionPipeline
+    overrides = {student.network_attr: network, "scheduler": scheduler}
+    return cls.from_pretrained(base_path, torch_dtype=dtype, **overrides)
+
+
+def read_export_info(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``dmdr_export.json`` of an exported folder, or ``None`` if it has none."""
+    path = Path(folder) / EXPORT_INFO_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_exported(
+    pipeline: str | os.PathLike[str],
+    *,
+    lora: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    torch_dtype: torch.dtype | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Load an exported student with plain diffusers.
+
+    Args:
+        pipeline: A pipeline folder: an exported full student, or the teacher when ``lora`` is given.
+        lora: An exported LoRA folder (its weights are loaded with ``pipe.load_lora_weights`` and
+            its few-step scheduler replaces the pipeline's).
+        device: Where to put the pipeline.
+        torch_dtype: Load dtype (default: as saved).
+
+    Returns:
+        ``(pipe, info)``: the diffusers pipeline and the export info (``{}`` for a folder exported by
+        something else; the call then uses the pipeline's defaults).
+    """
+    from diffusers import DiffusionPipeline
+
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    pipe = DiffusionPipeline.from_pretrained(str(pipeline), **kwargs)
+    info = read_export_info(pipeline) or {}
+    if lora is not None:
+        lora_info = read_export_info(lora) or {}
+        pipe.load_lora_weights(str(lora))
+        scheduler_dir = Path(lora) / "scheduler"
+        if scheduler_dir.is_dir():
+            pipe.scheduler = type(pipe.scheduler).from_pretrained(str(lora), subfolder="scheduler")
+            if (
+                lora_info.get("scheduler_class")
+                and lora_info["scheduler_class"] != type(pipe.scheduler).__name__
+            ):
+                import diffusers
+
+                cls = getattr(diffusers, lora_info["scheduler_class"])
+                pipe.scheduler = cls.from_pretrained(str(lora), subfolder="scheduler")
+        info = lora_info or info
+    return pipe.to(device), info
+
+
+@torch.no_grad()
+def sample_exported(
+    pipe: Any,
+    info: dict[str, Any],
+    prompts: list[str],
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+) -> torch.Tensor:
+    """Images ``(B, 3, H, W)`` in ``[0, 1]`` from a loaded exported pipeline (one call, one prompt each).
+
+    ``steps`` overrides the exported step count (the scheduler then spaces that many steps with
+    the same shift); the other call arguments come from ``info['call_kwargs']``.
+    """
+    kwargs = dict(info.get("call_kwargs", {}))
+    if steps is not None:
+        kwargs["num_inference_steps"] = int(steps)
+    resolution = info.get("resolution") or []
+    if height is None and resolution:
+        height, width = int(resolution[0]), int(resolution[1])
+    if height is not None:
+        kwargs.update(height=height, width=width if width is not None else height)
+    device = getattr(pipe, "device", torch.device("cpu"))
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    out = pipe(prompt=list(prompts), generator=generator, output_type="pt", **kwargs)
+    images = out.images if hasattr(out, "images") else out[0]
+    return torch.as_tensor(images).float().clamp(0, 1).to(device)

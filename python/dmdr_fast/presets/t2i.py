@@ -1,0 +1,338 @@
+"""Text-to-image DMDR on a local diffusers pipeline folder: build → train → compare → export.
+
+``dmdr-fast train --preset sd35-large-4step --set model.path=/models/sd35l --out DIR`` (or any
+config with ``model.family`` in :data:`T2I_FAMILIES`) runs :func:`run_t2i`:
+
+1. load the teacher pipeline through its family's adapter (``model.weights_dtype``, memory savers,
+   optional tiny VAE for the rewards);
+2. conditions: from the prompt-embedding cache (``data.cache``; the text encoders are then freed)
+   or by encoding ``data.prompts`` on the fly; held-out prompts (``data.eval_prompts``) are encoded
+   once, before the encoders go;
+3. DMDR with the configured rewards (:func:`dmdr_fast.rewards.rewards_from_config`) and, when
+   ``monitor.every > 0``, the reward-hacking monitor on the held-out prompts (diversity + rewards);
+4. a teacher (multi-step Euler with CFG) vs student (N steps) grid on the held-out prompts, their
+   reward scores, and the export (:func:`dmdr_fast.pipelines.export.export_student`) to
+   ``DIR/export`` — a diffusers pipeline folder (full student) or a LoRA folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dmdr_fast.data.prompts import PromptBatch
+from dmdr_fast.train.config import DMDRTrainerConfig, ModelConfig
+from dmdr_fast.train.config_io import ConfigError
+from dmdr_fast.train.trainer import Trainer
+
+__all__ = [
+    "DEFAULT_PRESETS",
+    "T2I_FAMILIES",
+    "EncodedPromptSampler",
+    "adapter_class",
+    "bench_trainer",
+    "build_adapter",
+    "build_data",
+    "family_of_pipeline",
+    "run_t2i",
+    "teacher_sample",
+]
+
+_ADAPTERS = {
+    "sd3": ("dmdr_fast.models.sd3", "SD3Adapter"),
+    "flux": ("dmdr_fast.models.flux", "FluxAdapter"),
+    "zimage": ("dmdr_fast.models.zimage", "ZImageAdapter"),
+    "sdxl": ("dmdr_fast.models.sdxl", "SDXLAdapter"),
+}
+#: ``model.family`` values that name a diffusers text-to-image pipeline.
+T2I_FAMILIES = tuple(_ADAPTERS)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NUM_EVAL_PROMPTS = 8
+#: The preset a bare ``--pipeline DIR`` command uses for each family.
+DEFAULT_PRESETS = {
+    "sd3": "sd3-medium-4step",
+    "flux": "flux-4step",
+    "zimage": "zimage-8step",
+    "sdxl": "sdxl-1step",
+}
+_PIPELINE_FAMILIES = {
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+    "ZImagePipeline": "zimage",
+    "StableDiffusionXLPipeline": "sdxl",
+}
+
+
+def family_of_pipeline(path: str | os.PathLike[str]) -> str:
+    """The family of a local pipeline folder, from ``model_index.json``'s ``_class_name``.
+
+    Raises:
+        ValueError: If the folder has no ``model_index.json`` or holds another pipeline class.
+    """
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json); pass --family")
+    name = json.loads(index.read_text()).get("_class_name")
+    if name not in _PIPELINE_FAMILIES:
+        raise ValueError(f"{path} holds a {name}; supported: {sorted(_PIPELINE_FAMILIES)} (or pass --family)")
+    return _PIPELINE_FAMILIES[name]
+
+
+class EncodedPromptSampler:
+    """Samples (with replacement) from prompts encoded once in memory (for benchmarks and small runs).
+
+    Args:
+        batch: The prompts and their encoded condition batch.
+    """
+
+    def __init__(self, batch: PromptBatch) -> None:
+        if len(batch) == 0:
+            raise ValueError("EncodedPromptSampler needs at least one prompt")
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> PromptBatch:
+        index = torch.randint(len(self.batch), (batch_size,), generator=generator)
+        cond = self.batch.condition
+        rows = {
+            f.name: (v[index.to(v.device)] if isinstance(v := getattr(cond, f.name), torch.Tensor) else v)
+            for f in dataclasses.fields(cond)
+        }
+        return PromptBatch(
+            prompts=[self.batch.prompts[i] for i in index.tolist()], condition=type(cond)(**rows)
+        )
+
+
+def bench_trainer(config: DMDRTrainerConfig, *, num_prompts: int = 64) -> Trainer:
+    """A Trainer on ``config.model`` with synthetic prompts encoded once (text encoders then freed)."""
+    device = "cuda" if torch.cuda.is_available() and config.train.device in ("auto", "cuda") else "cpu"
+    adapter = build_adapter(config.model, device=device)
+    prompts = [f"a photo of object number {i}, studio light" for i in range(num_prompts)]
+    batch = PromptBatch(prompts=prompts, condition=adapter.encode_condition(prompts))
+    adapter.null_condition(1)
+    adapter.drop_text_encoders()
+    return Trainer(config, adapter, data=EncodedPromptSampler(batch))
+
+
+def adapter_class(family: str) -> type:
+    """The adapter class of a text-to-image family (imports diffusers)."""
+    if family not in _ADAPTERS:
+        raise ConfigError(
+            f"unknown text-to-image family {family!r}; known: {list(T2I_FAMILIES)}", field="model.family"
+        )
+    module, name = _ADAPTERS[family]
+    return getattr(importlib.import_module(module), name)
+
+
+def build_adapter(model: ModelConfig, *, device: torch.device | str | None = None) -> Any:
+    """Load ``model.path`` through the family's adapter, with the config's memory settings."""
+    if model.path is None:
+        raise ConfigError(
+            "is required for text-to-image families: a local diffusers pipeline folder (model_index.json "
+            "and component folders), or a hub id when online",
+            field="model.path",
+        )
+    cls = adapter_class(model.family)
+    adapter = cls.from_pretrained(
+        model.path, device=device, torch_dtype=_DTYPES[model.weights_dtype], **model.kwargs
+    )
+    adapter.enable_memory_savers(
+        gradient_checkpointing=model.gradient_checkpointing,
+        vae_slicing=model.vae_slicing,
+        vae_tiling=model.vae_tiling,
+    )
+    if model.tiny_vae is not None:
+        adapter.use_tiny_vae(model.tiny_vae)
+    return adapter
+
+
+def build_data(config: DMDRTrainerConfig, adapter: Any) -> tuple[Any, PromptBatch]:
+    """The training condition sampler and the encoded held-out prompts.
+
+    With ``data.cache`` the cache is checked against the adapter (a cache built for another model
+    is refused), its null condition is installed and, with ``data.offload_text_encoders``, the text
+    encoders are freed after the held-out prompts are encoded.
+    """
+    from dmdr_fast.data.prompt_cache import CachedPromptSampler, PromptCache, install_null_condition
+    from dmdr_fast.data.prompts import PromptSampler, load_prompts
+
+    data = config.data
+    if data.cache is None and data.prompts is None:
+        raise ConfigError("needs data.prompts (a .txt/.jsonl/.csv file) or data.cache", field="data")
+    cache = PromptCache.open(data.cache, adapter) if data.cache is not None else None
+    if cache is not None:
+        install_null_condition(adapter, cache)
+        sampler: Any = CachedPromptSampler(cache)
+        pool = list(cache.prompts)
+    else:
+        pool = load_prompts(data.prompts, column=data.column)
+        sampler = PromptSampler(tuple(pool))
+    prompts = list(data.eval_prompts) or pool[:NUM_EVAL_PROMPTS]
+    if adapter.can_encode:
+        eval_batch = PromptBatch(prompts=prompts, condition=adapter.encode_condition(prompts))
+    elif cache is not None and not data.eval_prompts:
+        eval_batch = PromptBatch(prompts=prompts, condition=cache.condition(list(range(len(prompts)))))
+    else:
+        raise ValueError("data.eval_prompts need the text encoders, which were dropped; reload the adapter")
+    if cache is not None and data.offload_text_encoders:
+        adapter.null_condition(1)
+        adapter.drop_text_encoders()
+    return sampler, eval_batch
+
+
+@torch.no_grad()
+def teacher_sample(
+    trainer: Trainer, batch: PromptBatch, *, steps: int, guidance: float, seed: int
+) -> torch.Tensor:
+    """Teacher samples (Euler, CFG ``guidance`` with the null condition) in latent space."""
+    from dmdr_fast.algo import euler_sample
+    from dmdr_fast.models.lora import lora_scale
+
+    _, cond = trainer._encode(batch)
+    n = len(batch)
+    noise = torch.randn((n, *trainer.student.sample_shape), generator=torch.Generator().manual_seed(seed))
+    guide = trainer.guidance
+    null = guide.null_condition(n) if guidance > 1 else None
+    with lora_scale(guide.network, 0.0), trainer._autocast():  # LoRA scale 0: the plain teacher
+        return euler_sample(
+            guide.velocity,
+            noise.to(trainer.device),
+            cond,
+            num_steps=steps,
+            shift=float(getattr(guide, "shift", 1.0)),
+            guidance=guidance,
+            null_cond=null,
+        ).float()
+
+
+def _scores(trainer: Trainer, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    if trainer.reward is None:
+        return {}
+    out = trainer.reward(images, prompts)
+    return {f"reward/{k}": -float(v.mean()) for k, v in out.terms.items()}
+
+
+def run_t2i(
+    config: DMDRTrainerConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    teacher_steps: int = 28,
+    export: bool = True,
+) -> dict[str, Any]:
+    """Train a text-to-image student, compare it with the teacher, export it. Returns the metrics."""
+    from dmdr_fast.eval.plots import plot_monitor, save_comparison_grid
+    from dmdr_fast.pipelines.export import export_student
+    from dmdr_fast.rewards import rewards_from_config
+    from dmdr_fast.train.monitor import RewardHackingMonitor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    adapter = build_adapter(config.model)
+    sampler, eval_batch = build_data(config, adapter)
+    device = "cuda" if config.train.device == "auto" and torch.cuda.is_available() else config.train.device
+    device = "cpu" if device == "auto" else device
+    reward = rewards_from_config(config.rewards, device=device)
+    monitor = RewardHackingMonitor(eval_batch, config=config.monitor) if config.monitor.every else None
+    trainer = Trainer(config, adapter, reward=reward, data=sampler, out_dir=out, monitor=monitor)
+    if resume:
+        trainer.resume()
+    t_setup = time.perf_counter() - t0
+    trainer.fit(progress=progress)
+    t_train = time.perf_counter() - t0 - t_setup
+
+    n_steps, w = config.student.num_steps, config.dmdr.guidance
+    s_img = trainer.student.decode(trainer.sample(eval_batch, generator=torch.Generator().manual_seed(4321)))
+    t_img = trainer.student.decode(
+        teacher_sample(trainer, eval_batch, steps=teacher_steps, guidance=w, seed=4321)
+    )
+    results = {
+        f"teacher ({teacher_steps}-step Euler, CFG {w:g})": _scores(trainer, t_img, eval_batch.prompts),
+        f"student ({n_steps}-step DMDR)": _scores(trainer, s_img, eval_batch.prompts),
+    }
+    save_comparison_grid(
+        {f"teacher {teacher_steps} steps": t_img.cpu(), f"student {n_steps} steps": s_img.cpu()},
+        out / "teacher_vs_student.png",
+        nrow=min(4, len(eval_batch)),
+    )
+    if trainer.monitor is not None and trainer.monitor.history:
+        plot_monitor({config.name: trainer.monitor.history}, out / "monitor.png")
+    export_dir = export_student(trainer, out / "export") if export else None
+    elapsed = time.perf_counter() - t0
+    metrics = {
+        "results": results,
+        "monitor": trainer.monitor.history if trainer.monitor is not None else [],
+        "monitor_warnings": trainer.monitor.warnings if trainer.monitor is not None else [],
+        "eval_prompts": list(eval_batch.prompts),
+        "export": str(export_dir) if export_dir is not None else None,
+        "timing_s": {"setup": t_setup, "train": t_train, "total": elapsed},
+        "config": config.to_dict(),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    _write_report(out, config, metrics, trainer)
+    return metrics
+
+
+def _write_report(out: Path, config: DMDRTrainerConfig, metrics: dict[str, Any], trainer: Trainer) -> None:
+    rows = metrics["results"]
+    keys = sorted({k for r in rows.values() for k in r})
+    table = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    table += [
+        f"| {name} | " + " | ".join(f"{r.get(k, float('nan')):.4g}" for k in keys) + " |"
+        for name, r in rows.items()
+    ]
+    export = metrics["export"]
+    info = {}
+    if export is not None:
+        info = json.loads((Path(export) / "dmdr_export.json").read_text())
+    lines = [
+        f"# DMDR text-to-image report — {config.name}",
+        "",
+        f"Teacher: `{config.model.path}` ({config.model.family}); student: {config.student.kind}, "
+        f"{config.student.num_steps} steps; {trainer.state.gen_step} generator steps.",
+        "",
+        *(table if keys else ["(no rewards configured: no scores)"]),
+        "",
+        "![teacher vs student](teacher_vs_student.png)",
+        "",
+    ]
+    if trainer.monitor is not None and trainer.monitor.history:
+        lines += [
+            f"Reward-hacking monitor: **{trainer.monitor.verdict()}**.",
+            "",
+            "![monitor](monitor.png)",
+            "",
+        ]
+    if info:
+        lines += ["## Using the exported student", "", "```python", *_usage(info, export), "```", ""]
+    t = metrics["timing_s"]
+    lines.append(f"Time: setup {t['setup']:.0f} s, training {t['train']:.0f} s, total {t['total']:.0f} s.")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _usage(info: dict[str, Any], export: str) -> list[str]:
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in info["call_kwargs"].items())
+    if info["kind"] == "lora":
+        return [
+            "import diffusers",
+            f"pipe = diffusers.DiffusionPipeline.from_pretrained({info['base_pipeline']!r})",
+            f"pipe.load_lora_weights({export!r})",
+            f"pipe.scheduler = diffusers.{info['scheduler_class']}.from_pretrained({export!r}, subfolder='scheduler')",
+            f"image = pipe('a photo of a cat', {kwargs}).images[0]",
+        ]
+    return [
+        "import diffusers",
+        f"pipe = diffusers.DiffusionPipeline.from_pretrained({export!r})",
+        f"image = pipe('a photo of a cat', {kwargs}).images[0]",
+    ]
