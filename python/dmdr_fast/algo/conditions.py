@@ -17,6 +17,7 @@ adapters should encode it to tensors first (``encode_condition``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -50,10 +51,20 @@ def _rebuild(container: Any, items: list[Any]) -> Any:
     return type(container)(items)
 
 
+def _is_dataclass(obj: object) -> bool:
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
 def _map(fn: Callable[[torch.Tensor], torch.Tensor], cond: Cond) -> Cond:
     """Apply ``fn`` to every batched tensor leaf, keeping the structure."""
     if _is_batched(cond):
         return fn(cond)
+    if _is_dataclass(cond):  # text-to-image adapters' condition classes
+        return dataclasses.replace(cond, **{k: _map(fn, v) for k, v in _fields(cond).items()})
     if isinstance(cond, Mapping):
         return type(cond)({key: _map(fn, value) for key, value in cond.items()})
     if isinstance(cond, (tuple, list)):
@@ -66,6 +77,9 @@ def _batch_sizes(cond: Cond, out: set[int]) -> set[int]:
         out.add(int(cond.shape[0]))
     elif isinstance(cond, Mapping):
         for value in cond.values():
+            _batch_sizes(value, out)
+    elif _is_dataclass(cond):
+        for value in _fields(cond).values():
             _batch_sizes(value, out)
     elif isinstance(cond, (tuple, list)):
         for item in cond:
@@ -148,6 +162,13 @@ def _cat(parts: list[Any], path: str) -> Any:
         if not all(isinstance(p, Mapping) and list(p.keys()) == keys for p in parts):
             raise ValueError(f"cannot concatenate conditions: dicts at {path} have different keys")
         return type(first)({k: _cat([p[k] for p in parts], f"{path}[{k!r}]") for k in keys})
+    if _is_dataclass(first):
+        if not all(type(p) is type(first) for p in parts):
+            raise ValueError(f"cannot concatenate conditions: {path} mixes condition classes")
+        names = list(_fields(first))
+        return dataclasses.replace(
+            first, **{k: _cat([getattr(p, k) for p in parts], f"{path}.{k}") for k in names}
+        )
     if isinstance(first, (tuple, list)):
         if not all(type(p) is type(first) and len(p) == len(first) for p in parts):
             raise ValueError(f"cannot concatenate conditions: sequences at {path} differ in type or length")

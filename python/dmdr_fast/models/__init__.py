@@ -6,8 +6,10 @@
 - :mod:`~dmdr_fast.models.dit` — class-conditional diffusers DiT adapter and tiny-DiT factories.
 - :mod:`~dmdr_fast.models.roles` — student / guidance construction and batched multi-pass velocity.
 - :mod:`~dmdr_fast.models.attention` — route diffusers attention through :func:`dmdr_fast.ops.attention`.
-- :mod:`~dmdr_fast.models.sd3` — :class:`SD3Adapter` for SD3 / SD3.5 pipelines (text conditions,
-  flow matching with shift, VAE decode).
+- :mod:`~dmdr_fast.models.t2i` — :class:`TextToImageAdapter`, the base of the text-to-image adapters
+  (null-condition cache, prompt-cache fingerprint, exported scheduler and its exact grid, memory).
+- :mod:`~dmdr_fast.models.sd3`, :mod:`~dmdr_fast.models.flux`, :mod:`~dmdr_fast.models.zimage`,
+  :mod:`~dmdr_fast.models.sdxl` — SD3/SD3.5, Flux, Z-Image and SDXL (ε → flow) pipelines.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -54,7 +56,21 @@ _LAZY_DIT = (
     "tiny_dit",
 )
 _LAZY_ATTENTION = ("attention_backend", "restore_attention", "use_attention")
-_LAZY_SD3 = ("SD3Adapter", "SD3Condition")
+_LAZY_T2I = {
+    "TextToImageAdapter": "t2i",
+    "SD3Adapter": "sd3",
+    "SD3Condition": "sd3",
+    "SD3_LORA_TARGETS": "sd3",
+    "FluxAdapter": "flux",
+    "FluxCondition": "flux",
+    "FLUX_LORA_TARGETS": "flux",
+    "ZImageAdapter": "zimage",
+    "ZImageCondition": "zimage",
+    "ZIMAGE_LORA_TARGETS": "zimage",
+    "SDXLAdapter": "sdxl",
+    "SDXLCondition": "sdxl",
+    "SDXL_LORA_TARGETS": "sdxl",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -66,10 +82,10 @@ def __getattr__(name: str) -> Any:
         from dmdr_fast.models import attention
 
         return getattr(attention, name)
-    if name in _LAZY_SD3:
-        from dmdr_fast.models import sd3
+    if name in _LAZY_T2I:
+        import importlib
 
-        return getattr(sd3, name)
+        return getattr(importlib.import_module(f"dmdr_fast.models.{_LAZY_T2I[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -83,24 +99,39 @@ if TYPE_CHECKING:
         dit_from_config,
         tiny_dit,
     )
-    from dmdr_fast.models.sd3 import SD3Adapter, SD3Condition
+    from dmdr_fast.models.flux import FLUX_LORA_TARGETS, FluxAdapter, FluxCondition
+    from dmdr_fast.models.sd3 import SD3_LORA_TARGETS, SD3Adapter, SD3Condition
+    from dmdr_fast.models.sdxl import SDXL_LORA_TARGETS, SDXLAdapter, SDXLCondition
+    from dmdr_fast.models.t2i import TextToImageAdapter
+    from dmdr_fast.models.zimage import ZIMAGE_LORA_TARGETS, ZImageAdapter, ZImageCondition
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "DIT_ATTENTION_TARGETS",
     "DIT_FEEDFORWARD_TARGETS",
     "DIT_LORA_TARGETS",
+    "FLUX_LORA_TARGETS",
     "LORA_WEIGHTS_NAME",
+    "SD3_LORA_TARGETS",
+    "SDXL_LORA_TARGETS",
+    "ZIMAGE_LORA_TARGETS",
     "Condition",
     "DiTAdapter",
     "FlowModelAdapter",
+    "FluxAdapter",
+    "FluxCondition",
     "LoraConfig",
     "LoraConv2d",
     "LoraLayer",
     "LoraLinear",
     "SD3Adapter",
     "SD3Condition",
+    "SDXLAdapter",
+    "SDXLCondition",
     "ScaleSpec",
+    "TextToImageAdapter",
+    "ZImageAdapter",
+    "ZImageCondition",
     "attention_backend",
     "batched_velocity",
     "cat_conditions",

@@ -234,6 +234,10 @@ class SD3Adapter(TextToImageAdapter):
     def condition_settings(self) -> dict[str, Any]:
         return {"max_sequence_length": self.max_sequence_length}
 
+    def pipeline_call_kwargs(self, num_steps: int) -> dict[str, Any]:
+        """No CFG (``guidance_scale`` 1) and the training T5 length (its padding is not masked)."""
+        return {**super().pipeline_call_kwargs(num_steps), "max_sequence_length": self.max_sequence_length}
+
     def pipeline_sigmas(self, num_steps: int) -> list[float] | None:
         """``StableDiffusion3Pipeline`` passes no sigmas: the scheduler's own spacing is used."""
         return None

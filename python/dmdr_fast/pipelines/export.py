@@ -19,6 +19,7 @@ and the Trainer trained the student on exactly the grid it visits
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -83,7 +84,7 @@ def export_student(
         "num_steps": n,
         "shift": shift,
         "scheduler_class": type(scheduler).__name__,
-        "call_kwargs": student.pipeline_call_kwargs(n),
+        "call_kwargs": {**student.pipeline_call_kwargs(n), **_size_kwargs(student)},
         "resolution": list(getattr(student, "resolution", ()) or ()),
         "base_pipeline": base_path,
         "lora_prefix": student.lora_prefix if kind == "lora" else None,
@@ -91,6 +92,12 @@ def export_student(
     }
     atomic_write_text(out / EXPORT_INFO_NAME, json.dumps(info, indent=2) + "\n")
     return out
+
+
+def _size_kwargs(student: Any) -> dict[str, int]:
+    """``height``/``width`` of the training resolution (pipelines default to the model's native size)."""
+    resolution = getattr(student, "resolution", None)
+    return {"height": int(resolution[0]), "width": int(resolution[1])} if resolution else {}
 
 
 def _assemble(
@@ -102,7 +109,11 @@ def _assemble(
         components = dict(pipe.components)
         components[student.network_attr] = network
         components["scheduler"] = scheduler
-        return type(pipe)(**components)
+        # Constructor flags stored in the pipeline config (e.g. SDXL's force_zeros_for_empty_prompt)
+        # must survive the rebuild: they change how the exported pipeline encodes empty prompts.
+        accepted = inspect.signature(type(pipe).__init__).parameters
+        flags = {k: v for k, v in pipe.config.items() if k in accepted and k not in components}
+        return type(pipe)(**components, **flags)
     if base_path is None:
         raise ValueError(
             "the adapter no longer holds the text encoders (dropped after caching prompts) and no "
