@@ -36,3 +36,5 @@ TRITON_INTERPRET=0 "$PY" -m pytest -q -s -m gpu tests/ops/test_attention_triton.
 "$PY" -m dmdr_fast.cli bench attention --device cuda --shape 1x24x4429x4429x64 --pad-frac 0.05 \
   --providers sdpa,sdpa-efficient,sdpa-cudnn,triton,fp8 --json "$OUT/bench_attention_bf16_mask.json" \
   | tee "$OUT/bench_attention_bf16_mask.txt"
+# text-to-image (issue 6): SD3.5-Medium-sized step and sampling benchmarks
+bash scripts/gpu_t2i_bench.sh || echo "t2i benchmarks FAILED"

@@ -197,9 +197,12 @@ def _t2i_config(args: argparse.Namespace):
 
 
 def _cmd_make_pipeline(args: argparse.Namespace) -> int:
+    import torch
+
     from dmdr_fast.pipelines.random import save_random_pipeline
 
-    out = save_random_pipeline(args.family, args.size, args.out, seed=args.seed)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    out = save_random_pipeline(args.family, args.size, args.out, seed=args.seed, dtype=dtype)
     print(f"random {args.size} {args.family} pipeline: {out}")
     return 0
 
@@ -373,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--size", default="tiny", help="tiny (all families) or sd35-medium (sd3)")
     make.add_argument("--out", required=True)
     make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="saved weights dtype")
     make.set_defaults(func=_cmd_make_pipeline)
 
     ev = sub.add_parser("eval", help="metrics of a trained student (FD, precision/recall, accuracy, ...)")

@@ -6,7 +6,7 @@ built from a config with seeded random weights. Sizes:
 - ``tiny``: a few thousand parameters per component, 16×16-pixel images — the round-trip tests and
   the CPU smoke runs of ``dmdr-fast train`` / ``bench`` use it;
 - ``sd35-medium`` (SD3 only): the SD3.5-Medium transformer (24 layers, 24 heads × 64, dual attention
-  in the first 13 layers, 2.5B parameters) and the SD3 VAE at their real sizes, with tiny text
+  in the first 13 layers, 2.2B parameters) and the SD3 VAE at their real sizes, with tiny text
   encoders (their outputs are padded to the transformer's widths): what a DMDR step costs on a GPU
   does not depend on the weights, and with the prompt cache the text encoders are not in the step.
 
@@ -360,13 +360,26 @@ def build_random_pipeline(family: str, size: str, folder: str | os.PathLike[str]
     return builders[family](folder, size, seed)
 
 
-def save_random_pipeline(family: str, size: str, out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
-    """Build a random pipeline and ``save_pretrained`` it to ``out_dir``; returns the folder."""
+def save_random_pipeline(
+    family: str,
+    size: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Build a random pipeline and ``save_pretrained`` it to ``out_dir``; returns the folder.
+
+    Args:
+        dtype: Weights dtype of the saved files (default fp32; bf16 halves a real-size folder).
+    """
     import shutil
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe = build_random_pipeline(family, size, out, seed=seed)
+    if dtype is not None:
+        pipe.to(dtype)
     pipe.save_pretrained(str(out))
     shutil.rmtree(out / "_tokenizer", ignore_errors=True)
     return out

@@ -1,0 +1,137 @@
+"""The text-to-image presets and CLI commands on a tiny random SD3 pipeline (benchmarks, sampling)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dmdr_fast.cli import main
+from dmdr_fast.pipelines.random import SIZES, build_random_pipeline, save_random_pipeline
+from dmdr_fast.presets.digits import CONFIG_DIR, load_preset
+from dmdr_fast.presets.t2i import DEFAULT_PRESETS, T2I_FAMILIES, family_of_pipeline
+from dmdr_fast.train.config_io import ConfigError
+
+T2I_PRESETS = ["sd35-large-4step", "sd3-medium-4step", "sdxl-1step", "flux-4step", "zimage-8step"]
+TINY = [
+    "--set", "model.kwargs.resolution=16", "--set", "model.kwargs.max_sequence_length=4",
+    "--set", "model.weights_dtype=fp32", "--set", "model.gradient_checkpointing=false",
+    "--set", "train.precision=fp32", "--set", "train.device=cpu",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", T2I_PRESETS)
+def test_preset_loads_validates_and_documents_every_value(name: str):
+    config = load_preset(name)
+    assert config.name == name and config.model.family in T2I_FAMILIES
+    assert config.to_dict() == load_preset(name, []).to_dict()
+    # Every value line of the YAML carries a comment saying where it comes from or what it does.
+    for line in (CONFIG_DIR / f"{name}.yaml").read_text().splitlines():
+        if re.match(r"^\s*(- )?[a-z_0-9]+:\s*\S", line):
+            assert "#" in line, f"{name}.yaml: undocumented value: {line.strip()}"
+    assert set(DEFAULT_PRESETS.values()) <= set(T2I_PRESETS)
+
+
+def test_preset_values_are_checked():
+    with pytest.raises(ConfigError, match="real_scale0"):
+        load_preset("sdxl-1step", ["dmdr.real_scale0=3.0"])  # above critic.fake_scale
+    with pytest.raises(ConfigError, match="weights_dtype"):
+        load_preset("sd3-medium-4step", ["model.weights_dtype=int8"])
+
+
+def test_family_detection_and_errors(tmp_path: Path):
+    with pytest.raises(ValueError, match=r"model_index\.json"):
+        family_of_pipeline(tmp_path)
+    with pytest.raises(ValueError, match="sizes"):
+        build_random_pipeline("sd3", "huge", tmp_path)
+    with pytest.raises(ValueError, match="families"):
+        build_random_pipeline("dalle", "tiny", tmp_path)
+    assert set(SIZES) == set(T2I_FAMILIES)
+
+
+def test_train_without_model_path_fails_clearly(tmp_path: Path, capsys: pytest.CaptureFixture):
+    assert main(["train", "--preset", "sd3-medium-4step", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "model.path" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = save_random_pipeline("sd3", "tiny", tmp_path_factory.mktemp("sd3") / "pipe")
+    assert family_of_pipeline(folder) == "sd3"
+    return folder
+
+
+def test_bench_sample_on_a_tiny_pipeline(sd3_dir: Path, tmp_path: Path):
+    out = tmp_path / "sample.json"
+    argv = ["bench", "sample", "--pipeline", str(sd3_dir), "--steps", "2", "--baseline-steps", "4"]
+    assert main([*argv, "--reps", "1", "--warmup", "0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["family"] == "sd3" and result["student_steps"] == 2 and result["baseline_steps"] == 4
+    assert result["images_per_s"]["student"] > 0 and result["speedup"] > 0
+    assert result["peak_mem_mib"]["student"] is None  # CUDA only
+
+
+def test_bench_step_on_a_tiny_pipeline(sd3_dir: Path, tmp_path: Path):
+    out = tmp_path / "step.json"
+    argv = ["bench", "step", "--pipeline", str(sd3_dir), *TINY, "--set", "train.batch_size=2"]
+    assert main([*argv, "--cycles", "1", "--warmup", "0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["student_steps"] == 4 and result["speedup_cycle"] > 0  # sd3-medium-4step's student
+
+
+def test_sample_pipeline_writes_a_grid(sd3_dir: Path, tmp_path: Path):
+    out = tmp_path / "grid.png"
+    argv = [
+        "sample",
+        "--pipeline",
+        str(sd3_dir),
+        "--prompt",
+        "a cat",
+        "--prompt",
+        "a dog",
+        "--per-prompt",
+        "2",
+    ]
+    assert main([*argv, "--steps", "2", "--out", str(out)]) == 0
+    assert Image.open(out).size[0] > 16
+    with pytest.raises(SystemExit, match="prompt"):
+        main(["sample", "--pipeline", str(sd3_dir), "--out", str(out)])
+    with pytest.raises(SystemExit, match="checkpoint"):
+        main(["sample", "--out", str(out)])
+
+
+def test_cache_prompts_refuses_a_cache_of_another_model(sd3_dir: Path, tmp_path: Path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    cache = tmp_path / "cache"
+    argv = [
+        "cache-prompts",
+        "--pipeline",
+        str(sd3_dir),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(cache),
+        "--quiet",
+    ]
+    assert main([*argv, *TINY]) == 0
+    meta = json.loads((cache / "cache.json").read_text())
+    assert meta["fingerprint"]["max_sequence_length"] == 4
+    # Training with another T5 length must refuse this cache, naming the differing setting.
+    run = [
+        "train",
+        "--preset",
+        "sd3-medium-4step",
+        "--set",
+        f"model.path={sd3_dir}",
+        "--set",
+        f"data.cache={cache}",
+    ]
+    other = [
+        a if a != "model.kwargs.max_sequence_length=4" else "model.kwargs.max_sequence_length=6" for a in TINY
+    ]
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        main([*run, *other, "--out", str(tmp_path / "run"), "--quiet"])
