@@ -185,6 +185,9 @@ def test_diffusers_load_lora_adapter_reproduces_outputs(tmp_path):
     save_lora(ours, tmp_path)
     theirs = build()
     theirs.load_lora_adapter(
-        str(tmp_path), weight_name="pytorch_lora_weights.safetensors", prefix="transformer", adapter_name="dmdr"
+        str(tmp_path),
+        weight_name="pytorch_lora_weights.safetensors",
+        prefix="transformer",
+        adapter_name="dmdr",
     )
     torch.testing.assert_close(theirs(**inputs).sample, want, rtol=1e-5, atol=1e-5)
