@@ -159,10 +159,25 @@ def _cmd_cache_prompts(args: argparse.Namespace) -> int:
     config = _t2i_config(args)
     if config.data.prompts is None:
         raise SystemExit("give --prompts FILE (or data.prompts in the config)")
-    prompts = load_prompts(config.data.prompts, column=config.data.column)
+    prompts = load_prompts(config.data.prompts, column=config.data.column, limit=args.limit)
     device = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
     adapter = t2i.build_adapter(config.model, device=device)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    # Padded text embeddings are large (SD3 ~1.7 MB, Flux ~4 MB per prompt in fp32): say so first.
+    sample = adapter.encode_condition(prompts[:1])
+    per_prompt = sum(
+        v.numel()
+        * (
+            torch.empty((), dtype=dtype or v.dtype).element_size()
+            if v.is_floating_point()
+            else v.element_size()
+        )
+        for v in vars(sample).values()
+        if isinstance(v, torch.Tensor)
+    )
+    print(
+        f"{len(prompts)} prompts × {per_prompt / 2**20:.2f} MiB ≈ {len(prompts) * per_prompt / 2**30:.2f} GiB on disk"
+    )
     path = build_prompt_cache(
         adapter,
         prompts,
@@ -170,7 +185,7 @@ def _cmd_cache_prompts(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         dtype=dtype,
         progress=not args.quiet,
-        model_id=config.model.path,
+        model_id=t2i.model_identity(config.model.path),
         overwrite=args.overwrite,
     )
     print(f"prompt cache: {path} ({len(prompts)} prompts); train with --set data.cache={path}")
@@ -363,7 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--prompts", default=None, help="prompt file (sets data.prompts)")
     cache.add_argument("--out", required=True, help="cache folder")
     cache.add_argument("--batch-size", type=int, default=16)
-    cache.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="storage dtype")
+    cache.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="storage dtype (auto: as encoded)",
+    )
+    cache.add_argument("--limit", type=int, default=None, help="cache only the first N prompts")
     cache.add_argument("--device", default="auto")
     cache.add_argument("--overwrite", action="store_true", help="replace a cache built for something else")
     add_config_args(cache)

@@ -44,9 +44,13 @@ COMMON = [
 CASES = {  # family, student kind, steps, preset, extra overrides, pipeline class, use the prompt cache
     "sd3-full": ("sd3", "full", 1, "sd3-medium-4step", ["model.kwargs.max_sequence_length=4"], "StableDiffusion3Pipeline", True),
     "sd3-lora": ("sd3", "lora", 2, "sd35-large-4step", ["model.kwargs.max_sequence_length=4"], "StableDiffusion3Pipeline", False),
+    # bf16 frozen weights + bf16 autocast + a full fp32 student through our attention op
+    "sd3-full-bf16": ("sd3", "full", 1, "sd3-medium-4step", ["model.kwargs.max_sequence_length=4", "model.weights_dtype=bf16", "train.precision=bf16"], "StableDiffusion3Pipeline", True),
     "zimage-full": ("zimage", "full", 1, "zimage-8step", ["model.kwargs.max_sequence_length=16"], "ZImagePipeline", True),
+    "zimage-lora": ("zimage", "lora", 1, "zimage-8step", ["model.kwargs.max_sequence_length=16"], "ZImagePipeline", False),
     "flux-lora": ("flux", "lora", 2, "flux-4step", ["model.kwargs.max_sequence_length=8"], "FluxPipeline", False),
     "sdxl-full": ("sdxl", "full", 1, "sdxl-1step", [], "StableDiffusionXLPipeline", True),
+    "sdxl-lora": ("sdxl", "lora", 1, "sdxl-1step", [], "StableDiffusionXLPipeline", False),
 }  # fmt: skip
 
 
@@ -55,7 +59,7 @@ def _train(tmp_path: Path, case: str) -> tuple[Path, Path, dict]:
     pipe_dir = save_random_pipeline(family, "tiny", tmp_path / "teacher")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    sets = [*COMMON, *extra, f"student.kind={kind}", f"student.num_steps={steps}"]
+    sets = [*COMMON, f"student.kind={kind}", f"student.num_steps={steps}", *extra]
     flags = [x for s in sets for x in ("--set", s)]
     if use_cache:
         cache = tmp_path / "cache"
@@ -108,7 +112,8 @@ def test_train_export_load_with_plain_diffusers(tmp_path: Path, case: str):
     else:
         assert info["kind"] == "lora"
         lora = load_file(str(export / "pytorch_lora_weights.safetensors"))
-        assert all(k.startswith("transformer.") for k in lora)
+        prefix = "unet." if family == "sdxl" else "transformer."
+        assert all(k.startswith(prefix) for k in lora)
         assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k), "LoRA B is still zero"
         pipe = cls.from_pretrained(str(teacher_dir))
         pipe.load_lora_weights(str(export))
@@ -120,6 +125,7 @@ def test_train_export_load_with_plain_diffusers(tmp_path: Path, case: str):
     assert kwargs["num_inference_steps"] == steps and kwargs["height"] == 16
 
     ours = adapter_class(family).from_pipeline(pipe, resolution=16, **_adapter_kwargs(extra))
+    bf16 = "model.weights_dtype=bf16" in extra
     grid = ours.few_step_grid(steps, info["shift"])
     prompts = PROMPTS[:2]  # passed as copies: ZImagePipeline rewrites its prompt list in place
     if family == "flux":  # packed latents: check the grid and the images only
@@ -134,15 +140,33 @@ def test_train_export_load_with_plain_diffusers(tmp_path: Path, case: str):
     assert latents.shape == noise.shape and torch.isfinite(latents).all()
     if family != "sdxl":  # flow schedulers keep their sigmas; LCM has none (its grid is in timesteps)
         torch.testing.assert_close(pipe.scheduler.sigmas, grid, rtol=0, atol=0)
-    if steps == 1:  # the exported pipeline's one step IS the student's one-step sample
+    if steps == 1 and not bf16:  # the exported pipeline's one step IS the trained student's sample
+        student = _trained_student(tmp_path / "run", family, teacher_dir, extra)
         with torch.no_grad():
-            v = ours.velocity(noise, torch.ones(2), ours.encode_condition(prompts))
+            v = student.velocity(noise, torch.ones(2), student.encode_condition(prompts))
         torch.testing.assert_close(latents, noise - v, rtol=1e-4, atol=1e-4)
+
+
+def _trained_student(run: Path, family: str, teacher_dir: Path, extra: list[str]):
+    """The student as the Trainer left it: teacher + the last checkpoint's trainable weights."""
+    from dmdr_fast.models.roles import make_student
+    from dmdr_fast.train import checkpoint as ckpt
+    from dmdr_fast.train.config import DMDRTrainerConfig
+
+    sd = torch.load(ckpt.latest_checkpoint(run), map_location="cpu", weights_only=False)
+    config = DMDRTrainerConfig.from_dict(sd["config"])
+    teacher = adapter_class(family).from_pretrained(teacher_dir, resolution=16, **_adapter_kwargs(extra))
+    s = config.student
+    lora = s.lora.to_lora_config("student", teacher.default_lora_targets) if s.kind == "lora" else None
+    student = make_student(teacher, lora=lora)
+    ckpt.load_trainable_state(student.network, sd["student"], "student")
+    return student
 
 
 def _adapter_kwargs(extra: list[str]) -> dict:
     out = {}
     for item in extra:
         key, value = item.split("=")
-        out[key.removeprefix("model.kwargs.")] = int(value)
+        if key.startswith("model.kwargs."):
+            out[key.removeprefix("model.kwargs.")] = int(value)
     return out

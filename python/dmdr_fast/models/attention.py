@@ -195,6 +195,15 @@ class OpProcessor:
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """``(B, H, Lq, D)`` attention of ``(B, H, L, D)`` inputs, a diffusers mask converted."""
         pad = to_key_padding_mask(attention_mask, q.shape[0], k.shape[2])
+        # Under autocast, SDPA runs in the autocast dtype; do the same here. Without this a model
+        # whose q/k pass through fp32 RMSNorm weights (a full fp32 student under bf16 autocast) would
+        # hand the op fp32 q, k and a bf16 v, which the op refuses.
+        device = q.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+        else:
+            dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        q, k, v = (x if x.dtype == dtype else x.to(dtype) for x in (q, k, v))
         return _attention_op(q, k, v, key_padding_mask=pad, backend=self.backend)
 
     def __repr__(self) -> str:

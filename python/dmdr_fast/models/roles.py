@@ -34,7 +34,8 @@ def make_student(teacher: AdapterT, *, lora: LoraConfig | None = None) -> Adapte
     Args:
         teacher: The teacher adapter; it must not carry LoRA layers yet.
         lora: ``None`` for a full fine-tune (every network parameter trainable), or the LoRA to
-            inject into the copy (then only LoRA trains), e.g. rank 64 / alpha 128 for SD3.5.
+            inject into the copy (then only LoRA trains), e.g. rank 64 / alpha 128 for SD3.5. With
+            a LoRA the copy's base weights are the teacher's tensors (shared, frozen), not copies.
 
     Returns:
         A new adapter of the same type.
@@ -54,6 +55,12 @@ def make_student(teacher: AdapterT, *, lora: LoraConfig | None = None) -> Adapte
         for tensor in (*teacher.parameters(), *teacher.buffers()):
             if id(tensor) not in own:
                 memo[id(tensor)] = tensor  # deepcopy reuses memo entries: shared, not copied
+    if lora is not None:
+        # A LoRA student trains only its adapter: its frozen base weights can BE the teacher's
+        # (the modules are copied, the tensors shared), which saves a whole copy of a multi-billion
+        # parameter network. The teacher's base is frozen too (make_guidance / full critic).
+        for tensor in (*network.parameters(), *network.buffers()):
+            memo[id(tensor)] = tensor
     student = copy.deepcopy(teacher, memo)
     if lora is None:
         student.network.requires_grad_(True)

@@ -132,6 +132,9 @@ class TextToImageAdapter(nn.Module):
         """
         if self._null is None:
             self._null = self.encode_condition([""])
+        device = self._device()  # the cache may have installed it before the adapter moved
+        if any(isinstance(v, torch.Tensor) and v.device != device for v in vars(self._null).values()):
+            self._null = _map_fields(self._null, lambda v: v.to(device))
         return _map_fields(self._null, lambda v: v.expand(batch_size, *v.shape[1:]))
 
     def set_null_condition(self, cond: Any) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,7 +72,16 @@ def export_student(
             save_lora(student.network, out, adapter="student", prefix=student.lora_prefix)
         scheduler.save_pretrained(out / "scheduler")
         kind = "lora"
-    else:
+    elif base_path is not None and (Path(base_path) / "model_index.json").is_file():
+        # Big models: no second copy on the GPU. The teacher folder's other components are copied
+        # file by file, and the student's weights are written tensor by tensor from the live network.
+        _copy_components(Path(base_path), out, skip={student.network_attr, "scheduler"})
+        _patch_model_index(out, scheduler)
+        scheduler.save_pretrained(out / "scheduler")
+        with trainer.ema_weights():
+            _save_network(student.network, out / student.network_attr, dtype)
+        kind = "pipeline"
+    else:  # an adapter built from an in-memory pipeline: assemble and save the pipeline object
         network = trainer.export_student().to(dtype)  # EMA weights, native attention, own copy
         pipe = _assemble(student, network, scheduler, base_path, dtype)
         pipe.save_pretrained(out)
@@ -92,6 +102,52 @@ def export_student(
     }
     atomic_write_text(out / EXPORT_INFO_NAME, json.dumps(info, indent=2) + "\n")
     return out
+
+
+def _copy_components(base: Path, out: Path, skip: set[str]) -> None:
+    """Copy the teacher folder's components (text encoders, tokenizers, VAE, ...) except ``skip``."""
+    for item in base.iterdir():
+        if item.name in skip or item.name.startswith("."):
+            continue
+        if item.is_dir():  # hard links where possible: multi-GB text encoders cost no disk twice
+            shutil.copytree(item, out / item.name, dirs_exist_ok=True, copy_function=_link_or_copy)
+        elif item.name == "model_index.json":
+            shutil.copy2(item, out / item.name)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _patch_model_index(out: Path, scheduler: Any) -> None:
+    """Point ``model_index.json``'s scheduler entry at the exported scheduler's class."""
+    index = json.loads((out / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", type(scheduler).__name__]
+    atomic_write_text(out / "model_index.json", json.dumps(index, indent=2) + "\n")
+
+
+@torch.no_grad()
+def _save_network(network: torch.nn.Module, folder: Path, dtype: torch.dtype) -> None:
+    """``save_pretrained`` layout of ``network`` (config + safetensors), cast to ``dtype`` on the CPU.
+
+    Only the state dict matters (attention processors are not saved), so the live network is
+    written as is; each tensor is copied to the CPU once, never a whole second network on the GPU.
+    """
+    from safetensors.torch import save_file
+
+    from dmdr_fast.models.lora import merged_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    network.save_config(str(folder))
+    # merged_state_dict: the plain module names (LoRA wrappers folded; a full student has none).
+    state = {
+        k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+        for k, v in merged_state_dict(network).items()
+    }
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
 
 
 def _size_kwargs(student: Any) -> dict[str, int]:
@@ -162,17 +218,12 @@ def load_exported(
     if lora is not None:
         lora_info = read_export_info(lora) or {}
         pipe.load_lora_weights(str(lora))
-        scheduler_dir = Path(lora) / "scheduler"
-        if scheduler_dir.is_dir():
-            pipe.scheduler = type(pipe.scheduler).from_pretrained(str(lora), subfolder="scheduler")
-            if (
-                lora_info.get("scheduler_class")
-                and lora_info["scheduler_class"] != type(pipe.scheduler).__name__
-            ):
-                import diffusers
+        if (Path(lora) / "scheduler").is_dir():
+            import diffusers
 
-                cls = getattr(diffusers, lora_info["scheduler_class"])
-                pipe.scheduler = cls.from_pretrained(str(lora), subfolder="scheduler")
+            name = lora_info.get("scheduler_class")
+            cls = getattr(diffusers, name) if name else type(pipe.scheduler)
+            pipe.scheduler = cls.from_pretrained(str(lora), subfolder="scheduler")
         info = lora_info or info
     return pipe.to(device), info
 
@@ -203,6 +254,9 @@ def sample_exported(
         kwargs.update(height=height, width=width if width is not None else height)
     device = getattr(pipe, "device", torch.device("cpu"))
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    # The flow pipelines call scheduler.step without the generator: multi-step re-noising draws
+    # from the global RNG, so seed it too for reproducible samples.
+    torch.manual_seed(seed)
     out = pipe(prompt=list(prompts), generator=generator, output_type="pt", **kwargs)
     images = out.images if hasattr(out, "images") else out[0]
     return torch.as_tensor(images).float().clamp(0, 1).to(device)

@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import torch
 from dmdr_fast.data.prompts import PromptBatch
 from dmdr_fast.train.config import DMDRTrainerConfig, ModelConfig
 from dmdr_fast.train.config_io import ConfigError
-from dmdr_fast.train.trainer import Trainer
+from dmdr_fast.train.trainer import Trainer, resolve_device
 
 __all__ = [
     "DEFAULT_PRESETS",
@@ -41,6 +42,7 @@ __all__ = [
     "build_adapter",
     "build_data",
     "family_of_pipeline",
+    "model_identity",
     "run_t2i",
     "teacher_sample",
 ]
@@ -68,6 +70,13 @@ _PIPELINE_FAMILIES = {
     "ZImagePipeline": "zimage",
     "StableDiffusionXLPipeline": "sdxl",
 }
+
+
+def model_identity(path: str | None) -> str | None:
+    """How a prompt cache names its model: the absolute path of a local folder (else the hub id)."""
+    if path is None:
+        return None
+    return str(Path(path).resolve()) if Path(path).exists() else path
 
 
 def family_of_pipeline(path: str | os.PathLike[str]) -> str:
@@ -114,11 +123,9 @@ class EncodedPromptSampler:
 
 def bench_trainer(config: DMDRTrainerConfig, *, num_prompts: int = 64) -> Trainer:
     """A Trainer on ``config.model`` with synthetic prompts encoded once (text encoders then freed)."""
-    device = "cuda" if torch.cuda.is_available() and config.train.device in ("auto", "cuda") else "cpu"
-    adapter = build_adapter(config.model, device=device)
+    adapter = build_adapter(config.model, device=resolve_device(config.train.device))
     prompts = [f"a photo of object number {i}, studio light" for i in range(num_prompts)]
     batch = PromptBatch(prompts=prompts, condition=adapter.encode_condition(prompts))
-    adapter.null_condition(1)
     adapter.drop_text_encoders()
     return Trainer(config, adapter, data=EncodedPromptSampler(batch))
 
@@ -168,7 +175,8 @@ def build_data(config: DMDRTrainerConfig, adapter: Any) -> tuple[Any, PromptBatc
     data = config.data
     if data.cache is None and data.prompts is None:
         raise ConfigError("needs data.prompts (a .txt/.jsonl/.csv file) or data.cache", field="data")
-    cache = PromptCache.open(data.cache, adapter) if data.cache is not None else None
+    model_id = model_identity(config.model.path)
+    cache = PromptCache.open(data.cache, adapter, model_id=model_id) if data.cache is not None else None
     if cache is not None:
         install_null_condition(adapter, cache)
         sampler: Any = CachedPromptSampler(cache)
@@ -177,14 +185,11 @@ def build_data(config: DMDRTrainerConfig, adapter: Any) -> tuple[Any, PromptBatc
         pool = load_prompts(data.prompts, column=data.column)
         sampler = PromptSampler(tuple(pool))
     prompts = list(data.eval_prompts) or pool[:NUM_EVAL_PROMPTS]
-    if adapter.can_encode:
-        eval_batch = PromptBatch(prompts=prompts, condition=adapter.encode_condition(prompts))
-    elif cache is not None and not data.eval_prompts:
+    if cache is not None and not data.eval_prompts:  # the cache has them: no encoder needed
         eval_batch = PromptBatch(prompts=prompts, condition=cache.condition(list(range(len(prompts)))))
     else:
-        raise ValueError("data.eval_prompts need the text encoders, which were dropped; reload the adapter")
+        eval_batch = PromptBatch(prompts=prompts, condition=adapter.encode_condition(prompts))
     if cache is not None and data.offload_text_encoders:
-        adapter.null_condition(1)
         adapter.drop_text_encoders()
     return sampler, eval_batch
 
@@ -195,14 +200,16 @@ def teacher_sample(
 ) -> torch.Tensor:
     """Teacher samples (Euler, CFG ``guidance`` with the null condition) in latent space."""
     from dmdr_fast.algo import euler_sample
-    from dmdr_fast.models.lora import lora_scale
+    from dmdr_fast.models.lora import lora_layers, lora_scale
 
     _, cond = trainer._encode(batch)
     n = len(batch)
     noise = torch.randn((n, *trainer.student.sample_shape), generator=torch.Generator().manual_seed(seed))
     guide = trainer.guidance
     null = guide.null_condition(n) if guidance > 1 else None
-    with lora_scale(guide.network, 0.0), trainer._autocast():  # LoRA scale 0: the plain teacher
+    # LoRA scale 0 turns the critic LoRA off: the plain teacher (a full critic leaves it LoRA-free).
+    plain = lora_scale(guide.network, 0.0) if any(True for _ in lora_layers(guide.network)) else nullcontext()
+    with plain, trainer._autocast():
         return euler_sample(
             guide.velocity,
             noise.to(trainer.device),
@@ -239,10 +246,9 @@ def run_t2i(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    adapter = build_adapter(config.model)
+    device = resolve_device(config.train.device)
+    adapter = build_adapter(config.model, device=device)  # text encoders run on the device too
     sampler, eval_batch = build_data(config, adapter)
-    device = "cuda" if config.train.device == "auto" and torch.cuda.is_available() else config.train.device
-    device = "cpu" if device == "auto" else device
     reward = rewards_from_config(config.rewards, device=device)
     monitor = RewardHackingMonitor(eval_batch, config=config.monitor) if config.monitor.every else None
     trainer = Trainer(config, adapter, reward=reward, data=sampler, out_dir=out, monitor=monitor)
@@ -252,6 +258,8 @@ def run_t2i(
     trainer.fit(progress=progress)
     t_train = time.perf_counter() - t0 - t_setup
 
+    # Export first: the comparison below is a report, the export is what the run is for.
+    export_dir = export_student(trainer, out / "export") if export else None
     n_steps, w = config.student.num_steps, config.dmdr.guidance
     s_img = trainer.student.decode(trainer.sample(eval_batch, generator=torch.Generator().manual_seed(4321)))
     t_img = trainer.student.decode(
@@ -268,7 +276,6 @@ def run_t2i(
     )
     if trainer.monitor is not None and trainer.monitor.history:
         plot_monitor({config.name: trainer.monitor.history}, out / "monitor.png")
-    export_dir = export_student(trainer, out / "export") if export else None
     elapsed = time.perf_counter() - t0
     metrics = {
         "results": results,

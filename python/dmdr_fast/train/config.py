@@ -828,6 +828,12 @@ class DMDRTrainerConfig(ConfigBase):
                 f"({dmdr.real_scale0}) must not exceed critic.fake_scale ({self.critic.fake_scale}): the "
                 "DynaDG target lies between the teacher (scale 0) and the fake score",
             )
+        if self.model.weights_dtype == "fp16" and train.precision == "bf16":
+            self._fail(
+                "model.weights_dtype",
+                "is fp16 while train.precision is bf16: bf16 autocast over fp16 weights mixes two "
+                "half-precision types in one op (torch refuses); use weights_dtype bf16 (or fp32)",
+            )
         if dmdr.decoupled and dmdr.dmd_weight == 0:
             self._fail("dmdr.decoupled", "needs dmdr.dmd_weight > 0 (it splits the DMD term)")
         for i, r in enumerate(self.rewards):

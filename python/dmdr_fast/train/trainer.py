@@ -50,7 +50,7 @@ from dmdr_fast.train.config import DMDRTrainerConfig
 from dmdr_fast.train.logging import RunLogger
 from dmdr_fast.train.monitor import RewardHackingMonitor
 
-__all__ = ["ClassLabelSampler", "ConditionSampler", "Trainer", "TrainerState"]
+__all__ = ["ClassLabelSampler", "ConditionSampler", "Trainer", "TrainerState", "resolve_device"]
 
 
 class ConditionSampler(Protocol):
@@ -78,6 +78,11 @@ class TrainerState:
     step: int = 0  # iterations (critic updates)
     gen_step: int = 0  # generator updates: the schedules' s
     history: list[dict[str, float]] = field(default_factory=list)  # evaluation results
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` → a device (``"auto"``: CUDA if available, else CPU)."""
+    return _resolve_device(name)
 
 
 def _resolve_device(name: str) -> torch.device:
