@@ -121,6 +121,7 @@ def _cmd_sample_pipeline(args: argparse.Namespace) -> int:
 
     from dmdr_fast.eval.plots import save_image_grid
     from dmdr_fast.pipelines.export import load_exported, sample_exported
+    from dmdr_fast.train.trainer import resolve_device
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -130,7 +131,7 @@ def _cmd_sample_pipeline(args: argparse.Namespace) -> int:
     if not prompts:
         raise SystemExit("give --prompt TEXT (repeatable) or --prompts-file FILE")
     prompts = [p for p in prompts for _ in range(args.per_prompt)]
-    device = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
+    device = resolve_device(args.device)
     pipe, info = load_exported(args.pipeline, lora=args.lora, device=device)
     if not info:
         print("note: no dmdr_export.json found; sampling with the pipeline's own defaults")
@@ -143,26 +144,22 @@ def _cmd_sample_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _cmd_cache_prompts(args: argparse.Namespace) -> int:
     import torch
 
+    from dmdr_fast._dtypes import torch_dtype
     from dmdr_fast.data.prompt_cache import build_prompt_cache
     from dmdr_fast.data.prompts import load_prompts
     from dmdr_fast.presets import t2i
+    from dmdr_fast.train.trainer import resolve_device
 
     config = _t2i_config(args)
     if config.data.prompts is None:
         raise SystemExit("give --prompts FILE (or data.prompts in the config)")
     prompts = load_prompts(config.data.prompts, column=config.data.column, limit=args.limit)
-    device = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
+    device = resolve_device(args.device)
     adapter = t2i.build_adapter(config.model, device=device)
-    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     # Padded text embeddings are large (SD3 ~1.7 MB, Flux ~4 MB per prompt in fp32): say so first.
     sample = adapter.encode_condition(prompts[:1])
     per_prompt = sum(
@@ -212,11 +209,10 @@ def _t2i_config(args: argparse.Namespace):
 
 
 def _cmd_make_pipeline(args: argparse.Namespace) -> int:
-    import torch
-
+    from dmdr_fast._dtypes import torch_dtype
     from dmdr_fast.pipelines.random import save_random_pipeline
 
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     out = save_random_pipeline(args.family, args.size, args.out, seed=args.seed, dtype=dtype)
     print(f"random {args.size} {args.family} pipeline: {out}")
     return 0

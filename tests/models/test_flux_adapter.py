@@ -7,15 +7,12 @@ Flux-schnell) and ``guided`` (``guidance_embeds=True``, like Flux-dev).
 from __future__ import annotations
 
 import copy
-import json
-import string
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from tokenizers.pre_tokenizers import ByteLevel
 
 from dmdr_fast.models import (
     FlowModelAdapter,
@@ -26,6 +23,7 @@ from dmdr_fast.models import (
     use_attention,
 )
 from dmdr_fast.models.flux import FLUX_LORA_TARGETS, FluxAdapter, FluxCondition
+from dmdr_fast.pipelines.random import byte_level_clip_tokenizer, char_t5_tokenizer
 
 CLIP_TOKENS = 8  # CLIP tokenizer length (pipeline's tokenizer_max_length)
 T5_TOKENS = 8  # max_sequence_length ("the dog" is 7 T5 tokens: no truncation)
@@ -37,20 +35,12 @@ PROMPTS = ["a cat", "the dog"]
 
 def _clip_tokenizer(folder: Path) -> transformers.CLIPTokenizer:
     """Byte-level CLIP BPE tokenizer: 256 byte symbols, their ``</w>`` forms, two special tokens."""
-    folder.mkdir(parents=True, exist_ok=True)
-    alphabet = sorted(ByteLevel.alphabet())
-    tokens = [*alphabet, *(c + "</w>" for c in alphabet), "<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return transformers.CLIPTokenizer.from_pretrained(str(folder), model_max_length=CLIP_TOKENS)
+    return byte_level_clip_tokenizer(folder, CLIP_TOKENS)
 
 
 def _t5_tokenizer() -> transformers.T5TokenizerFast:
     """Character-level T5 (Unigram) tokenizer: pad/eos/unk, letters, digits and ``▁letter``."""
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [(c, -3.0) for c in string.ascii_lowercase + string.digits]
-    vocab += [("▁" + c, -2.5) for c in string.ascii_lowercase]
-    return transformers.T5TokenizerFast(vocab=vocab, extra_ids=0)
+    return char_t5_tokenizer()
 
 
 def _transformer(guidance_embeds: bool) -> FluxTransformer2DModel:

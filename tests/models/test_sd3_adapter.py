@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,10 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from tokenizers.pre_tokenizers import ByteLevel
 
 from dmdr_fast.models import FlowModelAdapter, make_student, restore_attention, use_attention
 from dmdr_fast.models.sd3 import SD3Adapter, SD3Condition
+from dmdr_fast.pipelines.random import byte_level_clip_tokenizer
 
 TOKENS = 8  # CLIP tokenizer length (pipeline's tokenizer_max_length)
 T5_TOKENS = 3  # zero T5 tokens appended by encode_prompt when text_encoder_3 is None
@@ -26,12 +25,7 @@ PROMPTS = ["a cat", "the dog"]
 
 def _tokenizer(folder: Path) -> transformers.CLIPTokenizer:
     """Byte-level CLIP BPE tokenizer: 256 byte symbols, their ``</w>`` forms, two special tokens."""
-    folder.mkdir(parents=True, exist_ok=True)
-    alphabet = sorted(ByteLevel.alphabet())
-    tokens = [*alphabet, *(c + "</w>" for c in alphabet), "<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return transformers.CLIPTokenizer.from_pretrained(str(folder), model_max_length=TOKENS)
+    return byte_level_clip_tokenizer(folder, TOKENS)
 
 
 def _clip(tokenizer: transformers.CLIPTokenizer, seed: int) -> transformers.CLIPTextModelWithProjection:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from tokenizers.pre_tokenizers import ByteLevel
 from torch import nn
 
 from dmdr_fast.models import (
@@ -28,6 +26,7 @@ from dmdr_fast.models import (
     use_attention,
 )
 from dmdr_fast.models.sdxl import SDXL_LORA_TARGETS, SDXLAdapter, SDXLCondition
+from dmdr_fast.pipelines.random import byte_level_clip_tokenizer
 
 TOKENS = 8  # CLIP tokenizer length (77 for SDXL)
 PROMPTS = ["a cat", "the dog"]
@@ -42,12 +41,7 @@ SDXL_SCHEDULER = {
 
 def _tokenizer(folder: Path) -> transformers.CLIPTokenizer:
     """Byte-level CLIP BPE tokenizer: 256 byte symbols, their ``</w>`` forms, two special tokens."""
-    folder.mkdir(parents=True, exist_ok=True)
-    alphabet = sorted(ByteLevel.alphabet())
-    tokens = [*alphabet, *(c + "</w>" for c in alphabet), "<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return transformers.CLIPTokenizer.from_pretrained(str(folder), model_max_length=TOKENS)
+    return byte_level_clip_tokenizer(folder, TOKENS)
 
 
 def _clip(tokenizer: transformers.CLIPTokenizer, seed: int, cls: type) -> nn.Module:

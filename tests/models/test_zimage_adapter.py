@@ -8,7 +8,6 @@ import pytest
 import torch
 import transformers
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-from tokenizers.pre_tokenizers import ByteLevel
 
 from dmdr_fast.models import (
     FlowModelAdapter,
@@ -26,6 +25,7 @@ from dmdr_fast.models.zimage import (
     ZImageAdapter,
     ZImageCondition,
 )
+from dmdr_fast.pipelines.random import qwen_chat_tokenizer
 
 TOKENS = 48  # max_sequence_length: the conditions' padded length
 HIDDEN = 16  # Qwen3 hidden size = the transformer's cap_feat_dim
@@ -33,22 +33,11 @@ SHIFT = 3.0
 # A tuple: ZImagePipeline.encode_prompt overwrites the items of a prompt list with the chat
 # template, so every call below gets a fresh list(PROMPTS).
 PROMPTS = ("a cat", "the dog on a red mat")  # different token counts
-# A reduced Qwen3 chat template: what encode_prompt's apply_chat_template(enable_thinking=True) needs.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
-    "{% endif %}"
-)
 
 
 def _tokenizer() -> transformers.Qwen2Tokenizer:
     """Byte-level Qwen2 BPE tokenizer: three special tokens and the 256 byte symbols, no merges."""
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {tok: i for i, tok in enumerate([*special, *sorted(ByteLevel.alphabet())])}
-    tokenizer = transformers.Qwen2Tokenizer(vocab=vocab, merges=[], extra_special_tokens=special[1:])
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return qwen_chat_tokenizer()
 
 
 def _pipeline() -> ZImagePipeline:

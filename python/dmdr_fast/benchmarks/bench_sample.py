@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
+from dmdr_fast._dtypes import torch_dtype
 from dmdr_fast.benchmarks.harness import machine_info
 
 __all__ = ["BASELINES", "main", "run"]
 
 #: (steps, guidance) of each family's pipeline defaults in diffusers 0.42.
 BASELINES = {"sd3": (28, 7.0), "flux": (28, 3.5), "zimage": (50, 5.0), "sdxl": (50, 5.0)}
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _time_calls(
@@ -67,7 +67,7 @@ def run(
     from dmdr_fast.presets.t2i import adapter_class, family_of_pipeline
 
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dt = _DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dt = torch_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     family = family or family_of_pipeline(pipeline)
     pipe = DiffusionPipeline.from_pretrained(str(pipeline), torch_dtype=dt).to(dev)
     pipe.set_progress_bar_config(disable=True)

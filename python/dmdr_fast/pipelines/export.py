@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dmdr_fast._dtypes import torch_dtype
 from dmdr_fast._io import atomic_write_text
 
 if TYPE_CHECKING:
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 __all__ = ["EXPORT_INFO_NAME", "export_student", "load_exported", "read_export_info", "sample_exported"]
 
 EXPORT_INFO_NAME = "dmdr_export.json"
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def export_student(
@@ -66,7 +66,7 @@ def export_student(
     n, shift = config.student.num_steps, config.student.shift
     scheduler = student.export_scheduler(n, shift)
     base_path = base_path if base_path is not None else config.model.path
-    dtype = _DTYPES[config.model.weights_dtype]
+    dtype = torch_dtype(config.model.weights_dtype)
     if config.student.kind == "lora":
         with trainer.ema_weights():
             save_lora(student.network, out, adapter="student", prefix=student.lora_prefix)

@@ -27,6 +27,7 @@ __all__ = [
     "build_random_pipeline",
     "byte_level_clip_tokenizer",
     "char_t5_tokenizer",
+    "qwen_chat_tokenizer",
     "save_random_pipeline",
 ]
 
@@ -67,6 +68,18 @@ def char_t5_tokenizer() -> Any:
     vocab += [(c, -3.0) for c in string.ascii_lowercase + string.digits]
     vocab += [("▁" + c, -2.5) for c in string.ascii_lowercase]
     return transformers.T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def qwen_chat_tokenizer() -> Any:
+    """A byte-level Qwen2 tokenizer (3 special tokens + 256 byte symbols) with a Qwen3 chat template."""
+    import transformers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {tok: i for i, tok in enumerate([*special, *sorted(ByteLevel.alphabet())])}
+    tokenizer = transformers.Qwen2Tokenizer(vocab=vocab, merges=[], extra_special_tokens=special[1:])
+    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
+    return tokenizer
 
 
 def _t5(tokenizer: Any, width: int, seed: int) -> Any:
@@ -246,12 +259,8 @@ def _flux(folder: Path, size: str, seed: int) -> Any:
 def _zimage(folder: Path, size: str, seed: int) -> Any:
     import transformers
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from tokenizers.pre_tokenizers import ByteLevel
 
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {tok: i for i, tok in enumerate([*special, *sorted(ByteLevel.alphabet())])}
-    tokenizer = transformers.Qwen2Tokenizer(vocab=vocab, merges=[], extra_special_tokens=special[1:])
-    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
+    tokenizer = qwen_chat_tokenizer()
     torch.manual_seed(seed + 2)
     text_encoder = transformers.Qwen3Model(
         transformers.Qwen3Config(

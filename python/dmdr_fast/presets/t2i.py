@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from dmdr_fast._dtypes import torch_dtype
 from dmdr_fast.data.prompts import PromptBatch
 from dmdr_fast.train.config import DMDRTrainerConfig, ModelConfig
 from dmdr_fast.train.config_io import ConfigError
@@ -55,7 +56,6 @@ _ADAPTERS = {
 }
 #: ``model.family`` values that name a diffusers text-to-image pipeline.
 T2I_FAMILIES = tuple(_ADAPTERS)
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NUM_EVAL_PROMPTS = 8
 #: The preset a bare ``--pipeline DIR`` command uses for each family.
 DEFAULT_PRESETS = {
@@ -150,7 +150,7 @@ def build_adapter(model: ModelConfig, *, device: torch.device | str | None = Non
         )
     cls = adapter_class(model.family)
     adapter = cls.from_pretrained(
-        model.path, device=device, torch_dtype=_DTYPES[model.weights_dtype], **model.kwargs
+        model.path, device=device, torch_dtype=torch_dtype(model.weights_dtype), **model.kwargs
     )
     adapter.enable_memory_savers(
         gradient_checkpointing=model.gradient_checkpointing,
