@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -122,6 +121,7 @@ class FluxAdapter(TextToImageAdapter):
     family = "flux"
     condition_class = FluxCondition
     network_attr = "transformer"
+    pipeline_class = FluxPipeline
     default_lora_targets = FLUX_LORA_TARGETS
 
     def __init__(
@@ -164,53 +164,6 @@ class FluxAdapter(TextToImageAdapter):
         self.resolution = (int(height), int(width))
 
     # ---- construction -----------------------------------------------------------------------------
-
-    @classmethod
-    def from_pipeline(
-        cls,
-        pipe: FluxPipeline,
-        *,
-        device: torch.device | str | None = None,
-        **kwargs: Any,
-    ) -> FluxAdapter:
-        """Build from a ``FluxPipeline`` (transformer, VAE, text encoders, scheduler).
-
-        ``num_train_timesteps`` and ``shift`` come from the pipeline's scheduler unless given in
-        ``kwargs`` (the other keyword arguments of :class:`FluxAdapter`). The adapter is moved to
-        ``device`` if given and put in eval mode.
-        """
-        scheduler_config = pipe.scheduler.config if getattr(pipe, "scheduler", None) is not None else {}
-        kwargs.setdefault("num_train_timesteps", scheduler_config.get("num_train_timesteps", 1000))
-        kwargs.setdefault("shift", scheduler_config.get("shift", 1.0))
-        adapter = cls(pipe.transformer, vae=pipe.vae, pipeline=pipe, **kwargs)
-        if device is not None:
-            adapter.to(device)
-        return adapter.eval()
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        device: torch.device | str | None = None,
-        torch_dtype: torch.dtype | None = None,
-        pipeline_kwargs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> FluxAdapter:
-        """Load a local diffusers Flux folder with ``FluxPipeline.from_pretrained``.
-
-        Args:
-            path: The pipeline folder (``model_index.json`` and component subfolders).
-            device: Where to put the adapter.
-            torch_dtype: Load dtype for all components.
-            pipeline_kwargs: Extra ``from_pretrained`` arguments.
-            **kwargs: :class:`FluxAdapter` arguments.
-        """
-        extra = dict(pipeline_kwargs or {})
-        if torch_dtype is not None:
-            extra["torch_dtype"] = torch_dtype
-        pipe = FluxPipeline.from_pretrained(str(path), **extra)
-        return cls.from_pipeline(pipe, device=device, **kwargs)
 
     # ---- FlowModelAdapter -------------------------------------------------------------------------
 

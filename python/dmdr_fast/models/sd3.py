@@ -85,6 +85,7 @@ class SD3Adapter(TextToImageAdapter):
     family = "sd3"
     condition_class = SD3Condition
     network_attr = "transformer"
+    pipeline_class = StableDiffusion3Pipeline
     default_lora_targets = SD3_LORA_TARGETS
 
     def __init__(
@@ -121,57 +122,28 @@ class SD3Adapter(TextToImageAdapter):
     # ---- construction -----------------------------------------------------------------------------
 
     @classmethod
-    def from_pipeline(
-        cls,
-        pipe: StableDiffusion3Pipeline,
-        *,
-        device: torch.device | str | None = None,
-        **kwargs: Any,
-    ) -> SD3Adapter:
-        """Build from a ``StableDiffusion3Pipeline`` (transformer, VAE, text encoders, scheduler).
-
-        ``num_train_timesteps`` and ``shift`` come from the pipeline's scheduler unless given in
-        ``kwargs`` (the other keyword arguments of :class:`SD3Adapter`). The adapter is moved to
-        ``device`` if given and put in eval mode.
-        """
-        scheduler_config = pipe.scheduler.config if getattr(pipe, "scheduler", None) is not None else {}
-        kwargs.setdefault("num_train_timesteps", scheduler_config.get("num_train_timesteps", 1000))
-        kwargs.setdefault("shift", scheduler_config.get("shift", 1.0))
-        adapter = cls(pipe.transformer, vae=pipe.vae, pipeline=pipe, **kwargs)
-        if device is not None:
-            adapter.to(device)
-        return adapter.eval()
-
-    @classmethod
     def from_pretrained(
         cls,
         path: str | Path,
         *,
-        device: torch.device | str | None = None,
-        torch_dtype: torch.dtype | None = None,
         load_t5: bool = True,
         pipeline_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> SD3Adapter:
-        """Load a local diffusers SD3 folder with ``StableDiffusion3Pipeline.from_pretrained``.
+        """Load a local SD3 folder (see :meth:`TextToImageAdapter.from_pretrained`).
 
         Args:
             path: The pipeline folder (``model_index.json`` and component subfolders).
-            device: Where to put the adapter.
-            torch_dtype: Load dtype for all components.
             load_t5: ``False`` loads without ``text_encoder_3`` / ``tokenizer_3`` (T5 tokens become
                 zeros, as in the pipeline), e.g. for a folder saved without them.
             pipeline_kwargs: Extra ``from_pretrained`` arguments (e.g. ``text_encoder_3=None``).
-            **kwargs: :class:`SD3Adapter` arguments.
+            **kwargs: ``device``, ``torch_dtype`` and :class:`SD3Adapter` arguments.
         """
         extra = dict(pipeline_kwargs or {})
-        if torch_dtype is not None:
-            extra["torch_dtype"] = torch_dtype
         if not load_t5:
             extra.setdefault("text_encoder_3", None)
             extra.setdefault("tokenizer_3", None)
-        pipe = StableDiffusion3Pipeline.from_pretrained(str(path), **extra)
-        return cls.from_pipeline(pipe, device=device, **kwargs)
+        return super().from_pretrained(path, pipeline_kwargs=extra, **kwargs)
 
     # ---- FlowModelAdapter -------------------------------------------------------------------------
 

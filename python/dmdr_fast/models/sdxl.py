@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -111,6 +110,9 @@ class SDXLAdapter(TextToImageAdapter):
     family = "sdxl"
     condition_class = SDXLCondition
     network_attr = "unet"
+    pipeline_class = StableDiffusionXLPipeline
+    default_pipeline_kwargs = {"add_watermarker": False}  # noqa: RUF012 (read-only)
+    reads_flow_scheduler = False
     lora_prefix = "unet"
     default_lora_targets = SDXL_LORA_TARGETS
 
@@ -173,50 +175,6 @@ class SDXLAdapter(TextToImageAdapter):
         self.target_size = tuple(target_size or self.resolution)
 
     # ---- construction -----------------------------------------------------------------------------
-
-    @classmethod
-    def from_pipeline(
-        cls,
-        pipe: StableDiffusionXLPipeline,
-        *,
-        device: torch.device | str | None = None,
-        resolution: int | tuple[int, int] | None = None,
-        **kwargs: Any,
-    ) -> SDXLAdapter:
-        """Build from a ``StableDiffusionXLPipeline`` (UNet, VAE, text encoders, scheduler).
-
-        ``kwargs`` are the other :class:`SDXLAdapter` arguments. The adapter is moved to ``device``
-        if given and put in eval mode.
-        """
-        adapter = cls(pipe.unet, vae=pipe.vae, pipeline=pipe, resolution=resolution, **kwargs)
-        if device is not None:
-            adapter.to(device)
-        return adapter.eval()
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        device: torch.device | str | None = None,
-        torch_dtype: torch.dtype | None = None,
-        pipeline_kwargs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> SDXLAdapter:
-        """Load a local diffusers SDXL folder with ``StableDiffusionXLPipeline.from_pretrained``.
-
-        Args:
-            path: The pipeline folder (``model_index.json`` and component subfolders).
-            device: Where to put the adapter.
-            torch_dtype: Load dtype for all components.
-            pipeline_kwargs: Extra ``from_pretrained`` arguments (``add_watermarker`` defaults to False).
-            **kwargs: :class:`SDXLAdapter` / :meth:`from_pipeline` arguments.
-        """
-        extra = {"add_watermarker": False, **(pipeline_kwargs or {})}
-        if torch_dtype is not None:
-            extra["torch_dtype"] = torch_dtype
-        pipe = StableDiffusionXLPipeline.from_pretrained(str(path), **extra)
-        return cls.from_pipeline(pipe, device=device, **kwargs)
 
     # ---- FlowModelAdapter -------------------------------------------------------------------------
 

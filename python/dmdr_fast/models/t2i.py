@@ -29,13 +29,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from dmdr_fast.models.protocol import Condition
+from dmdr_fast.models.protocol import Condition, cat_conditions, slice_condition
 
 __all__ = ["TextToImageAdapter", "check_time"]
 
@@ -92,6 +93,13 @@ class TextToImageAdapter(nn.Module):
     default_lora_targets: ClassVar[tuple[str, ...]] = ()
     #: ``prefix`` of exported LoRA files (what ``pipe.load_lora_weights`` expects).
     lora_prefix: ClassVar[str] = "transformer"
+    #: The diffusers pipeline class :meth:`from_pretrained` loads.
+    pipeline_class: ClassVar[Any] = None
+    #: ``from_pretrained`` arguments the family always passes (overridable by ``pipeline_kwargs``).
+    default_pipeline_kwargs: ClassVar[dict[str, Any]] = {}
+    #: Whether the constructor takes ``num_train_timesteps`` and ``shift`` from the pipeline's
+    #: flow-matching scheduler (SDXL reads its VP schedule itself).
+    reads_flow_scheduler: ClassVar[bool] = True
 
     def __init__(self, *, vae: nn.Module | None, pipeline: Any | None, clamp: bool = True) -> None:
         super().__init__()
@@ -108,6 +116,50 @@ class TextToImageAdapter(nn.Module):
         self.clamp = clamp
         self._null: Any = None  # the cached (1, ...) empty-prompt condition
         self._fingerprint: dict[str, Any] | None = None
+
+    # ---- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, *, device: torch.device | str | None = None, **kwargs: Any) -> Any:
+        """Build from a diffusers pipeline object (denoiser, VAE, text encoders, scheduler).
+
+        For the flow-matching families ``num_train_timesteps`` and ``shift`` come from the
+        pipeline's scheduler unless given; ``kwargs`` are the subclass's constructor arguments. The
+        adapter is moved to ``device`` if given and put in eval mode.
+        """
+        if cls.reads_flow_scheduler:
+            config = pipe.scheduler.config if getattr(pipe, "scheduler", None) is not None else {}
+            kwargs.setdefault("num_train_timesteps", config.get("num_train_timesteps", 1000))
+            kwargs.setdefault("shift", config.get("shift", 1.0))
+        adapter = cls(getattr(pipe, cls.network_attr), vae=pipe.vae, pipeline=pipe, **kwargs)
+        if device is not None:
+            adapter.to(device)
+        return adapter.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        device: torch.device | str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        pipeline_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Load a local pipeline folder (or a hub id when online) with the family's pipeline class.
+
+        Args:
+            path: The pipeline folder (``model_index.json`` and component subfolders).
+            device: Where to put the adapter.
+            torch_dtype: Load dtype for all components.
+            pipeline_kwargs: Extra ``from_pretrained`` arguments (e.g. ``text_encoder_3=None``).
+            **kwargs: Constructor / :meth:`from_pipeline` arguments of the subclass.
+        """
+        extra = {**cls.default_pipeline_kwargs, **(pipeline_kwargs or {})}
+        if torch_dtype is not None:
+            extra["torch_dtype"] = torch_dtype
+        pipe = cls.pipeline_class.from_pretrained(str(path), **extra)
+        return cls.from_pipeline(pipe, device=device, **kwargs)
 
     # ---- protocol members shared by all families ---------------------------------------------------
 
@@ -155,21 +207,15 @@ class TextToImageAdapter(nn.Module):
             raise ValueError("cat_conditions needs at least one condition batch, got none")
         for c in conds:
             self._check_condition_type(c)
-        values = {}
-        for f in dataclasses.fields(conds[0]):
-            parts = [getattr(c, f.name) for c in conds]
-            if parts[0] is None:
-                values[f.name] = None
-                continue
-            shapes = {tuple(p.shape[1:]) for p in parts}
-            if len(shapes) != 1:
+        for f in dataclasses.fields(conds[0]):  # a clear error instead of torch.cat's
+            shapes = {tuple(v.shape[1:]) for c in conds if (v := getattr(c, f.name)) is not None}
+            if len(shapes) > 1:
                 raise ValueError(f"cannot concatenate {f.name} of different shapes {sorted(shapes)}")
-            values[f.name] = torch.cat(parts, dim=0)
-        return type(conds[0])(**values)
+        return cat_conditions(conds)
 
     def slice_condition(self, cond: Condition, start: int, stop: int) -> Any:
         """Samples ``start:stop`` (views)."""
-        return _map_fields(cond, lambda v: v[start:stop])
+        return slice_condition(cond, start, stop)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents → RGB images in ``[0, 1]``, differentiably (through the tiny VAE if installed).

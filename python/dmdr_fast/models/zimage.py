@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -135,6 +134,7 @@ class ZImageAdapter(TextToImageAdapter):
     family = "zimage"
     condition_class = ZImageCondition
     network_attr = "transformer"
+    pipeline_class = ZImagePipeline
     default_lora_targets = ZIMAGE_LORA_TARGETS
 
     def __init__(
@@ -174,53 +174,6 @@ class ZImageAdapter(TextToImageAdapter):
         self.resolution = (int(height), int(width))
 
     # ---- construction -----------------------------------------------------------------------------
-
-    @classmethod
-    def from_pipeline(
-        cls,
-        pipe: ZImagePipeline,
-        *,
-        device: torch.device | str | None = None,
-        **kwargs: Any,
-    ) -> ZImageAdapter:
-        """Build from a ``ZImagePipeline`` (transformer, VAE, text encoder, scheduler).
-
-        ``num_train_timesteps`` and ``shift`` come from the pipeline's scheduler unless given in
-        ``kwargs`` (the other keyword arguments of :class:`ZImageAdapter`). The adapter is moved to
-        ``device`` if given and put in eval mode.
-        """
-        scheduler_config = pipe.scheduler.config if getattr(pipe, "scheduler", None) is not None else {}
-        kwargs.setdefault("num_train_timesteps", scheduler_config.get("num_train_timesteps", 1000))
-        kwargs.setdefault("shift", scheduler_config.get("shift", 1.0))
-        adapter = cls(pipe.transformer, vae=pipe.vae, pipeline=pipe, **kwargs)
-        if device is not None:
-            adapter.to(device)
-        return adapter.eval()
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        device: torch.device | str | None = None,
-        torch_dtype: torch.dtype | None = None,
-        pipeline_kwargs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> ZImageAdapter:
-        """Load a local diffusers Z-Image folder with ``ZImagePipeline.from_pretrained``.
-
-        Args:
-            path: The pipeline folder (``model_index.json`` and component subfolders).
-            device: Where to put the adapter.
-            torch_dtype: Load dtype for all components.
-            pipeline_kwargs: Extra ``from_pretrained`` arguments.
-            **kwargs: :class:`ZImageAdapter` arguments.
-        """
-        extra = dict(pipeline_kwargs or {})
-        if torch_dtype is not None:
-            extra["torch_dtype"] = torch_dtype
-        pipe = ZImagePipeline.from_pretrained(str(path), **extra)
-        return cls.from_pipeline(pipe, device=device, **kwargs)
 
     # ---- FlowModelAdapter -------------------------------------------------------------------------
 
