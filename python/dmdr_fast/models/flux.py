@@ -295,11 +295,6 @@ class FluxAdapter(TextToImageAdapter):
         )
         return math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else float(mu)
 
-    def shift_time(self, t: torch.Tensor, shift: float | None = None) -> torch.Tensor:
-        """The time shift ``s·t / (1 + (s − 1)·t)`` with ``s = shift`` (default :attr:`shift`)."""
-        s = self.shift if shift is None else float(shift)
-        return s * t / (1.0 + (s - 1.0) * t)
-
     def _check_sample(self, x_t: torch.Tensor) -> int:
         if not isinstance(x_t, torch.Tensor) or x_t.dim() != 4:
             shape = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__

@@ -384,6 +384,25 @@ class TextToImageAdapter(nn.Module):
 
     # ---- helpers ------------------------------------------------------------------------------------
 
+    def shift_time(self, t: torch.Tensor, shift: float | None = None) -> torch.Tensor:
+        """The time shift ``s·t / (1 + (s − 1)·t)`` with ``s = shift`` (default :attr:`shift`)."""
+        s = float(getattr(self, "shift", 1.0)) if shift is None else float(shift)
+        return s * t / (1.0 + (s - 1.0) * t)
+
+    def _check_sample(self, x_t: torch.Tensor) -> int:
+        """Batch size of ``x_t``, checked to be ``(B, C, H, W)`` latents with sides divisible by the patch."""
+        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 4:
+            shape = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
+            raise ValueError(f"x_t must be a (B, C, H, W) tensor, got {shape}")
+        _, c, h, w = x_t.shape
+        patch = int(getattr(self, "patch_size", 1))
+        if c != self.in_channels or h % patch or w % patch:
+            raise ValueError(
+                f"x_t must have {self.in_channels} channels and sides divisible by patch size "
+                f"{patch}, got shape {tuple(x_t.shape)} (sample shape {self.sample_shape})"
+            )
+        return int(x_t.shape[0])
+
     def _device(self) -> torch.device:
         return next(self.network.parameters()).device
 

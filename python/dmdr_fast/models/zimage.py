@@ -251,22 +251,6 @@ class ZImageAdapter(TextToImageAdapter):
             "max_sequence_length": self.max_sequence_length,
         }
 
-    def shift_time(self, t: torch.Tensor) -> torch.Tensor:
-        """The scheduler's time shift ``shift·t / (1 + (shift − 1)·t)`` (identity for shift 1)."""
-        return self.shift * t / (1.0 + (self.shift - 1.0) * t)
-
-    def _check_sample(self, x_t: torch.Tensor) -> int:
-        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 4:
-            shape = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
-            raise ValueError(f"x_t must be a (B, C, H, W) tensor, got {shape}")
-        _, c, h, w = x_t.shape
-        if c != self.in_channels or h % self.patch_size or w % self.patch_size:
-            raise ValueError(
-                f"x_t must have {self.in_channels} channels and sides divisible by patch size "
-                f"{self.patch_size}, got shape {tuple(x_t.shape)} (sample shape {self.sample_shape})"
-            )
-        return int(x_t.shape[0])
-
     @staticmethod
     def _check_condition(cond: Condition, batch: int) -> list[int]:
         """Validate ``cond`` for a batch of ``batch``; its lengths as Python ints (one host sync)."""
