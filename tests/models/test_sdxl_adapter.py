@@ -7,13 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from diffusers import (
-    AutoencoderKL,
     EulerDiscreteScheduler,
     LCMScheduler,
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
 from torch import nn
 
@@ -26,7 +23,7 @@ from dmdr_fast.models import (
     use_attention,
 )
 from dmdr_fast.models.sdxl import SDXL_LORA_TARGETS, SDXLAdapter, SDXLCondition
-from dmdr_fast.pipelines.random import byte_level_clip_tokenizer
+from dmdr_fast.pipelines.random import build_random_pipeline
 
 TOKENS = 8  # CLIP tokenizer length (77 for SDXL)
 PROMPTS = ["a cat", "the dog"]
@@ -39,70 +36,12 @@ SDXL_SCHEDULER = {
 }
 
 
-def _tokenizer(folder: Path) -> transformers.CLIPTokenizer:
-    """Byte-level CLIP BPE tokenizer: 256 byte symbols, their ``</w>`` forms, two special tokens."""
-    return byte_level_clip_tokenizer(folder, TOKENS)
-
-
-def _clip(tokenizer: transformers.CLIPTokenizer, seed: int, cls: type) -> nn.Module:
-    config = transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=8,
-        intermediate_size=16,
-        projection_dim=4,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=TOKENS,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return cls(config).eval()
-
-
 def _pipeline(folder: Path) -> StableDiffusionXLPipeline:
-    tokenizer = _tokenizer(folder / "tok")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        attention_head_dim=(2, 4),
-        norm_num_groups=4,
-        cross_attention_dim=16,  # = 8 + 8 (two CLIP widths)
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=4,
-        projection_class_embeddings_input_dim=28,  # 6 time ids × 4 + pooled projection 4
-    )
-    torch.manual_seed(1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-        scaling_factor=0.13025,
-    )
-    return StableDiffusionXLPipeline(
-        unet=unet.eval(),
-        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
-        vae=vae.eval(),
-        text_encoder=_clip(tokenizer, 2, transformers.CLIPTextModel),
-        tokenizer=tokenizer,
-        text_encoder_2=_clip(tokenizer, 3, transformers.CLIPTextModelWithProjection),
-        tokenizer_2=tokenizer,
-        add_watermarker=False,
-    )
+    """The tiny SDXL pipeline of ``dmdr-fast make-pipeline --family sdxl`` (two 8-wide CLIPs, a
+    2-block text-time UNet, a 2-block VAE with SDXL's scaling factor, SDXL's Euler scheduler)."""
+    pipe = build_random_pipeline("sdxl", "tiny", folder)
+    assert pipe.scheduler.config.beta_schedule == SDXL_SCHEDULER["beta_schedule"]
+    return pipe
 
 
 def _variant(pipe: StableDiffusionXLPipeline, **kwargs) -> StableDiffusionXLPipeline:

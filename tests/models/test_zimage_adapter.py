@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
 from dmdr_fast.models import (
     FlowModelAdapter,
@@ -25,7 +25,7 @@ from dmdr_fast.models.zimage import (
     ZImageAdapter,
     ZImageCondition,
 )
-from dmdr_fast.pipelines.random import qwen_chat_tokenizer
+from dmdr_fast.pipelines.random import build_random_pipeline
 
 TOKENS = 48  # max_sequence_length: the conditions' padded length
 HIDDEN = 16  # Qwen3 hidden size = the transformer's cap_feat_dim
@@ -35,65 +35,11 @@ SHIFT = 3.0
 PROMPTS = ("a cat", "the dog on a red mat")  # different token counts
 
 
-def _tokenizer() -> transformers.Qwen2Tokenizer:
-    """Byte-level Qwen2 BPE tokenizer: three special tokens and the 256 byte symbols, no merges."""
-    return qwen_chat_tokenizer()
-
-
 def _pipeline() -> ZImagePipeline:
-    tokenizer = _tokenizer()
-    torch.manual_seed(0)
-    text_encoder = transformers.Qwen3Model(
-        transformers.Qwen3Config(
-            vocab_size=len(tokenizer),
-            hidden_size=HIDDEN,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            max_position_embeddings=128,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    torch.manual_seed(1)
-    transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,),
-        all_f_patch_size=(1,),
-        in_channels=4,
-        dim=32,
-        n_layers=1,
-        n_refiner_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
-        cap_feat_dim=HIDDEN,
-        axes_dims=[4, 6, 6],  # sums to the head dim 16
-        axes_lens=[128, 16, 16],  # captions padded to 64 tokens, then the image at frame 65
-    )
-    with torch.no_grad():  # the pad tokens are zeros at init; make them matter
-        transformer.x_pad_token.normal_()
-        transformer.cap_pad_token.normal_()
-    torch.manual_seed(2)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),  # VAE factor 2: the pipeline needs sides divisible by 4
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-    )
-    pipe = ZImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT),
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        transformer=transformer.eval(),
-    )
+    """The tiny Z-Image pipeline of ``dmdr-fast make-pipeline --family zimage`` (Qwen3 16 wide,
+    1 + 1 refiner layers of width 32, random pad tokens, VAE factor 2), progress bars off."""
+    pipe = build_random_pipeline("zimage", "tiny", Path(tempfile.gettempdir()))
+    assert pipe.text_encoder.config.hidden_size == HIDDEN
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -289,6 +289,9 @@ def _zimage(folder: Path, size: str, seed: int) -> Any:
         axes_dims=[4, 6, 6],
         axes_lens=[128, 16, 16],
     ).eval()
+    with torch.no_grad():  # the pad tokens start at zero; random ones make padding matter
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
     return ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         vae=_tiny_vae(seed + 1, 0.3611, 0.1159),
