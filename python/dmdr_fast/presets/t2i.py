@@ -215,7 +215,10 @@ def teacher_sample(
             noise.to(trainer.device),
             cond,
             num_steps=steps,
-            shift=float(getattr(guide, "shift", 1.0)),
+            # the teacher's own sampling shift (Flux: its resolution-dependent dynamic shift)
+            shift=float(
+                guide.pipeline_shift() if hasattr(guide, "pipeline_shift") else getattr(guide, "shift", 1.0)
+            ),
             guidance=guidance,
             null_cond=null,
         ).float()
