@@ -48,7 +48,7 @@ CASES = {  # family, student kind, steps, preset, extra overrides, pipeline clas
     "sd3-full-bf16": ("sd3", "full", 1, "sd3-medium-4step", ["model.kwargs.max_sequence_length=4", "model.weights_dtype=bf16", "train.precision=bf16"], "StableDiffusion3Pipeline", True),
     "zimage-full": ("zimage", "full", 1, "zimage-8step", ["model.kwargs.max_sequence_length=16"], "ZImagePipeline", True),
     "zimage-lora": ("zimage", "lora", 1, "zimage-8step", ["model.kwargs.max_sequence_length=16"], "ZImagePipeline", False),
-    "flux-lora": ("flux", "lora", 2, "flux-4step", ["model.kwargs.max_sequence_length=8"], "FluxPipeline", False),
+    "flux-lora": ("flux", "lora", 2, "flux-4step", ["model.kwargs.max_sequence_length=8"], "FluxPipeline", True),
     "sdxl-full": ("sdxl", "full", 1, "sdxl-1step", [], "StableDiffusionXLPipeline", True),
     "sdxl-lora": ("sdxl", "lora", 1, "sdxl-1step", [], "StableDiffusionXLPipeline", False),
 }  # fmt: skip
