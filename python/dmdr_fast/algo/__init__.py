@@ -15,7 +15,15 @@ Modules:
     conditions: condition slicing / concatenation helpers and the ``VelocityFn`` type.
 """
 
-from dmdr_fast.algo.conditions import Cond, VelocityFn, cat_conds, cond_batch_size, expand_cond, index_cond
+from dmdr_fast.algo.conditions import (
+    Cond,
+    VelocityFn,
+    cat_conds,
+    cond_batch_size,
+    expand_cond,
+    index_cond,
+    map_tensors,
+)
 from dmdr_fast.algo.flow import noise_like, predict_x0, renoise, velocity_target, x0_from_velocity
 from dmdr_fast.algo.guidance import (
     GuidanceBatch,
@@ -74,6 +82,7 @@ __all__ = [
     "few_step_timesteps",
     "generator_dmd_loss",
     "index_cond",
+    "map_tensors",
     "noise_like",
     "predict_x0",
     "real_velocity",

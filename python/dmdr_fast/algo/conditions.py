@@ -30,6 +30,7 @@ __all__ = [
     "cond_batch_size",
     "expand_cond",
     "index_cond",
+    "map_tensors",
 ]
 
 Cond: TypeAlias = Any
@@ -69,6 +70,27 @@ def _map(fn: Callable[[torch.Tensor], torch.Tensor], cond: Cond) -> Cond:
         return type(cond)({key: _map(fn, value) for key, value in cond.items()})
     if isinstance(cond, (tuple, list)):
         return _rebuild(cond, [_map(fn, item) for item in cond])
+    return cond
+
+
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], cond: Cond) -> Cond:
+    """Apply ``fn`` to every tensor leaf, batched or not (e.g. ``lambda v: v.to(device)``).
+
+    Args:
+        fn: Tensor → tensor.
+        cond: A condition: a tensor, mapping, tuple/list, dataclass, or a shared non-tensor leaf.
+
+    Returns:
+        The condition with the same structure.
+    """
+    if isinstance(cond, torch.Tensor):
+        return fn(cond)
+    if _is_dataclass(cond):
+        return dataclasses.replace(cond, **{k: map_tensors(fn, v) for k, v in _fields(cond).items()})
+    if isinstance(cond, Mapping):
+        return type(cond)({key: map_tensors(fn, value) for key, value in cond.items()})
+    if isinstance(cond, (tuple, list)):
+        return _rebuild(cond, [map_tensors(fn, item) for item in cond])
     return cond
 
 

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from dmdr_fast.algo.conditions import map_tensors
 from dmdr_fast.models.protocol import Condition, cat_conditions, slice_condition
 
 __all__ = ["TextToImageAdapter", "check_time"]
@@ -186,15 +187,15 @@ class TextToImageAdapter(nn.Module):
             self._null = self.encode_condition([""])
         device = self._device()  # the cache may have installed it before the adapter moved
         if any(isinstance(v, torch.Tensor) and v.device != device for v in vars(self._null).values()):
-            self._null = _map_fields(self._null, lambda v: v.to(device))
-        return _map_fields(self._null, lambda v: v.expand(batch_size, *v.shape[1:]))
+            self._null = map_tensors(lambda v: v.to(device), self._null)
+        return map_tensors(lambda v: v.expand(batch_size, *v.shape[1:]), self._null)
 
     def set_null_condition(self, cond: Any) -> None:
         """Install a batch-1 null condition (e.g. from the prompt cache) instead of encoding ``""``."""
         self._check_condition_type(cond)
         if len(cond) != 1:
             raise ValueError(f"the null condition must have batch size 1, got {len(cond)}")
-        self._null = _map_fields(cond, lambda v: v.to(self._device()))
+        self._null = map_tensors(lambda v: v.to(self._device()), cond)
 
     def cat_conditions(self, conds: Sequence[Condition]) -> Any:
         """Concatenate condition batches along the batch dimension.
@@ -414,12 +415,3 @@ class TextToImageAdapter(nn.Module):
             raise ValueError(
                 f"cond must be a {self.condition_class.__name__} (use encode_condition), got {type(cond).__name__}"
             )
-
-
-def _map_fields(cond: Any, fn: Any) -> Any:
-    """Apply ``fn`` to every tensor field of a condition dataclass (``None`` fields stay)."""
-    values = {}
-    for f in dataclasses.fields(cond):
-        v = getattr(cond, f.name)
-        values[f.name] = fn(v) if isinstance(v, torch.Tensor) else v
-    return type(cond)(**values)

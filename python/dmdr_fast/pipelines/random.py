@@ -7,7 +7,7 @@ built from a config with seeded random weights. Sizes:
   the CPU smoke runs of ``dmdr-fast train`` / ``bench`` use it;
 - ``sd35-medium`` (SD3 only): the SD3.5-Medium transformer (24 layers, 24 heads × 64, dual attention
   in the first 13 layers, 2.2B parameters) and the SD3 VAE at their real sizes, with tiny text
-  encoders (their outputs are padded to the transformer's widths): what a DMDR step costs on a GPU
+  encoders (CLIP outputs are padded to the transformer's width; a one-layer 4096-wide T5): what a DMDR step costs on a GPU
   does not depend on the weights, and with the prompt cache the text encoders are not in the step.
 
 ``dmdr-fast make-pipeline --family sd3 --size tiny --out DIR`` writes one to a folder.
@@ -189,10 +189,10 @@ def _sd3(folder: Path, size: str, seed: int) -> Any:
         shift_factor=0.0609,
         **vae_kwargs,
     )
-    # A tiny T5 at the joint width for the tiny size; none for sd35-medium (its 4096-wide T5 tokens
-    # are zeros without it, as in the pipeline).
-    t5_tokenizer = char_t5_tokenizer() if tiny else None
-    t5 = _t5(t5_tokenizer, 2 * clip_hidden, seed + 4) if tiny else None
+    # A one-layer T5 at the transformer's joint width (tiny: 16, SD3.5-M: 4096; ~1M parameters
+    # either way) so that the folder is a complete pipeline plain diffusers loads as is.
+    t5_tokenizer = char_t5_tokenizer()
+    t5 = _t5(t5_tokenizer, transformer.config.joint_attention_dim, seed + 4)
     return StableDiffusion3Pipeline(
         transformer=transformer.eval(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),

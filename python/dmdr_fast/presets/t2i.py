@@ -17,7 +17,6 @@ config with ``model.family`` in :data:`T2I_FAMILIES`) runs :func:`run_t2i`:
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import os
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from dmdr_fast._dtypes import torch_dtype
+from dmdr_fast.algo.conditions import index_cond
 from dmdr_fast.data.prompts import PromptBatch
 from dmdr_fast.train.config import DMDRTrainerConfig, ModelConfig
 from dmdr_fast.train.config_io import ConfigError
@@ -111,14 +111,8 @@ class EncodedPromptSampler:
 
     def sample(self, batch_size: int, generator: torch.Generator) -> PromptBatch:
         index = torch.randint(len(self.batch), (batch_size,), generator=generator)
-        cond = self.batch.condition
-        rows = {
-            f.name: (v[index.to(v.device)] if isinstance(v := getattr(cond, f.name), torch.Tensor) else v)
-            for f in dataclasses.fields(cond)
-        }
-        return PromptBatch(
-            prompts=[self.batch.prompts[i] for i in index.tolist()], condition=type(cond)(**rows)
-        )
+        prompts = [self.batch.prompts[i] for i in index.tolist()]
+        return PromptBatch(prompts=prompts, condition=index_cond(self.batch.condition, index))
 
 
 def bench_trainer(config: DMDRTrainerConfig, *, num_prompts: int = 64) -> Trainer:

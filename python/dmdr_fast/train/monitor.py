@@ -24,7 +24,6 @@ its thresholds are in :class:`~dmdr_fast.train.config.MonitorConfig`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dmdr_fast.algo.conditions import index_cond
 from dmdr_fast.data.prompts import PromptBatch
 from dmdr_fast.train.config import MonitorConfig
 
@@ -69,19 +69,9 @@ def _repeat(conditions: Any, k: int) -> Any:
     if isinstance(conditions, PromptBatch):  # pre-encoded prompts: repeat the condition rows too
         index = torch.arange(len(conditions)).repeat_interleave(k)
         return PromptBatch(
-            prompts=_repeat(conditions.prompts, k),
-            condition=_map_tensors(conditions.condition, lambda v: v[index.to(v.device)]),
+            prompts=_repeat(conditions.prompts, k), condition=index_cond(conditions.condition, index)
         )
     return [c for c in conditions for _ in range(k)]
-
-
-def _map_tensors(cond: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    if isinstance(cond, Tensor):
-        return fn(cond)
-    if dataclasses.is_dataclass(cond) and not isinstance(cond, type):
-        fields = {f.name: _map_tensors(getattr(cond, f.name), fn) for f in dataclasses.fields(cond)}
-        return dataclasses.replace(cond, **fields)
-    return cond
 
 
 class RewardHackingMonitor:

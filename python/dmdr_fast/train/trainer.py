@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import math
 import os
 import time
@@ -37,6 +36,7 @@ from dmdr_fast.algo import (
     few_step_sample,
     few_step_timesteps,
     generator_dmd_loss,
+    map_tensors,
     noise_like,
     renoise,
 )
@@ -92,13 +92,8 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def _to_device(cond: Any, device: torch.device) -> Any:
-    """Move a condition batch (a tensor or a dataclass of tensors) to ``device``."""
-    if isinstance(cond, torch.Tensor):
-        return cond.to(device)
-    if dataclasses.is_dataclass(cond) and not isinstance(cond, type):
-        fields = {f.name: _to_device(getattr(cond, f.name), device) for f in dataclasses.fields(cond)}
-        return dataclasses.replace(cond, **fields)
-    return cond
+    """Move a condition batch (a tensor or a dataclass / container of tensors) to ``device``."""
+    return map_tensors(lambda v: v.to(device), cond)
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
