@@ -1,8 +1,9 @@
 """``dmdr-fast bench step``: a DMDR iteration of our Trainer against the paper's step, same run.
 
 The baseline, :func:`paper_iteration`, re-implements one iteration the way the authors' released
-scripts do it (PAPER_NOTES §10): the full backward-simulation rollout (no pruning, G evaluated at
-every step), the critic update, and — every R-th iteration — a fresh generator forward with
+scripts do it (PAPER_NOTES §10): the full backward-simulation rollout in the config's mode (no
+pruning, G evaluated at every step; the text-to-image presets' ``final`` mode rolls out all N
+steps in both implementations), the critic update, and — every R-th iteration — a fresh generator forward with
 gradients, **three separate** guidance forwards (fake, cond, uncond, each with a scalar LoRA
 scale), and the DMD loss written out in eager PyTorch. Both run on the same networks and
 optimisers; only the way the work is organised differs. Timings:
@@ -52,6 +53,7 @@ def paper_iteration(tr: Trainer) -> None:
             tr._randn((B, *tr.student.sample_shape)),
             cond,
             tr.grid,
+            mode=cfg.student.backward_sim,  # the T2I scripts roll out to the final sample ("final")
             generator=tr.gen,
             prune=False,
         )
