@@ -32,7 +32,7 @@ from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
-from dmdr_fast.models.protocol import Condition
+from dmdr_fast.models.protocol import Condition, check_time
 
 __all__ = [
     "DIT_ATTENTION_TARGETS",
@@ -158,7 +158,7 @@ class DiTAdapter(nn.Module):
             learned-sigma model).
         """
         batch = self._check_sample(x_t)
-        t = self._check_time(t, batch, x_t.device)
+        t = check_time(t, batch, x_t.device)
         labels = self._check_labels(cond, batch)
         timestep = t.float() * self.timestep_scale
         if self.round_timesteps:
@@ -267,17 +267,6 @@ class DiTAdapter(nn.Module):
                 f"{self.patch_size}, got shape {tuple(x_t.shape)} (model sample shape {self.sample_shape})"
             )
         return int(x_t.shape[0])
-
-    @staticmethod
-    def _check_time(t: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
-        t = torch.as_tensor(t, device=device)
-        if not t.is_floating_point():
-            raise ValueError(f"t must be floating point in [0, 1], got dtype {t.dtype}")
-        if t.dim() == 0:
-            return t.expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(f"t must have shape ({batch},) to match x_t, got {tuple(t.shape)}")
-        return t
 
     @staticmethod
     def _check_labels(cond: Condition, batch: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ __all__ = [
     "Condition",
     "FlowModelAdapter",
     "cat_conditions",
+    "check_time",
     "condition_batch_size",
     "slice_condition",
 ]
@@ -190,6 +191,22 @@ def condition_batch_size(cond: Condition) -> int | None:
         if size is not None:
             return size
     return None
+
+
+def check_time(t: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
+    """``t`` as a ``(batch,)`` floating tensor on ``device`` (a scalar is broadcast).
+
+    Raises:
+        ValueError: If ``t`` is not floating point or has the wrong shape.
+    """
+    t = torch.as_tensor(t, device=device)
+    if not t.is_floating_point():
+        raise ValueError(f"t must be floating point in [0, 1], got dtype {t.dtype}")
+    if t.dim() == 0:
+        return t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"t must have shape ({batch},) to match x_t, got {tuple(t.shape)}")
+    return t
 
 
 def _check_all(conds: Sequence[Condition], kind: type | tuple[type, ...]) -> None:

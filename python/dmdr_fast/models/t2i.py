@@ -37,28 +37,12 @@ import torch
 from torch import nn
 
 from dmdr_fast.algo.conditions import map_tensors
-from dmdr_fast.models.protocol import Condition, cat_conditions, slice_condition
+from dmdr_fast.models.protocol import Condition, cat_conditions, check_time, slice_condition
 
 __all__ = ["TextToImageAdapter", "check_time"]
 
 _TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 _TOKENIZER_NAMES = ("tokenizer", "tokenizer_2", "tokenizer_3")
-
-
-def check_time(t: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
-    """``t`` as a ``(batch,)`` floating tensor on ``device`` (a scalar is broadcast).
-
-    Raises:
-        ValueError: If ``t`` is not floating point or has the wrong shape.
-    """
-    t = torch.as_tensor(t, device=device)
-    if not t.is_floating_point():
-        raise ValueError(f"t must be floating point in [0, 1], got dtype {t.dtype}")
-    if t.dim() == 0:
-        return t.expand(batch)
-    if t.shape != (batch,):
-        raise ValueError(f"t must have shape ({batch},) to match x_t, got {tuple(t.shape)}")
-    return t
 
 
 def _config_digest(obj: Any) -> str:

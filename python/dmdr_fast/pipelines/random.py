@@ -111,7 +111,8 @@ def _tiny_vae(seed: int, scaling: float, shift: float | None) -> Any:
     ).eval()
 
 
-def _clip(tokenizer: Any, *, hidden: int, projection: int, tokens: int, seed: int) -> Any:
+def _clip(tokenizer: Any, *, hidden: int, projection: int, tokens: int, seed: int, cls: Any = None) -> Any:
+    """A 2-layer CLIP text model (``cls``: default ``CLIPTextModelWithProjection``)."""
     import transformers
 
     config = transformers.CLIPTextConfig(
@@ -127,7 +128,7 @@ def _clip(tokenizer: Any, *, hidden: int, projection: int, tokens: int, seed: in
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    return transformers.CLIPTextModelWithProjection(config).eval()
+    return (cls or transformers.CLIPTextModelWithProjection)(config).eval()
 
 
 def _sd3(folder: Path, size: str, seed: int) -> Any:
@@ -213,20 +214,7 @@ def _flux(folder: Path, size: str, seed: int) -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     tokenizer = byte_level_clip_tokenizer(folder / "_tokenizer", 8)
-    torch.manual_seed(seed + 2)
-    clip = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=8,
-            intermediate_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=8,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    ).eval()
+    clip = _clip(tokenizer, hidden=8, projection=4, tokens=8, seed=seed + 2, cls=transformers.CLIPTextModel)
     t5_tokenizer = char_t5_tokenizer()
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
@@ -308,20 +296,7 @@ def _sdxl(folder: Path, size: str, seed: int) -> Any:
     tokenizer = byte_level_clip_tokenizer(folder / "_tokenizer", 8)
 
     def clip(cls: type, s: int) -> Any:
-        config = transformers.CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=8,
-            intermediate_size=16,
-            projection_dim=4,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=8,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        torch.manual_seed(s)
-        return cls(config).eval()
+        return _clip(tokenizer, hidden=8, projection=4, tokens=8, seed=s, cls=cls)
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
