@@ -19,7 +19,6 @@ projections viewed as (B, H, L, D), the layout diffusers passes.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -27,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from dmdr_fast import backends
-from dmdr_fast.benchmarks.harness import machine_info, time_fn
+from dmdr_fast.benchmarks.harness import machine_info, report, time_fn
 from dmdr_fast.ops import attention, attention_fp8
 from dmdr_fast.ops.reference import attention_ref
 
@@ -284,9 +283,4 @@ def main(args) -> int:
         reps=args.reps,
         warmup=args.warmup,
     )
-    print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.json}")
-    return 0
+    return report(result, format_table(result), args.json)

@@ -13,14 +13,20 @@ output written once; the copy ceiling is a ``copy_`` of the same number of bytes
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
 from dmdr_fast import backends
-from dmdr_fast.benchmarks.harness import copy_bandwidth, machine_info, peak_extra_bytes, time_fn
+from dmdr_fast.benchmarks.harness import (
+    copy_bandwidth,
+    format_bandwidth_table,
+    machine_info,
+    peak_extra_bytes,
+    report,
+    time_fn,
+)
 from dmdr_fast.ops import dmd_loss
 from dmdr_fast.ops.reference import dmd_loss_ref
 
@@ -168,21 +174,11 @@ def run(
 
 def format_table(result: dict) -> str:
     """Human-readable table of a :func:`run` result."""
-    m = result["machine"]
-    head = (
+    title = (
         f"dmd-loss  shape={'x'.join(map(str, result['shape']))}  dtype={result['dtype']}  mode={result['mode']}  "
-        f"cfg={result['cfg']}\n{m.get('gpu', m['cpu'])}  threads={m['threads']}  torch {m['torch']}  {m['date']}\n"
-        f"copy ceiling: {result['copy_gbps']:.1f} GB/s for {result['bytes_moved'] / 2**20:.0f} MiB moved "
-        f"({result['copy_ms']:.3f} ms); one tensor = {result['tensor_mb']:.1f} MiB\n"
+        f"cfg={result['cfg']}"
     )
-    cols = f"{'provider':<9}{'median ms':>11}{'GB/s':>9}{'×eager':>9}{'×compile':>10}{'%copy':>8}{'extra MiB':>11}{'max err':>10}  status"
-    lines = [head, cols]
-    for r in result["rows"]:
-        lines.append(
-            f"{r['provider']:<9}{r['median_ms']:>11.3f}{r['gbps']:>9.1f}{r['vs_eager']:>9.2f}{r['vs_compile']:>10.2f}"
-            f"{100 * r['vs_copy']:>7.0f}%{r['peak_extra_mb']:>11.1f}{r['max_abs_err']:>10.1e}  {r['status']}"
-        )
-    return "\n".join(lines)
+    return format_bandwidth_table(result, title)
 
 
 def main(args) -> int:
@@ -198,9 +194,4 @@ def main(args) -> int:
         reps=args.reps,
         warmup=args.warmup,
     )
-    print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.json}")
-    return 0
+    return report(result, format_table(result), args.json)

@@ -15,7 +15,6 @@ encoding and VAE decoding (what a user waits for).
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from dmdr_fast._dtypes import torch_dtype
-from dmdr_fast.benchmarks.harness import machine_info
+from dmdr_fast.benchmarks.harness import machine_info, report
 
 __all__ = ["BASELINES", "main", "run"]
 
@@ -155,8 +154,4 @@ def main(args: Any) -> int:
         reps=args.reps,
         warmup=args.warmup,
     )
-    print(format_result(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+    return report(result, format_result(result), args.json)

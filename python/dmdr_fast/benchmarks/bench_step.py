@@ -14,7 +14,6 @@ optimisers; only the way the work is organised differs. Timings:
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dmdr_fast.algo import backward_simulation, critic_loss, noise_like, renoise
-from dmdr_fast.benchmarks.harness import machine_info
+from dmdr_fast.benchmarks.harness import machine_info, report
 from dmdr_fast.models.lora import lora_scale
 from dmdr_fast.train.trainer import Trainer
 
@@ -173,8 +172,4 @@ def format_result(r: dict[str, Any]) -> str:
 
 def main(args, trainer: Trainer) -> int:
     result = run(trainer, cycles=args.cycles, warmup=args.warmup)
-    print(format_result(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+    return report(result, format_result(result), args.json)

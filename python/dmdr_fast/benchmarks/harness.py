@@ -8,6 +8,7 @@ reports ratios against baselines measured in the same run (DESIGN §5), never ab
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import statistics
 import time
@@ -125,6 +126,41 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
         result = fn()
         del result
     return tracker.peak
+
+
+def format_bandwidth_table(result: dict, title: str) -> str:
+    """The table of a memory-bound op benchmark (``bench dmd-loss``, ``bench reward-grad``).
+
+    Args:
+        result: The benchmark's result: ``machine``, ``copy_gbps``, ``bytes_moved``, ``copy_ms``,
+            ``tensor_mb`` and ``rows`` (provider, median_ms, gbps, vs_eager, vs_compile, vs_copy,
+            peak_extra_mb, max_abs_err, status).
+        title: The first line (benchmark name and its settings).
+    """
+    m = result["machine"]
+    head = (
+        f"{title}\n{m.get('gpu', m['cpu'])}  threads={m['threads']}  torch {m['torch']}  {m['date']}\n"
+        f"copy ceiling: {result['copy_gbps']:.1f} GB/s for {result['bytes_moved'] / 2**20:.0f} MiB moved "
+        f"({result['copy_ms']:.3f} ms); one tensor = {result['tensor_mb']:.1f} MiB\n"
+    )
+    cols = f"{'provider':<9}{'median ms':>11}{'GB/s':>9}{'×eager':>9}{'×compile':>10}{'%copy':>8}{'extra MiB':>11}{'max err':>10}  status"
+    lines = [head, cols]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['provider']:<9}{r['median_ms']:>11.3f}{r['gbps']:>9.1f}{r['vs_eager']:>9.2f}{r['vs_compile']:>10.2f}"
+            f"{100 * r['vs_copy']:>7.0f}%{r['peak_extra_mb']:>11.1f}{r['max_abs_err']:>10.1e}  {r['status']}"
+        )
+    return "\n".join(lines)
+
+
+def report(result: dict, text: str, json_path: str | None) -> int:
+    """Print a benchmark's table and, if asked, write its result as JSON; the CLI exit code (0)."""
+    print(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {json_path}")
+    return 0
 
 
 def machine_info(device: torch.device) -> dict[str, str]:

@@ -154,14 +154,7 @@ class FluxAdapter(TextToImageAdapter):
         self.max_sequence_length = int(max_sequence_length)
         self.embedded_guidance = float(embedded_guidance)
         self.latent_channels = int(config.in_channels) // 4
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
-        if resolution is None:
-            resolution = 128 * self.vae_scale_factor
-        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
-        step = self.vae_scale_factor * 2
-        if height % step or width % step:
-            raise ValueError(f"resolution {height}×{width} must be divisible by {step} (2 × VAE factor)")
-        self.resolution = (int(height), int(width))
+        self._set_resolution(resolution, default_latent_side=128, multiple=2, why="2 × VAE factor")
 
     # ---- construction -----------------------------------------------------------------------------
 

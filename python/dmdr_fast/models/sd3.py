@@ -110,14 +110,12 @@ class SD3Adapter(TextToImageAdapter):
         config = transformer.config
         self.in_channels = int(config.in_channels)
         self.patch_size = int(config.patch_size)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
-        if resolution is None:
-            resolution = int(config.sample_size) * self.vae_scale_factor
-        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
-        step = self.vae_scale_factor * self.patch_size
-        if height % step or width % step:
-            raise ValueError(f"resolution {height}×{width} must be divisible by {step} (VAE factor × patch)")
-        self.resolution = (int(height), int(width))
+        self._set_resolution(
+            resolution,
+            default_latent_side=int(config.sample_size),
+            multiple=self.patch_size,
+            why="VAE factor × patch",
+        )
 
     # ---- construction -----------------------------------------------------------------------------
 

@@ -163,13 +163,9 @@ class SDXLAdapter(TextToImageAdapter):
         self.tau_max = int(acp.numel() - 1)
         self.t_max = float(torch.sigmoid(-lam[-1] / 2))  # flow time of τ_max: σ / (α + σ)
         self.in_channels = int(unet.config.in_channels)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
-        if resolution is None:
-            resolution = int(unet.config.sample_size) * self.vae_scale_factor
-        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
-        if height % self.vae_scale_factor or width % self.vae_scale_factor:
-            raise ValueError(f"resolution {height}×{width} must be divisible by {self.vae_scale_factor}")
-        self.resolution = (int(height), int(width))
+        self._set_resolution(
+            resolution, default_latent_side=int(unet.config.sample_size), multiple=1, why="VAE factor"
+        )
         self.original_size = tuple(original_size or self.resolution)
         self.crops_coords_top_left = tuple(crops_coords_top_left)
         self.target_size = tuple(target_size or self.resolution)

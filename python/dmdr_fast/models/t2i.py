@@ -369,6 +369,30 @@ class TextToImageAdapter(nn.Module):
 
     # ---- helpers ------------------------------------------------------------------------------------
 
+    def _set_resolution(
+        self, resolution: int | tuple[int, int] | None, *, default_latent_side: int, multiple: int, why: str
+    ) -> None:
+        """Set :attr:`vae_scale_factor` (from the VAE; 8 without one) and :attr:`resolution` (pixels).
+
+        Args:
+            resolution: Side or ``(height, width)`` in pixels; ``None`` = ``default_latent_side``
+                latent pixels.
+            multiple: Latent sides must be divisible by it (patch size, Flux's 2×2 packing).
+            why: What ``multiple`` is, for the error message.
+
+        Raises:
+            ValueError: If a side is not divisible by ``vae_scale_factor · multiple``.
+        """
+        vae = self.vae
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        if resolution is None:
+            resolution = default_latent_side * self.vae_scale_factor
+        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+        step = self.vae_scale_factor * multiple
+        if height % step or width % step:
+            raise ValueError(f"resolution {height}×{width} must be divisible by {step} ({why})")
+        self.resolution = (int(height), int(width))
+
     def shift_time(self, t: torch.Tensor, shift: float | None = None) -> torch.Tensor:
         """The time shift ``s·t / (1 + (s − 1)·t)`` with ``s = shift`` (default :attr:`shift`)."""
         s = float(getattr(self, "shift", 1.0)) if shift is None else float(shift)

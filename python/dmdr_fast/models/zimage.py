@@ -166,12 +166,10 @@ class ZImageAdapter(TextToImageAdapter):
         self.max_sequence_length = int(max_sequence_length)
         self.in_channels = int(config.in_channels)
         self.patch_size = _PATCH_SIZE
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
-        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
-        step = self.vae_scale_factor * self.patch_size  # the pipeline's `vae_scale_factor * 2`
-        if height % step or width % step:
-            raise ValueError(f"resolution {height}×{width} must be divisible by {step} (VAE factor × patch)")
-        self.resolution = (int(height), int(width))
+        # multiple: the pipeline's `vae_scale_factor * 2` (the default side only applies to None)
+        self._set_resolution(
+            resolution, default_latent_side=128, multiple=self.patch_size, why="VAE factor × patch"
+        )
 
     # ---- construction -----------------------------------------------------------------------------
 
