@@ -114,3 +114,11 @@ def test_bench_step_runs(capsys):
                "--set", "train.device=cpu", "--set", "dmdr.ratio_update=2"])  # fmt: skip
     assert rc == 0
     assert "paper" in capsys.readouterr().out
+
+
+def test_bench_step_decoupled(capsys):
+    rc = main(["bench", "step", "--cycles", "1", "--warmup", "0", "--set", "train.batch_size=2",
+               "--set", "train.device=cpu", "--set", "dmdr.ratio_update=1", "--set", "dmdr.guidance=2",
+               "--set", "dmdr.decoupled=true"])  # fmt: skip
+    assert rc == 0
+    assert "Decoupled DMD (independent)" in capsys.readouterr().out

@@ -158,7 +158,7 @@ def test_variants_train(overrides):
 
 @pytest.mark.parametrize(
     "section,key,value,match",
-    [("train", "compile", True, "train.compile"), ("dmdr", "decoupled", True, "dmdr.decoupled")],
+    [("train", "compile", True, "train.compile")],
 )  # fmt: skip
 def test_unsupported_options_refuse_loudly(section, key, value, match):
     base = small_config().to_dict()

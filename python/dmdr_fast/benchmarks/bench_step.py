@@ -5,7 +5,8 @@ scripts do it (PAPER_NOTES §10): the full backward-simulation rollout in the co
 pruning, G evaluated at every step; the text-to-image presets' ``final`` mode rolls out all N
 steps in both implementations), the critic update, and — every R-th iteration — a fresh generator forward with
 gradients, **three separate** guidance forwards (fake, cond, uncond, each with a scalar LoRA
-scale), and the DMD loss written out in eager PyTorch. Both run on the same networks and
+scale; Decoupled DMD: four, cond and uncond at the CFG-augmentation sample), and the DMD loss
+written out in eager PyTorch. Both run on the same networks and
 optimisers; only the way the work is organised differs. Timings:
 
 * ``cycle``: R iterations = one generator update (what a run pays per generator step);
@@ -76,18 +77,33 @@ def paper_iteration(tr: Trainer) -> None:
     x_tau = renoise(x0.detach(), tau2, noise_like(x0, tr.gen))
     w = tr.cfg_scale.sample(tr.gen)
     lam_r = tr.dynadg.real_scale(s)
+    # Decoupled DMD written the same way: its CFG-augmentation term at its own renoised sample.
+    decoupled = cfg.dmdr.decoupled
+    ca_x, ca_t = x_tau, tau2  # also the "shared" CA sample
+    if decoupled and cfg.dmdr.ca_renoise != "shared":
+        if cfg.dmdr.ca_renoise == "independent":
+            ca_t = tr.dynars.sample(B, s, generator=tr.gen).to(tr.device)
+        else:  # above_input
+            ca_t = sim.t_in + (1.0 - sim.t_in) * torch.rand(B, generator=tr.gen).to(tr.device)
+        ca_x = renoise(x0.detach(), ca_t, noise_like(x0, tr.gen))
     with torch.no_grad(), tr._autocast():
         with lora_scale(tr.guidance.network, cfg.critic.fake_scale):
             v_fake = tr.guidance.velocity(x_tau, tau2, cond)
         with lora_scale(tr.guidance.network, lam_r):
             v_cond = tr.guidance.velocity(x_tau, tau2, cond)
+            ca_cond = tr.guidance.velocity(ca_x, ca_t, cond) if ca_x is not x_tau else v_cond
             v_uncond = (
-                tr.guidance.velocity(x_tau, tau2, tr.student.null_condition(B))
+                tr.guidance.velocity(ca_x, ca_t, tr.student.null_condition(B))
                 if tr.cfg_scale.enabled
                 else None
             )
     v_uncond = v_uncond.float() if v_uncond is not None else None
-    loss = paper_dmd_loss(x0, x_tau, tau2, v_fake.float(), v_cond.float(), v_uncond, w)
+    if decoupled:  # DM: v_cond vs v_fake; CA: the CFG'd real score vs v_cond in the fake slot
+        ca = paper_dmd_loss(x0, ca_x, ca_t, ca_cond.float(), ca_cond.float(), v_uncond, w)
+        loss = paper_dmd_loss(x0, x_tau, tau2, v_fake.float(), v_cond.float(), None, 1.0)
+        loss = cfg.dmdr.dmd_weight * loss + cfg.dmdr.ca_weight * ca
+    else:
+        loss = paper_dmd_loss(x0, x_tau, tau2, v_fake.float(), v_cond.float(), v_uncond, w)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in tr.student.network.parameters() if p.requires_grad], 1.0)
     tr.opt_g.step()
@@ -142,6 +158,7 @@ def run(trainer: Trainer, *, cycles: int = 10, warmup: int = 2) -> dict[str, Any
         "student_steps": cfg.student.num_steps,
         "ratio_update": cfg.dmdr.ratio_update,
         "guidance": cfg.dmdr.guidance,
+        "decoupled": cfg.dmdr.ca_renoise if cfg.dmdr.decoupled else None,
         "machine": machine_info(trainer.device),
         "median_ms": med,
         "speedup_cycle": med["paper_cycle"] / med["ours_cycle"],
@@ -156,7 +173,7 @@ def format_result(r: dict[str, Any]) -> str:
     m = r["median_ms"]
     return (
         f"bench step: batch {r['batch_size']}, {r['student_steps']}-step student, R={r['ratio_update']}, "
-        f"CFG {r['guidance']}  ({r['machine'].get('gpu', r['machine']['cpu'])}, {r['machine']['date']})\n"
+        f"CFG {r['guidance']}{', Decoupled DMD (' + r['decoupled'] + ')' if r.get('decoupled') else ''}  ({r['machine'].get('gpu', r['machine']['cpu'])}, {r['machine']['date']})\n"
         f"  cycle (R iterations = 1 generator update): ours {m['ours_cycle']:.1f} ms, "
         f"paper {m['paper_cycle']:.1f} ms  → ×{r['speedup_cycle']:.2f}\n"
         f"  generator-update iteration only:            ours {m['ours_gen']:.1f} ms, "

@@ -413,6 +413,15 @@ class DMDRConfig(ConfigBase):
             "help": "Weight of the CFG-augmentation term when decoupled = true (the DM term has dmd_weight)."
         },
     )
+    ca_renoise: Literal["independent", "shared", "above_input"] = field(
+        default="independent",
+        metadata={
+            "help": "Renoise time of the CFG-augmentation term when decoupled = true: 'independent' = its own "
+            "draw from the DMD renoise law (and its own noise); 'shared' = the DM term's sample (an "
+            "ablation: one guidance part fewer); 'above_input' = U(t_k, 1), above the noise level the "
+            "student started its step from (needs student.num_steps > 1)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -836,6 +845,18 @@ class DMDRTrainerConfig(ConfigBase):
             )
         if dmdr.decoupled and dmdr.dmd_weight == 0:
             self._fail("dmdr.decoupled", "needs dmdr.dmd_weight > 0 (it splits the DMD term)")
+        if dmdr.decoupled and not dmdr.cfg_enabled:
+            self._fail(
+                "dmdr.decoupled",
+                f"splits off the CFG term (w − 1)·(v_cond − v_uncond), which is zero with dmdr.guidance = "
+                f"{dmdr.guidance} (<= 1, no CFG): set guidance > 1 or decoupled = false",
+            )
+        if dmdr.decoupled and dmdr.ca_renoise == "above_input" and self.student.num_steps == 1:
+            self._fail(
+                "dmdr.ca_renoise",
+                "'above_input' draws τ from (t_k, 1), which is empty for a 1-step student (t_0 = 1); "
+                "use 'independent'",
+            )
         for i, r in enumerate(self.rewards):
             if r.active and r.combine == "balanced" and dmdr.dmd_weight == 0:
                 self._fail(

@@ -7,7 +7,9 @@ One *iteration* (``Trainer.step``):
 2. a critic update: flow matching of the fake score ``H(·; λ_f)`` on ``x̂0_sel`` at DynaRS times;
 3. every ``dmdr.ratio_update``-th iteration, a generator update: ``x0 = x_in − t_k·G(x_in)``, one
    batched guidance forward for (fake, cond, uncond), the fused DMD loss, plus the rewards from
-   stage 2 on (``s >= dmdr.cold_start_steps``).
+   stage 2 on (``s >= dmdr.cold_start_steps``). With ``dmdr.decoupled`` (Decoupled DMD) the real
+   score's CFG-augmentation part is evaluated at its own renoised sample: the one guidance forward
+   then holds (fake, cond) at τ and (cond, uncond) at τ_ca.
 
 ``s`` (``state.gen_step``) counts generator updates; every schedule and every ``*_every`` cadence
 is keyed on it. All randomness comes from one ``torch.Generator`` that is checkpointed, so a run
@@ -24,15 +26,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
 
 from dmdr_fast.algo import (
+    GuidanceQuery,
     backward_simulation,
-    build_guidance_batch,
+    concat_guidance_queries,
     critic_loss,
+    decoupled_dmd_loss,
     few_step_sample,
     few_step_timesteps,
     generator_dmd_loss,
@@ -51,6 +55,16 @@ from dmdr_fast.train.logging import RunLogger
 from dmdr_fast.train.monitor import RewardHackingMonitor
 
 __all__ = ["ClassLabelSampler", "ConditionSampler", "Trainer", "TrainerState", "resolve_device"]
+
+
+class CAInputs(NamedTuple):
+    """Decoupled DMD's CFG-augmentation inputs (no grad): renoised ``sg(x0)`` (B, ...) at times
+    (B,), and the real score's conditional and unconditional velocities there (B, ...)."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    v_cond: torch.Tensor
+    v_uncond: torch.Tensor
 
 
 class ConditionSampler(Protocol):
@@ -141,11 +155,6 @@ class Trainer:
         if config.train.compile:
             raise NotImplementedError(
                 "train.compile=true is not supported by the Trainer yet; set train.compile=false"
-            )
-        if config.dmdr.decoupled:
-            raise NotImplementedError(
-                "dmdr.decoupled=True: the Trainer does not run Decoupled DMD yet (the loss exists as "
-                "dmdr_fast.algo.decoupled_dmd_loss); set dmdr.decoupled=false"
             )
         self.config = config
         self.device = _resolve_device(config.train.device)
@@ -286,31 +295,81 @@ class Trainer:
                 group["lr"] = lr
         self._stage2_applied = True
 
-    def _fake_and_real(self, x: torch.Tensor, t: torch.Tensor, cond: Any, null: Any, lam_r: float):
-        """(v_fake, v_cond, v_uncond or None), no grad; one batched guidance forward for a LoRA critic."""
+    def _guidance_velocities(
+        self, fake: tuple[torch.Tensor, torch.Tensor, Any], reals: list[tuple[torch.Tensor, torch.Tensor, Any]],
+        lam_r: float,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+        """The fake score at ``fake`` and the real score at each of ``reals``, all (B, ...) fp32, no grad.
+
+        Args:
+            fake: ``(x, t, cond)`` of the fake-score query.
+            reals: ``(x, t, cond)`` per real-score query (cond, uncond; Decoupled DMD adds a sample).
+            lam_r: DynaDG's λ_r(s).
+
+        A LoRA critic answers everything in ONE batched forward with per-sample LoRA scales. A full
+        critic runs the fake query, the teacher runs the real ones batched, and DynaDG moves each
+        real velocity toward the critic's conditional velocity at the same sample by λ_r/λ_f (a LoRA
+        critic interpolates in weight space instead).
+        """
         c = self.config.critic
         with torch.no_grad(), self._autocast():
             if self.critic is None:
-                batch = build_guidance_batch(x, t, cond, null, fake_scale=c.fake_scale, real_scale=lam_r)
+                queries = [GuidanceQuery(*fake, c.fake_scale), *(GuidanceQuery(*r, lam_r) for r in reals)]
+                batch = concat_guidance_queries(queries)
                 with lora_scale(self.guidance.network, batch.lora_scale):
                     out = self.guidance.velocity(batch.x, batch.t, batch.cond)
-                v = batch.split(out.float())
-                return v.fake, v.cond, v.uncond
-            # Full critic: the teacher gives cond/uncond in one forward; DynaDG interpolates the
-            # outputs toward the critic by λ_r/λ_f (a LoRA critic interpolates in weight space).
-            v_fake = self.critic.velocity(x, t, cond).float()
-            if null is None:
-                v_cond, v_uncond = self.guidance.velocity(x, t, cond).float(), None
-            else:
-                both = self.guidance.velocity(
-                    torch.cat([x, x]), torch.cat([t, t]), self.guidance.cat_conditions([cond, null])
-                ).float()
-                v_cond, v_uncond = both.chunk(2)
+                v_fake, *v_real = batch.chunk(out.float())
+                return v_fake, v_real
+            v_fake = self.critic.velocity(*fake).float()
+            xs, ts, conds = zip(*reals, strict=True)
+            one = len(reals) == 1
+            out = self.guidance.velocity(
+                xs[0] if one else torch.cat(xs),
+                ts[0] if one else torch.cat(ts),
+                conds[0] if one else self.guidance.cat_conditions(list(conds)),
+            ).float()
+            v_real = list(out.chunk(len(reals)))
             if lam_r > 0:
                 mix = lam_r / c.fake_scale
-                v_cond = v_cond + mix * (v_fake - v_cond)
-                v_uncond = None if v_uncond is None else v_uncond + mix * (v_fake - v_uncond)
-            return v_fake, v_cond, v_uncond
+                critic_at = {id(fake[0]): v_fake}
+                for i, (x, t, _) in enumerate(reals):
+                    if id(x) not in critic_at:  # Decoupled DMD's CA sample: one more critic forward
+                        critic_at[id(x)] = self.critic.velocity(x, t, fake[2]).float()
+                    v_real[i] = v_real[i] + mix * (critic_at[id(x)] - v_real[i])
+            return v_fake, v_real
+
+    def _fake_and_real(self, x: torch.Tensor, t: torch.Tensor, cond: Any, null: Any, lam_r: float):
+        """(v_fake, v_cond, v_uncond or None) at one renoised sample, no grad (``null`` None: no CFG)."""
+        reals = [(x, t, cond)] + ([(x, t, null)] if null is not None else [])
+        v_fake, v_real = self._guidance_velocities((x, t, cond), reals, lam_r)
+        return v_fake, v_real[0], v_real[1] if null is not None else None
+
+    def _decoupled_inputs(
+        self, x0: torch.Tensor, x_tau: torch.Tensor, tau: torch.Tensor, t_in: torch.Tensor, cond: Any,
+        null: Any, lam_r: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, CAInputs]:  # fmt: skip
+        """Decoupled DMD: ``(v_fake, v_cond)`` at the DM sample ``x_tau`` and the CA inputs.
+
+        The CA sample per ``dmdr.ca_renoise``: ``independent`` renoises ``x0`` again at a fresh
+        draw of the DMD renoise law, ``shared`` reuses ``x_tau`` (3 guidance parts instead of 4),
+        ``above_input`` draws τ_ca ~ U(t_k, 1) from the student's input time ``t_in`` (B,).
+        """
+        d, B = self.config.dmdr, x0.shape[0]
+        if d.ca_renoise == "shared":
+            ca_x, ca_t = x_tau, tau
+        else:
+            if d.ca_renoise == "independent":
+                ca_t = self.dynars.sample(B, self.state.gen_step, generator=self.gen).to(self.device)
+            else:  # above_input
+                u = torch.rand(B, generator=self.gen).to(self.device)
+                ca_t = t_in + (1.0 - t_in) * u
+            ca_x = renoise(x0, ca_t, noise_like(x0, self.gen))
+        reals = [(x_tau, tau, cond), (ca_x, ca_t, cond), (ca_x, ca_t, null)]
+        if ca_x is x_tau:
+            reals = reals[::2]  # cond and uncond at the shared sample
+        v_fake, v = self._guidance_velocities((x_tau, tau, cond), reals, lam_r)
+        ca_cond = v[0] if ca_x is x_tau else v[1]
+        return v_fake, v[0], CAInputs(ca_x, ca_t, ca_cond, v[-1])
 
     # ------------------------------------------------------------------------------ one iteration
 
@@ -375,10 +434,14 @@ class Trainer:
         w = self.cfg_scale.sample(self.gen)
         null = self.student.null_condition(B) if self.cfg_scale.enabled else None
         lam_r = self.dynadg.real_scale(s)
-        v_fake, v_cond, v_uncond = self._fake_and_real(x_tau, tau2, cond, null, lam_r)
-        metrics = self._generator_backward(
-            x0, x_tau, tau2, v_fake, v_cond, v_uncond, w if v_uncond is not None else 1.0, raw, stage
-        )
+        if cfg.dmdr.decoupled:  # config validation guarantees CFG is on
+            v_fake, v_cond, ca = self._decoupled_inputs(x0.detach(), x_tau, tau2, sim.t_in, cond, null, lam_r)
+            metrics = self._generator_backward(x0, x_tau, tau2, v_fake, v_cond, None, w, raw, stage, ca=ca)
+        else:
+            v_fake, v_cond, v_uncond = self._fake_and_real(x_tau, tau2, cond, null, lam_r)
+            metrics = self._generator_backward(
+                x0, x_tau, tau2, v_fake, v_cond, v_uncond, w if v_uncond is not None else 1.0, raw, stage
+            )
         metrics["grad_norm_g"] = _grad_norm(_trainable(self.student.network), cfg.optim.grad_clip)
         self.opt_g.step()
         self._update_ema()
@@ -410,6 +473,8 @@ class Trainer:
         guidance: float,
         raw: Any,
         stage: int,
+        *,
+        ca: CAInputs | None = None,
     ) -> dict[str, float]:
         """Gradient of the generator objective on x0, then ONE backward through the student.
 
@@ -425,9 +490,12 @@ class Trainer:
             x_tau, tau, v_fake, v_cond, v_uncond, guidance: the DMD inputs (no grad).
             raw: the batch's raw conditions (what rewards see).
             stage: 1 (DMD only) or 2 (DMD + rewards).
+            ca: Decoupled DMD's CFG-augmentation inputs; then ``x_tau, tau, v_fake, v_cond`` are the
+                distribution-matching term's (``v_uncond`` unused) and the generator loss is
+                ``dmd_weight·L_DM + ca_weight·L_CA`` (:func:`dmdr_fast.algo.decoupled_dmd_loss`).
 
         Returns:
-            Metrics: ``loss_dmd``, ``loss_reward``, reward logs, and per reward group
+            Metrics: ``loss_dmd`` (decoupled: the weighted sum, plus ``loss_dm`` and ``loss_ca``), ``loss_reward``, reward logs, and per reward group
             ``reward_w/<name>`` (mean weight applied), ``reward_nonfinite/<name>`` and, with DMD
             on, ``reward_cos/<name>`` (cosine of the DMD and reward directions) and
             ``reward_push/<name>`` (mean ``w·|g_R| / |g_DMD|``).
@@ -435,7 +503,16 @@ class Trainer:
         cfg = self.config
         xd = x0.detach().requires_grad_(True)
         metrics: dict[str, float] = {}
-        if cfg.dmdr.dmd_weight > 0:
+        if ca is not None:
+            out = decoupled_dmd_loss(
+                xd, dm_x_t=x_tau, dm_t=tau, v_fake=v_fake, dm_v_cond=v_cond, ca_x_t=ca.x_t, ca_t=ca.t,
+                ca_v_cond=ca.v_cond, ca_v_uncond=ca.v_uncond, guidance=guidance,
+                dm_weight=cfg.dmdr.dmd_weight, ca_weight=cfg.dmdr.ca_weight, eps=cfg.dmdr.eps,
+                backend=cfg.train.kernel_backend,
+            )  # fmt: skip
+            (g,) = torch.autograd.grad(out.loss, xd)
+            metrics.update(loss_dmd=out.loss.item(), loss_dm=out.dm_loss.item(), loss_ca=out.ca_loss.item())
+        elif cfg.dmdr.dmd_weight > 0:
             loss_dmd = generator_dmd_loss(
                 xd, x_tau, tau, v_fake, v_cond, v_uncond, guidance, eps=cfg.dmdr.eps,
                 backend=cfg.train.kernel_backend,
