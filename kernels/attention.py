@@ -72,6 +72,28 @@ def _key_valid(mask_ptr, offs_n, Lk, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _recompute_p(
+    a, b, c, lse2, valid, MASK: tl.constexpr, KEYS_ON_ROWS: tl.constexpr, INPUT_PRECISION: tl.constexpr
+):
+    """Backward's P of one (query block, key block) pair from the saved LSE:
+    ``2^(c·Q·Kᵀ − LSE·log2 e)``, 0 where ``valid`` is False (keys beyond Lk / padding) if MASK.
+
+    ``lse2`` is LSE·log2 e per query. KEYS_ON_ROWS=False: a = Q, b = K, returns P [BLOCK_M, BLOCK_N];
+    True: a = K, b = Q, returns Pᵀ [BLOCK_N, BLOCK_M].
+    """
+    s = tl.dot(a, tl.trans(b), input_precision=INPUT_PRECISION) * c
+    if KEYS_ON_ROWS:
+        p = tl.exp2(s - lse2[None, :])
+        if MASK:
+            p = tl.where(valid[:, None], p, 0.0)
+    else:
+        p = tl.exp2(s - lse2[:, None])
+        if MASK:
+            p = tl.where(valid[None, :], p, 0.0)
+    return p
+
+
+@triton.jit
 def _attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, descale_ptr,
     stride_qb, stride_qh, stride_ql,
@@ -221,9 +243,7 @@ def _attention_bwd_dkdv_kernel(
         else:  # rows beyond Lq: LSE = +inf gives P = 0
             lse2 = tl.load(lse_ptr + offs_m, mask=offs_m < Lq, other=float("inf")) * LOG2E
             delta = tl.load(delta_ptr + offs_m, mask=offs_m < Lq, other=0.0)
-        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * c - lse2[None, :])
-        if HAS_MASK:
-            p_t = tl.where(valid[:, None], p_t, 0.0)
+        p_t = _recompute_p(k, q, c, lse2, valid, HAS_MASK, True, INPUT_PRECISION)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -278,9 +298,9 @@ def _attention_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_ptr, offs_n, offs_d, stride_kl, 1, Lk, D, EVEN_N, EVEN_D)
         v = _load_tile(v_ptr, offs_n, offs_d, stride_vl, 1, Lk, D, EVEN_N, EVEN_D)
-        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * c - lse2[:, None])
-        if MASK_N:  # keys beyond Lk (read as 0) and padding keys
-            p = tl.where(_key_valid(mask_ptr, offs_n, Lk, HAS_MASK)[None, :], p, 0.0)
+        # keys beyond Lk (read as 0) and padding keys; only applied (and kept) when MASK_N
+        valid = _key_valid(mask_ptr, offs_n, Lk, HAS_MASK)
+        p = _recompute_p(q, k, c, lse2, valid, MASK_N, False, INPUT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
