@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmdr_fast.algo import renoise
+from dmdr_fast.algo import noise_like, renoise
 from dmdr_fast.models import DiTAdapter, tiny_dit
 from dmdr_fast.models.lora import lora_scale
 from dmdr_fast.train.config import ConfigError, DMDRTrainerConfig
@@ -56,7 +56,7 @@ def _case(tr: Trainer, seed: int = 0):
     tau = torch.rand(B, generator=g) * 0.8 + 0.1
     x_tau = renoise(x0, tau, torch.randn(x0.shape, generator=g))
     labels = torch.randint(10, (B,), generator=g)
-    t_in = torch.full((B,), 0.6)
+    t_in = torch.tensor([1.0, 0.6, 0.3])[:B]  # incl. a first-step sample (t_k = 1)
     return x0, x_tau, tau, labels, tr.student.null_condition(B), t_in
 
 
@@ -68,16 +68,19 @@ def test_inputs_equal_separate_passes(critic, ca_renoise):
     _perturb_critic(tr)
     x0, x_tau, tau, labels, null, t_in = _case(tr)
     lam_r = 0.4
+    replay = torch.Generator().set_state(tr.gen.get_state())
     v_fake, v_cond, ca = tr._decoupled_inputs(x0, x_tau, tau, t_in, labels, null, lam_r)
 
     if ca_renoise == "shared":
         assert ca.x_t is x_tau and torch.equal(ca.t, tau)
-    else:
-        assert not torch.equal(ca.t, tau)  # its own time (and noise)
-        eps = (ca.x_t - (1 - ca.t.view(-1, 1, 1, 1)) * x0) / ca.t.view(-1, 1, 1, 1)
-        torch.testing.assert_close(renoise(x0, ca.t, eps), ca.x_t)
+    else:  # x0 (not x_tau) renoised again, at its own time and with fresh noise from the run's RNG
+        t = tr.dynars.sample(len(t_in), 0, generator=replay)
         if ca_renoise == "above_input":
-            assert bool(((ca.t >= t_in) & (ca.t <= 1)).all())
+            u = torch.rand(len(t_in), generator=replay)
+            t = torch.where(t_in < 1, t_in + (1 - t_in) * u, t)  # t_k = 1: nothing above, DMD law
+            assert bool((ca.t[1:] > t_in[1:]).all() and (ca.t <= 1).all())
+        assert torch.equal(ca.t, t) and not torch.equal(ca.t, tau)
+        torch.testing.assert_close(ca.x_t, renoise(x0, t, noise_like(x0, replay)), rtol=0, atol=0)
 
     net = tr.guidance.network
     with torch.no_grad():
@@ -127,6 +130,62 @@ def test_direction_is_the_two_normalised_terms():
     assert metrics["loss_dmd"] == pytest.approx(0.7 * metrics["loss_dm"] + 1.3 * metrics["loss_ca"], rel=1e-5)
 
 
+def test_ca_weight_zero_leaves_the_dm_term_alone():
+    tr = _trainer(_config(ca_weight=0.0))
+    _perturb_critic(tr)
+    x0, x_tau, tau, labels, null, t_in = _case(tr, seed=2)
+    v_fake, v_cond, ca = tr._decoupled_inputs(x0, x_tau, tau, t_in, labels, null, 0.0)
+    a, b = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+    tr._generator_backward(a, x_tau, tau, v_fake, v_cond, None, 3.0, labels, 1, ca=ca)
+    tr._generator_backward(b, x_tau, tau, v_fake, v_cond, None, 1.0, labels, 1)  # plain DMD without CFG
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-12)
+
+
+def test_jitter_at_or_below_one_has_no_ca_term():
+    tr = _trainer(_config())
+    _perturb_critic(tr)
+    x0, x_tau, tau, labels, null, t_in = _case(tr, seed=3)
+    v_fake, v_cond, ca = tr._decoupled_inputs(x0, x_tau, tau, t_in, labels, null, 0.0)
+    m = tr._generator_backward(
+        x0.clone().requires_grad_(True), x_tau, tau, v_fake, v_cond, None, 0.9, labels, 1, ca=ca
+    )
+    assert m["loss_ca"] == 0.0 and m["loss_dm"] > 0
+
+
+def test_step_feeds_the_loss_what_the_inputs_gave(monkeypatch):
+    """One real ``step()``: the DM sample, the CA inputs, w and t_k reach the loss unmixed."""
+    import dmdr_fast.train.trainer as trainer_mod
+
+    tr = _trainer(_config(ratio_update=1, guidance_jitter=0.5))
+    seen: dict = {}
+    inputs = tr._decoupled_inputs
+
+    def spy_inputs(x0, x_tau, tau, t_in, cond, null, lam_r):
+        seen["inputs"] = (x0, x_tau, tau, t_in, lam_r)
+        seen["out"] = inputs(x0, x_tau, tau, t_in, cond, null, lam_r)
+        return seen["out"]
+
+    loss = trainer_mod.decoupled_dmd_loss
+
+    def spy_loss(x0, **kw):
+        seen["loss"] = (x0, kw)
+        return loss(x0, **kw)
+
+    monkeypatch.setattr(tr, "_decoupled_inputs", spy_inputs)
+    monkeypatch.setattr(trainer_mod, "decoupled_dmd_loss", spy_loss)
+    metrics = tr.step()
+    x0, x_tau, tau, t_in, lam_r = seen["inputs"]
+    v_fake, v_cond, ca = seen["out"]
+    lx0, kw = seen["loss"]
+    assert torch.equal(lx0, x0) and kw["dm_x_t"] is x_tau and kw["dm_t"] is tau
+    assert kw["v_fake"] is v_fake and kw["dm_v_cond"] is v_cond
+    assert all(a is b for a, b in zip((kw["ca_x_t"], kw["ca_t"], kw["ca_v_cond"], kw["ca_v_uncond"]), ca))
+    assert kw["guidance"] == metrics["guidance"] != 3.0  # the jittered w of this batch
+    assert lam_r == metrics["lambda_r"]
+    assert bool(torch.isin(t_in, tr.grid).all())  # the student's input time t_k
+    assert (kw["dm_weight"], kw["ca_weight"]) == (1.0, 1.0)
+
+
 @pytest.mark.parametrize(
     "critic,ca_renoise", [("lora", "independent"), ("full", "shared"), ("lora", "above_input")]
 )
@@ -142,8 +201,9 @@ def test_trains_and_logs_both_terms(tmp_path, critic, ca_renoise):
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.student.network.parameters()))
 
 
-def test_resume_is_exact(tmp_path):
-    cfg = _config()
+@pytest.mark.parametrize("ca_renoise", ["independent", "shared", "above_input"])
+def test_resume_is_exact(tmp_path, ca_renoise):
+    cfg = _config(ca_renoise=ca_renoise)
     full = _trainer(cfg)
     full.fit(progress=False)
     part = _trainer(cfg, tmp_path)

@@ -81,10 +81,12 @@ def paper_iteration(tr: Trainer) -> None:
     decoupled = cfg.dmdr.decoupled
     ca_x, ca_t = x_tau, tau2  # also the "shared" CA sample
     if decoupled and cfg.dmdr.ca_renoise != "shared":
-        if cfg.dmdr.ca_renoise == "independent":
-            ca_t = tr.dynars.sample(B, s, generator=tr.gen).to(tr.device)
-        else:  # above_input
-            ca_t = sim.t_in + (1.0 - sim.t_in) * torch.rand(B, generator=tr.gen).to(tr.device)
+        ca_t = tr.dynars.sample(B, s, generator=tr.gen).to(tr.device)
+        if cfg.dmdr.ca_renoise == "above_input":  # the DMD law where t_k = 1 (as the Trainer)
+            t_in = sim.t_in.to(ca_t)
+            ca_t = torch.where(
+                t_in < 1, t_in + (1.0 - t_in) * torch.rand(B, generator=tr.gen).to(tr.device), ca_t
+            )
         ca_x = renoise(x0.detach(), ca_t, noise_like(x0, tr.gen))
     with torch.no_grad(), tr._autocast():
         with lora_scale(tr.guidance.network, cfg.critic.fake_scale):
@@ -99,9 +101,12 @@ def paper_iteration(tr: Trainer) -> None:
             )
     v_uncond = v_uncond.float() if v_uncond is not None else None
     if decoupled:  # DM: v_cond vs v_fake; CA: the CFG'd real score vs v_cond in the fake slot
-        ca = paper_dmd_loss(x0, ca_x, ca_t, ca_cond.float(), ca_cond.float(), v_uncond, w)
-        loss = paper_dmd_loss(x0, x_tau, tau2, v_fake.float(), v_cond.float(), None, 1.0)
-        loss = cfg.dmdr.dmd_weight * loss + cfg.dmdr.ca_weight * ca
+        loss = cfg.dmdr.dmd_weight * paper_dmd_loss(
+            x0, x_tau, tau2, v_fake.float(), v_cond.float(), None, 1.0
+        )
+        if w > 1:  # a jittered scale at or below 1 has no CFG term (as decoupled_dmd_loss)
+            ca = paper_dmd_loss(x0, ca_x, ca_t, ca_cond.float(), ca_cond.float(), v_uncond, w)
+            loss = loss + cfg.dmdr.ca_weight * ca
     else:
         loss = paper_dmd_loss(x0, x_tau, tau2, v_fake.float(), v_cond.float(), v_uncond, w)
     loss.backward()

@@ -39,7 +39,7 @@ from dmdr_fast.train.config import MonitorConfig
 if TYPE_CHECKING:
     from dmdr_fast.train.trainer import Trainer
 
-__all__ = ["RewardHackingMonitor", "mean_pairwise_distance", "pixel_features"]
+__all__ = ["RewardHackingMonitor", "mean_pairwise_distance", "pixel_features", "repeat_conditions"]
 
 #: ``(images, cond) -> (B,)`` held-out scores (a :class:`~dmdr_fast.rewards.Reward` fits).
 HeldoutScore = Callable[[Tensor, Any], Tensor]
@@ -63,13 +63,15 @@ def mean_pairwise_distance(features: Tensor, groups: int) -> float:
     return float(d.sum() / (groups * k * (k - 1)))
 
 
-def _repeat(conditions: Any, k: int) -> Any:
+def repeat_conditions(conditions: Any, k: int) -> Any:
+    """Each condition ``k`` times in a row (labels, prompt strings or a :class:`PromptBatch`)."""
     if isinstance(conditions, Tensor):
         return conditions.repeat_interleave(k, dim=0)
     if isinstance(conditions, PromptBatch):  # pre-encoded prompts: repeat the condition rows too
         index = torch.arange(len(conditions)).repeat_interleave(k)
         return PromptBatch(
-            prompts=_repeat(conditions.prompts, k), condition=index_cond(conditions.condition, index)
+            prompts=repeat_conditions(conditions.prompts, k),
+            condition=index_cond(conditions.condition, index),
         )
     return [c for c in conditions for _ in range(k)]
 
@@ -114,7 +116,7 @@ class RewardHackingMonitor:
         """Sample the student (current weights, fixed noise) and score the samples."""
         cfg = self.config
         k = cfg.samples_per_condition
-        raw = _repeat(self.conditions, k)
+        raw = repeat_conditions(self.conditions, k)
         gen = torch.Generator().manual_seed(cfg.seed)
         images = trainer.student.decode(trainer.sample(raw, generator=gen, use_ema=False)).float()
         if isinstance(raw, PromptBatch):

@@ -37,6 +37,7 @@ from dmdr_fast.algo import (
     concat_guidance_queries,
     critic_loss,
     decoupled_dmd_loss,
+    expand_cond,
     few_step_sample,
     few_step_timesteps,
     generator_dmd_loss,
@@ -331,15 +332,18 @@ class Trainer:
             v_real = list(out.chunk(len(reals)))
             if lam_r > 0:
                 mix = lam_r / c.fake_scale
-                critic_at = {id(fake[0]): v_fake}
+                critic_at = {(id(fake[0]), id(fake[1])): v_fake}
                 for i, (x, t, _) in enumerate(reals):
-                    if id(x) not in critic_at:  # Decoupled DMD's CA sample: one more critic forward
-                        critic_at[id(x)] = self.critic.velocity(x, t, fake[2]).float()
-                    v_real[i] = v_real[i] + mix * (critic_at[id(x)] - v_real[i])
+                    key = (id(x), id(t))
+                    if key not in critic_at:  # Decoupled DMD's CA sample: one more critic forward
+                        critic_at[key] = self.critic.velocity(x, t, fake[2]).float()
+                    v_real[i] = v_real[i] + mix * (critic_at[key] - v_real[i])
             return v_fake, v_real
 
     def _fake_and_real(self, x: torch.Tensor, t: torch.Tensor, cond: Any, null: Any, lam_r: float):
         """(v_fake, v_cond, v_uncond or None) at one renoised sample, no grad (``null`` None: no CFG)."""
+        if null is not None:
+            null = expand_cond(null, x.shape[0])  # a batch-1 null condition is broadcast
         reals = [(x, t, cond)] + ([(x, t, null)] if null is not None else [])
         v_fake, v_real = self._guidance_velocities((x, t, cond), reals, lam_r)
         return v_fake, v_real[0], v_real[1] if null is not None else None
@@ -352,17 +356,20 @@ class Trainer:
 
         The CA sample per ``dmdr.ca_renoise``: ``independent`` renoises ``x0`` again at a fresh
         draw of the DMD renoise law, ``shared`` reuses ``x_tau`` (3 guidance parts instead of 4),
-        ``above_input`` draws τ_ca ~ U(t_k, 1) from the student's input time ``t_in`` (B,).
+        ``above_input`` draws τ_ca ~ U(t_k, 1) from the student's input time ``t_in`` (B,); for
+        samples of the first step (t_k = 1, nothing lies above) it falls back to the DMD law, since
+        τ_ca = 1 would renoise to pure noise and make the term independent of x0.
         """
         d, B = self.config.dmdr, x0.shape[0]
+        null = expand_cond(null, B)
         if d.ca_renoise == "shared":
             ca_x, ca_t = x_tau, tau
         else:
-            if d.ca_renoise == "independent":
-                ca_t = self.dynars.sample(B, self.state.gen_step, generator=self.gen).to(self.device)
-            else:  # above_input
+            ca_t = self.dynars.sample(B, self.state.gen_step, generator=self.gen).to(self.device)
+            if d.ca_renoise == "above_input":
                 u = torch.rand(B, generator=self.gen).to(self.device)
-                ca_t = t_in + (1.0 - t_in) * u
+                t_in = t_in.to(ca_t)
+                ca_t = torch.where(t_in < 1, t_in + (1.0 - t_in) * u, ca_t)
             ca_x = renoise(x0, ca_t, noise_like(x0, self.gen))
         reals = [(x_tau, tau, cond), (ca_x, ca_t, cond), (ca_x, ca_t, null)]
         if ca_x is x_tau:
