@@ -57,8 +57,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     if config.model.family in t2i.T2I_FAMILIES:
         metrics = t2i.run_t2i(config, args.out, resume=args.resume, progress=not args.quiet)
-        for name, row in metrics["results"].items():
-            print(f"{name}: " + (", ".join(f"{k}={v:.4g}" for k, v in row.items()) or "(no rewards)"))
+        for name, row in metrics["comparison"]["models"].items():
+            print(
+                f"{name}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if not k.startswith("score_se/"))
+            )
         if metrics["export"]:
             print(f"exported student: {metrics['export']}")
         print(f"report: {args.out}/report.md")

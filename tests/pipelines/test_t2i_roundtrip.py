@@ -208,7 +208,11 @@ def test_two_stages_with_a_clip_reward_monitor_and_exact_resume(tmp_path: Path):
     assert stage2 and all("loss_reward" in r and "reward_cos/clip" in r for r in stage2)
     assert any("monitor/diversity" in r for r in rows)
     report = (tmp_path / "straight" / "report.md").read_text()
-    assert "reward/clip" in report and "Reward-hacking monitor" in report
+    assert "Reward-hacking monitor" in report
+    for key in ("score/clip", "win_rate/clip", "diversity_pixel", "diversity_feat", "fd_to_reference"):
+        assert key in report, key  # the teacher-vs-student comparison (CLIP features for diversity/FD)
+    comparison = json.loads((tmp_path / "straight" / "metrics.json").read_text())["comparison"]
+    assert comparison["per_prompt"] == 2 and comparison["features"] == "CLIP image"
 
     train(tmp_path / "resumed", 2)
     train(tmp_path / "resumed", 3, resume=True)

@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -218,11 +219,19 @@ def teacher_sample(
         ).float()
 
 
-def _scores(trainer: Trainer, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
-    if trainer.reward is None:
-        return {}
-    out = trainer.reward(images, prompts)
-    return {f"reward/{k}": -float(v.mean()) for k, v in out.terms.items()}
+def _images_in_chunks(
+    batch: PromptBatch, size: int, draw: Callable[[PromptBatch, int], torch.Tensor]
+) -> torch.Tensor:
+    """``draw(chunk, i)`` over chunks of ``size`` prompts, the images collected on the CPU (a whole
+    held-out set at once would not fit next to a large model)."""
+    out = []
+    for i, start in enumerate(range(0, len(batch), size)):
+        idx = torch.arange(start, min(start + size, len(batch)))
+        part = PromptBatch(
+            prompts=[batch.prompts[j] for j in idx], condition=index_cond(batch.condition, idx)
+        )
+        out.append(draw(part, i).float().cpu())
+    return torch.cat(out)
 
 
 def run_t2i(
@@ -236,9 +245,10 @@ def run_t2i(
 ) -> dict[str, Any]:
     """Train a text-to-image student, compare it with the teacher, export it. Returns the metrics."""
     from dmdr_fast.eval.plots import plot_monitor, save_comparison_grid
+    from dmdr_fast.eval.t2i import clip_features, compare_t2i, scorers_from_rewards
     from dmdr_fast.pipelines.export import export_student
     from dmdr_fast.rewards import rewards_from_config
-    from dmdr_fast.train.monitor import RewardHackingMonitor
+    from dmdr_fast.train.monitor import RewardHackingMonitor, repeat_conditions
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -257,25 +267,43 @@ def run_t2i(
 
     # Export first: the comparison below is a report, the export is what the run is for.
     export_dir = export_student(trainer, out / "export") if export else None
+    # Teacher vs student on the held-out prompts, K samples each (K = the monitor's): scores, win
+    # rates, diversity and drift from the teacher (dmdr_fast.eval.t2i).
     n_steps, w = config.student.num_steps, config.dmdr.guidance
-    s_img = trainer.student.decode(trainer.sample(eval_batch, generator=torch.Generator().manual_seed(4321)))
-    t_img = trainer.student.decode(
-        teacher_sample(trainer, eval_batch, steps=teacher_steps, guidance=w, seed=4321)
+    k = config.monitor.samples_per_condition
+    held = repeat_conditions(eval_batch, k)
+    chunk = config.train.batch_size
+    s_img = _images_in_chunks(
+        held,
+        chunk,
+        lambda b, i: trainer.student.decode(
+            trainer.sample(b, generator=torch.Generator().manual_seed(4321 + i))
+        ),
     )
-    results = {
-        f"teacher ({teacher_steps}-step Euler, CFG {w:g})": _scores(trainer, t_img, eval_batch.prompts),
-        f"student ({n_steps}-step DMDR)": _scores(trainer, s_img, eval_batch.prompts),
-    }
-    save_comparison_grid(
-        {f"teacher {teacher_steps} steps": t_img.cpu(), f"student {n_steps} steps": s_img.cpu()},
+    t_img = _images_in_chunks(
+        held, chunk,
+        lambda b, i: trainer.student.decode(teacher_sample(trainer, b, steps=teacher_steps, guidance=w, seed=4321 + i)),
+    )  # fmt: skip
+    teacher_name = f"teacher ({teacher_steps}-step Euler, CFG {w:g})"
+    comparison = compare_t2i(
+        {teacher_name: t_img, f"student ({n_steps}-step DMDR)": s_img},
+        eval_batch.prompts,
+        per_prompt=k,
+        scorers=scorers_from_rewards(trainer.reward),
+        features=clip_features(trainer.reward),
+        batch_size=chunk,
+        feature_name="CLIP image",
+    )
+    save_comparison_grid(  # one row per prompt, its K samples side by side
+        {f"teacher {teacher_steps} steps": t_img, f"student {n_steps} steps": s_img},
         out / "teacher_vs_student.png",
-        nrow=min(4, len(eval_batch)),
+        nrow=k,
     )
     if trainer.monitor is not None and trainer.monitor.history:
         plot_monitor({config.name: trainer.monitor.history}, out / "monitor.png")
     elapsed = time.perf_counter() - t0
     metrics = {
-        "results": results,
+        "comparison": comparison,
         "monitor": trainer.monitor.history if trainer.monitor is not None else [],
         "monitor_warnings": trainer.monitor.warnings if trainer.monitor is not None else [],
         "eval_prompts": list(eval_batch.prompts),
@@ -289,13 +317,8 @@ def run_t2i(
 
 
 def _write_report(out: Path, config: DMDRTrainerConfig, metrics: dict[str, Any], trainer: Trainer) -> None:
-    rows = metrics["results"]
-    keys = sorted({k for r in rows.values() for k in r})
-    table = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    table += [
-        f"| {name} | " + " | ".join(f"{r.get(k, float('nan')):.4g}" for k in keys) + " |"
-        for name, r in rows.items()
-    ]
+    from dmdr_fast.eval.t2i import format_comparison
+
     export = metrics["export"]
     info = {}
     if export is not None:
@@ -306,7 +329,7 @@ def _write_report(out: Path, config: DMDRTrainerConfig, metrics: dict[str, Any],
         f"Teacher: `{config.model.path}` ({config.model.family}); student: {config.student.kind}, "
         f"{config.student.num_steps} steps; {trainer.state.gen_step} generator steps.",
         "",
-        *(table if keys else ["(no rewards configured: no scores)"]),
+        format_comparison(metrics["comparison"]),
         "",
         "![teacher vs student](teacher_vs_student.png)",
         "",

@@ -1,0 +1,197 @@
+"""Text-to-image evaluation: a student against its teacher on held-out prompts.
+
+What a user judges a distillation by, on the same prompts for every model (``K`` samples per
+prompt, stored prompt-major: the K samples of prompt ``i`` are rows ``i·K … i·K + K − 1``):
+
+* **scores**: each scorer's raw score (CLIP cosine, HPS, PickScore...; not the training loss),
+  mean over all samples and the standard error over prompts (a prompt's K samples are averaged
+  first, since samples of one prompt are not independent);
+* **win rate** against the reference model (the teacher): the fraction of prompts whose mean
+  score beats the reference's on the same prompt (ties count one half);
+* **diversity**: the mean pairwise distance between the K samples of a prompt, in pixel space
+  (images average-pooled to 16×16) and, when given, in a feature space (e.g. CLIP image
+  embeddings). A student that beats the teacher on the reward with much lower diversity has
+  collapsed onto what the reward likes — the reward-hacking signature;
+* **FD to the reference**: Fréchet distance between the model's and the reference's feature
+  distributions (how far the student drifted from the teacher's outputs). FD from n samples is
+  biased upward by about F²/n: compare models only at equal n, and read it as a drift measure,
+  not as an image-quality FID.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dmdr_fast.eval.metrics import frechet_distance
+from dmdr_fast.train.monitor import mean_pairwise_distance, pixel_features
+
+__all__ = ["Scorer", "clip_features", "compare_t2i", "format_comparison", "scorers_from_rewards"]
+
+#: ``(images (B, C, H, W) in [0, 1], prompts) -> (B,)`` scores, higher is better.
+Scorer = Callable[[Tensor, list[str]], Tensor]
+
+
+def _batched(
+    fn: Callable[[Tensor, list[str]], Tensor], images: Tensor, prompts: list[str], bs: int
+) -> Tensor:
+    out = [
+        fn(images[i : i + bs], prompts[i : i + bs]).detach().float().cpu() for i in range(0, len(prompts), bs)
+    ]
+    return torch.cat(out)
+
+
+def _check(images: Mapping[str, Tensor], prompts: Sequence[str], per_prompt: int) -> int:
+    if not images:
+        raise ValueError("images must hold at least one model")
+    if per_prompt < 1:
+        raise ValueError(f"per_prompt must be >= 1, got {per_prompt}")
+    if not prompts or any(not isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of strings")
+    n = len(prompts) * per_prompt
+    for name, x in images.items():
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[0] != n:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"images[{name!r}] must be (len(prompts)·per_prompt = {n}, C, H, W) prompt-major, got {got}"
+            )
+    return n
+
+
+@torch.no_grad()
+def compare_t2i(
+    images: Mapping[str, Tensor],
+    prompts: Sequence[str],
+    *,
+    per_prompt: int = 1,
+    scorers: Mapping[str, Scorer] | None = None,
+    features: Callable[[Tensor], Tensor] | None = None,
+    reference: str | None = None,
+    batch_size: int = 16,
+    feature_name: str = "given",
+) -> dict[str, Any]:
+    """Score, compare and measure the diversity of several models' samples on the same prompts.
+
+    Args:
+        images: model name → ``(N·K, C, H, W)`` images in ``[0, 1]``, prompt-major (see the module
+            docstring); every model on the same prompts and K.
+        prompts: the N prompts.
+        per_prompt: K, samples per prompt (diversity needs K >= 2).
+        scorers: name → :data:`Scorer` (see :func:`scorers_from_rewards`).
+        features: images → ``(B, F)`` features for the feature diversity and the FD (None: pixel
+            features, 16×16 average-pooled).
+        reference: the model the others are compared with (win rate, FD); default the first.
+        batch_size: images per scorer / feature call.
+        feature_name: what ``features`` are, for the table's note (e.g. "CLIP image").
+
+    Returns:
+        ``{"models": {name: {"score/<s>": mean, "score_se/<s>": standard error over prompts,
+        "win_rate/<s>": vs the reference, "diversity_pixel": ..., "diversity_feat": ...,
+        "fd_to_reference": ...}}, "reference": name, "num_prompts": N, "per_prompt": K,
+        "feature_dim": F}``. Keys that do not apply (win rate and FD of the reference itself,
+        diversity with K = 1, FD with fewer than 2 samples) are absent.
+    """
+    n = _check(images, prompts, per_prompt)
+    scorers = dict(scorers or {})
+    names = list(images)
+    reference = names[0] if reference is None else reference
+    if reference not in images:
+        raise ValueError(f"reference {reference!r} is not one of the models {names}")
+    expanded = [p for p in prompts for _ in range(per_prompt)]
+    feat_fn = features if features is not None else pixel_features
+    per_prompt_means: dict[str, dict[str, Tensor]] = {}
+    feats: dict[str, Tensor] = {}
+    models: dict[str, dict[str, float]] = {}
+    for name in names:
+        x = images[name]
+        row: dict[str, float] = {}
+        means: dict[str, Tensor] = {}
+        for s, fn in scorers.items():
+            scores = _batched(fn, x, expanded, batch_size).double()
+            if scores.shape != (n,) or not bool(torch.isfinite(scores).all()):
+                raise ValueError(f"scorer {s!r} must return {n} finite scores for model {name!r}")
+            means[s] = scores.view(len(prompts), per_prompt).mean(dim=1)
+            row[f"score/{s}"] = float(scores.mean())
+            if len(prompts) > 1:
+                row[f"score_se/{s}"] = float(means[s].std(unbiased=True) / math.sqrt(len(prompts)))
+        feats[name] = torch.cat(
+            [feat_fn(x[i : i + batch_size]).float().cpu() for i in range(0, n, batch_size)]
+        )
+        if per_prompt > 1:
+            row["diversity_pixel"] = mean_pairwise_distance(pixel_features(x.float().cpu()), len(prompts))
+            if features is not None:
+                row["diversity_feat"] = mean_pairwise_distance(feats[name], len(prompts))
+        per_prompt_means[name] = means
+        models[name] = row
+    for name in names:
+        if name == reference:
+            continue
+        for s in scorers:
+            a, b = per_prompt_means[name][s], per_prompt_means[reference][s]
+            models[name][f"win_rate/{s}"] = float(((a > b).double() + 0.5 * (a == b).double()).mean())
+        if n >= 2:
+            models[name]["fd_to_reference"] = frechet_distance(
+                feats[name].double(), feats[reference].double()
+            )
+    return {
+        "models": models,
+        "reference": reference,
+        "num_prompts": len(prompts),
+        "per_prompt": per_prompt,
+        "feature_dim": int(feats[reference].shape[1]),
+        "features": feature_name if features is not None else "pixel",
+    }
+
+
+def format_comparison(result: Mapping[str, Any]) -> str:
+    """A Markdown table of :func:`compare_t2i`'s result (one row per model) and how to read it."""
+    models = result["models"]
+    keys: list[str] = []
+    for row in models.values():
+        keys += [k for k in row if k not in keys and not k.startswith("score_se/")]
+    header = "| model | " + " | ".join(keys) + " |"
+    lines = [header, "|---|" + "---|" * len(keys)]
+    for name, row in models.items():
+        cells = []
+        for k in keys:
+            if k not in row:
+                cells.append("—")
+                continue
+            se = row.get("score_se/" + k.removeprefix("score/")) if k.startswith("score/") else None
+            cells.append(f"{row[k]:.4g}" + (f" ± {se:.2g}" if se is not None else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    n, k = result["num_prompts"], result["per_prompt"]
+    lines += [
+        "",
+        f"{n} prompts × {k} samples; ± = standard error over prompts; win rate = fraction of prompts "
+        f"where the model's mean score beats `{result['reference']}`'s; diversity = mean pairwise "
+        f"distance of a prompt's samples; FD to reference in {result['features']} features "
+        f"({result['feature_dim']}-dim, biased upward at small n: compare at equal n only).",
+    ]
+    return "\n".join(lines)
+
+
+def scorers_from_rewards(rewards: Any) -> dict[str, Scorer]:
+    """Raw-score functions of a :class:`~dmdr_fast.rewards.CompositeReward` (or a list of rewards)."""
+    if rewards is None:
+        return {}
+    items = list(getattr(rewards, "rewards", rewards))
+    return {r.name: (lambda images, prompts, r=r: r(images.to(_device(r)), list(prompts))) for r in items}
+
+
+def _device(module: Any) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def clip_features(rewards: Any) -> Callable[[Tensor], Tensor] | None:
+    """The image embeddings of the first reward that has them (CLIP, PickScore), or None."""
+    if rewards is None:
+        return None
+    for r in getattr(rewards, "rewards", rewards):
+        if hasattr(r, "image_embeds"):
+            return lambda images, r=r: r.image_embeds(images.to(_device(r)))
+    return None
