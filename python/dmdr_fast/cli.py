@@ -245,11 +245,85 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_pipeline(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from dmdr_fast._dtypes import torch_dtype
+    from dmdr_fast.data.prompts import load_prompts
+    from dmdr_fast.eval.t2i import format_comparison, save_t2i_grid
+    from dmdr_fast.pipelines.evaluate import evaluate_exported
+    from dmdr_fast.rewards import CompositeReward, build_reward
+    from dmdr_fast.train.trainer import resolve_device
+
+    if args.out is None:
+        raise SystemExit("give --out DIR (eval.json, eval.md and teacher_vs_student.png go there)")
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += load_prompts(args.prompts_file, limit=args.limit)
+    if not prompts:
+        raise SystemExit(
+            "give --prompt TEXT (repeatable) or --prompts-file FILE: held-out evaluation prompts"
+        )
+    device = resolve_device(args.device)
+    dtype = (
+        torch_dtype(args.dtype)
+        if args.dtype != "auto"
+        else (torch.bfloat16 if device.type == "cuda" else None)
+    )
+    rewards = []
+    for spec in args.reward or []:
+        kind, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise SystemExit(f"--reward {spec!r}: expected KIND=PATH, e.g. clip=/models/clip-vit-l-14")
+        rewards.append(build_reward(kind.strip(), path=path, device=device))
+    result, images = evaluate_exported(
+        args.pipeline,
+        prompts,
+        student=args.student,
+        lora=args.lora,
+        per_prompt=args.per_prompt,
+        rewards=CompositeReward(rewards) if rewards else None,
+        teacher_steps=args.teacher_steps,
+        teacher_guidance=args.teacher_guidance,
+        steps=args.steps,
+        batch=args.batch,
+        seed=args.seed,
+        device=device,
+        dtype=dtype,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = format_comparison(result)
+    save_t2i_grid(
+        {name.split(" (")[0]: x for name, x in images.items()},
+        result["settings"]["prompts"],
+        args.per_prompt,
+        out / "teacher_vs_student.png",
+    )
+    st = result["settings"]
+    (out / "eval.md").write_text(
+        f"# {st['kind']} student `{st['student']}` vs teacher `{st['teacher']}` ({st['family']})\n\n"
+        f"{table}\n\n![teacher vs student](teacher_vs_student.png)\n"
+    )
+    print(table)
+    print(f"wrote {out}/eval.json, eval.md, teacher_vs_student.png")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from dmdr_fast.presets import digits
 
+    if args.pipeline is not None:
+        return _cmd_eval_pipeline(args)
+    if args.checkpoint is None:
+        raise SystemExit(
+            "give --checkpoint FILE (digits) or --pipeline DIR with --student/--lora (text-to-image)"
+        )
     trainer, assets = _load_trainer(args.checkpoint, args.cache_dir)
     labels = digits.balanced_labels(args.num)
     x = trainer.sample(labels, num_steps=args.steps, generator=torch.Generator().manual_seed(4321))
@@ -399,11 +473,38 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="saved weights dtype")
     make.set_defaults(func=_cmd_make_pipeline)
 
-    ev = sub.add_parser("eval", help="metrics of a trained student (FD, precision/recall, accuracy, ...)")
-    ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--steps", type=int, default=None)
-    ev.add_argument("--num", type=int, default=1000)
+    ev = sub.add_parser(
+        "eval",
+        help="metrics of a trained student: digits checkpoint (FD, precision/recall, accuracy...) or an "
+        "exported text-to-image student vs its teacher (--pipeline)",
+    )
+    ev.add_argument("--checkpoint", default=None, help="a digits training checkpoint")
+    ev.add_argument("--steps", type=int, default=None, help="student steps (default: the student's)")
+    ev.add_argument("--num", type=int, default=1000, help="digits: number of samples")
     ev.add_argument("--cache-dir", default=None)
+    ev.add_argument("--pipeline", default=None, help="text-to-image: the teacher's pipeline folder")
+    ev.add_argument("--student", default=None, help="an exported full-student pipeline folder")
+    ev.add_argument("--lora", default=None, help="an exported LoRA folder (applied to --pipeline)")
+    ev.add_argument("--prompt", action="append", help="an evaluation prompt (repeatable)")
+    ev.add_argument("--prompts-file", default=None, help="evaluation prompts (.txt/.jsonl/.csv), held out")
+    ev.add_argument("--limit", type=int, default=None, help="use the first N prompts of the file")
+    ev.add_argument("--per-prompt", type=int, default=4, help="samples per prompt (diversity needs 2)")
+    ev.add_argument(
+        "--reward", action="append", metavar="KIND=PATH",
+        help="score with a reward model, e.g. clip=/models/clip, hps=/models/hps.pt (repeatable)",
+    )  # fmt: skip
+    ev.add_argument("--teacher-steps", type=int, default=None, help="default: the family's usual count")
+    ev.add_argument("--teacher-guidance", type=float, default=None, help="default: the family's usual value")
+    ev.add_argument("--batch", type=int, default=4, help="prompts per pipeline call")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto: bf16 on CUDA, else as saved",
+    )
+    ev.add_argument("--out", default=None, help="text-to-image: folder for eval.json, eval.md and the grid")
     ev.set_defaults(func=_cmd_eval)
 
     bench = sub.add_parser(

@@ -107,3 +107,14 @@ def test_unknown_reference_and_bad_scorer_are_refused():
             per_prompt=2,
             scorers={"nan": lambda im, p: im.sum((1, 2, 3)) * math.nan},
         )
+
+
+def test_grid_of_large_images_is_thumbnailed(tmp_path):
+    from PIL import Image
+
+    from dmdr_fast.eval.t2i import save_t2i_grid
+
+    big = torch.rand(4, 3, 512, 384)
+    path = save_t2i_grid({"teacher": big, "student": big}, ["a cat", "a dog"], 2, tmp_path / "g.png", cell=64)
+    w, h = Image.open(path).size
+    assert h < 3 * 64 + 40 and w < 2 * (2 * 64 + 10) + 200  # cells ~64 px, not 512

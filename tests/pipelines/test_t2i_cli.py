@@ -135,3 +135,57 @@ def test_cache_prompts_refuses_a_cache_of_another_model(sd3_dir: Path, tmp_path:
     ]
     with pytest.raises(ValueError, match="max_sequence_length"):
         main([*run, *other, "--out", str(tmp_path / "run"), "--quiet"])
+
+
+@pytest.fixture(scope="module")
+def sd3_lora_export(sd3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA student of the tiny SD3 pipeline, trained one step and exported by `dmdr-fast train`."""
+    prompts = tmp_path_factory.mktemp("prompts") / "p.txt"
+    prompts.write_text("a cat\na dog\na tree\n")
+    run = tmp_path_factory.mktemp("run")
+    sets = [f"model.path={sd3_dir}", f"data.prompts={prompts}", "rewards=[]", "dmdr.cold_start_steps=0",
+            "train.max_steps=1", "train.batch_size=2", "student.num_steps=2", "monitor.every=0",
+            "monitor.samples_per_condition=2"]  # fmt: skip
+    flags = [x for s in sets for x in ("--set", s)]
+    assert main(["train", "--preset", "sd3-medium-4step", *TINY, *flags, "--out", str(run), "--quiet"]) == 0
+    return run / "export"
+
+
+def test_eval_exported_lora_against_the_teacher(sd3_dir: Path, sd3_lora_export: Path, tmp_path: Path):
+    from tests.rewards.test_clip_rewards import make_tiny_clip, write_tiny_tokenizer
+
+    clip_dir = tmp_path / "clip"
+    tokenizer = write_tiny_tokenizer(clip_dir)
+    make_tiny_clip(tokenizer).save_pretrained(clip_dir)
+    tokenizer.save_pretrained(clip_dir)
+    out = tmp_path / "eval"
+    argv = ["eval", "--pipeline", str(sd3_dir), "--lora", str(sd3_lora_export), "--prompt", "a red cat",
+            "--prompt", "a blue dog", "--per-prompt", "2", "--teacher-steps", "3", "--reward",
+            f"clip={clip_dir}", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((out / "eval.json").read_text())
+    teacher, student = result["models"]
+    assert teacher.startswith("teacher (3 steps, guidance 7") and student.startswith("student (2 steps)")
+    row = result["models"][student]
+    for key in ("score/clip", "win_rate/clip", "diversity_pixel", "diversity_feat", "fd_to_reference"):
+        assert key in row, key
+    assert 0 <= row["win_rate/clip"] <= 1 and row["diversity_pixel"] > 0
+    s = result["settings"]
+    assert (s["kind"], s["family"], s["student_steps"]) == ("lora", "sd3", 2)
+    assert s["shared_kwargs"] == {"height": 16, "width": 16, "max_sequence_length": 4}
+    assert "win_rate/clip" in (out / "eval.md").read_text()
+    assert Image.open(out / "teacher_vs_student.png").size[0] > 4 * 16
+
+
+def test_eval_pipeline_refuses_bad_arguments(sd3_dir: Path, sd3_lora_export: Path, tmp_path: Path):
+    base = ["eval", "--pipeline", str(sd3_dir), "--prompt", "a cat", "--out", str(tmp_path / "e")]
+    with pytest.raises(ValueError, match="exactly one of student"):
+        main(base)
+    with pytest.raises(ValueError, match=r"dmdr_export\.json"):
+        main([*base, "--student", str(sd3_dir)])  # a pipeline folder, but not an export
+    with pytest.raises(SystemExit, match="KIND=PATH"):
+        main([*base, "--lora", str(sd3_lora_export), "--reward", "clip"])
+    with pytest.raises(SystemExit, match="prompt"):
+        main(
+            ["eval", "--pipeline", str(sd3_dir), "--lora", str(sd3_lora_export), "--out", str(tmp_path / "e")]
+        )

@@ -23,11 +23,12 @@ import torch
 
 from dmdr_fast._dtypes import torch_dtype
 from dmdr_fast.benchmarks.harness import machine_info, report
+from dmdr_fast.pipelines.evaluate import PIPELINE_DEFAULTS
 
 __all__ = ["BASELINES", "main", "run"]
 
 #: (steps, guidance) of each family's pipeline defaults in diffusers 0.42.
-BASELINES = {"sd3": (28, 7.0), "flux": (28, 3.5), "zimage": (50, 5.0), "sdxl": (50, 5.0)}
+BASELINES = PIPELINE_DEFAULTS
 
 
 def _time_calls(

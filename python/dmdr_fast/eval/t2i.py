@@ -21,7 +21,9 @@ prompt, stored prompt-major: the K samples of prompt ``i`` are rows ``i·K … i
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +32,14 @@ from torch import Tensor
 from dmdr_fast.eval.metrics import frechet_distance
 from dmdr_fast.train.monitor import mean_pairwise_distance, pixel_features
 
-__all__ = ["Scorer", "clip_features", "compare_t2i", "format_comparison", "scorers_from_rewards"]
+__all__ = [
+    "Scorer",
+    "clip_features",
+    "compare_t2i",
+    "format_comparison",
+    "save_t2i_grid",
+    "scorers_from_rewards",
+]
 
 #: ``(images (B, C, H, W) in [0, 1], prompts) -> (B,)`` scores, higher is better.
 Scorer = Callable[[Tensor, list[str]], Tensor]
@@ -195,3 +204,36 @@ def clip_features(rewards: Any) -> Callable[[Tensor], Tensor] | None:
         if hasattr(r, "image_embeds"):
             return lambda images, r=r: r.image_embeds(images.to(_device(r)))
     return None
+
+
+def save_t2i_grid(
+    images: Mapping[str, Tensor],
+    prompts: Sequence[str],
+    per_prompt: int,
+    path: str | os.PathLike[str],
+    *,
+    cell: int = 192,
+) -> Path:
+    """One panel per model, one row per prompt (its K samples side by side), the prompt on the left.
+
+    Images are resized to about ``cell`` pixels (antialiased down, integer-upscaled if tiny) so
+    that a grid of 1024² samples stays a readable, small PNG.
+    """
+    import torch.nn.functional as F
+
+    from dmdr_fast.eval.plots import save_comparison_grid
+
+    def fit(x: Tensor) -> Tensor:
+        x = x.float().cpu().clamp(0, 1)
+        side = max(x.shape[-2:])
+        if side > cell:
+            size = (max(1, round(x.shape[-2] * cell / side)), max(1, round(x.shape[-1] * cell / side)))
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        return x
+
+    side = max(max(x.shape[-2:]) for x in images.values())
+    scale = max(1, cell // side) if side <= cell else 1
+    labels = [p if len(p) <= 32 else p[:31] + "…" for p in prompts]
+    return save_comparison_grid(
+        {name: fit(x) for name, x in images.items()}, path, nrow=per_prompt, scale=scale, row_labels=labels
+    )

@@ -196,6 +196,7 @@ def load_exported(
     lora: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
     torch_dtype: torch.dtype | None = None,
+    pipe: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Load an exported student with plain diffusers.
 
@@ -205,6 +206,8 @@ def load_exported(
             its few-step scheduler replaces the pipeline's).
         device: Where to put the pipeline.
         torch_dtype: Load dtype (default: as saved).
+        pipe: An already loaded ``pipeline`` to use instead of loading it again (with ``lora``:
+            the teacher pipeline the LoRA goes onto; its scheduler is replaced).
 
     Returns:
         ``(pipe, info)``: the diffusers pipeline and the export info (``{}`` for a folder exported by
@@ -212,8 +215,9 @@ def load_exported(
     """
     from diffusers import DiffusionPipeline
 
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    pipe = DiffusionPipeline.from_pretrained(str(pipeline), **kwargs)
+    if pipe is None:
+        kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        pipe = DiffusionPipeline.from_pretrained(str(pipeline), **kwargs)
     info = read_export_info(pipeline) or {}
     if lora is not None:
         lora_info = read_export_info(lora) or {}

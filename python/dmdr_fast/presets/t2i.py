@@ -244,8 +244,8 @@ def run_t2i(
     export: bool = True,
 ) -> dict[str, Any]:
     """Train a text-to-image student, compare it with the teacher, export it. Returns the metrics."""
-    from dmdr_fast.eval.plots import plot_monitor, save_comparison_grid
-    from dmdr_fast.eval.t2i import clip_features, compare_t2i, scorers_from_rewards
+    from dmdr_fast.eval.plots import plot_monitor
+    from dmdr_fast.eval.t2i import clip_features, compare_t2i, save_t2i_grid, scorers_from_rewards
     from dmdr_fast.pipelines.export import export_student
     from dmdr_fast.rewards import rewards_from_config
     from dmdr_fast.train.monitor import RewardHackingMonitor, repeat_conditions
@@ -294,10 +294,11 @@ def run_t2i(
         batch_size=chunk,
         feature_name="CLIP image",
     )
-    save_comparison_grid(  # one row per prompt, its K samples side by side
+    save_t2i_grid(
         {f"teacher {teacher_steps} steps": t_img, f"student {n_steps} steps": s_img},
+        eval_batch.prompts,
+        k,
         out / "teacher_vs_student.png",
-        nrow=k,
     )
     if trainer.monitor is not None and trainer.monitor.history:
         plot_monitor({config.name: trainer.monitor.history}, out / "monitor.png")

@@ -1,0 +1,169 @@
+"""Evaluate an exported student against its teacher with plain diffusers (``dmdr-fast eval --pipeline``).
+
+Both models run as users run them: the teacher pipeline with its own scheduler, its usual step
+count and CFG (:data:`PIPELINE_DEFAULTS`); the student with the exported few-step scheduler and
+call arguments (``dmdr_export.json``), at the same resolution and text length. Each prompt gets K
+samples (seeds ``seed + i`` per chunk of prompts), scored and compared by
+:func:`dmdr_fast.eval.t2i.compare_t2i`. A LoRA student is applied to the already loaded teacher
+pipeline (one copy of the weights in memory); a full student replaces it.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dmdr_fast.pipelines.export import load_exported, read_export_info, sample_exported
+
+__all__ = ["PIPELINE_DEFAULTS", "evaluate_exported"]
+
+#: (steps, guidance_scale) of each family's pipeline defaults in diffusers 0.42: how users run the
+#: teacher (guidance in the pipeline's own convention: Flux's is the embedded guidance, Z-Image's
+#: ``g`` is standard CFG w = 1 + g).
+PIPELINE_DEFAULTS = {"sd3": (28, 7.0), "flux": (28, 3.5), "zimage": (50, 5.0), "sdxl": (50, 5.0)}
+
+# Call arguments that must match between teacher and student for a fair comparison.
+_SHARED_KWARGS = ("height", "width", "max_sequence_length")
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _sample_all(
+    call: Callable[[list[str], int], torch.Tensor], prompts: list[str], batch: int, progress: Any
+) -> torch.Tensor:
+    out = []
+    for i, chunk in enumerate(_chunks(prompts, batch)):
+        out.append(call(chunk, i).float().cpu())
+        progress.update(len(chunk))
+    return torch.cat(out)
+
+
+def evaluate_exported(
+    teacher: str | os.PathLike[str],
+    prompts: Sequence[str],
+    *,
+    student: str | os.PathLike[str] | None = None,
+    lora: str | os.PathLike[str] | None = None,
+    per_prompt: int = 4,
+    rewards: Any = None,
+    teacher_steps: int | None = None,
+    teacher_guidance: float | None = None,
+    steps: int | None = None,
+    batch: int = 4,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Sample the teacher and an exported student on the same prompts and compare them.
+
+    Args:
+        teacher: the teacher's diffusers pipeline folder.
+        prompts: the N evaluation prompts (held out from training).
+        student: an exported full-student pipeline folder; or
+        lora: an exported LoRA folder (applied to ``teacher``). Exactly one of the two.
+        per_prompt: K samples per prompt (diversity needs K >= 2).
+        rewards: a :class:`~dmdr_fast.rewards.CompositeReward` or list of rewards to score with
+            (None: diversity and FD only); a CLIP-type reward also gives the features.
+        teacher_steps: default the family's usual count (:data:`PIPELINE_DEFAULTS`).
+        teacher_guidance: default the family's usual guidance.
+        steps: student steps (default: the exported count).
+        batch: prompts per pipeline call.
+        seed: base seed; chunk i uses ``seed + i`` for both models.
+        device: where the pipelines run.
+        dtype: load dtype (default: as saved).
+        progress: show a progress bar.
+
+    Returns:
+        ``(result, images)``: :func:`~dmdr_fast.eval.t2i.compare_t2i`'s result plus the settings
+        used, and the two models' ``(N·K, 3, H, W)`` images on the CPU.
+    """
+    from diffusers import DiffusionPipeline
+    from tqdm.auto import tqdm
+
+    from dmdr_fast.eval.t2i import clip_features, compare_t2i, scorers_from_rewards
+    from dmdr_fast.presets.t2i import family_of_pipeline
+
+    if (student is None) == (lora is None):
+        raise ValueError(
+            "give exactly one of student (an exported pipeline folder) or lora (an exported LoRA folder)"
+        )
+    prompts = [str(p) for p in prompts]
+    if not prompts:
+        raise ValueError("prompts must not be empty")
+    if per_prompt < 1 or batch < 1:
+        raise ValueError(f"per_prompt and batch must be >= 1, got {per_prompt} and {batch}")
+    exported = Path(student if student is not None else lora)
+    info = read_export_info(exported)
+    if info is None:
+        raise ValueError(f"{exported} has no dmdr_export.json: not a folder written by dmdr-fast's export")
+    family = family_of_pipeline(teacher)
+    base_steps, base_w = PIPELINE_DEFAULTS[family]
+    t_steps = teacher_steps or base_steps
+    t_w = base_w if teacher_guidance is None else float(teacher_guidance)
+    shared = {k: v for k, v in info.get("call_kwargs", {}).items() if k in _SHARED_KWARGS}
+    resolution = info.get("resolution") or []
+    if resolution and "height" not in shared:
+        shared.update(height=int(resolution[0]), width=int(resolution[1]))
+    expanded = [p for p in prompts for _ in range(per_prompt)]
+    bar = tqdm(total=2 * len(expanded), desc="eval", unit="img", disable=not progress)
+
+    pipe = DiffusionPipeline.from_pretrained(str(teacher), **({"torch_dtype": dtype} if dtype else {})).to(
+        device
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    def teacher_call(chunk: list[str], i: int) -> torch.Tensor:
+        torch.manual_seed(seed + i)  # flow schedulers' own noise uses the global RNG
+        out = pipe(
+            prompt=chunk, num_inference_steps=t_steps, guidance_scale=t_w, output_type="pt",
+            generator=torch.Generator(device="cpu").manual_seed(seed + i), **shared,
+        )  # fmt: skip
+        return torch.as_tensor(out.images).float().clamp(0, 1)
+
+    t_img = _sample_all(teacher_call, expanded, batch, bar)
+    if student is not None:  # a full student is a whole pipeline: free the teacher first
+        del pipe
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        pipe, info = load_exported(student, device=device, torch_dtype=dtype)
+    else:
+        pipe, info = load_exported(teacher, lora=lora, device=device, torch_dtype=dtype, pipe=pipe)
+    pipe.set_progress_bar_config(disable=True)
+    s_img = _sample_all(
+        lambda chunk, i: sample_exported(pipe, info, chunk, steps=steps, seed=seed + i), expanded, batch, bar
+    )
+    bar.close()
+    n_steps = steps or info.get("num_steps")
+    names = (f"teacher ({t_steps} steps, guidance {t_w:g})", f"student ({n_steps} steps)")
+    features = clip_features(rewards)
+    result = compare_t2i(
+        {names[0]: t_img, names[1]: s_img},
+        prompts,
+        per_prompt=per_prompt,
+        scorers=scorers_from_rewards(rewards),
+        features=features,
+        batch_size=batch,
+        feature_name="CLIP image",
+    )
+    result["settings"] = {
+        "family": family,
+        "teacher": str(teacher),
+        "student": str(exported),
+        "kind": "lora" if lora is not None else "full",
+        "teacher_steps": t_steps,
+        "teacher_guidance": t_w,
+        "student_steps": n_steps,
+        "shared_kwargs": shared,
+        "seed": seed,
+        "prompts": prompts,
+    }
+    return result, {names[0]: t_img, names[1]: s_img}
