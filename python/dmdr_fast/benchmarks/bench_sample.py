@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dmdr_fast._dtypes import torch_dtype
+from dmdr_fast._dtypes import load_dtype_kwargs, torch_dtype
 from dmdr_fast.benchmarks.harness import machine_info, report
 from dmdr_fast.pipelines.evaluate import PIPELINE_DEFAULTS
 
@@ -69,7 +69,7 @@ def run(
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = torch_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     family = family or family_of_pipeline(pipeline)
-    pipe = DiffusionPipeline.from_pretrained(str(pipeline), torch_dtype=dt).to(dev)
+    pipe = DiffusionPipeline.from_pretrained(str(pipeline), **load_dtype_kwargs(dt)).to(dev)
     pipe.set_progress_bar_config(disable=True)
     adapter = adapter_class(family).from_pipeline(pipe, resolution=resolution)
     height, width = adapter.resolution

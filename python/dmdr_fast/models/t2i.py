@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from dmdr_fast._dtypes import load_dtype_kwargs
 from dmdr_fast.algo.conditions import map_tensors
 from dmdr_fast.models.protocol import Condition, cat_conditions, check_time, slice_condition
 
@@ -141,8 +142,7 @@ class TextToImageAdapter(nn.Module):
             **kwargs: Constructor / :meth:`from_pipeline` arguments of the subclass.
         """
         extra = {**cls.default_pipeline_kwargs, **(pipeline_kwargs or {})}
-        if torch_dtype is not None:
-            extra["torch_dtype"] = torch_dtype
+        extra.update(load_dtype_kwargs(torch_dtype))
         pipe = cls.pipeline_class.from_pretrained(str(path), **extra)
         return cls.from_pipeline(pipe, device=device, **kwargs)
 

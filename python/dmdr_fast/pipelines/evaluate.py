@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from dmdr_fast._dtypes import load_dtype_kwargs
 from dmdr_fast.pipelines.export import load_exported, read_export_info, sample_exported
 
 __all__ = ["PIPELINE_DEFAULTS", "evaluate_exported"]
@@ -115,9 +116,7 @@ def evaluate_exported(
     expanded = [p for p in prompts for _ in range(per_prompt)]
     bar = tqdm(total=2 * len(expanded), desc="eval", unit="img", disable=not progress)
 
-    pipe = DiffusionPipeline.from_pretrained(str(teacher), **({"torch_dtype": dtype} if dtype else {})).to(
-        device
-    )
+    pipe = DiffusionPipeline.from_pretrained(str(teacher), **load_dtype_kwargs(dtype)).to(device)
     pipe.set_progress_bar_config(disable=True)
 
     def teacher_call(chunk: list[str], i: int) -> torch.Tensor:

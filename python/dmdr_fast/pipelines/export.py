@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dmdr_fast._dtypes import torch_dtype
+from dmdr_fast._dtypes import load_dtype_kwargs, torch_dtype
 from dmdr_fast._io import atomic_write_text
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ def _assemble(
 
         cls = DiffusionPipeline
     overrides = {student.network_attr: network, "scheduler": scheduler}
-    return cls.from_pretrained(base_path, torch_dtype=dtype, **overrides)
+    return cls.from_pretrained(base_path, **load_dtype_kwargs(dtype), **overrides)
 
 
 def read_export_info(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -216,8 +216,7 @@ def load_exported(
     from diffusers import DiffusionPipeline
 
     if pipe is None:
-        kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-        pipe = DiffusionPipeline.from_pretrained(str(pipeline), **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(str(pipeline), **load_dtype_kwargs(torch_dtype))
     info = read_export_info(pipeline) or {}
     if lora is not None:
         lora_info = read_export_info(lora) or {}
