@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dmdr_fast._io import atomic_write_text
+from dmdr_fast.algo.conditions import map_tensors
 from dmdr_fast.data.prompts import PromptBatch
 
 __all__ = [
@@ -358,12 +359,8 @@ class CachedPromptSampler:
         indices = torch.randint(len(self.cache), (batch_size,), generator=generator)
         cond = self.cache.condition(indices)
         if self.device is not None:
-            cond = type(cond)(**{k: _to(getattr(cond, k), self.device) for k in self.cache.fields})
+            cond = map_tensors(lambda v: v.to(self.device), cond)
         return PromptBatch(prompts=[self.cache.prompts[i] for i in indices.tolist()], condition=cond)
-
-
-def _to(value: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:
-    return None if value is None else value.to(device)
 
 
 def install_null_condition(adapter: Any, cache: PromptCache, *, check: bool = True) -> None:
