@@ -90,6 +90,26 @@ inline void check(cudaError_t err, const char* what) {
   }
 }
 
+// Makes `device` current for the scope and restores the caller's device afterwards (PyTorch and
+// the user's code rely on the current device; a bare cudaSetDevice would leak a change).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+    changed_ = previous_ != device;
+  }
+  ~DeviceGuard() {
+    if (changed_) cudaSetDevice(previous_);  // no throw from a destructor
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool changed_ = false;
+};
+
 // Number of SMs of `device` (cached per device).
 inline int sm_count(int device) {
   static int cache[kMaxDevices] = {0};

@@ -167,7 +167,7 @@ void launch(const DmdLossParams& p, float* part_a, float* part_s, unsigned int* 
 }  // namespace
 
 size_t dmd_loss_workspace_bytes(int64_t batch, int64_t numel_per_sample, int device) {
-  check(cudaSetDevice(device), "cudaSetDevice");
+  const DeviceGuard guard(device);
   const int64_t nblk = blocks_per_sample(batch, numel_per_sample, device);
   // part_a and part_s (B × nblk floats each), then one 16-byte-aligned ticket counter.
   return static_cast<size_t>(2 * batch * nblk) * sizeof(float) + 16;
@@ -179,7 +179,7 @@ void dmd_loss_fwd(const DmdLossParams& p, void* workspace, size_t workspace_byte
     throw std::invalid_argument("dmdr_fast.dmd_loss_fwd_cuda: empty input");
   }
   if (p.batch > 65535) throw std::invalid_argument("dmdr_fast.dmd_loss_fwd_cuda: batch > 65535");
-  check(cudaSetDevice(device), "cudaSetDevice");
+  const DeviceGuard guard(device);
   const int64_t nblk = blocks_per_sample(p.batch, p.numel_per_sample, device);
   const size_t need = static_cast<size_t>(2 * p.batch * nblk) * sizeof(float) + 16;
   if (workspace_bytes < need) {

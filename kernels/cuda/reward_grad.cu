@@ -181,7 +181,7 @@ void launch(const RewardGradParams& p, const Workspace& ws, int64_t nblk, cudaSt
 }  // namespace
 
 size_t reward_grad_workspace_bytes(int64_t batch, int64_t numel_per_sample, int device) {
-  check(cudaSetDevice(device), "cudaSetDevice");
+  const DeviceGuard guard(device);
   return workspace_bytes(batch, blocks_per_sample(batch, numel_per_sample, device));
 }
 
@@ -193,7 +193,7 @@ void reward_grad_fwd(const RewardGradParams& p, void* workspace, size_t workspac
   if (p.batch > 65535) {
     throw std::invalid_argument("dmdr_fast.reward_grad_fwd_cuda: batch > 65535");
   }
-  check(cudaSetDevice(device), "cudaSetDevice");
+  const DeviceGuard guard(device);
   const int64_t nblk = blocks_per_sample(p.batch, p.numel_per_sample, device);
   const size_t need = workspace_bytes(p.batch, nblk);
   if (workspace_bytes_given < need) {
