@@ -535,8 +535,18 @@ class HPSReward(Reward):
             config = clip_config_from_open_clip_state_dict(
                 sd, vision_head_width=vision_head_width, text_head_width=text_head_width
             )
-        model = tf.CLIPModel(config)
-        model.load_state_dict(open_clip_to_transformers_state_dict(sd, config), strict=True)
+        # Built on the meta device and given the checkpoint's tensors: a ViT-H-14 CLIP has ~986M
+        # parameters whose random initialisation would take longer than loading them.
+        with torch.device("meta"):
+            model = tf.CLIPModel(config)
+        model.load_state_dict(open_clip_to_transformers_state_dict(sd, config), strict=True, assign=True)
+        for module in (model.text_model.embeddings, model.vision_model.embeddings):
+            # position_ids is a non-persistent buffer (not in any state dict): recreate it.
+            n = module.position_ids.shape[-1]
+            module.register_buffer("position_ids", torch.arange(n).expand((1, -1)), persistent=False)
+        leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if leftover:
+            raise RuntimeError(f"HPS model tensors not loaded from the checkpoint: {leftover[:8]}")
         reward = cls(model, tok, **reward_kwargs)
         return reward.to(device=device, dtype=as_dtype(dtype))
 
