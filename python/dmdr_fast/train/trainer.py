@@ -787,7 +787,9 @@ class Trainer:
             if found is None:
                 return False
             path = found
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        # Onto the CPU, not the training device: the RNG states must be CPU tensors, and a full
+        # fine-tune's weights + Adam moments + EMA would otherwise sit on the GPU twice while copied.
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
         self.logger.note(f"resumed from {path} at generator step {self.state.gen_step}")
         return True
 
