@@ -511,6 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="throughput benchmarks (ratios against baselines measured in the same run)"
     )
     bench_sub = bench.add_subparsers(dest="what", required=True)
+
+    def add_timing_args(p: argparse.ArgumentParser, reps: int, warmup: int) -> None:
+        """The arguments every benchmark shares: repetitions, warm-up and the JSON record."""
+        p.add_argument("--reps", type=int, default=reps, help="timed repetitions (the median is reported)")
+        p.add_argument("--warmup", type=int, default=warmup, help="untimed repetitions first")
+        p.add_argument("--json", default=None, help="also write the result to this JSON file")
+
     dmd = bench_sub.add_parser("dmd-loss", help="fused DMD loss vs eager, torch.compile and copy bandwidth")
     dmd.add_argument("--shape", default="8x16x128x128", help="B x ... of x0 (default 8x16x128x128)")
     dmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -518,9 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     dmd.add_argument("--providers", default="eager,compile,torch,cpp,cuda,triton", help="comma-separated")
     dmd.add_argument("--mode", default="full", choices=["full", "fwd"], help="full = loss + x0-gradient")
     dmd.add_argument("--no-cfg", action="store_true", help="no v_uncond input (guidance off)")
-    dmd.add_argument("--reps", type=int, default=20)
-    dmd.add_argument("--warmup", type=int, default=3)
-    dmd.add_argument("--json", default=None, help="also write the result to this JSON file")
+    add_timing_args(dmd, 20, 3)
     rg = bench_sub.add_parser(
         "reward-grad", help="fused reward-gradient combination vs eager, torch.compile and copy bandwidth"
     )
@@ -533,9 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--ratio", type=float, default=1.0, help="target norm ratio of mode balanced")
     rg.add_argument("--max-weight", type=float, default=float("inf"), help="cap of mode balanced")
     rg.add_argument("--nonfinite", type=int, default=0, help="NaN entries put into g_reward")
-    rg.add_argument("--reps", type=int, default=20)
-    rg.add_argument("--warmup", type=int, default=3)
-    rg.add_argument("--json", default=None, help="also write the result to this JSON file")
+    add_timing_args(rg, 20, 3)
     att = bench_sub.add_parser(
         "attention", help="attention backends (TFLOP/s) vs the best SDPA kernel and the matmul rate"
     )
@@ -553,9 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: sdpa, sdpa-flash, sdpa-efficient, sdpa-cudnn, sdpa-math, torch, xformers, triton, fp8",
     )
     att.add_argument("--pad-frac", type=float, default=0.0, help="fraction of keys marked as padding (mask)")
-    att.add_argument("--reps", type=int, default=20)
-    att.add_argument("--warmup", type=int, default=3)
-    att.add_argument("--json", default=None, help="also write the result to this JSON file")
+    add_timing_args(att, 20, 3)
     step = bench_sub.add_parser("step", help="a DMDR iteration of the Trainer vs the paper's eager step")
     step.add_argument(
         "--preset", default=None, help="default: digits, or the family's preset with --pipeline"
@@ -584,9 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA"
     )
     bs.add_argument("--device", default="auto")
-    bs.add_argument("--reps", type=int, default=5)
-    bs.add_argument("--warmup", type=int, default=1)
-    bs.add_argument("--json", default=None)
+    add_timing_args(bs, 5, 1)
     bench.set_defaults(func=_cmd_bench)
     return parser
 
