@@ -192,6 +192,44 @@ def _cmd_cache_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ode_pairs(args: argparse.Namespace) -> int:
+    import torch
+
+    from dmdr_fast._dtypes import torch_dtype
+    from dmdr_fast.data.prompts import load_prompts
+    from dmdr_fast.pipelines.evaluate import PIPELINE_DEFAULTS
+    from dmdr_fast.presets import t2i
+    from dmdr_fast.train.ode_init import generate_ode_pairs
+    from dmdr_fast.train.trainer import resolve_device
+
+    config = _t2i_config(args)
+    if config.data.prompts is None:
+        raise SystemExit("give --prompts FILE (or data.prompts in the config): the pairs' prompts")
+    prompts = load_prompts(config.data.prompts, column=config.data.column, limit=args.limit)
+    device = resolve_device(args.device)
+    adapter = t2i.build_adapter(config.model, device=device)
+    steps = args.teacher_steps or PIPELINE_DEFAULTS[config.model.family][0]
+    guidance = config.dmdr.guidance if args.guidance is None else args.guidance
+    path = generate_ode_pairs(
+        adapter,
+        prompts,
+        args.out,
+        steps=steps,
+        guidance=guidance,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        dtype=torch_dtype(args.dtype),
+        model_id=t2i.model_identity(config.model.path),
+        autocast=torch.bfloat16 if config.train.precision == "bf16" and device.type == "cuda" else None,
+        progress=not args.quiet,
+    )
+    print(
+        f"ODE pairs: {path} ({len(prompts)} pairs, teacher {steps} Euler steps, CFG {guidance:g}); "
+        f"train with --set student.ode_init={path}"
+    )
+    return 0
+
+
 def _t2i_config(args: argparse.Namespace):
     """The config of a text-to-image command: --preset/--config, or just --pipeline (+ --family)."""
     from dmdr_fast.presets import t2i
@@ -462,6 +500,30 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--overwrite", action="store_true", help="replace a cache built for something else")
     add_config_args(cache)
     cache.set_defaults(func=_cmd_cache_prompts)
+
+    ode = sub.add_parser(
+        "ode-pairs",
+        help="teacher ODE pairs (noise → teacher sample) for the student's ODE-regression init (student.ode_init)",
+    )
+    ode.add_argument("--preset", default=None, help="a text-to-image preset (e.g. sdxl-1step)")
+    ode.add_argument("--config", default=None, help="a YAML config file")
+    ode.add_argument("--pipeline", default=None, help="the teacher's pipeline folder (sets model.path)")
+    ode.add_argument("--family", default=None, help="with --pipeline alone: sd3, flux, zimage, sdxl")
+    ode.add_argument("--prompts", default=None, help="prompt file (sets data.prompts); one pair per prompt")
+    ode.add_argument("--limit", type=int, default=None, help="the first N prompts (DMD2/DMDR SDXL: 10000)")
+    ode.add_argument(
+        "--teacher-steps", type=int, default=None, help="Euler steps (default: the family's usual)"
+    )
+    ode.add_argument("--guidance", type=float, default=None, help="teacher CFG (default: dmdr.guidance)")
+    ode.add_argument("--batch-size", type=int, default=8)
+    ode.add_argument("--seed", type=int, default=0)
+    ode.add_argument(
+        "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="storage dtype"
+    )
+    ode.add_argument("--device", default="auto")
+    ode.add_argument("--out", required=True, help="the pairs folder")
+    add_config_args(ode)
+    ode.set_defaults(func=_cmd_ode_pairs)
 
     make = sub.add_parser(
         "make-pipeline", help="write a random-weight pipeline built from a config (tests, benchmarks)"

@@ -189,3 +189,41 @@ def test_eval_pipeline_refuses_bad_arguments(sd3_dir: Path, sd3_lora_export: Pat
         main(
             ["eval", "--pipeline", str(sd3_dir), "--lora", str(sd3_lora_export), "--out", str(tmp_path / "e")]
         )
+
+
+def test_ode_pairs_then_train_with_ode_init(sd3_dir: Path, tmp_path: Path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\na tree\n")
+    pairs = tmp_path / "pairs"
+    argv = ["ode-pairs", "--pipeline", str(sd3_dir), "--prompts", str(prompts), "--teacher-steps", "2",
+            "--batch-size", "2", "--out", str(pairs), "--quiet", *TINY]  # fmt: skip
+    assert main(argv) == 0
+    meta = json.loads((pairs / "ode_pairs.json").read_text())
+    assert (
+        meta["count"] == 3 and meta["steps"] == 2 and meta["guidance"] == 7.0
+    )  # sd3-medium's real-score CFG
+    assert (pairs / "cache" / "cache.json").is_file()  # the prompts' encodings: no text encoder needed later
+    run = tmp_path / "run"
+    sets = [f"model.path={sd3_dir}", f"data.prompts={prompts}", "rewards=[]", "dmdr.cold_start_steps=0",
+            "train.max_steps=1", "train.batch_size=2", "student.num_steps=2", "monitor.every=0",
+            "monitor.samples_per_condition=2", f"student.ode_init={pairs}", "student.ode_steps=2"]  # fmt: skip
+    flags = [x for s in sets for x in ("--set", s)]
+    assert main(["train", "--preset", "sd3-medium-4step", *TINY, *flags, "--out", str(run), "--quiet"]) == 0
+    assert "ODE init: 2 steps on 3 pairs" in (run / "notes.txt").read_text()
+    # Pairs of another text length do not fit this model's prompt encodings.
+    other = [
+        a if a != "model.kwargs.max_sequence_length=4" else "model.kwargs.max_sequence_length=6" for a in TINY
+    ]
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        main(
+            [
+                "train",
+                "--preset",
+                "sd3-medium-4step",
+                *other,
+                *flags,
+                "--out",
+                str(tmp_path / "r2"),
+                "--quiet",
+            ]
+        )

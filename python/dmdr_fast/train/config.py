@@ -291,12 +291,28 @@ class StudentConfig(ConfigBase):
         default=0.0,
         metadata={"help": "EMA decay of the student's weights in [0, 1); 0 = no EMA (the paper keeps none)."},
     )
+    ode_init: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder of teacher ODE pairs (`dmdr-fast ode-pairs`): before DMD, regress the student's "
+            "first step onto the teacher's samples (DMD2's init, the paper's SDXL 1-step recipe); null = start "
+            "from the teacher's weights."
+        },
+    )
+    ode_steps: int = field(
+        default=1000, metadata={"help": "Optimiser steps of the ODE regression (with ode_init)."}
+    )
+    ode_lr: float = field(
+        default=1e-5, metadata={"help": "Learning rate of the ODE regression (AdamW, its own optimiser)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range(self, "num_steps", ge=1, le=MAX_STUDENT_STEPS)
         check_range(self, "shift", gt=0)
         check_range(self, "ema_decay", ge=0, lt=1)
+        check_range(self, "ode_steps", ge=1)
+        check_range(self, "ode_lr", gt=0)
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,7 @@ class TrainerState:
     step: int = 0  # iterations (critic updates)
     gen_step: int = 0  # generator updates: the schedules' s
     history: list[dict[str, float]] = field(default_factory=list)  # evaluation results
+    ode_init_done: bool = False  # student.ode_init's regression has run (not repeated on resume)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -608,6 +609,8 @@ class Trainer:
         if self.rank == 0 and self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.config.save_yaml(self.out_dir / "config.yaml")
+        if self.config.student.ode_init and not self.state.ode_init_done:
+            self.ode_init(progress=progress)
         bar = None
         if progress and self.rank == 0:
             from tqdm.auto import tqdm
@@ -649,6 +652,24 @@ class Trainer:
             self.save()
         self.logger.flush()
         return self.state
+
+    def ode_init(self, *, progress: bool = True) -> list[float]:
+        """Regress the student onto the teacher's ODE pairs in ``student.ode_init`` (see
+        :mod:`dmdr_fast.train.ode_init`), once per run: marked done and checkpointed afterwards."""
+        from dmdr_fast.train.ode_init import ODEPairs, ode_regression
+
+        s = self.config.student
+        path = self.config.model.path
+        model_id = (str(Path(path).resolve()) if Path(path).exists() else path) if path else None
+        pairs = ODEPairs.open(s.ode_init, self.student, model_id=model_id)
+        losses = ode_regression(self, pairs, steps=s.ode_steps, lr=s.ode_lr, progress=progress)
+        self.state.ode_init_done = True
+        self.logger.note(
+            f"ODE init: {s.ode_steps} steps on {len(pairs)} pairs from {s.ode_init}, loss {losses[0]:.4g} → {losses[-1]:.4g}"
+        )
+        if self.out_dir is not None:
+            self.save()
+        return losses
 
     def evaluate(self) -> dict[str, float]:
         """Run the evaluator, log ``eval/*`` and append to ``state.history``."""
@@ -734,6 +755,7 @@ class Trainer:
                 "step": self.state.step,
                 "gen_step": self.state.gen_step,
                 "history": self.state.history,
+                "ode_init_done": self.state.ode_init_done,
             },
             "student": ckpt.trainable_state(self.student.network),
             "critic": ckpt.trainable_state(critic_owner.network),
@@ -759,7 +781,12 @@ class Trainer:
         self.gen.set_state(sd["rng"]["gen"])
         torch.set_rng_state(sd["rng"]["torch"])
         st = sd["state"]
-        self.state = TrainerState(step=st["step"], gen_step=st["gen_step"], history=list(st["history"]))
+        self.state = TrainerState(
+            step=st["step"],
+            gen_step=st["gen_step"],
+            history=list(st["history"]),
+            ode_init_done=bool(st.get("ode_init_done", False)),
+        )
         self._critic_losses = list(sd.get("critic_losses", []))
         if self.monitor is not None and sd.get("monitor") is not None:
             self.monitor.load_state_dict(sd["monitor"])

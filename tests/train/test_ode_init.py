@@ -1,0 +1,105 @@
+"""ODE-regression init (student.ode_init): teacher pairs on disk, the regression, once per run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dmdr_fast.algo import euler_sample
+from dmdr_fast.models import DiTAdapter, tiny_dit
+from dmdr_fast.train import ode_init as ode_mod
+from dmdr_fast.train.config import DMDRTrainerConfig
+from dmdr_fast.train.logging import read_jsonl
+from dmdr_fast.train.ode_init import ODEPairs, generate_ode_pairs
+from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
+
+ATTN = ["*attn1.to_q", "*attn1.to_k", "*attn1.to_v", "*attn1.to_out.0"]
+LABELS = torch.tensor([0, 3, 7, 1, 9])
+
+
+def _teacher() -> DiTAdapter:
+    return DiTAdapter(tiny_dit(num_layers=1, seed=0))
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("ode") / "pairs"
+    generate_ode_pairs(_teacher(), LABELS, out, steps=3, guidance=2.0, batch_size=2, shard_size=3, seed=5)
+    return out
+
+
+def test_pairs_are_the_teachers_ode_samples(pairs_dir):
+    teacher = _teacher()
+    pairs = ODEPairs.open(pairs_dir, teacher)
+    assert len(pairs) == 5 and len(pairs.meta["shards"]) == 2  # shards of >= 3 pairs: 4 + 1
+    z, x0, cond = pairs.batch(torch.tensor([2, 3]), teacher)  # batch 1 of the generation (seed 5 + 1)
+    torch.testing.assert_close(z, torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(6)))
+    assert torch.equal(cond, LABELS[2:4])
+    with torch.no_grad():
+        want = euler_sample(
+            teacher.velocity,
+            z,
+            cond,
+            num_steps=3,
+            shift=1.0,
+            guidance=2.0,
+            null_cond=teacher.null_condition(2),
+        )
+    torch.testing.assert_close(x0, want, rtol=1e-5, atol=1e-6)  # same solve, batched differently
+
+
+def _config(pairs, **student) -> DMDRTrainerConfig:
+    return DMDRTrainerConfig.from_dict(
+        {
+            "train": {"max_steps": 1, "batch_size": 4, "log_every": 5, "sample_every": 0, "eval_every": 0,
+                      "checkpoint_every": 0, "tensorboard": False, "device": "cpu", "deterministic": True},
+            "dmdr": {"dynamic_horizon": 4, "ratio_update": 1},
+            "critic": {"lora": {"rank": 4, "targets": ATTN}},
+            "student": {"num_steps": 1, "ode_init": str(pairs), "ode_steps": 40, "ode_lr": 3e-3, **student},
+        }
+    )  # fmt: skip
+
+
+def test_regression_fits_the_pairs_and_runs_once(pairs_dir, tmp_path, monkeypatch):
+    calls = []
+    original = ode_mod.ode_regression
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        losses = original(*args, **kwargs)
+        calls.append(losses)
+        return losses
+
+    monkeypatch.setattr(ode_mod, "ode_regression", spy)
+    cfg = _config(pairs_dir)
+    tr = Trainer(cfg, _teacher(), data=ClassLabelSampler(10), out_dir=tmp_path)
+    tr.fit(progress=False)
+    losses = calls[1]
+    assert len(losses) == 40 and sum(losses[-5:]) < 0.5 * sum(losses[:5])  # it learns the map
+    assert tr.state.ode_init_done and tr.state.gen_step == 1
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "ode/loss" in r]
+    assert [r["ode/step"] for r in rows] == list(range(5, 41, 5)) and all(r["step"] == 0 for r in rows)
+    # A resumed run does not regress again.
+    again = Trainer(_config(pairs_dir, **{}).with_overrides(["train.max_steps=2"]), _teacher(),
+                    data=ClassLabelSampler(10), out_dir=tmp_path)  # fmt: skip
+    assert again.resume() and again.state.ode_init_done
+    again.fit(progress=False)
+    assert len(calls) == 2 and again.state.gen_step == 2
+
+
+def test_pairs_for_another_model_or_incomplete_are_refused(pairs_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="ode-pairs"):
+        ODEPairs.open(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in pairs_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((bad / "ode_pairs.json").read_text())
+    meta["sample_shape"] = [4, 8, 8]
+    (bad / "ode_pairs.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="shape"):
+        ODEPairs.open(bad, _teacher())
+    with pytest.raises(FileExistsError):
+        generate_ode_pairs(_teacher(), LABELS, pairs_dir, steps=1)
