@@ -203,28 +203,41 @@ def _cmd_ode_pairs(args: argparse.Namespace) -> int:
     from dmdr_fast.train.trainer import resolve_device
 
     config = _t2i_config(args)
-    if config.data.prompts is None:
-        raise SystemExit("give --prompts FILE (or data.prompts in the config): the pairs' prompts")
-    prompts = load_prompts(config.data.prompts, column=config.data.column, limit=args.limit)
     device = resolve_device(args.device)
-    adapter = t2i.build_adapter(config.model, device=device)
-    steps = args.teacher_steps or PIPELINE_DEFAULTS[config.model.family][0]
     guidance = config.dmdr.guidance if args.guidance is None else args.guidance
+    model_id = t2i.model_identity(config.model.path)
+    if config.model.family == "digits":  # the class-conditional demo: balanced labels, cached teacher
+        from dmdr_fast.presets import digits
+
+        assets = digits.prepare_assets(
+            args.cache_dir or digits.default_cache_dir(),
+            config.model.kwargs.get("teacher"),
+            progress=not args.quiet,
+        )
+        adapter = assets.fresh_teacher().to(device)
+        conditions = digits.balanced_labels(args.limit or 2000)
+        steps = args.teacher_steps or 50
+    else:
+        if config.data.prompts is None:
+            raise SystemExit("give --prompts FILE (or data.prompts in the config): the pairs' prompts")
+        conditions = load_prompts(config.data.prompts, column=config.data.column, limit=args.limit)
+        adapter = t2i.build_adapter(config.model, device=device)
+        steps = args.teacher_steps or PIPELINE_DEFAULTS[config.model.family][0]
     path = generate_ode_pairs(
         adapter,
-        prompts,
+        conditions,
         args.out,
         steps=steps,
         guidance=guidance,
         batch_size=args.batch_size,
         seed=args.seed,
         dtype=torch_dtype(args.dtype),
-        model_id=t2i.model_identity(config.model.path),
+        model_id=model_id,
         autocast=torch.bfloat16 if config.train.precision == "bf16" and device.type == "cuda" else None,
         progress=not args.quiet,
     )
     print(
-        f"ODE pairs: {path} ({len(prompts)} pairs, teacher {steps} Euler steps, CFG {guidance:g}); "
+        f"ODE pairs: {path} ({len(conditions)} pairs, teacher {steps} Euler steps, CFG {guidance:g}); "
         f"train with --set student.ode_init={path}"
     )
     return 0
@@ -505,12 +518,17 @@ def build_parser() -> argparse.ArgumentParser:
         "ode-pairs",
         help="teacher ODE pairs (noise → teacher sample) for the student's ODE-regression init (student.ode_init)",
     )
-    ode.add_argument("--preset", default=None, help="a text-to-image preset (e.g. sdxl-1step)")
+    ode.add_argument("--preset", default=None, help="a preset (e.g. sdxl-1step; digits: balanced labels)")
     ode.add_argument("--config", default=None, help="a YAML config file")
     ode.add_argument("--pipeline", default=None, help="the teacher's pipeline folder (sets model.path)")
     ode.add_argument("--family", default=None, help="with --pipeline alone: sd3, flux, zimage, sdxl")
     ode.add_argument("--prompts", default=None, help="prompt file (sets data.prompts); one pair per prompt")
-    ode.add_argument("--limit", type=int, default=None, help="the first N prompts (DMD2/DMDR SDXL: 10000)")
+    ode.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="the first N prompts (DMD2/DMDR SDXL: 10000); digits: N labels (2000)",
+    )
     ode.add_argument(
         "--teacher-steps", type=int, default=None, help="Euler steps (default: the family's usual)"
     )

@@ -103,3 +103,21 @@ def test_pairs_for_another_model_or_incomplete_are_refused(pairs_dir, tmp_path):
         ODEPairs.open(bad, _teacher())
     with pytest.raises(FileExistsError):
         generate_ode_pairs(_teacher(), LABELS, pairs_dir, steps=1)
+
+
+def test_cli_digits_pairs_use_balanced_labels(tmp_path, monkeypatch):
+    """`dmdr-fast ode-pairs --preset digits`: the cached digits teacher (here a tiny stand-in)."""
+    from types import SimpleNamespace
+
+    from dmdr_fast.cli import main
+    from dmdr_fast.presets import digits
+
+    monkeypatch.setattr(digits, "prepare_assets", lambda *a, **k: SimpleNamespace(fresh_teacher=_teacher))
+    out = tmp_path / "pairs"
+    assert main(["ode-pairs", "--preset", "digits", "--limit", "20", "--teacher-steps", "2", "--out", str(out),
+                 "--quiet", "--device", "cpu"]) == 0  # fmt: skip
+    meta = json.loads((out / "ode_pairs.json").read_text())
+    assert (
+        meta["count"] == 20 and meta["labels"] == digits.balanced_labels(20).tolist() and meta["steps"] == 2
+    )
+    assert len(ODEPairs.open(out, _teacher())) == 20
