@@ -121,3 +121,12 @@ def test_cli_digits_pairs_use_balanced_labels(tmp_path, monkeypatch):
         meta["count"] == 20 and meta["labels"] == digits.balanced_labels(20).tolist() and meta["steps"] == 2
     )
     assert len(ODEPairs.open(out, _teacher())) == 20
+
+
+def test_no_clipping_still_trains(pairs_dir):
+    """optim.grad_clip = 0 means no clipping (clip_grad_norm_ with 0 would zero every gradient)."""
+    cfg = _config(pairs_dir, ode_steps=3).with_overrides(["optim.grad_clip=0"])
+    tr = Trainer(cfg, _teacher(), data=ClassLabelSampler(10))
+    before = [p.detach().clone() for p in tr.student.network.parameters()]
+    tr.ode_init(progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.student.network.parameters()))

@@ -103,6 +103,21 @@ def test_resume_on_cuda_is_exact(tmp_path):
         )  # GPU kernels need not be bitwise deterministic
 
 
+def test_critic_gradients_do_not_change_with_gradient_checkpointing():
+    """Checkpointing recomputes the guidance network's forward during backward: it must still run
+    at the fake score's LoRA scale λ_f (it ran at the resting scale 1 once, silently)."""
+    grads = []
+    for checkpointing in (False, True):
+        tr = make_trainer(small_config())  # ratio_update 2: the first iteration updates the critic only
+        if checkpointing:
+            tr.guidance.network.enable_gradient_checkpointing()
+        assert tr.step() is None
+        grads.append([p.grad.clone() for p in tr.guidance.network.parameters() if p.requires_grad])
+    assert len(grads[0]) > 0 and any(g.abs().sum() > 0 for g in grads[0])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
+
+
 def test_interrupted_write_leaves_latest_intact(tmp_path, monkeypatch):
     tr = make_trainer(small_config(), tmp_path)
     tr.fit(max_steps=2, progress=False)

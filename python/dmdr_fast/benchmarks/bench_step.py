@@ -61,9 +61,10 @@ def paper_iteration(tr: Trainer) -> None:
     tau = tr.dynars.sample(B, s, generator=tr.gen).to(tr.device)
     eps = noise_like(x0_sel, tr.gen)
     tr.opt_c.zero_grad(set_to_none=True)
-    with lora_scale(tr.guidance.network, cfg.critic.fake_scale), tr._autocast():
-        v = tr.guidance.velocity(renoise(x0_sel, tau, eps), tau, cond)
-    critic_loss(v.float(), x0_sel.float(), eps).backward()
+    with lora_scale(tr.guidance.network, cfg.critic.fake_scale):  # backward inside: checkpointing recomputes
+        with tr._autocast():
+            v = tr.guidance.velocity(renoise(x0_sel, tau, eps), tau, cond)
+        critic_loss(v.float(), x0_sel.float(), eps).backward()
     torch.nn.utils.clip_grad_norm_([p for p in tr.guidance.network.parameters() if p.requires_grad], 1.0)
     tr.opt_c.step()
     st.step += 1

@@ -295,7 +295,8 @@ def ode_regression(
         pred = z - t.view(-1, *[1] * (z.dim() - 1)) * v.float()
         loss = F.mse_loss(pred, x0)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        if cfg.optim.grad_clip > 0:  # 0 = no clipping (clip_grad_norm_ with 0 would zero the gradients)
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         opt.step()
         losses.append(loss.item())
         if (step + 1) % max(1, cfg.train.log_every) == 0 or step + 1 == steps:

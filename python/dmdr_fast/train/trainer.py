@@ -408,33 +408,43 @@ class Trainer:
                 generator=self.gen,
                 skip_selected=reuse,
             )
-        x0 = None
-        if gen_update:
+
+        def generator_x0() -> torch.Tensor:
             self.opt_g.zero_grad(set_to_none=True)
             with self._autocast():
                 v_g = self._student_net(sim.x_in, sim.t_in, cond)
-            x0 = sim.x_in - sim.t_in.view(-1, *[1] * (sim.x_in.dim() - 1)) * v_g.float()
+            return sim.x_in - sim.t_in.view(-1, *[1] * (sim.x_in.dim() - 1)) * v_g.float()
+
+        # In trajectory mode the critic trains on the generator's own x0, so it comes first; else
+        # it comes after the critic update (same value: the critic does not touch G), so that the
+        # student's graph is not held in memory through the critic's forward and backward.
+        x0 = generator_x0() if reuse else None
         x0_sel = x0.detach() if reuse else sim.x0_sel.float()
 
         # 2. Critic update: flow matching of the fake score on the student's samples.
         tau = self.dynars.sample(B, s, generator=self.gen).to(self.device)
         eps = noise_like(x0_sel, self.gen)
         self.opt_c.zero_grad(set_to_none=True)
-        with self._autocast():
-            if self.critic is None:
-                with lora_scale(self.guidance.network, cfg.critic.fake_scale):
-                    v = self._critic_net(renoise(x0_sel, tau, eps), tau, cond)
-            else:
+        # The backward runs inside the LoRA-scale context too: with gradient checkpointing the
+        # blocks' forwards are recomputed during backward and must see the fake score's λ_f again.
+        scale = (
+            lora_scale(self.guidance.network, cfg.critic.fake_scale)
+            if self.critic is None
+            else contextlib.nullcontext()
+        )
+        with scale:
+            with self._autocast():
                 v = self._critic_net(renoise(x0_sel, tau, eps), tau, cond)
-        loss_c = critic_loss(v.float(), x0_sel, eps)
-        loss_c.backward()
+            loss_c = critic_loss(v.float(), x0_sel, eps)
+            loss_c.backward()
         gn_c = _grad_norm(_trainable((self.critic or self.guidance).network), cfg.optim.grad_clip)
         self.opt_c.step()
         self._critic_losses.append(loss_c.item())
         st.step += 1
         if not gen_update:
             return None
-        assert x0 is not None
+        if x0 is None:
+            x0 = generator_x0()
 
         # 3. Generator update (x0 computed above, with grad).
         tau2 = self.dynars.sample(B, s, generator=self.gen).to(self.device)
