@@ -7,6 +7,7 @@ the argument, what was expected and what was received.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -24,8 +25,10 @@ __all__ = [
     "check_same_device",
     "check_same_shape",
     "cuda_capability_check",
+    "device_context",
     "dtype_code",
     "native_available",
+    "on_input_device",
     "promote",
     "register_fused_backends",
     "triton_grid",
@@ -111,6 +114,23 @@ def cuda_capability_check(min_major: int, min_minor: int = 0):
 
 
 # ----------------------------------------------------------------------------- launchers
+
+
+def device_context(device: torch.device):
+    """Make ``device`` current while launching on it: Triton launches on the *current* CUDA device,
+    which need not be the inputs' (``train.device=cuda:1``)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_input_device(fn: Callable) -> Callable:
+    """Decorator: run ``fn`` under :func:`device_context` of its first (tensor) argument's device."""
+
+    @functools.wraps(fn)
+    def wrapper(x: torch.Tensor, *args, **kwargs):
+        with device_context(x.device):
+            return fn(x, *args, **kwargs)
+
+    return wrapper
 
 
 def triton_grid(B: int, D: int, device: torch.device) -> tuple[int, int, int]:

@@ -24,7 +24,6 @@ accuracy contract (SQNR, not the flash tolerance rule).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
@@ -38,6 +37,7 @@ from dmdr_fast.ops._common import (
     check_float_tensor,
     check_same_device,
     cuda_capability_check,
+    device_context,
 )
 from dmdr_fast.ops.reference import _attention_probs, attention_bwd_ref, attention_ref
 
@@ -116,10 +116,6 @@ def _rows_last(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _device_ctx(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _mask_arg(mask: Tensor | None, fallback: Tensor) -> tuple[Tensor, int]:
     """(uint8 (B, Lk) view of the mask, its batch stride); ``fallback`` when there is no mask."""
     if mask is None:
@@ -182,7 +178,7 @@ def attention_fwd_triton(
     out = torch.empty_like(q)  # keeps q's layout: a (B, L, H, D) view stays one after transposing back
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     mask, stride_mb = _mask_arg(key_padding_mask, lse)
-    with _device_ctx(q.device):
+    with device_context(q.device):
         _launch(
             kernels.attention_fwd, "fwd", Lq, B * H, _block_d(D), q.device,
             q, k, v, out, lse, mask, lse,
@@ -216,7 +212,7 @@ def attention_bwd_triton(
     flags = {"HAS_MASK": key_padding_mask is not None, "INPUT_PRECISION": _input_precision(q.dtype)}
     import triton
 
-    with _device_ctx(q.device):
+    with device_context(q.device):
         block_m = 64 if q.device.type == "cuda" else _INTERPRETER_BLOCKS[0]
         kernels.attention_bwd_preprocess[(triton.cdiv(Lq, block_m), B * H)](
             out, do, delta, *_strides3(out), *_strides3(do), H, Lq, D, BLOCK_M=block_m, BLOCK_D=block_d
@@ -580,7 +576,7 @@ def attention_fp8_triton(
     out = torch.empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     mask, stride_mb = _mask_arg(key_padding_mask, lse)
-    with _device_ctx(q.device):
+    with device_context(q.device):
         _launch(
             kernels.attention_fwd, "fwd", Lq, B * H, _block_d(D), q.device,
             q8, k8, v8, out, lse, mask, descale,

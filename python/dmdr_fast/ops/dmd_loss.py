@@ -22,6 +22,7 @@ from dmdr_fast.ops._common import (
     check_same_device,
     check_same_shape,
     dtype_code,
+    on_input_device,
     promote,
     register_fused_backends,
     triton_grid,
@@ -104,6 +105,7 @@ def dmd_loss_fwd_cuda(x0, x_t, t, v_fake, v_cond, v_uncond, guidance, eps):
     return loss, _finite_in(g, x0.dtype)
 
 
+@on_input_device
 def dmd_loss_fwd_triton(x0, x_t, t, v_fake, v_cond, v_uncond, guidance, eps):
     """Fused Triton kernels (two launches); on CPU only under TRITON_INTERPRET=1."""
     kernels = get_triton_kernels("dmd_loss")

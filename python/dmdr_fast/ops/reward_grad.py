@@ -27,6 +27,7 @@ from dmdr_fast.ops._common import (
     check_same_device,
     check_same_shape,
     dtype_code,
+    on_input_device,
     promote,
     register_fused_backends,
     triton_grid,
@@ -110,6 +111,7 @@ def reward_grad_fwd_cuda(g_dmd, g_reward, balanced, weight, ratio, max_weight, e
     return _cast_out(g, g_dmd.dtype), stats, nonfinite
 
 
+@on_input_device
 def reward_grad_fwd_triton(g_dmd, g_reward, balanced, weight, ratio, max_weight, eps):
     """Fused Triton kernels (two launches); on CPU only under TRITON_INTERPRET=1."""
     kernels = get_triton_kernels("reward_grad")

@@ -118,7 +118,13 @@ class RewardHackingMonitor:
         k = cfg.samples_per_condition
         raw = repeat_conditions(self.conditions, k)
         gen = torch.Generator().manual_seed(cfg.seed)
-        images = trainer.student.decode(trainer.sample(raw, generator=gen, use_ema=False)).float()
+        x = trainer.sample(raw, generator=gen, use_ema=False)
+        # Decoded in training-batch chunks: a VAE decoding every held-out sample at 1024² at once
+        # needs far more memory than the training step itself.
+        chunk = trainer.config.train.batch_size
+        images = torch.cat(
+            [trainer.student.decode(x[i : i + chunk]).float() for i in range(0, x.shape[0], chunk)]
+        )
         if isinstance(raw, PromptBatch):
             raw = list(raw.prompts)  # rewards and judges score against the prompt text
         raw_dev = raw.to(images.device) if isinstance(raw, Tensor) else raw

@@ -45,6 +45,7 @@ from dmdr_fast.algo import (
     noise_like,
     renoise,
 )
+from dmdr_fast.algo._utils import randn
 from dmdr_fast.data.prompts import PromptBatch
 from dmdr_fast.models.lora import lora_scale
 from dmdr_fast.models.protocol import FlowModelAdapter
@@ -731,7 +732,7 @@ class Trainer:
         n = len(raw_cond)
         _, cond = self._encode(raw_cond)
         grid = self.grid if num_steps is None else self._grid(num_steps)
-        noise = torch.randn((n, *self.student.sample_shape), generator=gen).to(self.device)
+        noise = randn((n, *self.student.sample_shape), generator=gen, device=self.device)  # CPU or CUDA RNG
         ctx = self.ema_weights() if use_ema else contextlib.nullcontext()
         with ctx, self._autocast():
             return few_step_sample(self.student.velocity, noise, cond, grid, generator=gen).float()
