@@ -52,11 +52,23 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from dmdr_fast.train import distributed
+
+    distributed.init_from_env()  # under torchrun: one process per GPU
+    try:
+        return _train(args)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args: argparse.Namespace) -> int:
     from dmdr_fast.presets import digits, t2i
 
     config = _config_from_args(args)
     if config.model.family in t2i.T2I_FAMILIES:
         metrics = t2i.run_t2i(config, args.out, resume=args.resume, progress=not args.quiet)
+        if "rank" in metrics:
+            return 0
         for name, row in metrics["comparison"]["models"].items():
             print(
                 f"{name}: "
@@ -74,6 +86,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     metrics = digits.run_digits(
         config, args.out, cache_dir=args.cache_dir, resume=args.resume, progress=not args.quiet
     )
+    if "rank" in metrics:
+        return 0
     for name, row in metrics["results"].items():
         print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
     print(f"report: {args.out}/report.md")

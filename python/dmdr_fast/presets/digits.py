@@ -267,6 +267,8 @@ def run_digits(
     t_assets = time.perf_counter() - t_start
     trainer = train_student(config, assets, out, resume=resume, progress=progress)
     t_train = time.perf_counter() - t_start - t_assets
+    if trainer.rank != 0:  # multi-GPU: rank 0 evaluates and reports
+        return {"rank": trainer.rank}
 
     n = config.train.num_eval_samples
     labels = balanced_labels(n)

@@ -264,6 +264,8 @@ def run_t2i(
     t_setup = time.perf_counter() - t0
     trainer.fit(progress=progress)
     t_train = time.perf_counter() - t0 - t_setup
+    if trainer.rank != 0:  # multi-GPU: rank 0 exports, evaluates and reports
+        return {"rank": trainer.rank}
 
     # Export first: the comparison below is a report, the export is what the run is for.
     export_dir = export_student(trainer, out / "export") if export else None

@@ -103,9 +103,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    from dmdr_fast.train.distributed import local_device
+
+    return local_device(name)
 
 
 def _to_device(cond: Any, device: torch.device) -> Any:
@@ -254,7 +254,15 @@ class Trainer:
     def _wrap_ddp(self, adapter: FlowModelAdapter) -> Callable[..., torch.Tensor]:
         """The callable used for gradient-carrying forwards (DDP-wrapped under torchrun)."""
         if self.world > 1 and isinstance(adapter, nn.Module):
-            return nn.parallel.DistributedDataParallel(adapter)
+            # Only the trained weights need syncing: frozen teacher/VAE/text-encoder tensors are
+            # identical on every rank and would only be broadcast and bucketed for nothing.
+            frozen = [n for n, p in adapter.named_parameters() if not p.requires_grad]
+            frozen += [n for n, _ in adapter.named_buffers()]
+            DDP = nn.parallel.DistributedDataParallel
+            if hasattr(DDP, "_set_params_and_buffers_to_ignore_for_model"):
+                DDP._set_params_and_buffers_to_ignore_for_model(adapter, frozen)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DDP(adapter, device_ids=ids)
         return adapter.velocity
 
     def _autocast(self) -> contextlib.AbstractContextManager:
