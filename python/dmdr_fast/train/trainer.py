@@ -117,11 +117,13 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def _grad_norm(params: list[nn.Parameter], clip: float) -> float:
+def _grad_norm(params: list[nn.Parameter], clip: float) -> torch.Tensor:
+    """The gradients' total norm (clipped to ``clip`` if > 0), as a 0-dim tensor: reading it out
+    (``float``) waits for the device, so that is left to the logging, once per generator step."""
     if clip > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, clip))
+        return torch.nn.utils.clip_grad_norm_(params, clip).detach()
     grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
+    return torch.stack(grads).norm() if grads else torch.zeros(())
 
 
 class Trainer:
@@ -232,7 +234,7 @@ class Trainer:
             self.out_dir if self.rank == 0 else None, tensorboard=config.train.tensorboard
         )
         self._stage2_applied = False
-        self._critic_losses: list[float] = []
+        self._critic_losses: list[float | torch.Tensor] = []  # read out once per generator step
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -448,7 +450,7 @@ class Trainer:
             loss_c.backward()
         gn_c = _grad_norm(_trainable((self.critic or self.guidance).network), cfg.optim.grad_clip)
         self.opt_c.step()
-        self._critic_losses.append(loss_c.item())
+        self._critic_losses.append(loss_c.detach())
         st.step += 1
         if not gen_update:
             return None
@@ -469,7 +471,7 @@ class Trainer:
             metrics = self._generator_backward(
                 x0, x_tau, tau2, v_fake, v_cond, v_uncond, w if v_uncond is not None else 1.0, raw, stage
             )
-        metrics["grad_norm_g"] = _grad_norm(_trainable(self.student.network), cfg.optim.grad_clip)
+        metrics["grad_norm_g"] = float(_grad_norm(_trainable(self.student.network), cfg.optim.grad_clip))
         self.opt_g.step()
         self._update_ema()
         st.gen_step += 1
@@ -477,8 +479,8 @@ class Trainer:
         metrics.update(
             step=st.gen_step,
             stage=stage,
-            loss_critic=sum(self._critic_losses) / len(self._critic_losses),
-            grad_norm_c=gn_c,
+            loss_critic=sum(float(v) for v in self._critic_losses) / len(self._critic_losses),
+            grad_norm_c=float(gn_c),
             lambda_r=lam_r,
             guidance=w,
             dynars_alpha=beta_a,
@@ -782,7 +784,7 @@ class Trainer:
             "opt_c": self.opt_c.state_dict(),
             "ema": self.ema,
             "rng": {"gen": self.gen.get_state(), "torch": torch.get_rng_state()},
-            "critic_losses": list(self._critic_losses),
+            "critic_losses": [float(v) for v in self._critic_losses],
             "monitor": self.monitor.state_dict() if self.monitor is not None else None,
             "cosines": list(self._cosines),
         }
