@@ -38,13 +38,13 @@ def _check_grid(timesteps: object, device: torch.device) -> torch.Tensor:
         raise TypeError("timesteps must be a floating-point torch.Tensor of shape (N + 1,)")
     if timesteps.dim() != 1 or timesteps.numel() < 2:
         raise ValueError(f"timesteps must have shape (N + 1,) with N >= 1, got {tuple(timesteps.shape)}")
-    grid = timesteps.detach().to(device)
-    if not bool((grid[1:] < grid[:-1]).all()):
+    host = timesteps.detach().cpu()  # checked on one host copy: one device sync, not three
+    if not bool((host[1:] < host[:-1]).all()):
         raise ValueError("timesteps must be strictly decreasing")
-    if float(grid[0]) > 1.0 or float(grid[-1]) != 0.0:
-        first, last = float(grid[0]), float(grid[-1])
+    if float(host[0]) > 1.0 or float(host[-1]) != 0.0:
+        first, last = float(host[0]), float(host[-1])
         raise ValueError(f"timesteps must start at <= 1 and end at 0, got {first} ... {last}")
-    return grid
+    return timesteps.detach().to(device)
 
 
 def _times(grid: torch.Tensor, k: int, batch: int) -> torch.Tensor:
