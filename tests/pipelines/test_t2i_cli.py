@@ -137,18 +137,22 @@ def test_cache_prompts_refuses_a_cache_of_another_model(sd3_dir: Path, tmp_path:
         main([*run, *other, "--out", str(tmp_path / "run"), "--quiet"])
 
 
-@pytest.fixture(scope="module")
-def sd3_lora_export(sd3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LoRA student of the tiny SD3 pipeline, trained one step and exported by `dmdr-fast train`."""
-    prompts = tmp_path_factory.mktemp("prompts") / "p.txt"
+def _exported_student(sd3_dir: Path, factory: pytest.TempPathFactory, kind: str) -> Path:
+    """A student of the tiny SD3 pipeline, trained one step and exported by `dmdr-fast train`."""
+    prompts = factory.mktemp("prompts") / "p.txt"
     prompts.write_text("a cat\na dog\na tree\n")
-    run = tmp_path_factory.mktemp("run")
+    run = factory.mktemp("run")
     sets = [f"model.path={sd3_dir}", f"data.prompts={prompts}", "rewards=[]", "dmdr.cold_start_steps=0",
             "train.max_steps=1", "train.batch_size=2", "student.num_steps=2", "monitor.every=0",
-            "monitor.samples_per_condition=2"]  # fmt: skip
+            "monitor.samples_per_condition=2", f"student.kind={kind}"]  # fmt: skip
     flags = [x for s in sets for x in ("--set", s)]
     assert main(["train", "--preset", "sd3-medium-4step", *TINY, *flags, "--out", str(run), "--quiet"]) == 0
     return run / "export"
+
+
+@pytest.fixture(scope="module")
+def sd3_lora_export(sd3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _exported_student(sd3_dir, tmp_path_factory, "lora")
 
 
 def test_eval_exported_lora_against_the_teacher(sd3_dir: Path, sd3_lora_export: Path, tmp_path: Path):
@@ -175,6 +179,19 @@ def test_eval_exported_lora_against_the_teacher(sd3_dir: Path, sd3_lora_export: 
     assert s["shared_kwargs"] == {"height": 16, "width": 16, "max_sequence_length": 4}
     assert "win_rate/clip" in (out / "eval.md").read_text()
     assert Image.open(out / "teacher_vs_student.png").size[0] > 4 * 16
+
+
+def test_eval_exported_full_student(sd3_dir: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path):
+    """A full student is its own pipeline folder: the teacher is freed, the student loaded."""
+    export = _exported_student(sd3_dir, tmp_path_factory, "full")
+    out = tmp_path / "eval"
+    argv = ["eval", "--pipeline", str(sd3_dir), "--student", str(export), "--prompt", "a cat", "--prompt", "a dog",
+            "--per-prompt", "2", "--teacher-steps", "2", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["settings"]["kind"] == "full" and len(result["models"]) == 2
+    student = result["models"][list(result["models"])[1]]
+    assert student["fd_to_reference"] >= 0 and student["diversity_pixel"] > 0
 
 
 def test_eval_pipeline_refuses_bad_arguments(sd3_dir: Path, sd3_lora_export: Path, tmp_path: Path):

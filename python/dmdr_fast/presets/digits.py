@@ -258,12 +258,15 @@ def run_digits(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    assets = prepare_assets(
-        cache_dir if cache_dir is not None else default_cache_dir(),
-        config.model.kwargs.get("teacher"),
-        config.model.kwargs.get("classifiers"),
-        progress=progress,
-    )
+    from dmdr_fast.train.distributed import rank0_first
+
+    with rank0_first():  # under torchrun: rank 0 trains/caches the teacher, the others load it
+        assets = prepare_assets(
+            cache_dir if cache_dir is not None else default_cache_dir(),
+            config.model.kwargs.get("teacher"),
+            config.model.kwargs.get("classifiers"),
+            progress=progress,
+        )
     t_assets = time.perf_counter() - t_start
     trainer = train_student(config, assets, out, resume=resume, progress=progress)
     t_train = time.perf_counter() - t_start - t_assets

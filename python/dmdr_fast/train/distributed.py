@@ -10,11 +10,13 @@ batches from ``train.seed + rank``); rank 0 alone writes logs, checkpoints and r
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
-__all__ = ["init_from_env", "local_device", "shutdown"]
+__all__ = ["init_from_env", "local_device", "rank0_first", "shutdown"]
 
 
 def init_from_env() -> int:
@@ -48,3 +50,18 @@ def shutdown() -> None:
     """Leave the process group (if this process joined one)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def rank0_first() -> Iterator[None]:
+    """Rank 0 runs the block first, the other ranks after it (e.g. training a teacher into a cache
+    that the others then just load); a no-op outside a process group."""
+    dist = torch.distributed
+    on = dist.is_available() and dist.is_initialized()
+    if on and dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if on and dist.get_rank() == 0:
+            dist.barrier()
