@@ -80,15 +80,8 @@ def paper_iteration(tr: Trainer) -> None:
     lam_r = tr.dynadg.real_scale(s)
     # Decoupled DMD written the same way: its CFG-augmentation term at its own renoised sample.
     decoupled = cfg.dmdr.decoupled
-    ca_x, ca_t = x_tau, tau2  # also the "shared" CA sample
-    if decoupled and cfg.dmdr.ca_renoise != "shared":
-        ca_t = tr.dynars.sample(B, s, generator=tr.gen).to(tr.device)
-        if cfg.dmdr.ca_renoise == "above_input":  # the DMD law where t_k = 1 (as the Trainer)
-            t_in = sim.t_in.to(ca_t)
-            ca_t = torch.where(
-                t_in < 1, t_in + (1.0 - t_in) * torch.rand(B, generator=tr.gen).to(tr.device), ca_t
-            )
-        ca_x = renoise(x0.detach(), ca_t, noise_like(x0, tr.gen))
+    # The CA sample is drawn as the Trainer draws it (what is timed here is the forwards and the loss).
+    ca_x, ca_t = tr._ca_sample(x0.detach(), x_tau, tau2, sim.t_in) if decoupled else (x_tau, tau2)
     with torch.no_grad(), tr._autocast():
         with lora_scale(tr.guidance.network, cfg.critic.fake_scale):
             v_fake = tr.guidance.velocity(x_tau, tau2, cond)

@@ -59,6 +59,14 @@ class PromptCacheMismatchError(ValueError):
     """The cache was built by another text encoder / settings / prompt list than the one at hand."""
 
 
+def model_identity(path: str | os.PathLike[str] | None) -> str | None:
+    """How caches (prompt encodings, ODE pairs) name their model: the absolute path of a local
+    folder, else the hub id as given."""
+    if path is None:
+        return None
+    return str(Path(path).resolve()) if Path(path).exists() else str(path)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -30,6 +30,7 @@ import torch
 
 from dmdr_fast._dtypes import torch_dtype
 from dmdr_fast.algo.conditions import index_cond
+from dmdr_fast.data.prompt_cache import model_identity
 from dmdr_fast.data.prompts import PromptBatch
 from dmdr_fast.train.config import DMDRTrainerConfig, ModelConfig
 from dmdr_fast.train.config_io import ConfigError
@@ -71,13 +72,6 @@ _PIPELINE_FAMILIES = {
     "ZImagePipeline": "zimage",
     "StableDiffusionXLPipeline": "sdxl",
 }
-
-
-def model_identity(path: str | None) -> str | None:
-    """How a prompt cache names its model: the absolute path of a local folder (else the hub id)."""
-    if path is None:
-        return None
-    return str(Path(path).resolve()) if Path(path).exists() else path
 
 
 def family_of_pipeline(path: str | os.PathLike[str]) -> str:

@@ -88,17 +88,18 @@ def generate_ode_pairs(
     from tqdm.auto import tqdm
 
     from dmdr_fast.algo import euler_sample
+    from dmdr_fast.train.trainer import _to_device
 
     out = Path(out_dir)
     if (out / _META).is_file():
         raise FileExistsError(f"{out} already holds ODE pairs; choose another folder or delete it")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     if steps < 1 or batch_size < 1 or shard_size < 1:
         raise ValueError(
             f"steps, batch_size and shard_size must be >= 1, got {steps}, {batch_size}, {shard_size}"
         )
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     dev = torch.device(device) if device is not None else _device(adapter)
     store = dtype or torch.float32
     meta: dict[str, Any] = {"format": _FORMAT, "steps": steps, "guidance": float(guidance), "seed": seed}
@@ -108,7 +109,7 @@ def generate_ode_pairs(
         meta["labels"] = labels.tolist()
 
         def cond_of(idx: torch.Tensor) -> Any:
-            return _to(adapter.encode_condition(labels[idx]), dev)
+            return _to_device(adapter.encode_condition(labels[idx]), dev)
 
     else:
         from dmdr_fast.data.prompt_cache import PromptCache, build_prompt_cache
@@ -119,7 +120,7 @@ def generate_ode_pairs(
         cache = PromptCache.open(tmp / "cache", adapter, model_id=model_id)
 
         def cond_of(idx: torch.Tensor) -> Any:
-            return _to(cache.condition(idx), dev)
+            return _to_device(cache.condition(idx), dev)
 
     if n == 0:
         raise ValueError("conditions must not be empty")
@@ -282,7 +283,7 @@ def ode_regression(
     opt = torch.optim.AdamW(params, lr=lr, betas=cfg.optim.betas, eps=cfg.optim.adam_eps, weight_decay=0.0)
     B = batch_size or cfg.train.batch_size
     t0 = trainer.grid[0]
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []  # read out at the log points only (each read waits for the device)
     bar = tqdm(range(steps), desc="ode init", disable=not progress or trainer.rank != 0)
     for step in bar:
         positions = torch.randint(len(pairs), (B,), generator=trainer.gen)
@@ -298,24 +299,18 @@ def ode_regression(
         if cfg.optim.grad_clip > 0:  # 0 = no clipping (clip_grad_norm_ with 0 would zero the gradients)
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())
         if (step + 1) % max(1, cfg.train.log_every) == 0 or step + 1 == steps:
             # generator step 0 in the metrics log: the regression comes before any DMD update
-            trainer.logger.log(0, {"ode/step": step + 1, "ode/loss": losses[-1]})
-            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+            trainer.logger.log(0, {"ode/step": step + 1, "ode/loss": float(losses[-1])})
+            bar.set_postfix(loss=f"{float(losses[-1]):.4g}")
     if trainer.ema is not None:
         for n, p in trainer.student.network.named_parameters():
             if n in trainer.ema:
                 trainer.ema[n].copy_(p.detach())
-    return losses
+    return [float(v) for v in losses]
 
 
 def _device(adapter: Any) -> torch.device:
     net = getattr(adapter, "network", adapter)
     return next((p.device for p in net.parameters()), torch.device("cpu"))
-
-
-def _to(cond: Any, device: torch.device) -> Any:
-    from dmdr_fast.algo.conditions import map_tensors
-
-    return map_tensors(lambda v: v.to(device), cond)

@@ -335,11 +335,8 @@ class Trainer:
                 return v_fake, v_real
             v_fake = self.critic.velocity(*fake).float()
             xs, ts, conds = zip(*reals, strict=True)
-            one = len(reals) == 1
             out = self.guidance.velocity(
-                xs[0] if one else torch.cat(xs),
-                ts[0] if one else torch.cat(ts),
-                conds[0] if one else self.guidance.cat_conditions(list(conds)),
+                torch.cat(xs), torch.cat(ts), self.guidance.cat_conditions(list(conds))
             ).float()
             v_real = list(out.chunk(len(reals)))
             if lam_r > 0:
@@ -360,6 +357,21 @@ class Trainer:
         v_fake, v_real = self._guidance_velocities((x, t, cond), reals, lam_r)
         return v_fake, v_real[0], v_real[1] if null is not None else None
 
+    def _ca_sample(
+        self, x0: torch.Tensor, x_tau: torch.Tensor, tau: torch.Tensor, t_in: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoupled DMD's CFG-augmentation sample ``(x, t)`` per ``dmdr.ca_renoise`` (see
+        :meth:`_decoupled_inputs`); draws from the run's RNG unless ``shared``."""
+        mode, B = self.config.dmdr.ca_renoise, x0.shape[0]
+        if mode == "shared":
+            return x_tau, tau
+        ca_t = self.dynars.sample(B, self.state.gen_step, generator=self.gen).to(self.device)
+        if mode == "above_input":
+            u = torch.rand(B, generator=self.gen).to(self.device)
+            t_in = t_in.to(ca_t)
+            ca_t = torch.where(t_in < 1, t_in + (1.0 - t_in) * u, ca_t)
+        return renoise(x0, ca_t, noise_like(x0, self.gen)), ca_t
+
     def _decoupled_inputs(
         self, x0: torch.Tensor, x_tau: torch.Tensor, tau: torch.Tensor, t_in: torch.Tensor, cond: Any,
         null: Any, lam_r: float,
@@ -372,17 +384,8 @@ class Trainer:
         samples of the first step (t_k = 1, nothing lies above) it falls back to the DMD law, since
         τ_ca = 1 would renoise to pure noise and make the term independent of x0.
         """
-        d, B = self.config.dmdr, x0.shape[0]
-        null = expand_cond(null, B)
-        if d.ca_renoise == "shared":
-            ca_x, ca_t = x_tau, tau
-        else:
-            ca_t = self.dynars.sample(B, self.state.gen_step, generator=self.gen).to(self.device)
-            if d.ca_renoise == "above_input":
-                u = torch.rand(B, generator=self.gen).to(self.device)
-                t_in = t_in.to(ca_t)
-                ca_t = torch.where(t_in < 1, t_in + (1.0 - t_in) * u, ca_t)
-            ca_x = renoise(x0, ca_t, noise_like(x0, self.gen))
+        null = expand_cond(null, x0.shape[0])
+        ca_x, ca_t = self._ca_sample(x0, x_tau, tau, t_in)
         reals = [(x_tau, tau, cond), (ca_x, ca_t, cond), (ca_x, ca_t, null)]
         if ca_x is x_tau:
             reals = reals[::2]  # cond and uncond at the shared sample
@@ -677,12 +680,11 @@ class Trainer:
     def ode_init(self, *, progress: bool = True) -> list[float]:
         """Regress the student onto the teacher's ODE pairs in ``student.ode_init`` (see
         :mod:`dmdr_fast.train.ode_init`), once per run: marked done and checkpointed afterwards."""
+        from dmdr_fast.data.prompt_cache import model_identity
         from dmdr_fast.train.ode_init import ODEPairs, ode_regression
 
         s = self.config.student
-        path = self.config.model.path
-        model_id = (str(Path(path).resolve()) if Path(path).exists() else path) if path else None
-        pairs = ODEPairs.open(s.ode_init, self.student, model_id=model_id)
+        pairs = ODEPairs.open(s.ode_init, self.student, model_id=model_identity(self.config.model.path))
         losses = ode_regression(self, pairs, steps=s.ode_steps, lr=s.ode_lr, progress=progress)
         self.state.ode_init_done = True
         self.logger.note(
