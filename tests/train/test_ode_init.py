@@ -103,6 +103,9 @@ def test_pairs_for_another_model_or_incomplete_are_refused(pairs_dir, tmp_path):
         ODEPairs.open(bad, _teacher())
     with pytest.raises(FileExistsError):
         generate_ode_pairs(_teacher(), LABELS, pairs_dir, steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        generate_ode_pairs(_teacher(), LABELS, tmp_path / "none", steps=0)
+    assert not (tmp_path / "none.tmp").exists() and not (tmp_path / "none").exists()
 
 
 def test_cli_digits_pairs_use_balanced_labels(tmp_path, monkeypatch):
