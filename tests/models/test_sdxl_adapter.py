@@ -295,10 +295,45 @@ def test_few_step_grid_and_export_scheduler(adapter: SDXLAdapter, pipe: StableDi
     assert adapter.pipeline_call_kwargs(4) == {"num_inference_steps": 4, "guidance_scale": 0.0}
 
 
-@pytest.mark.parametrize("steps", [1, 4])
-def test_exported_lcm_pipeline_matches_few_step_sampler(
-    adapter: SDXLAdapter, pipe: StableDiffusionXLPipeline, steps: int
+def test_noise_timestep_calls_the_unet_at_dmd2s_conditioning_timestep(
+    adapter: SDXLAdapter, pipe: StableDiffusionXLPipeline
 ):
+    student = make_student(adapter)
+    student.set_noise_timestep(399)
+    assert adapter.noise_timestep is None  # the teacher it was copied from is untouched
+    cond = adapter.encode_condition(PROMPTS)
+    acp = pipe.scheduler.alphas_cumprod
+    a, s = acp[399].sqrt(), (1 - acp[399]).sqrt()
+    noise = _latents(seed=5)
+    with torch.no_grad():
+        v = student.velocity(noise, torch.ones(2), cond)
+        eps = _unet(pipe, noise, torch.tensor(399), cond)  # DMD2: unet(noise, 399) → get_x0_from_noise
+        torch.testing.assert_close(noise - v, (noise - s * eps) / a, rtol=1e-5, atol=1e-4)
+        assert not torch.allclose(v, adapter.velocity(noise, torch.ones(2), cond), atol=1e-3)
+        # Other times (also mixed into one batch with t = 1) are the teacher's conversion.
+        t = torch.tensor([0.97, 1.0])
+        mixed = student.velocity(noise, t, cond)
+        torch.testing.assert_close(mixed[0], adapter.velocity(noise, t, cond)[0], rtol=0, atol=0)
+        torch.testing.assert_close(mixed[1], v[1], rtol=1e-6, atol=1e-6)
+    assert student.few_step_grid(1, 1.0).tolist() == adapter.few_step_grid(1, 1.0).tolist()
+    assert student.pipeline_call_kwargs(1) == {"timesteps": [399], "guidance_scale": 0.0}
+    student.set_noise_timestep(900)
+    assert student.pipeline_call_kwargs(4)["timesteps"] == [900, 759, 499, 259]
+    student.set_noise_timestep(500)
+    with pytest.raises(ValueError, match="strictly descending"):
+        student.pipeline_call_kwargs(4)  # 500 is below LCM's second timestep 759
+    for bad in (0, 1000, 3.5, True):
+        with pytest.raises(ValueError, match="noise timestep must be an integer"):
+            student.set_noise_timestep(bad)
+    student.set_noise_timestep(None)
+    assert student.pipeline_call_kwargs(1) == {"num_inference_steps": 1, "guidance_scale": 0.0}
+
+
+@pytest.mark.parametrize(("steps", "noise_timestep"), [(1, None), (4, None), (1, 399), (4, 900)])
+def test_exported_lcm_pipeline_matches_few_step_sampler(
+    adapter: SDXLAdapter, pipe: StableDiffusionXLPipeline, steps: int, noise_timestep: int | None
+):
+    adapter.set_noise_timestep(noise_timestep)  # a fresh adapter per test (function-scoped fixture)
     noise = _latents(seed=4)
     exported = _variant(pipe, scheduler=adapter.export_scheduler(steps, 1.0))
     with torch.no_grad():

@@ -7,12 +7,14 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from dmdr_fast.cli import main
 from dmdr_fast.pipelines.random import SIZES, build_random_pipeline, save_random_pipeline
 from dmdr_fast.presets.digits import CONFIG_DIR, load_preset
 from dmdr_fast.presets.t2i import DEFAULT_PRESETS, T2I_FAMILIES, family_of_pipeline
+from dmdr_fast.train.config import DMDRTrainerConfig
 from dmdr_fast.train.config_io import ConfigError
 
 T2I_PRESETS = ["sd35-large-4step", "sd3-medium-4step", "sdxl-1step", "flux-4step", "zimage-8step"]
@@ -33,6 +35,25 @@ def test_preset_loads_validates_and_documents_every_value(name: str):
         if re.match(r"^\s*(- )?[a-z_0-9]+:\s*\S", line):
             assert "#" in line, f"{name}.yaml: undocumented value: {line.strip()}"
     assert set(DEFAULT_PRESETS.values()) <= set(T2I_PRESETS)
+    # ... and every field of the config is in the YAML (a new option must be documented in each
+    # preset), except the DiT-only time/pixel settings and SDXL's noise timestep elsewhere.
+    written = _keys(yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()))
+    not_applicable = {"model.pixel_range", "model.round_timesteps", "model.timestep_scale"}
+    if config.model.family != "sdxl":
+        not_applicable.add("student.noise_timestep")
+    missing = _keys(DMDRTrainerConfig().to_dict()) - written - not_applicable
+    assert not missing, f"{name}.yaml does not list {sorted(missing)}"
+
+
+def _keys(tree: dict, prefix: str = "") -> set[str]:
+    """Dotted names of a config tree's leaves (``model.kwargs`` and the rewards list are leaves)."""
+    out = set()
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "kwargs":
+            out |= _keys(value, f"{prefix}{key}.")
+        else:
+            out.add(f"{prefix}{key}")
+    return out
 
 
 def test_preset_values_are_checked():

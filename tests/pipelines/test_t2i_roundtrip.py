@@ -51,6 +51,8 @@ CASES = {  # family, student kind, steps, preset, extra overrides, pipeline clas
     "flux-lora": ("flux", "lora", 2, "flux-4step", ["model.kwargs.max_sequence_length=8"], "FluxPipeline", True),
     "sdxl-full": ("sdxl", "full", 1, "sdxl-1step", [], "StableDiffusionXLPipeline", True),
     "sdxl-lora": ("sdxl", "lora", 1, "sdxl-1step", [], "StableDiffusionXLPipeline", False),
+    # DMD2's conditioning timestep: plain diffusers samples it with LCMScheduler timesteps=[399]
+    "sdxl-full-t399": ("sdxl", "full", 1, "sdxl-1step", ["student.noise_timestep=399"], "StableDiffusionXLPipeline", False),
 }  # fmt: skip
 
 
@@ -122,7 +124,11 @@ def test_train_export_load_with_plain_diffusers(tmp_path: Path, case: str):
         )
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(info["call_kwargs"])
-    assert kwargs["num_inference_steps"] == steps and kwargs["height"] == 16
+    noise_timestep = _override(extra, "student.noise_timestep")
+    if noise_timestep is None:
+        assert kwargs["num_inference_steps"] == steps and kwargs["height"] == 16
+    else:  # the student's first step is called at its own timestep, not at 999
+        assert kwargs["timesteps"] == [int(noise_timestep)] and info["noise_timestep"] == int(noise_timestep)
 
     ours = adapter_class(family).from_pipeline(pipe, resolution=16, **_adapter_kwargs(extra))
     bf16 = "model.weights_dtype=bf16" in extra
@@ -147,6 +153,25 @@ def test_train_export_load_with_plain_diffusers(tmp_path: Path, case: str):
         torch.testing.assert_close(latents, noise - v, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("case", ["sdxl-full", "sdxl-lora"])
+def test_a_new_run_starts_from_an_export(tmp_path: Path, case: str):
+    """``student.init`` = an exported folder (full: a pipeline folder, LoRA: the LoRA folder)."""
+    from dmdr_fast.presets.digits import load_preset
+    from dmdr_fast.presets.t2i import bench_trainer
+    from dmdr_fast.train import checkpoint as ckpt
+
+    _, kind, steps, preset, extra, _, _ = CASES[case]
+    teacher_dir, export, _ = _train(tmp_path, case)
+    sets = [*COMMON, f"student.kind={kind}", f"student.num_steps={steps}", *extra]
+    config = load_preset(preset, [*sets, f"model.path={teacher_dir}", f"student.init={export}"])
+    trainer = bench_trainer(config, num_prompts=2)
+    trained = torch.load(ckpt.latest_checkpoint(tmp_path / "run"), map_location="cpu", weights_only=False)
+    state = trainer.student.network.state_dict()
+    for name, value in trained["student"].items():  # what the first run trained, bit for bit
+        torch.testing.assert_close(state[name], value.to(state[name].dtype), rtol=0, atol=0)
+    assert trainer.fit(1, progress=False).gen_step == 1
+
+
 def _trained_student(run: Path, family: str, teacher_dir: Path, extra: list[str]):
     """The student as the Trainer left it: teacher + the last checkpoint's trainable weights."""
     from dmdr_fast.models.roles import make_student
@@ -160,7 +185,13 @@ def _trained_student(run: Path, family: str, teacher_dir: Path, extra: list[str]
     lora = s.lora.to_lora_config("student", teacher.default_lora_targets) if s.kind == "lora" else None
     student = make_student(teacher, lora=lora)
     ckpt.load_trainable_state(student.network, sd["student"], "student")
+    if s.noise_timestep is not None:
+        student.set_noise_timestep(s.noise_timestep)
     return student
+
+
+def _override(extra: list[str], key: str) -> str | None:
+    return next((item.split("=", 1)[1] for item in extra if item.startswith(key + "=")), None)
 
 
 def _adapter_kwargs(extra: list[str]) -> dict:

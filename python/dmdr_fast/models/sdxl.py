@@ -21,6 +21,12 @@ noise, ``v ≈ ε − x0``) as follows (diffusers 0.42):
   ``t = 1`` that is ``x_vp = ε``, what SDXL samplers feed at their first step); then
   ``x̂0 = (x_vp − σ_max·ε̂) / α_max`` and ``v = (x_t − x̂0) / t``. Both branches agree at ``t_max``;
   the choice is per sample. The conversion runs in float32 (the ``(B,)`` time lookup in float64).
+- Noise timestep (students only, :meth:`SDXLAdapter.set_noise_timestep`): DMD2's 1-step SDXL
+  generator is called on pure noise with a *conditioning timestep* ``τ_n`` (399) instead of
+  ``τ_max``: at ``t = 1`` the UNet then gets ``x_vp = ε`` at ``τ_n`` and ``x̂0 = (ε − σ_n·ε̂) / α_n``
+  (DMD2's ``get_x0_from_noise``); other times are unchanged. The exported ``LCMScheduler`` is then
+  called with ``timesteps = [τ_n, τ_1, …]`` (:meth:`SDXLAdapter.pipeline_call_kwargs`), which is how
+  DMD2's and the paper's SDXL checkpoints are sampled (``timesteps=[399]``).
 - Conditions: ``encode_prompt`` (two CLIPs, penultimate hidden states concatenated, pooled output
   of the second) plus the micro-conditioning ``add_time_ids = (orig_h, orig_w, crop_top,
   crop_left, target_h, target_w)`` built as ``_get_add_time_ids`` builds them for the adapter's
@@ -48,7 +54,7 @@ from torch import nn
 from dmdr_fast.models.protocol import Condition
 from dmdr_fast.models.t2i import TextToImageAdapter, check_time
 
-__all__ = ["SDXL_LORA_TARGETS", "SDXLAdapter", "SDXLCondition"]
+__all__ = ["SDXL_LORA_TARGETS", "SDXLAdapter", "SDXLCondition", "lcm_timesteps"]
 
 #: LoRA targets of the paper's SDXL scripts (PAPER_NOTES): attention, transformer projections and
 #: feed-forward, ResNet convolutions and time projections, down/upsampler convolutions.
@@ -71,6 +77,33 @@ SDXL_LORA_TARGETS = tuple(
         "time_emb_proj",
     )
 )
+
+
+def lcm_timesteps(scheduler: Any, num_steps: int, noise_timestep: int | None = None) -> list[int]:
+    """The integer timesteps an ``LCMScheduler`` visits in ``num_steps`` steps, first one replaced.
+
+    Args:
+        scheduler: An ``LCMScheduler`` (its ``set_timesteps`` is called: the state changes).
+        num_steps: Number of sampling steps N.
+        noise_timestep: The timestep of the first (pure-noise) step; ``None`` keeps LCM's own.
+
+    Returns:
+        N descending timesteps, e.g. ``[399]`` for DMD2's 1-step SDXL.
+
+    Raises:
+        ValueError: If ``noise_timestep`` does not lie above the second timestep (LCM needs a
+            strictly descending schedule).
+    """
+    scheduler.set_timesteps(num_steps)
+    taus = [int(v) for v in scheduler.timesteps.tolist()]
+    if noise_timestep is None:
+        return taus
+    if len(taus) > 1 and int(noise_timestep) <= taus[1]:
+        raise ValueError(
+            f"noise timestep {noise_timestep} must be above the second of the {num_steps}-step LCM "
+            f"timesteps {taus}: LCM needs a strictly descending schedule"
+        )
+    return [int(noise_timestep), *taus[1:]]
 
 
 @dataclasses.dataclass
@@ -162,6 +195,7 @@ class SDXLAdapter(TextToImageAdapter):
         self._log_snr_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.tau_max = int(acp.numel() - 1)
         self.t_max = float(torch.sigmoid(-lam[-1] / 2))  # flow time of τ_max: σ / (α + σ)
+        self.noise_timestep: int | None = None  # τ_n of t = 1 samples (set_noise_timestep); None = τ_max
         self.in_channels = int(unet.config.in_channels)
         self._set_resolution(
             resolution, default_latent_side=int(unet.config.sample_size), multiple=1, why="VAE factor"
@@ -171,6 +205,23 @@ class SDXLAdapter(TextToImageAdapter):
         self.target_size = tuple(target_size or self.resolution)
 
     # ---- construction -----------------------------------------------------------------------------
+
+    def set_noise_timestep(self, timestep: int | None) -> None:
+        """Call the UNet at ``timestep`` (not ``τ_max``) on pure noise, i.e. for samples at ``t = 1``.
+
+        For a *student* whose first step was trained that way (DMD2's 1-step SDXL: 399); a teacher
+        keeps ``None``. Export and :meth:`pipeline_call_kwargs` then pass ``timesteps=[τ_n, …]``.
+
+        Args:
+            timestep: An integer in ``[1, τ_max]``, or ``None`` for ``τ_max`` (the default).
+
+        Raises:
+            ValueError: If ``timestep`` is not such an integer.
+        """
+        valid = isinstance(timestep, int) and not isinstance(timestep, bool) and 1 <= timestep <= self.tau_max
+        if timestep is not None and not valid:
+            raise ValueError(f"noise timestep must be an integer in [1, {self.tau_max}], got {timestep!r}")
+        self.noise_timestep = timestep
 
     # ---- FlowModelAdapter -------------------------------------------------------------------------
 
@@ -217,6 +268,12 @@ class SDXLAdapter(TextToImageAdapter):
         t = check_time(t, batch, x_t.device)
         cond = self._check_condition(cond, batch)
         tau, alpha, sigma = self.vp_parameters(t)
+        if self.noise_timestep is not None:  # pure-noise samples at the student's own timestep τ_n
+            first = t >= 1.0
+            lam_n = self._log_snr[self.noise_timestep]
+            tau = torch.where(first, tau.new_tensor(float(self.noise_timestep)), tau)
+            alpha = torch.where(first, alpha.new_tensor(float(torch.sigmoid(lam_n).sqrt())), alpha)
+            sigma = torch.where(first, sigma.new_tensor(float(torch.sigmoid(-lam_n).sqrt())), sigma)
         shape = (batch, 1, 1, 1)
         alpha, sigma = alpha.float().view(shape), sigma.float().view(shape)
         t32 = t.float().view(shape)
@@ -333,13 +390,13 @@ class SDXLAdapter(TextToImageAdapter):
     def few_step_grid(self, num_steps: int, shift: float) -> torch.Tensor:
         """``(N + 1,)`` flow times the exported ``LCMScheduler`` visits: ``1, t(τ_1), …, t(τ_{N−1}), 0``.
 
-        LCM starts from pure noise at ``τ_0 = τ_max`` (our clamped ``t = 1``); later points are
+        LCM starts from pure noise at ``τ_0 = τ_max`` (our clamped ``t = 1``; a student's noise
+        timestep changes the call at that point, not the grid); later points are
         ``t(τ_k) = σ_τ / (α_τ + σ_τ)``. ``shift`` is ignored for SDXL.
         """
         scheduler = self.export_scheduler(num_steps, shift)
-        scheduler.set_timesteps(num_steps)
-        taus = scheduler.timesteps.long().cpu()
-        if taus.numel() != num_steps or int(taus[0]) != self.tau_max:
+        taus = torch.tensor(lcm_timesteps(scheduler, num_steps, self.noise_timestep))
+        if taus.numel() != num_steps or int(scheduler.timesteps[0]) != self.tau_max:
             raise ValueError(f"the exported scheduler gives unusable timesteps {taus.tolist()}")
         inner = torch.sigmoid(-self._log_snr[taus[1:]] / 2).float()
         grid = torch.cat([torch.ones(1), inner, torch.zeros(1)])
@@ -348,8 +405,15 @@ class SDXLAdapter(TextToImageAdapter):
         return grid
 
     def pipeline_call_kwargs(self, num_steps: int) -> dict[str, Any]:
-        """``num_inference_steps`` and ``guidance_scale=0`` (CFG off: the pipeline needs > 1 for CFG)."""
-        return {"num_inference_steps": int(num_steps), "guidance_scale": 0.0}
+        """``num_inference_steps`` and ``guidance_scale=0`` (CFG off: the pipeline needs > 1 for CFG).
+
+        With a noise timestep the steps are given as ``timesteps`` (e.g. ``[399]``), which the
+        pipeline passes to ``LCMScheduler.set_timesteps``.
+        """
+        if self.noise_timestep is None:
+            return {"num_inference_steps": int(num_steps), "guidance_scale": 0.0}
+        taus = lcm_timesteps(self.export_scheduler(num_steps, 1.0), num_steps, self.noise_timestep)
+        return {"timesteps": taus, "guidance_scale": 0.0}
 
     # ---- checks -----------------------------------------------------------------------------------
 

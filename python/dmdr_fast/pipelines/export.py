@@ -95,6 +95,7 @@ def export_student(
         "shift": shift,
         "scheduler_class": type(scheduler).__name__,
         "call_kwargs": {**student.pipeline_call_kwargs(n), **_size_kwargs(student)},
+        "noise_timestep": getattr(student, "noise_timestep", None),
         "resolution": list(getattr(student, "resolution", ()) or ()),
         "base_pipeline": base_path,
         "lora_prefix": student.lora_prefix if kind == "lora" else None,
@@ -245,10 +246,16 @@ def sample_exported(
     """Images ``(B, 3, H, W)`` in ``[0, 1]`` from a loaded exported pipeline (one call, one prompt each).
 
     ``steps`` overrides the exported step count (the scheduler then spaces that many steps with
-    the same shift); the other call arguments come from ``info['call_kwargs']``.
+    the same shift; an SDXL student keeps its noise timestep as the first); the other call
+    arguments come from ``info['call_kwargs']``.
     """
     kwargs = dict(info.get("call_kwargs", {}))
-    if steps is not None:
+    if steps is not None and "timesteps" in kwargs:
+        # An SDXL student with a noise timestep (DMD2's 399): N LCM steps that still start there.
+        from dmdr_fast.models.sdxl import lcm_timesteps
+
+        kwargs["timesteps"] = lcm_timesteps(pipe.scheduler, int(steps), int(kwargs["timesteps"][0]))
+    elif steps is not None:
         kwargs["num_inference_steps"] = int(steps)
     resolution = info.get("resolution") or []
     if height is None and resolution:

@@ -291,6 +291,24 @@ class StudentConfig(ConfigBase):
         default=0.0,
         metadata={"help": "EMA decay of the student's weights in [0, 1); 0 = no EMA (the paper keeps none)."},
     )
+    init: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start the student from these weights instead of the teacher's. kind = full: the "
+            "network's state dict as a .safetensors/.bin/.pt file, a diffusers model folder or a pipeline "
+            "folder (e.g. DMD2's ODE-pretrained SDXL UNet, the paper's SDXL start); kind = lora: a LoRA "
+            "file or folder (ours or diffusers') with the student LoRA's modules, rank and alpha (e.g. an "
+            "earlier export). null = the teacher's weights."
+        },
+    )
+    noise_timestep: int | None = field(
+        default=None,
+        metadata={
+            "help": "SDXL only: the UNet timestep of the student's pure-noise first step (DMD2's 1-step "
+            "SDXL and the paper: 399); exports then sample with LCMScheduler timesteps [399, ...]. "
+            "null = the last timestep (999)."
+        },
+    )
     ode_init: str | None = field(
         default=None,
         metadata={
@@ -313,6 +331,9 @@ class StudentConfig(ConfigBase):
         check_range(self, "ema_decay", ge=0, lt=1)
         check_range(self, "ode_steps", ge=1)
         check_range(self, "ode_lr", gt=0)
+        if self.noise_timestep is not None:
+            check_range(self, "noise_timestep", ge=1)
+        require(self, "init", self.init is None or bool(self.init.strip()), "a non-empty path or null")
 
 
 @dataclass(frozen=True)
@@ -872,6 +893,12 @@ class DMDRTrainerConfig(ConfigBase):
                 "dmdr.ca_renoise",
                 "'above_input' draws τ from (t_k, 1), which is empty for a 1-step student (t_0 = 1); "
                 "use 'independent'",
+            )
+        if self.student.noise_timestep is not None and self.model.family != "sdxl":
+            self._fail(
+                "student.noise_timestep",
+                f"is for SDXL students (DMD2's conditioning timestep); model.family {self.model.family!r} "
+                "starts from pure noise at t = 1 with its own time input: leave it null",
             )
         for i, r in enumerate(self.rewards):
             if r.active and r.combine == "balanced" and dmdr.dmd_weight == 0:

@@ -188,6 +188,10 @@ class Trainer:
         )
         if s.kind == "full":
             self.student.network.float()  # fp32 master weights even when the teacher is bf16
+        if s.init is not None:
+            self._load_student_init(s.init)
+        if s.noise_timestep is not None:
+            self.student.set_noise_timestep(s.noise_timestep)  # config checked: SDXL adapters only
         if c.kind == "lora":
             self.guidance = make_guidance(teacher, c.lora.to_lora_config("critic", targets))
             self.critic = None
@@ -237,6 +241,21 @@ class Trainer:
         self._critic_losses: list[float | torch.Tensor] = []  # read out once per generator step
 
     # ------------------------------------------------------------------------------ helpers
+
+    def _load_student_init(self, path: str) -> None:
+        """``student.init``: the student's starting weights (full state dict or LoRA), before the
+        optimisers, the EMA copy and DDP's broadcast see them; a resume overwrites them later."""
+        if self.config.student.kind == "lora":
+            from dmdr_fast.models.lora_io import load_lora
+
+            prefix = getattr(self.student, "lora_prefix", "transformer")  # stripped only if present
+            load_lora(self.student.network, path, adapter="student", prefix=prefix)
+        else:
+            from dmdr_fast.models.weights import load_network_weights
+
+            load_network_weights(
+                self.student.network, path, subfolder=getattr(self.student, "network_attr", None)
+            )
 
     def _use_attention(self, teacher: FlowModelAdapter) -> None:
         """Route the attention of all networks (teacher/guidance, student, full critic) through
