@@ -116,6 +116,18 @@ def test_bench_step_runs(capsys):
     assert "paper" in capsys.readouterr().out
 
 
+def test_bench_step_compiled_has_an_eager_row(capsys, tmp_path):
+    out = tmp_path / "step.json"
+    rc = main(["bench", "step", "--cycles", "1", "--warmup", "1", "--set", "train.batch_size=2",
+               "--set", "train.device=cpu", "--set", "dmdr.ratio_update=1", "--set", "train.compile=true",
+               "--set", "train.compile_backend=aot_eager", "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    assert "compiled (aot_eager/default) vs our step eager" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert {"ours_cycle", "ours_eager_cycle", "paper_cycle"} <= set(result["median_ms"])
+    assert result["compile_speedup_cycle"] > 0
+
+
 def test_bench_step_decoupled(capsys):
     rc = main(["bench", "step", "--cycles", "1", "--warmup", "0", "--set", "train.batch_size=2",
                "--set", "train.device=cpu", "--set", "dmdr.ratio_update=1", "--set", "dmdr.guidance=2",

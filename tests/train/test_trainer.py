@@ -189,17 +189,6 @@ def test_variants_train(overrides):
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
 
 
-@pytest.mark.parametrize(
-    "section,key,value,match",
-    [("train", "compile", True, "train.compile")],
-)  # fmt: skip
-def test_unsupported_options_refuse_loudly(section, key, value, match):
-    base = small_config().to_dict()
-    base[section] = {**base[section], key: value}
-    with pytest.raises(NotImplementedError, match=match):
-        make_trainer(DMDRTrainerConfig.from_dict(base))
-
-
 def test_missing_reward_model_is_an_error():
     cfg = DMDRTrainerConfig.from_dict(
         {**small_config().to_dict(), "rewards": [{"kind": "classifier", "weight": 0.5}]}

@@ -15,6 +15,7 @@ optimisers; only the way the work is organised differs. Timings:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -129,28 +130,46 @@ def _time_cycles(fn, tr: Trainer, cycles: int) -> tuple[list[float], list[float]
     return cycle_ms, gen_ms
 
 
+def _runs(trainer: Trainer) -> list[tuple[str, Any, bool]]:
+    """(name, iteration, force eager) of each timed row: the paper's scripts do not compile, so
+    their row runs eager; with ``train.compile`` our step is also timed eager (the compile gain)."""
+    ours = lambda tr: tr.step()  # noqa: E731
+    rows = [("ours", ours, False), ("paper", paper_iteration, True)]
+    if trainer.config.train.compile:
+        rows.insert(1, ("ours_eager", ours, True))
+    return rows
+
+
+def _stance(eager: bool):
+    return torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
+
+
 def run(trainer: Trainer, *, cycles: int = 10, warmup: int = 2) -> dict[str, Any]:
     """Alternate ours and the paper's iteration on ``trainer`` and report medians and ratios."""
     import statistics
 
-    ours = lambda tr: tr.step()  # noqa: E731
-    for fn in (ours, paper_iteration):
-        _time_cycles(fn, trainer, warmup)
-    results: dict[str, list[float]] = {"ours_cycle": [], "ours_gen": [], "paper_cycle": [], "paper_gen": []}
-    for _ in range(cycles):  # interleaved so that drifting machine load hits both alike
-        for name, fn in (("ours", ours), ("paper", paper_iteration)):
-            c, g = _time_cycles(fn, trainer, 1)
+    rows = _runs(trainer)
+    for _, fn, eager in rows:  # with compile: the warm-up cycles also pay the compilation
+        with _stance(eager):
+            _time_cycles(fn, trainer, warmup)
+    results: dict[str, list[float]] = {f"{n}_{k}": [] for n, _, _ in rows for k in ("cycle", "gen")}
+    for _ in range(cycles):  # interleaved so that drifting machine load hits every row alike
+        for name, fn, eager in rows:
+            with _stance(eager):
+                c, g = _time_cycles(fn, trainer, 1)
             results[f"{name}_cycle"] += c
             results[f"{name}_gen"] += g
     med = {k: statistics.median(v) for k, v in results.items()}
-    peak = {"ours": None, "paper": None}
+    peak: dict[str, float | None] = {name: None for name, _, _ in rows}
     if trainer.device.type == "cuda":  # one more cycle each, alone, for its allocator peak
-        for name, fn in (("ours", ours), ("paper", paper_iteration)):
+        for name, fn, eager in rows:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(trainer.device)
-            _time_cycles(fn, trainer, 1)
+            with _stance(eager):
+                _time_cycles(fn, trainer, 1)
             peak[name] = torch.cuda.max_memory_allocated(trainer.device) / 2**20
     cfg = trainer.config
+    compiled = "ours_eager" in peak
     return {
         "benchmark": "step",
         "batch_size": cfg.train.batch_size,
@@ -158,10 +177,12 @@ def run(trainer: Trainer, *, cycles: int = 10, warmup: int = 2) -> dict[str, Any
         "ratio_update": cfg.dmdr.ratio_update,
         "guidance": cfg.dmdr.guidance,
         "decoupled": cfg.dmdr.ca_renoise if cfg.dmdr.decoupled else None,
+        "compile": f"{cfg.train.compile_backend}/{cfg.train.compile_mode}" if compiled else None,
         "machine": machine_info(trainer.device),
         "median_ms": med,
         "speedup_cycle": med["paper_cycle"] / med["ours_cycle"],
         "speedup_gen_iter": med["paper_gen"] / med["ours_gen"],
+        "compile_speedup_cycle": med["ours_eager_cycle"] / med["ours_cycle"] if compiled else None,
         "peak_mem_mib": peak,
         "memory_ratio": peak["ours"] / peak["paper"] if peak["ours"] else None,
         "cycles": cycles,
@@ -177,6 +198,12 @@ def format_result(r: dict[str, Any]) -> str:
         f"paper {m['paper_cycle']:.1f} ms  → ×{r['speedup_cycle']:.2f}\n"
         f"  generator-update iteration only:            ours {m['ours_gen']:.1f} ms, "
         f"paper {m['paper_gen']:.1f} ms  → ×{r['speedup_gen_iter']:.2f}\n"
+        + (
+            f"  compiled ({r['compile']}) vs our step eager:  ours {m['ours_cycle']:.1f} ms, "
+            f"eager {m['ours_eager_cycle']:.1f} ms  → ×{r['compile_speedup_cycle']:.2f} per cycle\n"
+            if r.get("compile")
+            else ""
+        )
         + (
             f"  peak memory (one cycle):                    ours {p['ours']:.0f} MiB, "
             f"paper {p['paper']:.0f} MiB  → ×{r['memory_ratio']:.2f}"

@@ -770,7 +770,25 @@ class TrainConfig(ConfigBase):
         metadata={"help": "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:<index>'."},
     )
     compile: bool = field(
-        default=False, metadata={"help": "torch.compile the student and the guidance network."}
+        default=False,
+        metadata={
+            "help": "torch.compile the networks (teacher/guidance, student, full critic) in place: state-dict "
+            "names, checkpoints and exports are unchanged; the first steps pay the compilation."
+        },
+    )
+    compile_backend: str = field(
+        default="inductor",
+        metadata={
+            "help": "torch.compile backend with compile = true: 'inductor' (generated kernels), or 'aot_eager' / "
+            "'eager' to debug graph capture without code generation."
+        },
+    )
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = field(
+        default="default",
+        metadata={
+            "help": "Inductor mode: 'default', or 'max-autotune-no-cudagraphs' (autotuned GEMM/conv kernels: "
+            "slower to compile). CUDA-graph modes are not offered (training loop with LoRA scale inputs)."
+        },
     )
     attention: str = field(
         default="sdpa",
@@ -799,6 +817,12 @@ class TrainConfig(ConfigBase):
         check_range(self, "num_grid_samples", ge=1)
         require(self, "device", bool(_DEVICE.match(self.device)), "'auto', 'cpu', 'cuda' or 'cuda:<index>'")
         require(self, "attention", bool(_IDENTIFIER.match(self.attention)), "a backend name such as 'sdpa'")
+        require(
+            self,
+            "compile_backend",
+            bool(_IDENTIFIER.match(self.compile_backend)),
+            "a backend name such as 'inductor'",
+        )
         require(
             self,
             "kernel_backend",

@@ -157,10 +157,6 @@ class Trainer:
     ) -> None:
         if config.active_rewards and reward is None:
             raise ValueError("config.rewards has active rewards but no `reward` model was passed to Trainer")
-        if config.train.compile:
-            raise NotImplementedError(
-                "train.compile=true is not supported by the Trainer yet; set train.compile=false"
-            )
         self.config = config
         self.device = _resolve_device(config.train.device)
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -200,7 +196,9 @@ class Trainer:
             self.guidance = teacher
             self.critic = make_student(teacher)
             self.critic.network.float()
-        self._use_attention(teacher)
+        self._use_attention()
+        if config.train.compile:
+            self._compile()
         self._student_net = self._wrap_ddp(self.student)
         critic_owner = self.critic if self.critic is not None else self.guidance
         self._critic_net = self._wrap_ddp(critic_owner)
@@ -257,7 +255,7 @@ class Trainer:
                 self.student.network, path, subfolder=getattr(self.student, "network_attr", None)
             )
 
-    def _use_attention(self, teacher: FlowModelAdapter) -> None:
+    def _use_attention(self) -> None:
         """Route the attention of all networks (teacher/guidance, student, full critic) through
         :func:`dmdr_fast.ops.attention` with ``train.attention`` as the backend ("native" keeps the
         models' own attention, "auto" lets the dispatcher choose)."""
@@ -266,11 +264,35 @@ class Trainer:
             return
         from dmdr_fast.models.attention import use_attention
 
-        networks = [teacher.network, self.student.network]
+        for net in self._networks():
+            use_attention(net, None if name == "auto" else name)
+
+    def _networks(self) -> list[nn.Module]:
+        """The distinct big networks: teacher/guidance, student and (if any) the full critic."""
+        networks = [self.guidance.network, self.student.network]
         if self.critic is not None:
             networks.append(self.critic.network)
-        for net in {id(n): n for n in networks}.values():
-            use_attention(net, None if name == "auto" else name)
+        return list({id(n): n for n in networks}.values())
+
+    def _compile(self) -> None:
+        """``train.compile``: ``nn.Module.compile`` on every network, in place.
+
+        In place (not ``torch.compile(module)``) so that parameter names, checkpoints, DDP and the
+        export see the same modules as without compilation (a deep copy is uncompiled). Per-sample
+        LoRA scales reach the graphs as tensor inputs and scalar ones as symbolic floats (dynamo
+        does not specialise floats), so DynaDG's annealed λ_r does not recompile every step.
+        """
+        t = self.config.train
+        known = torch.compiler.list_backends(exclude_tags=())
+        if t.compile_backend not in known:
+            raise ValueError(
+                f"train.compile_backend {t.compile_backend!r} is not a torch.compile backend: {known}"
+            )
+        kwargs: dict[str, Any] = {"backend": t.compile_backend}
+        if t.compile_backend == "inductor":
+            kwargs["mode"] = t.compile_mode
+        for net in self._networks():
+            net.compile(**kwargs)
 
     def _wrap_ddp(self, adapter: FlowModelAdapter) -> Callable[..., torch.Tensor]:
         """The callable used for gradient-carrying forwards (DDP-wrapped under torchrun)."""
