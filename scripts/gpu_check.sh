@@ -12,7 +12,7 @@ DMDR_FAST_CUDA=ON "$PY" -m pip install --no-build-isolation --no-deps -e . 2>&1 
 "$PY" -m dmdr_fast.cli env | tee "$OUT/env.txt"
 # TRITON_INTERPRET=0: tests/conftest.py defaults it to 1 (for CPU-only machines), which would run the
 # Triton kernels of the GPU tests through the interpreter instead of compiling them.
-TRITON_INTERPRET=0 "$PY" -m pytest -q -m "gpu or cuda_ext" tests/ops tests/train --ignore=tests/ops/test_attention_triton.py 2>&1 \
+TRITON_INTERPRET=0 "$PY" -m pytest -q -m "gpu or cuda_ext" tests/ops tests/train tests/algo --ignore=tests/ops/test_attention_triton.py 2>&1 \
   | tee "$OUT/pytest_gpu.txt" | tail -5 || echo "GPU tests FAILED: see $OUT/pytest_gpu.txt (benchmarks go on)"
 for dt in bfloat16 float32; do
   "$PY" -m dmdr_fast.cli bench dmd-loss --device cuda --dtype "$dt" --json "$OUT/bench_dmd_loss_$dt.json" \

@@ -321,3 +321,25 @@ def test_euler_bad_inputs():
         euler_sample(point_mass, noise, a, num_steps=0)
     with pytest.raises(ValueError, match="guidance"):
         euler_sample(point_mass, noise, a, guidance=float("inf"))
+
+
+def test_host_to_device_keeps_values_and_leaves_same_device_tensors_alone():
+    from dmdr_fast.algo._utils import host_to_device
+
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    assert host_to_device(x, None) is x
+    assert host_to_device(x, "cpu") is x  # no copy when nothing moves
+    assert torch.equal(host_to_device(x[:, 1:], torch.device("cpu")), x[:, 1:])
+
+
+@pytest.mark.gpu
+def test_host_to_device_to_cuda_is_exact_after_later_host_writes():
+    """The pinned staging copy is the one transferred: overwriting the source right after the
+    (asynchronous) call must not change what arrives on the GPU."""
+    from dmdr_fast.algo._utils import host_to_device
+
+    x = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
+    expected = x.clone()
+    y = host_to_device(x, "cuda")
+    x.zero_()
+    assert y.device.type == "cuda" and torch.equal(y.cpu(), expected)

@@ -248,3 +248,20 @@ def test_unknown_attention_backend_is_refused():
     base["train"] = {**base["train"], "attention": "flash"}
     with pytest.raises(ValueError, match="flash"):
         make_trainer(DMDRTrainerConfig.from_dict(base))
+
+
+def test_deterministic_mode_is_scoped_to_the_trainer(monkeypatch):
+    """``train.deterministic`` holds inside the Trainer's own work and leaves the process as it was."""
+    assert not torch.are_deterministic_algorithms_enabled()
+    tr = make_trainer(small_config(max_steps=1))
+    seen = []
+    real = Trainer._randn
+
+    def spy(self, shape):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real(self, shape)
+
+    monkeypatch.setattr(Trainer, "_randn", spy)
+    tr.fit(progress=False)
+    assert seen and all(seen)
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import os
 import time
@@ -45,7 +46,7 @@ from dmdr_fast.algo import (
     noise_like,
     renoise,
 )
-from dmdr_fast.algo._utils import randn
+from dmdr_fast.algo._utils import host_to_device, rand, randn
 from dmdr_fast.data.prompts import PromptBatch
 from dmdr_fast.models.lora import lora_scale
 from dmdr_fast.models.protocol import FlowModelAdapter
@@ -102,6 +103,25 @@ def resolve_device(name: str) -> torch.device:
     return _resolve_device(name)
 
 
+def _deterministic_scope(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a Trainer method under ``train.deterministic`` and restore the global flag afterwards
+    (``torch.use_deterministic_algorithms`` is process-wide: the caller's code keeps its own)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Trainer, *args: Any, **kwargs: Any) -> Any:
+        if not self.config.train.deterministic:
+            return method(self, *args, **kwargs)
+        before = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+    return wrapper
+
+
 def _resolve_device(name: str) -> torch.device:
     from dmdr_fast.train.distributed import local_device
 
@@ -110,7 +130,7 @@ def _resolve_device(name: str) -> torch.device:
 
 def _to_device(cond: Any, device: torch.device) -> Any:
     """Move a condition batch (a tensor or a dataclass / container of tensors) to ``device``."""
-    return map_tensors(lambda v: v.to(device), cond)
+    return map_tensors(lambda v: host_to_device(v, device), cond)  # cached prompt embeddings: no stall
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -161,8 +181,6 @@ class Trainer:
         self.device = _resolve_device(config.train.device)
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        if config.train.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(config.train.seed + self.rank)  # LoRA initialisation below
         # The whole adapter (VAE, text encoders of text-to-image families), not only the network.
         (teacher if isinstance(teacher, nn.Module) else teacher.network).to(self.device)
@@ -330,11 +348,11 @@ class Trainer:
         if isinstance(raw, PromptBatch):
             return list(raw.prompts), _to_device(raw.condition, self.device)
         cond = self.student.encode_condition(raw)
-        raw = raw.to(self.device) if isinstance(raw, torch.Tensor) else raw
+        raw = host_to_device(raw, self.device) if isinstance(raw, torch.Tensor) else raw
         return raw, _to_device(cond, self.device)
 
     def _randn(self, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.randn(shape, generator=self.gen).to(self.device)
+        return randn(shape, generator=self.gen, device=self.device)  # CPU draw, async copy
 
     @property
     def stage(self) -> int:
@@ -406,9 +424,9 @@ class Trainer:
         mode, B = self.config.dmdr.ca_renoise, x0.shape[0]
         if mode == "shared":
             return x_tau, tau
-        ca_t = self.dynars.sample(B, self.state.gen_step, generator=self.gen).to(self.device)
+        ca_t = host_to_device(self.dynars.sample(B, self.state.gen_step, generator=self.gen), self.device)
         if mode == "above_input":
-            u = torch.rand(B, generator=self.gen).to(self.device)
+            u = rand((B,), generator=self.gen, device=self.device)
             t_in = t_in.to(ca_t)
             ca_t = torch.where(t_in < 1, t_in + (1.0 - t_in) * u, ca_t)
         return renoise(x0, ca_t, noise_like(x0, self.gen)), ca_t
@@ -436,6 +454,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ one iteration
 
+    @_deterministic_scope
     def step(self) -> dict[str, float] | None:
         """One iteration; returns the generator step's metrics when a generator update happened."""
         cfg, st = self.config, self.state
@@ -477,7 +496,7 @@ class Trainer:
         x0_sel = x0.detach() if reuse else sim.x0_sel.float()
 
         # 2. Critic update: flow matching of the fake score on the student's samples.
-        tau = self.dynars.sample(B, s, generator=self.gen).to(self.device)
+        tau = host_to_device(self.dynars.sample(B, s, generator=self.gen), self.device)
         eps = noise_like(x0_sel, self.gen)
         self.opt_c.zero_grad(set_to_none=True)
         # The backward runs inside the LoRA-scale context too: with gradient checkpointing the
@@ -502,7 +521,7 @@ class Trainer:
             x0 = generator_x0()
 
         # 3. Generator update (x0 computed above, with grad).
-        tau2 = self.dynars.sample(B, s, generator=self.gen).to(self.device)
+        tau2 = host_to_device(self.dynars.sample(B, s, generator=self.gen), self.device)
         x_tau = renoise(x0.detach(), tau2, noise_like(x0, self.gen))
         w = self.cfg_scale.sample(self.gen)
         null = self.student.null_condition(B) if self.cfg_scale.enabled else None
@@ -667,6 +686,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ the loop
 
+    @_deterministic_scope
     def fit(self, max_steps: int | None = None, *, progress: bool = True) -> TrainerState:
         """Train until ``max_steps`` generator updates (default ``train.max_steps``)."""
         cfg = self.config.train
@@ -718,6 +738,7 @@ class Trainer:
         self.logger.flush()
         return self.state
 
+    @_deterministic_scope
     def ode_init(self, *, progress: bool = True) -> list[float]:
         """Regress the student onto the teacher's ODE pairs in ``student.ode_init`` (see
         :mod:`dmdr_fast.train.ode_init`), once per run: marked done and checkpointed afterwards."""
@@ -735,6 +756,7 @@ class Trainer:
             self.save()
         return losses
 
+    @_deterministic_scope
     def evaluate(self) -> dict[str, float]:
         """Run the evaluator, log ``eval/*`` and append to ``state.history``."""
         assert self.evaluator is not None
@@ -744,6 +766,7 @@ class Trainer:
         self.logger.log(self.state.gen_step, {f"eval/{k}": v for k, v in results.items()})
         return results
 
+    @_deterministic_scope
     def run_monitor(self) -> str | None:
         """One reward-hacking monitor evaluation (see :mod:`dmdr_fast.train.monitor`); returns its warning."""
         assert self.monitor is not None
@@ -763,6 +786,7 @@ class Trainer:
     # ------------------------------------------------------------------------------ sampling
 
     @torch.no_grad()
+    @_deterministic_scope
     def sample(
         self,
         raw_cond: Any,
