@@ -123,8 +123,8 @@ PYBIND11_MODULE(_C, m) {
       "dmd_loss_fwd_cuda",
       [](uintptr_t x0, uintptr_t x_t, uintptr_t t, uintptr_t v_fake, uintptr_t v_cond,
          uintptr_t v_uncond, uintptr_t g, uintptr_t norm, uintptr_t sumsq, uintptr_t loss,
-         int64_t batch, int64_t numel, double guidance, double eps, int dtype,
-         uintptr_t workspace, size_t workspace_bytes, int device, uintptr_t stream) {
+         int64_t batch, int64_t numel, double guidance, double eps, int dtype, uintptr_t workspace,
+         size_t workspace_bytes, int device, uintptr_t stream) {
         const DmdLossParams p = make_dmd_params(x0, x_t, t, v_fake, v_cond, v_uncond, g, norm,
                                                 sumsq, loss, batch, numel, guidance, eps, dtype);
         dmdr_fast::cuda::dmd_loss_fwd(p, as_ptr<void>(workspace), workspace_bytes, device,
@@ -143,15 +143,14 @@ PYBIND11_MODULE(_C, m) {
          int64_t batch, int64_t numel, bool balanced, double weight, double ratio,
          double max_weight, double eps, int dtype, int num_threads) {
         const RewardGradParams p =
-            make_reward_params(g_dmd, g_reward, g, stats, nonfinite, batch, numel, balanced,
-                               weight, ratio, max_weight, eps, dtype);
+            make_reward_params(g_dmd, g_reward, g, stats, nonfinite, batch, numel, balanced, weight,
+                               ratio, max_weight, eps, dtype);
         py::gil_scoped_release release;
         dmdr_fast::cpu::reward_grad_fwd(p, num_threads);
       },
       py::arg("g_dmd"), py::arg("g_reward"), py::arg("g"), py::arg("stats"), py::arg("nonfinite"),
-      py::arg("batch"), py::arg("numel"), py::arg("balanced"), py::arg("weight"),
-      py::arg("ratio"), py::arg("max_weight"), py::arg("eps"), py::arg("dtype"),
-      py::arg("num_threads"),
+      py::arg("batch"), py::arg("numel"), py::arg("balanced"), py::arg("weight"), py::arg("ratio"),
+      py::arg("max_weight"), py::arg("eps"), py::arg("dtype"), py::arg("num_threads"),
       "Fused reward-gradient combination on the CPU. All pointers are contiguous host buffers. "
       "Writes g (B, D), stats (4, B) float32 [dmd_norm, reward_norm, cosine, weight] and "
       "nonfinite (B,) int64.");
@@ -167,15 +166,15 @@ PYBIND11_MODULE(_C, m) {
          double max_weight, double eps, int dtype, uintptr_t workspace, size_t workspace_bytes,
          int device, uintptr_t stream) {
         const RewardGradParams p =
-            make_reward_params(g_dmd, g_reward, g, stats, nonfinite, batch, numel, balanced,
-                               weight, ratio, max_weight, eps, dtype);
+            make_reward_params(g_dmd, g_reward, g, stats, nonfinite, batch, numel, balanced, weight,
+                               ratio, max_weight, eps, dtype);
         dmdr_fast::cuda::reward_grad_fwd(p, as_ptr<void>(workspace), workspace_bytes, device,
                                          as_ptr<void>(stream));
       },
       py::arg("g_dmd"), py::arg("g_reward"), py::arg("g"), py::arg("stats"), py::arg("nonfinite"),
-      py::arg("batch"), py::arg("numel"), py::arg("balanced"), py::arg("weight"),
-      py::arg("ratio"), py::arg("max_weight"), py::arg("eps"), py::arg("dtype"),
-      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"), py::arg("stream"),
+      py::arg("batch"), py::arg("numel"), py::arg("balanced"), py::arg("weight"), py::arg("ratio"),
+      py::arg("max_weight"), py::arg("eps"), py::arg("dtype"), py::arg("workspace"),
+      py::arg("workspace_bytes"), py::arg("device"), py::arg("stream"),
       "Fused reward-gradient combination on a CUDA device (two launches on `stream`). Pointers "
       "are device buffers on `device`; the workspace holds reward_grad_workspace_bytes(...) "
       "bytes.");

@@ -9,12 +9,12 @@ namespace dmdr_fast::cpu {
 namespace base {
 void dmd_loss_fwd(const DmdLossParams& p, int num_threads);
 void reward_grad_fwd(const RewardGradParams& p, int num_threads);
-}
+}  // namespace base
 #if defined(DMDR_FAST_HAVE_AVX2)
 namespace avx2 {
 void dmd_loss_fwd(const DmdLossParams& p, int num_threads);
 void reward_grad_fwd(const RewardGradParams& p, int num_threads);
-}
+}  // namespace avx2
 #endif
 
 const char* isa() {

@@ -86,8 +86,8 @@ void run(const DmdLossParams& p, int num_threads) {
       const int64_t lo = b * D + c * kChunk, hi = b * D + std::min(D, (c + 1) * kChunk);
       const float tb = p.t[b];
       part_a[b * chunks + c] = lane_sum(lo, hi, [&](int64_t i) {
-        return dmd_abs_residual<kHasUncond>(load(x0, i), load(xt, i), tb, load(vc, i),
-                                            load(vu, i), w);
+        return dmd_abs_residual<kHasUncond>(load(x0, i), load(xt, i), tb, load(vc, i), load(vu, i),
+                                            w);
       });
     }
     // Pass B: g = nan_to_num(d / normaliser), Σg² per chunk. The normaliser is recomputed per
@@ -102,8 +102,7 @@ void run(const DmdLossParams& p, int num_threads) {
       const float tb = p.t[b];
       part_s[b * chunks + c] = lane_sum(lo, hi, [&](int64_t i) {
         const float gi = dmd_direction(
-            dmd_diff<kHasUncond>(load(xt, i), tb, load(vf, i), load(vc, i), load(vu, i), w),
-            norm);
+            dmd_diff<kHasUncond>(load(xt, i), tb, load(vf, i), load(vc, i), load(vu, i), w), norm);
         store(g, i, gi);
         return gi * gi;
       });
@@ -128,7 +127,8 @@ void dmd_loss_fwd(const DmdLossParams& p, int num_threads) {
   }
   num_threads = std::max(1, num_threads);
   DMDR_FLOAT_SWITCH(p.dtype, T, float, Half, BFloat16, [&] {
-    DMDR_BOOL_SWITCH(p.v_uncond != nullptr, kHasUncond, [&] { run<T, kHasUncond>(p, num_threads); });
+    DMDR_BOOL_SWITCH(p.v_uncond != nullptr, kHasUncond,
+                     [&] { run<T, kHasUncond>(p, num_threads); });
   });
 }
 

@@ -30,10 +30,9 @@ constexpr int kThreads = 256;
 
 template <typename T, int VEC, bool kHasUncond>
 __global__ void __launch_bounds__(kThreads)
-    dmd_reduce_kernel(const T* __restrict__ x0, const T* __restrict__ xt,
-                      const T* __restrict__ vc, const T* __restrict__ vu,
-                      const float* __restrict__ t, float guidance, int64_t D, int64_t chunk,
-                      float* __restrict__ part_a) {
+    dmd_reduce_kernel(const T* __restrict__ x0, const T* __restrict__ xt, const T* __restrict__ vc,
+                      const T* __restrict__ vu, const float* __restrict__ t, float guidance,
+                      int64_t D, int64_t chunk, float* __restrict__ part_a) {
   const int64_t b = blockIdx.y;
   const int64_t lo = blockIdx.x * chunk, hi = min(D, lo + chunk);
   const int64_t base = b * D;
@@ -47,8 +46,8 @@ __global__ void __launch_bounds__(kThreads)
     const auto u = load_pack<T, VEC>(vu, base + i);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      acc += dmd_abs_residual<kHasUncond>(to_float(a.v[j]), to_float(s.v[j]), tb,
-                                          to_float(c.v[j]), to_float(u.v[j]), guidance);
+      acc += dmd_abs_residual<kHasUncond>(to_float(a.v[j]), to_float(s.v[j]), tb, to_float(c.v[j]),
+                                          to_float(u.v[j]), guidance);
     }
   }
   acc = block_sum<kThreads>(acc);
@@ -56,12 +55,14 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T, int VEC, bool kHasUncond>
-__global__ void __launch_bounds__(kThreads) dmd_direction_kernel(
-    const T* __restrict__ xt, const T* __restrict__ vf, const T* __restrict__ vc,
-    const T* __restrict__ vu, const float* __restrict__ t, float guidance, float eps, int64_t B,
-    int64_t D, int64_t chunk, const float* __restrict__ part_a, float* __restrict__ part_s,
-    unsigned int* __restrict__ counter, T* __restrict__ g, float* __restrict__ norm_out,
-    float* __restrict__ sumsq_out, float* __restrict__ loss_out) {
+__global__ void __launch_bounds__(kThreads)
+    dmd_direction_kernel(const T* __restrict__ xt, const T* __restrict__ vf,
+                         const T* __restrict__ vc, const T* __restrict__ vu,
+                         const float* __restrict__ t, float guidance, float eps, int64_t B,
+                         int64_t D, int64_t chunk, const float* __restrict__ part_a,
+                         float* __restrict__ part_s, unsigned int* __restrict__ counter,
+                         T* __restrict__ g, float* __restrict__ norm_out,
+                         float* __restrict__ sumsq_out, float* __restrict__ loss_out) {
   const int64_t b = blockIdx.y;
   const int nblk = gridDim.x;
   __shared__ float s_norm;
@@ -91,10 +92,10 @@ __global__ void __launch_bounds__(kThreads) dmd_direction_kernel(
     Pack<T, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float gj = dmd_direction(
-          dmd_diff<kHasUncond>(to_float(s.v[j]), tb, to_float(f.v[j]), to_float(c.v[j]),
-                               to_float(u.v[j]), guidance),
-          norm);
+      const float gj =
+          dmd_direction(dmd_diff<kHasUncond>(to_float(s.v[j]), tb, to_float(f.v[j]),
+                                             to_float(c.v[j]), to_float(u.v[j]), guidance),
+                        norm);
       out.v[j] = from_float<T>(gj);
       acc += gj * gj;
     }
@@ -157,9 +158,9 @@ void launch(const DmdLossParams& p, float* part_a, float* part_s, unsigned int* 
     dmd_reduce_kernel<T, V, kHasUncond>
         <<<grid, kThreads, 0, stream>>>(x0, xt, vc, vu, p.t, p.guidance, D, chunk, part_a);
     check(cudaGetLastError(), "dmd_reduce_kernel launch");
-    dmd_direction_kernel<T, V, kHasUncond><<<grid, kThreads, 0, stream>>>(
-        xt, vf, vc, vu, p.t, p.guidance, p.eps, p.batch, D, chunk, part_a, part_s, counter, g,
-        p.norm, p.sumsq, p.loss);
+    dmd_direction_kernel<T, V, kHasUncond>
+        <<<grid, kThreads, 0, stream>>>(xt, vf, vc, vu, p.t, p.guidance, p.eps, p.batch, D, chunk,
+                                        part_a, part_s, counter, g, p.norm, p.sumsq, p.loss);
     check(cudaGetLastError(), "dmd_direction_kernel launch");
   });
 }
@@ -193,9 +194,8 @@ void dmd_loss_fwd(const DmdLossParams& p, void* workspace, size_t workspace_byte
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   check(cudaMemsetAsync(counter, 0, sizeof(unsigned int), stream), "cudaMemsetAsync");
   DMDR_FLOAT_SWITCH(p.dtype, T, float, __half, __nv_bfloat16, [&] {
-    DMDR_BOOL_SWITCH(p.v_uncond != nullptr, kHasUncond, [&] {
-      launch<T, kHasUncond>(p, part_a, part_s, counter, nblk, stream);
-    });
+    DMDR_BOOL_SWITCH(p.v_uncond != nullptr, kHasUncond,
+                     [&] { launch<T, kHasUncond>(p, part_a, part_s, counter, nblk, stream); });
   });
 }
 

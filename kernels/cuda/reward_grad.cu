@@ -170,8 +170,7 @@ void launch(const RewardGradParams& p, const Workspace& ws, int64_t nblk, cudaSt
       check(cudaGetLastError(), "reward_grad_reduce_kernel launch");
       return;
     }
-    reward_grad_reduce_kernel<T, V, false>
-        <<<grid, kThreads, 0, stream>>>(d, r, g, D, chunk, ws, p);
+    reward_grad_reduce_kernel<T, V, false><<<grid, kThreads, 0, stream>>>(d, r, g, D, chunk, ws, p);
     check(cudaGetLastError(), "reward_grad_reduce_kernel launch");
     reward_grad_combine_kernel<T, V><<<grid, kThreads, 0, stream>>>(d, r, p.weight, D, chunk, g);
     check(cudaGetLastError(), "reward_grad_combine_kernel launch");

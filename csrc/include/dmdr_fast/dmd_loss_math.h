@@ -62,9 +62,7 @@ DMDR_HD float clamp_finite(float x, float max_finite) {
 // torch.nan_to_num semantics for float32: NaN → 0, ±Inf → ±FLT_MAX. Branch-free (a select and
 // min/max) so that the CPU loop vectorises; must not be compiled with -ffast-math, which would
 // fold the NaN test away.
-DMDR_HD float nan_to_num_f32(float x) {
-  return clamp_finite(x == x ? x : 0.f, FLT_MAX);
-}
+DMDR_HD float nan_to_num_f32(float x) { return clamp_finite(x == x ? x : 0.f, FLT_MAX); }
 
 DMDR_HD float dmd_direction(float diff, float normaliser) {
   return nan_to_num_f32(diff / normaliser);

@@ -41,8 +41,8 @@ namespace cuda {
 size_t reward_grad_workspace_bytes(int64_t batch, int64_t numel_per_sample, int device);
 // Two kernel launches on `stream` (a cudaStream_t); `workspace` must hold
 // reward_grad_workspace_bytes(...) bytes on the same device.
-void reward_grad_fwd(const RewardGradParams& p, void* workspace, size_t workspace_bytes,
-                     int device, void* stream);
+void reward_grad_fwd(const RewardGradParams& p, void* workspace, size_t workspace_bytes, int device,
+                     void* stream);
 }  // namespace cuda
 
 }  // namespace dmdr_fast
