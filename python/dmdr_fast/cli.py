@@ -357,6 +357,8 @@ def _cmd_eval_pipeline(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=device,
         dtype=dtype,
+        reference_images=args.reference_images,
+        reference_limit=args.reference_limit,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -587,6 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--reward", action="append", metavar="KIND=PATH",
         help="score with a reward model, e.g. clip=/models/clip, hps=/models/hps.pt (repeatable)",
     )  # fmt: skip
+    ev.add_argument(
+        "--reference-images", default=None, metavar="DIR",
+        help="a folder of real images: FD and MMD² (CMMD recipe) to them, in CLIP features with a clip reward",
+    )  # fmt: skip
+    ev.add_argument("--reference-limit", type=int, default=None, help="use at most N reference images")
     ev.add_argument("--teacher-steps", type=int, default=None, help="default: the family's usual count")
     ev.add_argument("--teacher-guidance", type=float, default=None, help="default: the family's usual value")
     ev.add_argument("--batch", type=int, default=4, help="prompts per pipeline call")

@@ -118,3 +118,57 @@ def test_grid_of_large_images_is_thumbnailed(tmp_path):
     path = save_t2i_grid({"teacher": big, "student": big}, ["a cat", "a dog"], 2, tmp_path / "g.png", cell=64)
     w, h = Image.open(path).size
     assert h < 3 * 64 + 40 and w < 2 * (2 * 64 + 10) + 200  # cells ~64 px, not 512
+
+
+def _write_images(folder, arrays):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (mode, a) in enumerate(arrays):
+        Image.fromarray(a, mode=mode).save(folder / f"{i:03d}.png")
+
+
+def test_real_image_folder_is_cropped_resized_and_featurised(tmp_path):
+    import numpy as np
+
+    from dmdr_fast.eval.t2i import image_folder_features
+
+    wide = np.zeros((20, 40, 3), dtype=np.uint8)
+    wide[:, 10:30] = 255  # the centre square is white, the sides black
+    gray = np.full((8, 8), 128, dtype=np.uint8)
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 1] = 255
+    _write_images(tmp_path / "real", [("RGB", wide), ("L", gray), ("RGBA", rgba)])
+    (tmp_path / "real" / "notes.txt").write_text("not an image")
+    seen = []
+
+    def features(x):
+        seen.append(x)
+        return x.mean(dim=(2, 3))
+
+    f = image_folder_features(tmp_path / "real", features, size=(4, 4), batch_size=2)
+    assert f.shape == (3, 3) and [tuple(x.shape) for x in seen] == [(2, 3, 4, 4), (1, 3, 4, 4)]
+    torch.testing.assert_close(f[0], torch.ones(3), atol=0.02, rtol=0)  # centre crop: all white
+    torch.testing.assert_close(f[1], torch.full((3,), 128 / 255), atol=1e-3, rtol=0)  # gray → RGB
+    torch.testing.assert_close(f[2], torch.tensor([0.0, 1.0, 0.0]), atol=1e-3, rtol=0)  # alpha dropped
+    assert image_folder_features(tmp_path / "real", None, size=(4, 4), limit=2).shape == (2, 3 * 16 * 16)
+    with pytest.raises(ValueError, match="no images"):
+        image_folder_features(tmp_path / "real", features, size=(4, 4), limit=0)
+
+
+def test_distance_to_real_images_ranks_the_closer_model_first():
+    real = _images(10, k=40).mean(dim=(2, 3))  # features: per-channel means
+    close, far = _images(11, k=2), _images(12, k=2, offset=0.4)
+    result = compare_t2i(
+        {"teacher": close, "student": far},
+        PROMPTS,
+        per_prompt=2,
+        features=lambda x: x.mean(dim=(2, 3)),
+        real_features=real,
+    )
+    t, s = result["models"]["teacher"], result["models"]["student"]
+    assert result["num_real"] == len(real)
+    assert t["fd_to_real"] < s["fd_to_real"] and t["mmd_to_real"] < s["mmd_to_real"]
+    assert "fd_to_real" in format_comparison(result) and "not Inception FID" in format_comparison(result)
+    with pytest.raises(ValueError, match="same features function"):
+        compare_t2i({"a": close}, PROMPTS, per_prompt=2, real_features=real)  # pixel features: 768-dim

@@ -183,10 +183,15 @@ def test_eval_exported_lora_against_the_teacher(sd3_dir: Path, sd3_lora_export: 
     tokenizer = write_tiny_tokenizer(clip_dir)
     make_tiny_clip(tokenizer).save_pretrained(clip_dir)
     tokenizer.save_pretrained(clip_dir)
+    real = tmp_path / "real"  # a folder of "real" images of another size, cropped/resized to 16²
+    real.mkdir()
+    for i in range(5):
+        Image.effect_noise((24, 20), 40 + 10 * i).convert("RGB").save(real / f"{i}.png")
     out = tmp_path / "eval"
     argv = ["eval", "--pipeline", str(sd3_dir), "--lora", str(sd3_lora_export), "--prompt", "a red cat",
             "--prompt", "a blue dog", "--per-prompt", "2", "--teacher-steps", "3", "--reward",
-            f"clip={clip_dir}", "--out", str(out)]  # fmt: skip
+            f"clip={clip_dir}", "--reference-images", str(real), "--reference-limit", "4",
+            "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     result = json.loads((out / "eval.json").read_text())
     teacher, student = result["models"]
@@ -194,6 +199,9 @@ def test_eval_exported_lora_against_the_teacher(sd3_dir: Path, sd3_lora_export: 
     row = result["models"][student]
     for key in ("score/clip", "win_rate/clip", "diversity_pixel", "diversity_feat", "fd_to_reference"):
         assert key in row, key
+    assert result["num_real"] == 4 and result["features"] == "CLIP image"  # FD_CLIP / CMMD
+    for name in (teacher, student):
+        assert result["models"][name]["fd_to_real"] >= 0 and "mmd_to_real" in result["models"][name]
     assert 0 <= row["win_rate/clip"] <= 1 and row["diversity_pixel"] > 0
     s = result["settings"]
     assert (s["kind"], s["family"], s["student_steps"]) == ("lora", "sd3", 2)

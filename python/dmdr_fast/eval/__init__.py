@@ -16,6 +16,7 @@ from dmdr_fast.eval.metrics import (
     frechet_distance_from_stats,
     gaussian_stats,
     knn_radii,
+    mmd_rbf,
     precision_recall,
     within_class_diversity,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "gaussian_stats",
     "knn_radii",
     "make_image_grid",
+    "mmd_rbf",
     "plot_metric_curves",
     "precision_recall",
     "save_class_grid",

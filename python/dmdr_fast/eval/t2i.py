@@ -15,7 +15,12 @@ prompt, stored prompt-major: the K samples of prompt ``i`` are rows ``i·K … i
 * **FD to the reference**: Fréchet distance between the model's and the reference's feature
   distributions (how far the student drifted from the teacher's outputs). FD from n samples is
   biased upward by about F²/n: compare models only at equal n, and read it as a drift measure,
-  not as an image-quality FID.
+  not as an image-quality FID;
+* **to real images** (when a folder of real images is given, :func:`image_folder_features`): FD
+  and kernel MMD² (:func:`~dmdr_fast.eval.metrics.mmd_rbf`, the CMMD recipe) between each model's
+  features and the real images' — with CLIP features, FD_CLIP and CMMD. This is the
+  image-quality comparison; it is not Inception FID (no Inception weights here), so its numbers
+  are not comparable with published FIDs, only between models evaluated the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dmdr_fast.eval.metrics import frechet_distance
+from dmdr_fast.eval.metrics import frechet_distance, mmd_rbf
 from dmdr_fast.train.monitor import mean_pairwise_distance, pixel_features
 
 __all__ = [
@@ -37,6 +42,7 @@ __all__ = [
     "clip_features",
     "compare_t2i",
     "format_comparison",
+    "image_folder_features",
     "save_t2i_grid",
     "scorers_from_rewards",
 ]
@@ -82,6 +88,7 @@ def compare_t2i(
     reference: str | None = None,
     batch_size: int = 16,
     feature_name: str = "given",
+    real_features: Tensor | None = None,
 ) -> dict[str, Any]:
     """Score, compare and measure the diversity of several models' samples on the same prompts.
 
@@ -96,12 +103,14 @@ def compare_t2i(
         reference: the model the others are compared with (win rate, FD); default the first.
         batch_size: images per scorer / feature call.
         feature_name: what ``features`` are, for the table's note (e.g. "CLIP image").
+        real_features: ``(M, F)`` features of real images made with the same ``features`` function
+            (:func:`image_folder_features`); adds ``fd_to_real`` and ``mmd_to_real`` to every model.
 
     Returns:
         ``{"models": {name: {"score/<s>": mean, "score_se/<s>": standard error over prompts,
         "win_rate/<s>": vs the reference, "diversity_pixel": ..., "diversity_feat": ...,
-        "fd_to_reference": ...}}, "reference": name, "num_prompts": N, "per_prompt": K,
-        "feature_dim": F}``. Keys that do not apply (win rate and FD of the reference itself,
+        "fd_to_reference": ..., "fd_to_real": ..., "mmd_to_real": ...}}, "reference": name,
+        "num_prompts": N, "per_prompt": K, "feature_dim": F, "num_real": M}``. Keys that do not apply (win rate and FD of the reference itself,
         diversity with K = 1, FD with fewer than 2 samples) are absent.
     """
     n = _check(images, prompts, per_prompt)
@@ -146,6 +155,17 @@ def compare_t2i(
             models[name]["fd_to_reference"] = frechet_distance(
                 feats[name].double(), feats[reference].double()
             )
+    if real_features is not None:
+        real = real_features.detach().double().cpu()
+        if real.dim() != 2 or real.shape[1] != feats[reference].shape[1] or real.shape[0] < 2:
+            raise ValueError(
+                f"real_features must be (M >= 2, {feats[reference].shape[1]}) features made with the same "
+                f"features function, got {tuple(real.shape)}"
+            )
+        for name in names:
+            if n >= 2:
+                models[name]["fd_to_real"] = frechet_distance(feats[name].double(), real)
+                models[name]["mmd_to_real"] = mmd_rbf(feats[name], real)
     return {
         "models": models,
         "reference": reference,
@@ -153,7 +173,67 @@ def compare_t2i(
         "per_prompt": per_prompt,
         "feature_dim": int(feats[reference].shape[1]),
         "features": feature_name if features is not None else "pixel",
+        "num_real": int(real_features.shape[0]) if real_features is not None else 0,
     }
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def image_folder_features(
+    folder: str | os.PathLike[str],
+    features: Callable[[Tensor], Tensor] | None,
+    *,
+    size: tuple[int, int],
+    limit: int | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> Tensor:
+    """Features of the real images in ``folder`` (sorted, the first ``limit``), in batches.
+
+    Each image is converted to RGB, centre-cropped to the aspect ratio of ``size`` and resized to
+    ``size`` (bicubic, antialiased), i.e. brought to the generated images' framing; only one batch
+    is in memory at a time.
+
+    Args:
+        folder: A folder of .png/.jpg/.jpeg/.webp/.bmp files (not searched recursively).
+        features: The same feature function the models are compared with (None: pixel features).
+        size: ``(height, width)`` of the generated images.
+        limit: Use at most this many images.
+        batch_size: Images per feature call.
+        progress: Show a progress bar.
+
+    Returns:
+        ``(M, F)`` float32 features on the CPU.
+
+    Raises:
+        ValueError: If the folder holds no such images.
+    """
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if limit is not None:
+        files = files[: max(int(limit), 0)]
+    if not files:
+        raise ValueError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) in {folder}")
+    height, width = size
+    feat_fn = features if features is not None else pixel_features
+
+    def load(path: Path) -> Tensor:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+        w, h = rgb.size
+        crop_w, crop_h = min(w, round(h * width / height)), min(h, round(w * height / width))
+        left, top = (w - crop_w) // 2, (h - crop_h) // 2
+        rgb = rgb.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.BICUBIC)
+        return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(height, width, 3)
+
+    out = []
+    for start in tqdm(range(0, len(files), batch_size), desc="real images", disable=not progress):
+        batch = torch.stack([load(p) for p in files[start : start + batch_size]])
+        out.append(feat_fn(batch.permute(0, 3, 1, 2).float() / 255.0).detach().float().cpu())
+    return torch.cat(out)
 
 
 def format_comparison(result: Mapping[str, Any]) -> str:
@@ -181,6 +261,12 @@ def format_comparison(result: Mapping[str, Any]) -> str:
         f"distance of a prompt's samples; FD to reference in {result['features']} features "
         f"({result['feature_dim']}-dim, biased upward at small n: compare at equal n only).",
     ]
+    if result.get("num_real"):
+        lines.append(
+            f"fd_to_real / mmd_to_real: FD and kernel MMD² ×1000 (RBF σ = 10 on normalised features, "
+            f"unbiased) to {result['num_real']} real images in the same {result['features']} features — "
+            f"image quality relative to real data; not Inception FID, compare only within this table's setup."
+        )
     return "\n".join(lines)
 
 

@@ -62,6 +62,8 @@ def evaluate_exported(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    reference_images: str | os.PathLike[str] | None = None,
+    reference_limit: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Sample the teacher and an exported student on the same prompts and compare them.
 
@@ -81,6 +83,9 @@ def evaluate_exported(
         device: where the pipelines run.
         dtype: load dtype (default: as saved).
         progress: show a progress bar.
+        reference_images: a folder of real images: adds FD and MMD² to them for both models, in the
+            comparison's features (CLIP when a CLIP-type reward is given, else pixels).
+        reference_limit: use at most this many reference images.
 
     Returns:
         ``(result, images)``: :func:`~dmdr_fast.eval.t2i.compare_t2i`'s result plus the settings
@@ -89,7 +94,7 @@ def evaluate_exported(
     from diffusers import DiffusionPipeline
     from tqdm.auto import tqdm
 
-    from dmdr_fast.eval.t2i import clip_features, compare_t2i, scorers_from_rewards
+    from dmdr_fast.eval.t2i import clip_features, compare_t2i, image_folder_features, scorers_from_rewards
     from dmdr_fast.presets.t2i import family_of_pipeline
 
     if (student is None) == (lora is None):
@@ -144,6 +149,16 @@ def evaluate_exported(
     n_steps = steps or info.get("num_steps")
     names = (f"teacher ({t_steps} steps, guidance {t_w:g})", f"student ({n_steps} steps)")
     features = clip_features(rewards)
+    real = None
+    if reference_images is not None:
+        real = image_folder_features(
+            reference_images,
+            features,
+            size=(int(t_img.shape[-2]), int(t_img.shape[-1])),
+            limit=reference_limit,
+            batch_size=batch,
+            progress=progress,
+        )
     result = compare_t2i(
         {names[0]: t_img, names[1]: s_img},
         prompts,
@@ -152,6 +167,7 @@ def evaluate_exported(
         features=features,
         batch_size=batch,
         feature_name="CLIP image",
+        real_features=real,
     )
     result["settings"] = {
         "family": family,
@@ -164,5 +180,6 @@ def evaluate_exported(
         "shared_kwargs": shared,
         "seed": seed,
         "prompts": prompts,
+        "reference_images": str(reference_images) if reference_images is not None else None,
     }
     return result, {names[0]: t_img, names[1]: s_img}
