@@ -445,3 +445,19 @@ def test_use_attention_and_checkpointing_keep_outputs(pipe: StableDiffusionXLPip
     out.square().mean().backward()
     torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-5)
     assert any(p.grad is not None for p in adapter.network.parameters())
+
+
+def test_sample_exported_keeps_the_noise_timestep_when_steps_change(pipe: StableDiffusionXLPipeline):
+    from dmdr_fast.pipelines.export import sample_exported
+
+    exported = _variant(pipe, scheduler=SDXLAdapter.from_pipeline(pipe).export_scheduler(1, 1.0))
+    exported.set_progress_bar_config(disable=True)
+    info = {"call_kwargs": {"timesteps": [900], "guidance_scale": 0.0, "height": 16, "width": 16}}
+    images = sample_exported(exported, info, PROMPTS, steps=4)
+    assert images.shape == (2, 3, 16, 16)
+    assert exported.scheduler.timesteps.tolist() == [900, 759, 499, 259]  # N LCM steps from τ_n
+    sample_exported(exported, info, PROMPTS)  # the exported count: one step at 900
+    assert exported.scheduler.timesteps.tolist() == [900]
+    info["call_kwargs"]["timesteps"] = [399]
+    with pytest.raises(ValueError, match="strictly descending"):
+        sample_exported(exported, info, PROMPTS, steps=4)  # 399 lies below LCM's second timestep
