@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dmdr_fast.algo import euler_sample
 from dmdr_fast.models import DiTAdapter, tiny_dit
@@ -133,3 +134,47 @@ def test_no_clipping_still_trains(pairs_dir):
     before = [p.detach().clone() for p in tr.student.network.parameters()]
     tr.ode_init(progress=False)
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.student.network.parameters()))
+
+
+class _Interrupt(RuntimeError):
+    pass
+
+
+def test_interrupted_generation_continues_and_equals_an_uninterrupted_one(pairs_dir, tmp_path, capsys):
+    out = tmp_path / "pairs"
+    args = {"steps": 3, "guidance": 2.0, "batch_size": 2, "shard_size": 3, "seed": 5}
+    teacher, calls = _teacher(), []
+    real = teacher.velocity
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) > 8:  # batch 3: after the first shard (2 batches = 4 pairs) was written
+            raise _Interrupt
+        return real(*a, **k)
+
+    teacher.velocity = failing
+    with pytest.raises(_Interrupt):
+        generate_ode_pairs(teacher, LABELS, out, **args)
+    tmp = out.with_name("pairs.tmp")
+    assert not out.exists() and json.loads((tmp / "progress.json").read_text())["shards"][0]["count"] == 4
+    teacher.velocity = real
+    calls.clear()
+    generate_ode_pairs(_teacher(), LABELS, out, **args)  # the same command again
+    assert "continuing" in capsys.readouterr().err and not tmp.exists()
+    done, clean = ODEPairs.open(out), ODEPairs.open(pairs_dir)
+    assert done.meta == clean.meta and not (out / "progress.json").exists()
+    for shard in clean.meta["shards"]:
+        a, b = load_file(str(out / shard["file"])), load_file(str(pairs_dir / shard["file"]))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_partial_build_with_other_settings_starts_over(tmp_path):
+    out = tmp_path / "pairs"
+    tmp = out.with_name("pairs.tmp")
+    tmp.mkdir()
+    (tmp / "progress.json").write_text(
+        json.dumps({"identity": {"seed": 1}, "shards": [{"file": "x", "count": 2}]})
+    )
+    (tmp / "stale.txt").write_text("from another run")
+    generate_ode_pairs(_teacher(), LABELS, out, steps=2, batch_size=2, shard_size=2, seed=0, progress=False)
+    assert len(ODEPairs.open(out)) == len(LABELS) and not (out / "stale.txt").exists()

@@ -15,6 +15,11 @@ Differences from DMD2, stated plainly: DMD2 regressed with LPIPS on decoded imag
 student was conditioned on timestep 399); here the loss is the MSE in the model's sample space
 (latents; no LPIPS weights offline) at the student's own first time ``t_0`` (1: pure noise).
 
+Generating 10K teacher solves takes hours on a GPU, so nothing is lost on interruption: the
+folder is built in ``<out>.tmp`` with a ``progress.json`` written after each shard, and the same
+command with the same settings continues after the last complete shard (batch b's noise comes from
+``seed + b``, so a resumed folder equals an uninterrupted one bit for bit); other settings start over.
+
 A pairs folder holds ``ode_pairs.json`` (written last: a folder without it is incomplete), shards
 ``pairs-XXXXX.safetensors`` with ``noise``, ``x0`` and ``index`` (into the conditions), and the
 conditions: a prompt cache in ``cache/`` (text-to-image; checked against the model like any
@@ -23,9 +28,11 @@ prompt cache) or the ``labels`` list in the JSON (class-conditional models).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["ODEPairs", "generate_ode_pairs", "ode_regression"]
 
 _META = "ode_pairs.json"
+_PROGRESS = "progress.json"
 _FORMAT = 1
 
 
@@ -68,7 +76,8 @@ def generate_ode_pairs(
         adapter: The teacher (a :class:`~dmdr_fast.models.protocol.FlowModelAdapter`; text-to-image
             adapters need their text encoders here).
         conditions: Prompts (text-to-image: encoded once into ``out_dir/cache``) or ``(N,)`` labels.
-        out_dir: Output folder; built in ``<out_dir>.tmp`` and renamed when complete.
+        out_dir: Output folder; built in ``<out_dir>.tmp`` and renamed when complete. An
+            interrupted build with the same settings is continued, not restarted.
         steps: Euler steps of the teacher's sampler (DMD2: the teacher's usual count).
         guidance: The teacher's CFG scale w (<= 1: none).
         shift: Grid shift (default: the adapter's sampling shift, Flux its dynamic one).
@@ -98,15 +107,47 @@ def generate_ode_pairs(
             f"steps, batch_size and shard_size must be >= 1, got {steps}, {batch_size}, {shard_size}"
         )
     tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     dev = torch.device(device) if device is not None else _device(adapter)
     store = dtype or torch.float32
-    meta: dict[str, Any] = {"format": _FORMAT, "steps": steps, "guidance": float(guidance), "seed": seed}
-    if isinstance(conditions, torch.Tensor):
-        labels = conditions.reshape(-1).long()
-        n = labels.numel()
-        meta["labels"] = labels.tolist()
+    labels = conditions.reshape(-1).long() if isinstance(conditions, torch.Tensor) else None
+    prompts = None if labels is not None else [str(p) for p in conditions]
+    n = labels.numel() if labels is not None else len(prompts)
+    if n == 0:
+        raise ValueError("conditions must not be empty")
+    if shift is None:
+        shift = float(
+            adapter.pipeline_shift() if hasattr(adapter, "pipeline_shift") else getattr(adapter, "shift", 1.0)
+        )
+    meta: dict[str, Any] = {
+        "format": _FORMAT,
+        "steps": steps,
+        "guidance": float(guidance),
+        "seed": seed,
+        "count": n,
+        "shift": float(shift),
+        "sample_shape": list(adapter.sample_shape),
+        "dtype": str(store).removeprefix("torch."),
+        "fingerprint": adapter.text_fingerprint() if hasattr(adapter, "text_fingerprint") else None,
+        "model_id": model_id,
+    }
+    conds = labels.tolist() if labels is not None else prompts
+    # What a partial folder must have been made with to be continued (sizes fix the shard layout).
+    identity = {
+        **meta,
+        "batch_size": batch_size,
+        "shard_size": shard_size,
+        "conditions": hashlib.sha256(json.dumps(conds).encode()).hexdigest(),
+    }
+    shards = _resumable_shards(tmp, identity)
+    if shards is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shards = []
+    done = sum(s["count"] for s in shards)
+    if done and progress:
+        print(f"ode pairs: continuing {tmp} after {done} of {n} pairs", file=sys.stderr)
+    if labels is not None:
+        meta["labels"] = conds
 
         def cond_of(idx: torch.Tensor) -> Any:
             return _to_device(adapter.encode_condition(labels[idx]), dev)
@@ -114,29 +155,14 @@ def generate_ode_pairs(
     else:
         from dmdr_fast.data.prompt_cache import PromptCache, build_prompt_cache
 
-        prompts = [str(p) for p in conditions]
-        n = len(prompts)
+        # A complete cache from the interrupted run is kept (build_prompt_cache sees it is current).
         build_prompt_cache(adapter, prompts, tmp / "cache", progress=progress, model_id=model_id, dtype=dtype)
         cache = PromptCache.open(tmp / "cache", adapter, model_id=model_id)
 
         def cond_of(idx: torch.Tensor) -> Any:
             return _to_device(cache.condition(idx), dev)
 
-    if n == 0:
-        raise ValueError("conditions must not be empty")
-    if shift is None:
-        shift = float(
-            adapter.pipeline_shift() if hasattr(adapter, "pipeline_shift") else getattr(adapter, "shift", 1.0)
-        )
-    meta.update(
-        count=n,
-        shift=float(shift),
-        sample_shape=list(adapter.sample_shape),
-        dtype=str(store).removeprefix("torch."),
-    )
-    meta["fingerprint"] = adapter.text_fingerprint() if hasattr(adapter, "text_fingerprint") else None
-    meta["model_id"] = model_id
-    shards, buf = [], {"noise": [], "x0": [], "index": []}
+    buf: dict[str, list[torch.Tensor]] = {"noise": [], "x0": [], "index": []}
 
     def flush() -> None:
         if not buf["index"]:
@@ -145,6 +171,8 @@ def generate_ode_pairs(
         tensors = {k: torch.cat(v).contiguous() for k, v in buf.items()}
         save_file(tensors, str(tmp / name))
         shards.append({"file": name, "count": int(tensors["index"].numel())})
+        # After the shard file: a crash in between only costs that shard again.
+        atomic_write_text(tmp / _PROGRESS, json.dumps({"identity": identity, "shards": shards}) + "\n")
         for v in buf.values():
             v.clear()
 
@@ -153,8 +181,11 @@ def generate_ode_pairs(
         if autocast is not None
         else torch.autocast(dev.type, enabled=False)
     )
-    bar = tqdm(total=n, desc="ode pairs", unit="pair", disable=not progress)
-    for b, start in enumerate(range(0, n, batch_size)):
+    bar = tqdm(total=n, initial=done, desc="ode pairs", unit="pair", disable=not progress)
+    # Shards end on batch boundaries (flushed after whole batches), so `done` is a multiple of
+    # batch_size and the next batch is done // batch_size, with its own seed as before.
+    for b in range(done // batch_size, -(-n // batch_size)):
+        start = b * batch_size
         idx = torch.arange(start, min(start + batch_size, n))
         g = torch.Generator().manual_seed(seed + b)
         z = torch.randn((idx.numel(), *adapter.sample_shape), generator=g)
@@ -180,9 +211,22 @@ def generate_ode_pairs(
     bar.close()
     meta["shards"] = shards
     atomic_write_text(tmp / _META, json.dumps(meta, indent=1) + "\n")
+    (tmp / _PROGRESS).unlink(missing_ok=True)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def _resumable_shards(tmp: Path, identity: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The complete shards of an interrupted build in ``tmp`` made with ``identity``, else None."""
+    try:
+        progress = json.loads((tmp / _PROGRESS).read_text())
+    except (OSError, ValueError):
+        return None
+    shards = progress.get("shards") or []
+    if progress.get("identity") != identity or not all((tmp / s["file"]).is_file() for s in shards):
+        return None
+    return shards
 
 
 class ODEPairs:
