@@ -125,7 +125,7 @@ def test_bench_step_compiled_has_an_eager_row(capsys, tmp_path):
     assert "compiled (aot_eager/default) vs our step eager" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert {"ours_cycle", "ours_eager_cycle", "paper_cycle"} <= set(result["median_ms"])
-    assert result["compile_speedup_cycle"] > 0
+    assert result["compile"] == "aot_eager/default"
 
 
 def test_bench_step_decoupled(capsys):

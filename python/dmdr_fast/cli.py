@@ -62,9 +62,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dmdr_fast.presets import digits, t2i
+    from dmdr_fast.train.trainer import deterministic_algorithms
 
     config = _config_from_args(args)
+    # train.deterministic covers the whole run here (teacher samples, evaluation, export too).
+    with deterministic_algorithms(config.train.deterministic):
+        return _run_training(args, config)
+
+
+def _run_training(args: argparse.Namespace, config) -> int:
+    from dmdr_fast.presets import digits, t2i
+
     if config.model.family in t2i.T2I_FAMILIES:
         metrics = t2i.run_t2i(config, args.out, resume=args.resume, progress=not args.quiet)
         if "rank" in metrics:
@@ -116,7 +124,10 @@ def _load_trainer(checkpoint: str, cache_dir: str | None):
     from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
 
     sd = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    config = DMDRTrainerConfig.from_dict(sd["config"]).with_overrides(["train.device=cpu"])
+    # Sampling/evaluating a checkpoint: its weights come from the checkpoint (no student.init to
+    # read again) and nothing is worth compiling.
+    overrides = ["train.device=cpu", "student.init=null", "train.compile=false"]
+    config = DMDRTrainerConfig.from_dict(sd["config"]).with_overrides(overrides)
     assets = digits.prepare_assets(
         cache_dir if cache_dir is not None else digits.default_cache_dir(),
         config.model.kwargs.get("teacher"),

@@ -333,13 +333,17 @@ def test_host_to_device_keeps_values_and_leaves_same_device_tensors_alone():
 
 
 @pytest.mark.gpu
-def test_host_to_device_to_cuda_is_exact_after_later_host_writes():
-    """The pinned staging copy is the one transferred: overwriting the source right after the
-    (asynchronous) call must not change what arrives on the GPU."""
+@pytest.mark.parametrize("pinned_source", [False, True])
+def test_host_to_device_to_cuda_is_exact_after_later_host_writes(pinned_source: bool):
+    """The copy is queued behind a busy stream (so it runs after this call returns) and the caller
+    overwrites its tensor at once: what arrives must still be the values at call time — also when
+    the caller's tensor is already pinned (pin_memory() would then hand back that very memory)."""
     from dmdr_fast.algo._utils import host_to_device
 
     x = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))
+    x = x.pin_memory() if pinned_source else x
     expected = x.clone()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU work ahead of the copy
     y = host_to_device(x, "cuda")
     x.zero_()
     assert y.device.type == "cuda" and torch.equal(y.cpu(), expected)

@@ -329,10 +329,23 @@ def test_noise_timestep_calls_the_unet_at_dmd2s_conditioning_timestep(
     assert student.pipeline_call_kwargs(1) == {"num_inference_steps": 1, "guidance_scale": 0.0}
 
 
-@pytest.mark.parametrize(("steps", "noise_timestep"), [(1, None), (4, None), (1, 399), (4, 900)])
+@pytest.mark.parametrize(
+    ("steps", "noise_timestep", "prediction_type"),
+    [
+        (1, None, "epsilon"), (4, None, "epsilon"), (1, 399, "epsilon"), (4, 900, "epsilon"),
+        (1, 399, "v_prediction"), (4, 900, "v_prediction"),
+    ],
+)  # fmt: skip
 def test_exported_lcm_pipeline_matches_few_step_sampler(
-    adapter: SDXLAdapter, pipe: StableDiffusionXLPipeline, steps: int, noise_timestep: int | None
+    adapter: SDXLAdapter,
+    pipe: StableDiffusionXLPipeline,
+    steps: int,
+    noise_timestep: int | None,
+    prediction_type: str,
 ):
+    if prediction_type != "epsilon":  # the export's LCMScheduler carries the prediction type
+        scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER, prediction_type=prediction_type)
+        adapter = SDXLAdapter.from_pipeline(_variant(pipe, scheduler=scheduler))
     adapter.set_noise_timestep(noise_timestep)  # a fresh adapter per test (function-scoped fixture)
     noise = _latents(seed=4)
     exported = _variant(pipe, scheduler=adapter.export_scheduler(steps, 1.0))

@@ -264,7 +264,7 @@ def test_two_stages_with_a_clip_reward_monitor_and_exact_resume(tmp_path: Path):
     [
         ("sd3", "sd3-medium-4step", ["model.kwargs.max_sequence_length=4"]),
         ("flux", "flux-4step", ["model.kwargs.max_sequence_length=8"]),
-        ("sdxl", "sdxl-1step", []),
+        ("sdxl", "sdxl-1step", ["model.gradient_checkpointing=true"]),  # as the SDXL preset runs
         # Z-Image is left out: diffusers' own RoPE table (`with torch.device("cpu")`, built once per
         # model) breaks the graph there — not our code; it still trains compiled.
     ],

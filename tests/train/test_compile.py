@@ -54,6 +54,12 @@ def test_graph_capture_is_exact_and_does_not_recompile_every_step(tmp_path):
     assert counters["stats"]["unique_graphs"] == graphs > 0  # steps 3-4: no new graphs
     assert not counters["graph_break"], dict(counters["graph_break"])
     compiled = [p.detach() for p in tr.student.network.parameters()]
+    # Sampling (no grad, other batch sizes) adds variants of the same code object: all of them
+    # must stay under the raised recompile limit, past which dynamo would silently run eager.
+    for n in (3, 5):
+        tr.sample(torch.arange(n))
+    assert torch._dynamo.config.recompile_limit >= 64
+    assert counters["stats"]["unique_graphs"] < torch._dynamo.config.recompile_limit
     # aot_eager runs the same ATen ops as eager: the same bits.
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
     # Checkpoints and the export see plain module names; the exported copy is not compiled.

@@ -145,3 +145,23 @@ def test_noise_timestep_is_for_sdxl_only():
         DMDRTrainerConfig.from_dict({"model": {"family": "sdxl"}, "student": {"noise_timestep": 0}})
     cfg = DMDRTrainerConfig.from_dict({"model": {"family": "sdxl"}, "student": {"noise_timestep": 399}})
     assert cfg.student.noise_timestep == 399
+
+
+def test_folder_prefers_the_full_precision_file_over_variants(tmp_path):
+    full, half = _other_weights(), tiny_dit(num_layers=1, seed=2).state_dict()
+    save_file(
+        {k: v.contiguous() for k, v in full.items()}, str(tmp_path / "diffusion_pytorch_model.safetensors")
+    )
+    save_file(
+        {k: v.half().contiguous() for k, v in half.items()},
+        str(tmp_path / "diffusion_pytorch_model.fp16.safetensors"),
+    )
+    state = read_state_dict(tmp_path)
+    assert all(torch.equal(state[k], v) for k, v in full.items())
+    (tmp_path / "diffusion_pytorch_model.safetensors").unlink()
+    save_file(
+        {k: v.contiguous() for k, v in half.items()},
+        str(tmp_path / "diffusion_pytorch_model.bf16.safetensors"),
+    )
+    with pytest.raises(ValueError, match="cannot tell which weights file"):
+        read_state_dict(tmp_path)  # two variants and no standard file: ambiguous

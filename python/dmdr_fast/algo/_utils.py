@@ -134,7 +134,10 @@ def host_to_device(out: torch.Tensor, device: torch.device | str | None) -> torc
         return out
     device = torch.device(device)
     if out.device.type == "cpu" and device.type == "cuda":
-        return out.pin_memory().to(device, non_blocking=True)
+        # pin_memory() of an already pinned tensor is that tensor: the asynchronous copy would then
+        # read memory its owner may overwrite right after this call; stage a private copy instead.
+        staged = (out.clone() if out.is_pinned() else out).pin_memory()
+        return staged.to(device, non_blocking=True)
     return out.to(device)
 
 

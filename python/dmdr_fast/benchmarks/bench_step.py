@@ -214,5 +214,9 @@ def format_result(r: dict[str, Any]) -> str:
 
 
 def main(args, trainer: Trainer) -> int:
-    result = run(trainer, cycles=args.cycles, warmup=args.warmup)
+    from dmdr_fast.train.trainer import deterministic_algorithms
+
+    # Every row under the same train.deterministic setting (our step would otherwise set it alone).
+    with deterministic_algorithms(trainer.config.train.deterministic):
+        result = run(trainer, cycles=args.cycles, warmup=args.warmup)
     return report(result, format_result(result), args.json)

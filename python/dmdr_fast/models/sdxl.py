@@ -222,6 +222,13 @@ class SDXLAdapter(TextToImageAdapter):
         if timestep is not None and not valid:
             raise ValueError(f"noise timestep must be an integer in [1, {self.tau_max}], got {timestep!r}")
         self.noise_timestep = timestep
+        if timestep is not None:  # Python floats: torch.where puts them on the device, no host copy
+            lam = self._log_snr[timestep]
+            self._noise_vp = (
+                float(timestep),
+                float(torch.sigmoid(lam).sqrt()),
+                float(torch.sigmoid(-lam).sqrt()),
+            )
 
     # ---- FlowModelAdapter -------------------------------------------------------------------------
 
@@ -270,10 +277,10 @@ class SDXLAdapter(TextToImageAdapter):
         tau, alpha, sigma = self.vp_parameters(t)
         if self.noise_timestep is not None:  # pure-noise samples at the student's own timestep τ_n
             first = t >= 1.0
-            lam_n = self._log_snr[self.noise_timestep]
-            tau = torch.where(first, tau.new_tensor(float(self.noise_timestep)), tau)
-            alpha = torch.where(first, alpha.new_tensor(float(torch.sigmoid(lam_n).sqrt())), alpha)
-            sigma = torch.where(first, sigma.new_tensor(float(torch.sigmoid(-lam_n).sqrt())), sigma)
+            tau_n, alpha_n, sigma_n = self._noise_vp
+            tau = torch.where(first, tau_n, tau)
+            alpha = torch.where(first, alpha_n, alpha)
+            sigma = torch.where(first, sigma_n, sigma)
         shape = (batch, 1, 1, 1)
         alpha, sigma = alpha.float().view(shape), sigma.float().view(shape)
         t32 = t.float().view(shape)

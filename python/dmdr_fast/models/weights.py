@@ -50,14 +50,27 @@ def _read_file(file: Path) -> dict[str, torch.Tensor]:
     )
 
 
+_STANDARD_NAMES = ("diffusion_pytorch_model", "model")  # diffusers' and transformers' file stems
+
+
 def _files_of_folder(folder: Path) -> list[Path]:
-    """The weight files of a diffusers model folder (one file, or the shards of an index)."""
-    for index in sorted(folder.glob("*.safetensors.index.json")) + sorted(folder.glob("*.bin.index.json")):
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    """The weight files of a diffusers model folder (one file, or the shards of an index).
+
+    The standard full-precision names win over variants (``*.fp16.*``); a folder holding only
+    several variants is ambiguous and refused rather than loaded at a guessed precision.
+    """
+    for stem in _STANDARD_NAMES:
+        for suffix in (".safetensors", ".bin"):
+            index = folder / f"{stem}{suffix}.index.json"
+            if index.is_file():
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                return [folder / name for name in shards]
+            if (folder / f"{stem}{suffix}").is_file():
+                return [folder / f"{stem}{suffix}"]
+    indexes = sorted(folder.glob("*.index.json"))
+    if len(indexes) == 1:
+        shards = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
         return [folder / name for name in shards]
-    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin"):
-        if (folder / name).is_file():
-            return [folder / name]
     candidates = sorted(folder.glob("*.safetensors")) or sorted(
         p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES
     )

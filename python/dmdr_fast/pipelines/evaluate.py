@@ -110,6 +110,15 @@ def evaluate_exported(
     info = read_export_info(exported)
     if info is None:
         raise ValueError(f"{exported} has no dmdr_export.json: not a folder written by dmdr-fast's export")
+    if steps is not None and "timesteps" in info.get("call_kwargs", {}):
+        # An SDXL student with a noise timestep: refuse an impossible step count before the
+        # teacher's (long) pass, not after it.
+        from diffusers import LCMScheduler
+
+        from dmdr_fast.models.sdxl import lcm_timesteps
+
+        scheduler = LCMScheduler.from_pretrained(str(exported), subfolder="scheduler")
+        lcm_timesteps(scheduler, int(steps), int(info["call_kwargs"]["timesteps"][0]))
     family = family_of_pipeline(teacher)
     base_steps, base_w = PIPELINE_DEFAULTS[family]
     t_steps = teacher_steps or base_steps

@@ -57,7 +57,14 @@ from dmdr_fast.train.config import DMDRTrainerConfig
 from dmdr_fast.train.logging import RunLogger
 from dmdr_fast.train.monitor import RewardHackingMonitor
 
-__all__ = ["ClassLabelSampler", "ConditionSampler", "Trainer", "TrainerState", "resolve_device"]
+__all__ = [
+    "ClassLabelSampler",
+    "ConditionSampler",
+    "Trainer",
+    "TrainerState",
+    "deterministic_algorithms",
+    "resolve_device",
+]
 
 
 class CAInputs(NamedTuple):
@@ -103,21 +110,33 @@ def resolve_device(name: str) -> torch.device:
     return _resolve_device(name)
 
 
+_RECOMPILE_LIMIT = 64  # see Trainer._compile
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)`` inside the block, the caller's
+    setting (flag and ``warn_only``) restored afterwards; nothing changes when ``enabled`` is false."""
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
 def _deterministic_scope(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a Trainer method under ``train.deterministic`` and restore the global flag afterwards
-    (``torch.use_deterministic_algorithms`` is process-wide: the caller's code keeps its own)."""
+    """Run a Trainer method under ``train.deterministic`` (the flag is process-wide: the caller's
+    code keeps its own setting; the CLI wraps whole runs, evaluation and export included)."""
 
     @functools.wraps(method)
     def wrapper(self: Trainer, *args: Any, **kwargs: Any) -> Any:
-        if not self.config.train.deterministic:
+        with deterministic_algorithms(self.config.train.deterministic):
             return method(self, *args, **kwargs)
-        before = torch.are_deterministic_algorithms_enabled()
-        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
     return wrapper
 
@@ -311,6 +330,11 @@ class Trainer:
             kwargs["mode"] = t.compile_mode
         for net in self._networks():
             net.compile(**kwargs)
+        # The networks share one code object (same class), so their variants — grad / no-grad,
+        # per-sample / scalar / no LoRA scale, batch sizes of training, sampling and evaluation —
+        # count against one recompile limit (default 8); past it dynamo silently runs eager.
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
 
     def _wrap_ddp(self, adapter: FlowModelAdapter) -> Callable[..., torch.Tensor]:
         """The callable used for gradient-carrying forwards (DDP-wrapped under torchrun)."""
