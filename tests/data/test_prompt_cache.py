@@ -161,7 +161,9 @@ def test_condition_class_mismatch(adapter: SD3Adapter, tmp_path: Path):
         PromptCache.open(tmp_path / "c", Other())
 
 
-def test_interrupted_build_leaves_no_complete_cache(adapter: SD3Adapter, tmp_path: Path, monkeypatch):
+def test_interrupted_build_leaves_no_complete_cache_and_continues(
+    adapter: SD3Adapter, tmp_path: Path, monkeypatch
+):
     calls = []
     encode = adapter.encode_condition
 
@@ -174,24 +176,36 @@ def test_interrupted_build_leaves_no_complete_cache(adapter: SD3Adapter, tmp_pat
     monkeypatch.setattr(adapter, "encode_condition", failing)
     with pytest.raises(RuntimeError, match="mid-build"):
         build_prompt_cache(adapter, PROMPTS, tmp_path / "c", batch_size=2, shard_size=2, progress=False)
-    assert not (tmp_path / "c").exists() and not (tmp_path / "c.tmp").exists()
+    assert not (tmp_path / "c").exists() and (tmp_path / "c.tmp" / "progress.json").is_file()
     with pytest.raises(ValueError, match="not a complete prompt cache"):
         PromptCache.open(tmp_path / "c")
-    # A build killed without cleanup leaves only the .tmp folder, which has no cache.json...
-    (tmp_path / "c.tmp").mkdir()
-    (tmp_path / "c.tmp" / "shard_00000.safetensors").write_bytes(b"partial")
     with pytest.raises(ValueError, match="not a complete prompt cache"):
-        PromptCache.open(tmp_path / "c.tmp")
-    # ...and the next build replaces it.
+        PromptCache.open(tmp_path / "c.tmp")  # the partial build has no cache.json
+    # The same build again continues after the one complete shard: only the rest is encoded, and
+    # the result equals an uninterrupted build.
+    calls.clear()
+    monkeypatch.setattr(
+        adapter, "encode_condition", lambda prompts: calls.append(list(prompts)) or encode(prompts)
+    )
+    build_prompt_cache(adapter, PROMPTS, tmp_path / "c", batch_size=2, shard_size=2, progress=False)
+    encoded = [p for c in calls for p in c if p]  # ("" is the null condition's encoding)
+    assert encoded == PROMPTS[2:] and not (tmp_path / "c.tmp").exists()
     monkeypatch.undo()
-    build_prompt_cache(adapter, PROMPTS, tmp_path / "c", progress=False)
-    assert len(PromptCache.open(tmp_path / "c", adapter)) == 7 and not (tmp_path / "c.tmp").exists()
+    build_prompt_cache(adapter, PROMPTS, tmp_path / "clean", batch_size=2, shard_size=2, progress=False)
+    resumed, clean = PromptCache.open(tmp_path / "c", adapter), PromptCache.open(tmp_path / "clean", adapter)
+    assert resumed.prompts == clean.prompts == PROMPTS
+    _assert_equal(resumed.condition(torch.arange(7)), clean.condition(torch.arange(7)))
+    # Leftovers of another build (other sizes, or no progress at all) are replaced, not continued.
+    (tmp_path / "d.tmp").mkdir()
+    (tmp_path / "d.tmp" / "shard_00000.safetensors").write_bytes(b"partial")
+    build_prompt_cache(adapter, PROMPTS, tmp_path / "d", progress=False)
+    assert len(PromptCache.open(tmp_path / "d", adapter)) == 7 and not (tmp_path / "d.tmp").exists()
     # A failing overwrite keeps the old complete cache.
     monkeypatch.setattr(adapter, "encode_condition", lambda prompts: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        build_prompt_cache(adapter, PROMPTS[:3], tmp_path / "c", overwrite=True, progress=False)
+        build_prompt_cache(adapter, PROMPTS[:3], tmp_path / "d", overwrite=True, progress=False)
     monkeypatch.undo()
-    assert PromptCache.open(tmp_path / "c", adapter).prompts == PROMPTS
+    assert PromptCache.open(tmp_path / "d", adapter).prompts == PROMPTS
 
 
 def test_rerun_is_a_noop_and_a_different_build_needs_overwrite(

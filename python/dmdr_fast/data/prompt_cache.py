@@ -51,6 +51,7 @@ __all__ = [
 
 CACHE_FORMAT_VERSION = 1
 _META, _PROMPTS, _NULL = "cache.json", "prompts.jsonl", "null.safetensors"
+_PROGRESS = "progress.json"  # in <out>.tmp during a build: the shards written so far
 _REBUILD = "Rebuild it with `dmdr-fast cache-prompts`."
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,10 @@ def build_prompt_cache(
 
     The cache is built in ``<out_dir>.tmp`` and renamed into place when complete (``cache.json``
     written last), so an interrupted build never leaves a folder that :meth:`PromptCache.open`
-    accepts. If ``out_dir`` already holds a complete cache of the same fingerprint, condition
-    class, ``model_id``, storage dtype and prompts, nothing is done.
+    accepts; rerun with the same arguments, it continues after the last complete shard (a
+    ``progress.json`` in the temporary folder records them). If ``out_dir`` already holds a
+    complete cache of the same fingerprint, condition class, ``model_id``, storage dtype and
+    prompts, nothing is done.
 
     Args:
         adapter: A ``TextToImageAdapter`` with its text encoders; ``prompts`` are stored in order.
@@ -191,33 +194,58 @@ def build_prompt_cache(
         )
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # a previous interrupted build
-    tmp.mkdir(parents=True)
-    try:
-        meta = _encode_into(adapter, prompts, tmp, batch_size, shard_size, dtype, progress)
-        meta.update(identity, format="dmdr_fast.prompt_cache", version=CACHE_FORMAT_VERSION)
-        atomic_write_text(tmp / _META, json.dumps(meta, indent=2, sort_keys=True))
-        old = out_dir.with_name(out_dir.name + ".old")
-        if out_dir.exists():  # overwrite, or an empty folder: move aside first, then swap in
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    build = {
+        **identity,
+        "format_version": CACHE_FORMAT_VERSION,
+        "batch_size": batch_size,
+        "shard_size": shard_size,
+    }
+    resumed = _partial_build(tmp, build)
+    if resumed is None:  # nothing to continue (or another build's leftovers): start afresh
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp.mkdir(parents=True)
+    elif progress:
+        done = sum(sh["count"] for sh in resumed["shards"])
+        print(f"prompt cache: continuing {tmp} after {done} of {len(prompts)} prompts", file=sys.stderr)
+    # An interruption keeps tmp (and its progress) for the next run to continue.
+    meta = _encode_into(adapter, prompts, tmp, batch_size, shard_size, dtype, progress, build, resumed)
+    meta.update(identity, format="dmdr_fast.prompt_cache", version=CACHE_FORMAT_VERSION)
+    atomic_write_text(tmp / _META, json.dumps(meta, indent=2, sort_keys=True))
+    (tmp / _PROGRESS).unlink(missing_ok=True)
+    old = out_dir.with_name(out_dir.name + ".old")
+    if out_dir.exists():  # overwrite, or an empty folder: move aside first, then swap in
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
+def _partial_build(tmp: Path, build: dict[str, Any]) -> dict[str, Any] | None:
+    """``{"fields", "shards"}`` of an interrupted build of the same cache in ``tmp``, else None."""
+    try:
+        state = json.loads((tmp / _PROGRESS).read_text())
+    except (OSError, ValueError):
+        return None
+    if state.get("build") != build or not all((tmp / sh["file"]).is_file() for sh in state["shards"]):
+        return None
+    return state
+
+
 @torch.no_grad()
-def _encode_into(adapter, prompts, folder, batch_size, shard_size, dtype, progress) -> dict[str, Any]:
+def _encode_into(
+    adapter, prompts, folder, batch_size, shard_size, dtype, progress, build, resumed
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    fields: dict[str, Any] | None = None  # the first batch's spec; every batch must match it
-    shards = []
-    bar = tqdm(total=len(prompts), desc="encoding prompts", unit="prompt", disable=not progress)
+    # The first batch's spec; every batch must match it (a resumed build keeps the stored one).
+    fields: dict[str, Any] | None = resumed["fields"] if resumed else None
+    shards = list(resumed["shards"]) if resumed else []
+    done = sum(sh["count"] for sh in shards)  # shards hold whole shard_size chunks but the last
+    bar = tqdm(total=len(prompts), initial=done, desc="encoding prompts", unit="prompt", disable=not progress)
     with bar, (folder / _PROMPTS).open("w", encoding="utf-8") as f:
-        for start in range(0, len(prompts), shard_size):
+        f.writelines(json.dumps(p) + "\n" for p in prompts[:done])  # rewritten: no half-written line
+        for start in range(done, len(prompts), shard_size):
             chunk, parts = prompts[start : start + shard_size], []
             for b in range(0, len(chunk), batch_size):
                 batch = chunk[b : b + batch_size]
@@ -235,6 +263,9 @@ def _encode_into(adapter, prompts, folder, batch_size, shard_size, dtype, progre
             save_file(tensors, str(folder / name), metadata={"format": "pt"})
             shards.append({"file": name, "count": len(chunk)})
             f.writelines(json.dumps(p) + "\n" for p in chunk)
+            # After the shard file: a crash in between costs only that shard again.
+            state = {"build": build, "fields": fields, "shards": shards}
+            atomic_write_text(folder / _PROGRESS, json.dumps(state) + "\n")
     null, spec = _to_storage(adapter.null_condition(1), dtype)
     if spec != fields:
         raise ValueError(f"the null condition's fields {spec} differ from the prompts' {fields}")
