@@ -17,3 +17,11 @@ PIPE="${PIPE:-/tmp/sd35m_random}"
   --cycles 3 --warmup 1 --json "$OUT/bench_step_sd35m.json" | tee "$OUT/bench_step_sd35m.txt"
 "$PY" -m dmdr_fast.cli bench sample --pipeline "$PIPE" --steps 4 --resolution 1024 --batch 1 --reps 3 \
   --json "$OUT/bench_sample_sd35m.json" | tee "$OUT/bench_sample_sd35m.txt"
+# Optional (COMPILE=1; inductor compiles the 2.2B transformer for minutes first): the same step with
+# train.compile, timed compiled vs eager vs the paper-style step in one run.
+if [ "${COMPILE:-0}" = "1" ]; then
+  "$PY" -m dmdr_fast.cli bench step --pipeline "$PIPE" --preset sd35-large-4step \
+    --set model.kwargs.resolution=1024 --set train.batch_size=2 --set train.device=cuda \
+    --set train.compile=true --cycles 3 --warmup 2 --json "$OUT/bench_step_sd35m_compile.json" \
+    | tee "$OUT/bench_step_sd35m_compile.txt"
+fi
