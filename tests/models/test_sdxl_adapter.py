@@ -474,3 +474,25 @@ def test_sample_exported_keeps_the_noise_timestep_when_steps_change(pipe: Stable
     info["call_kwargs"]["timesteps"] = [399]
     with pytest.raises(ValueError, match="strictly descending"):
         sample_exported(exported, info, PROMPTS, steps=4)  # 399 lies below LCM's second timestep
+
+
+def test_the_expected_first_timestep_warning_is_silenced_only_while_sampling(pipe: StableDiffusionXLPipeline):
+    import logging
+
+    from dmdr_fast.pipelines.export import sample_exported
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("diffusers.schedulers.scheduling_lcm")
+    logger.addHandler(handler)
+    try:
+        exported = _variant(pipe, scheduler=SDXLAdapter.from_pipeline(pipe).export_scheduler(1, 1.0))
+        exported.set_progress_bar_config(disable=True)
+        info = {"call_kwargs": {"timesteps": [399], "guidance_scale": 0.0, "height": 16, "width": 16}}
+        sample_exported(exported, info, PROMPTS)
+        assert not any("first timestep" in m for m in records)
+        exported.scheduler.set_timesteps(timesteps=[399])  # outside: diffusers' warning is back
+        assert any("first timestep" in m for m in records)
+    finally:
+        logger.removeHandler(handler)

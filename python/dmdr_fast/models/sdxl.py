@@ -43,8 +43,10 @@ noise, ``v ≈ ε − x0``) as follows (diffusers 0.42):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -54,7 +56,7 @@ from torch import nn
 from dmdr_fast.models.protocol import Condition
 from dmdr_fast.models.t2i import TextToImageAdapter, check_time
 
-__all__ = ["SDXL_LORA_TARGETS", "SDXLAdapter", "SDXLCondition", "lcm_timesteps"]
+__all__ = ["SDXL_LORA_TARGETS", "SDXLAdapter", "SDXLCondition", "expected_noise_timestep", "lcm_timesteps"]
 
 #: LoRA targets of the paper's SDXL scripts (PAPER_NOTES): attention, transformer projections and
 #: feed-forward, ResNet convolutions and time projections, down/upsampler convolutions.
@@ -104,6 +106,29 @@ def lcm_timesteps(scheduler: Any, num_steps: int, noise_timestep: int | None = N
             f"timesteps {taus}: LCM needs a strictly descending schedule"
         )
     return [int(noise_timestep), *taus[1:]]
+
+
+class _CustomFirstTimestepFilter(logging.Filter):
+    """Drops LCMScheduler's warning that a custom schedule does not start at timestep 999."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("The first timestep on the custom timestep schedule")
+
+
+@contextlib.contextmanager
+def expected_noise_timestep() -> Iterator[None]:
+    """Silence diffusers' "first timestep is not 999 … unexpected results" warning in the block.
+
+    It fires on every pipeline call of a student with a noise timestep (DMD2's ``timesteps=[399]``),
+    for which starting below 999 is the point; other warnings are kept.
+    """
+    logger = logging.getLogger("diffusers.schedulers.scheduling_lcm")
+    quiet = _CustomFirstTimestepFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 @dataclasses.dataclass

@@ -19,6 +19,7 @@ and the Trainer trained the student on exactly the grid it visits
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -267,6 +268,12 @@ def sample_exported(
     # The flow pipelines call scheduler.step without the generator: multi-step re-noising draws
     # from the global RNG, so seed it too for reproducible samples.
     torch.manual_seed(seed)
-    out = pipe(prompt=list(prompts), generator=generator, output_type="pt", **kwargs)
+    quiet = contextlib.nullcontext()
+    if "timesteps" in kwargs:  # a noise-timestep student starts below 999 on purpose
+        from dmdr_fast.models.sdxl import expected_noise_timestep
+
+        quiet = expected_noise_timestep()
+    with quiet:
+        out = pipe(prompt=list(prompts), generator=generator, output_type="pt", **kwargs)
     images = out.images if hasattr(out, "images") else out[0]
     return torch.as_tensor(images).float().clamp(0, 1).to(device)
