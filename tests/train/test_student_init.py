@@ -165,3 +165,22 @@ def test_folder_prefers_the_full_precision_file_over_variants(tmp_path):
     )
     with pytest.raises(ValueError, match="cannot tell which weights file"):
         read_state_dict(tmp_path)  # two variants and no standard file: ambiguous
+
+
+def test_a_resume_does_not_need_the_init_file_any_more(tmp_path):
+    path = _write(_other_weights(), tmp_path, "safetensors")
+    cfg = _config(init=str(path))
+    first = Trainer(
+        cfg, DiTAdapter(tiny_dit(num_layers=1, seed=0)), data=ClassLabelSampler(10), out_dir=tmp_path / "run"
+    )
+    first.fit(progress=False)  # writes the final checkpoint
+    path.unlink()  # e.g. a multi-GB init checkpoint deleted after the run started
+    with pytest.raises(FileNotFoundError):
+        _trainer(cfg)
+    second = Trainer(
+        cfg, DiTAdapter(tiny_dit(num_layers=1, seed=0)), data=ClassLabelSampler(10), out_dir=tmp_path / "run",
+        load_init=False,
+    )  # fmt: skip
+    assert second.resume()
+    trained = dict(first.student.network.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in second.student.network.named_parameters())

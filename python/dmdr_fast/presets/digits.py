@@ -28,6 +28,7 @@ import torch
 
 from dmdr_fast.algo import euler_sample
 from dmdr_fast.eval.metrics import RealReference, compute_features, evaluate_features
+from dmdr_fast.train import checkpoint as ckpt
 from dmdr_fast.train.config import DMDRTrainerConfig, RewardConfig
 from dmdr_fast.train.monitor import RewardHackingMonitor
 from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
@@ -228,6 +229,7 @@ def train_student(
     progress: bool = True,
 ) -> Trainer:
     """One DMDR run of the digits preset (logs, checkpoints, sample grids under ``out_dir``)."""
+    resuming = resume and ckpt.latest_checkpoint(Path(out_dir)) is not None
     trainer = Trainer(
         config,
         assets.fresh_teacher(),
@@ -236,6 +238,7 @@ def train_student(
         out_dir=out_dir,
         evaluator=make_evaluator(assets, config.train.num_eval_samples),
         monitor=make_monitor(assets, config),
+        load_init=not resuming,  # the checkpoint holds the student
     )
     if resume:
         trainer.resume()

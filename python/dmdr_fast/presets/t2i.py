@@ -32,6 +32,7 @@ from dmdr_fast._dtypes import torch_dtype
 from dmdr_fast.algo.conditions import index_cond
 from dmdr_fast.data.prompt_cache import model_identity
 from dmdr_fast.data.prompts import PromptBatch
+from dmdr_fast.train import checkpoint as ckpt
 from dmdr_fast.train.config import DMDRTrainerConfig, ModelConfig
 from dmdr_fast.train.config_io import ConfigError
 from dmdr_fast.train.trainer import Trainer, resolve_device
@@ -252,7 +253,10 @@ def run_t2i(
     sampler, eval_batch = build_data(config, adapter)
     reward = rewards_from_config(config.rewards, device=device)
     monitor = RewardHackingMonitor(eval_batch, config=config.monitor) if config.monitor.every else None
-    trainer = Trainer(config, adapter, reward=reward, data=sampler, out_dir=out, monitor=monitor)
+    resuming = resume and ckpt.latest_checkpoint(out) is not None  # the checkpoint holds the student
+    trainer = Trainer(
+        config, adapter, reward=reward, data=sampler, out_dir=out, monitor=monitor, load_init=not resuming
+    )
     if resume:
         trainer.resume()
     t_setup = time.perf_counter() - t0

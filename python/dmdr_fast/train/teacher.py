@@ -274,7 +274,7 @@ def train_flow_teacher(
                     {"loss": mean_loss, "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm)},
                 )
             if bar is not None:
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)  # drawn by the update
         if bar is not None:
             bar.update(1)
     if bar is not None:

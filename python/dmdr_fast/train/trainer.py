@@ -181,6 +181,8 @@ class Trainer:
         monitor: optional :class:`~dmdr_fast.train.monitor.RewardHackingMonitor`, run every
             ``monitor.every`` generator steps; logs ``monitor/*`` and warns (log + progress bar)
             when the training reward rises while the held-out score or diversity falls.
+        load_init: read ``student.init``; pass False when a checkpoint is about to replace the
+            student anyway (a resume), so the init file need not exist any more.
     """
 
     def __init__(
@@ -193,6 +195,7 @@ class Trainer:
         out_dir: str | os.PathLike[str] | None = None,
         evaluator: Callable[[Trainer], dict[str, float]] | None = None,
         monitor: RewardHackingMonitor | None = None,
+        load_init: bool = True,
     ) -> None:
         if config.active_rewards and reward is None:
             raise ValueError("config.rewards has active rewards but no `reward` model was passed to Trainer")
@@ -221,7 +224,7 @@ class Trainer:
         )
         if s.kind == "full":
             self.student.network.float()  # fp32 master weights even when the teacher is bf16
-        if s.init is not None:
+        if s.init is not None and load_init:  # False when a checkpoint will replace it (resume)
             self._load_student_init(s.init)
         if s.noise_timestep is not None:
             self.student.set_noise_timestep(s.noise_timestep)  # config checked: SDXL adapters only
@@ -732,8 +735,10 @@ class Trainer:
                     continue
                 s = self.state.gen_step
                 if bar is not None:
+                    # refresh=False: the update below redraws once (not twice per step in logs)
+                    dmd = f"{metrics.get('loss_dmd', math.nan):.3g}"
+                    bar.set_postfix(stage=metrics["stage"], dmd=dmd, refresh=False)
                     bar.update(1)
-                    bar.set_postfix(stage=metrics["stage"], dmd=f"{metrics.get('loss_dmd', math.nan):.3g}")
                 if s % cfg.log_every == 0 or s == total:
                     self.logger.log(s, metrics)
                 if cfg.sample_every and s % cfg.sample_every == 0:
