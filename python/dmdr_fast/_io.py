@@ -1,8 +1,10 @@
-"""Atomic file writes shared by checkpoints, cached teachers and classifiers."""
+"""Atomic file writes shared by checkpoints, cached teachers and classifiers, and the progress
+record that lets sharded builds (prompt cache, ODE pairs) continue after an interruption."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text"]
+__all__ = ["PROGRESS_NAME", "atomic_save", "atomic_write_text", "read_progress", "write_progress"]
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
@@ -43,3 +45,29 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+#: The progress record inside a ``<out>.tmp`` build folder (removed when the build completes).
+PROGRESS_NAME = "progress.json"
+
+
+def write_progress(
+    folder: Path, identity: dict[str, Any], shards: list[dict[str, Any]], **extra: Any
+) -> None:
+    """Record the complete shards of a build in ``folder`` (call after each shard file is written:
+    a crash in between costs only that shard again)."""
+    state = {"identity": identity, "shards": shards, **extra}
+    atomic_write_text(folder / PROGRESS_NAME, json.dumps(state) + "\n")
+
+
+def read_progress(folder: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The progress record of an interrupted build in ``folder`` made with ``identity`` (every
+    recorded shard file present), else None: nothing to continue, start afresh."""
+    try:
+        state = json.loads((folder / PROGRESS_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    shards = state.get("shards") or []
+    if state.get("identity") != identity or not all((folder / s["file"]).is_file() for s in shards):
+        return None
+    return state

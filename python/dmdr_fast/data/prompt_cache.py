@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dmdr_fast._io import atomic_write_text
+from dmdr_fast._io import PROGRESS_NAME, atomic_write_text, read_progress, write_progress
 from dmdr_fast.algo.conditions import map_tensors
 from dmdr_fast.data.prompts import PromptBatch
 
@@ -51,7 +51,6 @@ __all__ = [
 
 CACHE_FORMAT_VERSION = 1
 _META, _PROMPTS, _NULL = "cache.json", "prompts.jsonl", "null.safetensors"
-_PROGRESS = "progress.json"  # in <out>.tmp during a build: the shards written so far
 _REBUILD = "Rebuild it with `dmdr-fast cache-prompts`."
 log = logging.getLogger(__name__)
 
@@ -200,7 +199,7 @@ def build_prompt_cache(
         "batch_size": batch_size,
         "shard_size": shard_size,
     }
-    resumed = _partial_build(tmp, build)
+    resumed = read_progress(tmp, build)
     if resumed is None:  # nothing to continue (or another build's leftovers): start afresh
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -211,7 +210,7 @@ def build_prompt_cache(
     meta = _encode_into(adapter, prompts, tmp, batch_size, shard_size, dtype, progress, build, resumed)
     meta.update(identity, format="dmdr_fast.prompt_cache", version=CACHE_FORMAT_VERSION)
     atomic_write_text(tmp / _META, json.dumps(meta, indent=2, sort_keys=True))
-    (tmp / _PROGRESS).unlink(missing_ok=True)
+    (tmp / PROGRESS_NAME).unlink(missing_ok=True)
     old = out_dir.with_name(out_dir.name + ".old")
     if out_dir.exists():  # overwrite, or an empty folder: move aside first, then swap in
         shutil.rmtree(old, ignore_errors=True)
@@ -219,17 +218,6 @@ def build_prompt_cache(
     tmp.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
     return out_dir
-
-
-def _partial_build(tmp: Path, build: dict[str, Any]) -> dict[str, Any] | None:
-    """``{"fields", "shards"}`` of an interrupted build of the same cache in ``tmp``, else None."""
-    try:
-        state = json.loads((tmp / _PROGRESS).read_text())
-    except (OSError, ValueError):
-        return None
-    if state.get("build") != build or not all((tmp / sh["file"]).is_file() for sh in state["shards"]):
-        return None
-    return state
 
 
 @torch.no_grad()
@@ -263,9 +251,7 @@ def _encode_into(
             save_file(tensors, str(folder / name), metadata={"format": "pt"})
             shards.append({"file": name, "count": len(chunk)})
             f.writelines(json.dumps(p) + "\n" for p in chunk)
-            # After the shard file: a crash in between costs only that shard again.
-            state = {"build": build, "fields": fields, "shards": shards}
-            atomic_write_text(folder / _PROGRESS, json.dumps(state) + "\n")
+            write_progress(folder, build, shards, fields=fields)
     null, spec = _to_storage(adapter.null_condition(1), dtype)
     if spec != fields:
         raise ValueError(f"the null condition's fields {spec} differ from the prompts' {fields}")

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dmdr_fast.eval.metrics import frechet_distance, mmd_rbf
+from dmdr_fast.eval.metrics import frechet_distance, frechet_distance_from_stats, gaussian_stats, mmd_rbf
 from dmdr_fast.train.monitor import mean_pairwise_distance, pixel_features
 
 __all__ = [
@@ -162,9 +162,12 @@ def compare_t2i(
                 f"real_features must be (M >= 2, {feats[reference].shape[1]}) features made with the same "
                 f"features function, got {tuple(real.shape)}"
             )
+        real_stats = gaussian_stats(real)  # once for all models: M can be thousands × 1024
         for name in names:
             if n >= 2:
-                models[name]["fd_to_real"] = frechet_distance(feats[name].double(), real)
+                models[name]["fd_to_real"] = frechet_distance_from_stats(
+                    *gaussian_stats(feats[name].double()), *real_stats
+                )
                 models[name]["mmd_to_real"] = mmd_rbf(feats[name], real)
     return {
         "models": models,

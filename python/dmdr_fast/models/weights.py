@@ -59,18 +59,19 @@ def _files_of_folder(folder: Path) -> list[Path]:
     The standard full-precision names win over variants (``*.fp16.*``); a folder holding only
     several variants is ambiguous and refused rather than loaded at a guessed precision.
     """
+
+    def shards_of(index: Path) -> list[Path]:
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+
     for stem in _STANDARD_NAMES:
         for suffix in (".safetensors", ".bin"):
-            index = folder / f"{stem}{suffix}.index.json"
-            if index.is_file():
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                return [folder / name for name in shards]
+            if (folder / f"{stem}{suffix}.index.json").is_file():
+                return shards_of(folder / f"{stem}{suffix}.index.json")
             if (folder / f"{stem}{suffix}").is_file():
                 return [folder / f"{stem}{suffix}"]
     indexes = sorted(folder.glob("*.index.json"))
     if len(indexes) == 1:
-        shards = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
-        return [folder / name for name in shards]
+        return shards_of(indexes[0])
     candidates = sorted(folder.glob("*.safetensors")) or sorted(
         p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES
     )

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from dmdr_fast._io import atomic_write_text
+from dmdr_fast._io import PROGRESS_NAME, atomic_write_text, read_progress, write_progress
 
 if TYPE_CHECKING:
     from dmdr_fast.train.trainer import Trainer
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 __all__ = ["ODEPairs", "generate_ode_pairs", "ode_regression"]
 
 _META = "ode_pairs.json"
-_PROGRESS = "progress.json"
 _FORMAT = 1
 
 
@@ -138,11 +137,11 @@ def generate_ode_pairs(
         "shard_size": shard_size,
         "conditions": hashlib.sha256(json.dumps(conds).encode()).hexdigest(),
     }
-    shards = _resumable_shards(tmp, identity)
-    if shards is None:
+    resumed = read_progress(tmp, identity)
+    if resumed is None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        shards = []
+    shards = list(resumed["shards"]) if resumed else []
     done = sum(s["count"] for s in shards)
     if done and progress:
         print(f"ode pairs: continuing {tmp} after {done} of {n} pairs", file=sys.stderr)
@@ -171,8 +170,7 @@ def generate_ode_pairs(
         tensors = {k: torch.cat(v).contiguous() for k, v in buf.items()}
         save_file(tensors, str(tmp / name))
         shards.append({"file": name, "count": int(tensors["index"].numel())})
-        # After the shard file: a crash in between only costs that shard again.
-        atomic_write_text(tmp / _PROGRESS, json.dumps({"identity": identity, "shards": shards}) + "\n")
+        write_progress(tmp, identity, shards)
         for v in buf.values():
             v.clear()
 
@@ -211,22 +209,10 @@ def generate_ode_pairs(
     bar.close()
     meta["shards"] = shards
     atomic_write_text(tmp / _META, json.dumps(meta, indent=1) + "\n")
-    (tmp / _PROGRESS).unlink(missing_ok=True)
+    (tmp / PROGRESS_NAME).unlink(missing_ok=True)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
-
-
-def _resumable_shards(tmp: Path, identity: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """The complete shards of an interrupted build in ``tmp`` made with ``identity``, else None."""
-    try:
-        progress = json.loads((tmp / _PROGRESS).read_text())
-    except (OSError, ValueError):
-        return None
-    shards = progress.get("shards") or []
-    if progress.get("identity") != identity or not all((tmp / s["file"]).is_file() for s in shards):
-        return None
-    return shards
 
 
 class ODEPairs:
