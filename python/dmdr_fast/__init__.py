@@ -33,7 +33,11 @@ _LAZY_SUBMODULES = {
     "benchmarks",
     "cli",
     "data",
-    "presets",
+    "recipes",
+    "config",
+    "configs",
+    "conditions",
+    "pipelines",
 }
 
 

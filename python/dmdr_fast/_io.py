@@ -36,15 +36,28 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write a small text file atomically (same scheme as :func:`atomic_save`)."""
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, mode: int | None = None) -> None:
+    """Write a small text file atomically (same scheme as :func:`atomic_save`), UTF-8.
+
+    Args:
+        path: destination (its folder must exist).
+        text: the content.
+        mode: permission bits of the file (default: ``mkstemp``'s 0600).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 #: The progress record inside a ``<out>.tmp`` build folder (removed when the build completes).

@@ -40,8 +40,8 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 
 def _config_from_args(args: argparse.Namespace):
-    from dmdr_fast.presets.digits import load_preset
-    from dmdr_fast.train.config import DMDRTrainerConfig
+    from dmdr_fast.config import DMDRTrainerConfig
+    from dmdr_fast.configs import load_preset
 
     if (args.preset is None) == (args.config is None):
         raise SystemExit("give exactly one of --preset NAME or --config FILE")
@@ -62,7 +62,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dmdr_fast.train.trainer import deterministic_algorithms
+    from dmdr_fast.train.runtime import deterministic_algorithms
 
     config = _config_from_args(args)
     # train.deterministic covers the whole run here (teacher samples, evaluation, export too).
@@ -71,7 +71,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _run_training(args: argparse.Namespace, config) -> int:
-    from dmdr_fast.presets import digits, t2i
+    from dmdr_fast.recipes import digits, t2i
 
     if config.model.family in t2i.T2I_FAMILIES:
         metrics = t2i.run_t2i(config, args.out, resume=args.resume, progress=not args.quiet)
@@ -103,13 +103,14 @@ def _run_training(args: argparse.Namespace, config) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
+    from dmdr_fast.configs import load_preset
     from dmdr_fast.eval.report import format_metrics_table
-    from dmdr_fast.presets import digits
+    from dmdr_fast.recipes.digits.experiment import run_experiment
 
     if args.name != "digits":
         raise SystemExit(f"unknown experiment {args.name!r} (available: digits)")
-    base = digits.load_preset("digits", list(args.set or []))
-    summary = digits.run_experiment(args.out, base, cache_dir=args.cache_dir, progress=not args.quiet)
+    base = load_preset("digits", list(args.set or []))
+    summary = run_experiment(args.out, base, cache_dir=args.cache_dir, progress=not args.quiet)
     print(format_metrics_table(summary["results"]))
     print(f"table: {args.out}/table.md")
     return 0
@@ -119,8 +120,8 @@ def _load_trainer(checkpoint: str, cache_dir: str | None):
     """A Trainer for a digits checkpoint (its config is stored inside)."""
     import torch
 
-    from dmdr_fast.presets import digits
-    from dmdr_fast.train.config import DMDRTrainerConfig
+    from dmdr_fast.config import DMDRTrainerConfig
+    from dmdr_fast.recipes import digits
     from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
 
     sd = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -149,7 +150,7 @@ def _cmd_sample_pipeline(args: argparse.Namespace) -> int:
 
     from dmdr_fast.eval.plots import save_image_grid
     from dmdr_fast.pipelines.export import load_exported, sample_exported
-    from dmdr_fast.train.trainer import resolve_device
+    from dmdr_fast.train.runtime import resolve_device
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -178,8 +179,8 @@ def _cmd_cache_prompts(args: argparse.Namespace) -> int:
     from dmdr_fast._dtypes import torch_dtype
     from dmdr_fast.data.prompt_cache import build_prompt_cache
     from dmdr_fast.data.prompts import load_prompts
-    from dmdr_fast.presets import t2i
-    from dmdr_fast.train.trainer import resolve_device
+    from dmdr_fast.recipes import t2i
+    from dmdr_fast.train.runtime import resolve_device
 
     config = _t2i_config(args)
     if config.data.prompts is None:
@@ -223,16 +224,16 @@ def _cmd_ode_pairs(args: argparse.Namespace) -> int:
     from dmdr_fast._dtypes import torch_dtype
     from dmdr_fast.data.prompts import load_prompts
     from dmdr_fast.pipelines.evaluate import PIPELINE_DEFAULTS
-    from dmdr_fast.presets import t2i
+    from dmdr_fast.recipes import t2i
     from dmdr_fast.train.ode_init import generate_ode_pairs
-    from dmdr_fast.train.trainer import resolve_device
+    from dmdr_fast.train.runtime import resolve_device
 
     config = _t2i_config(args)
     device = resolve_device(args.device)
     guidance = config.dmdr.guidance if args.guidance is None else args.guidance
     model_id = t2i.model_identity(config.model.path)
     if config.model.family == "digits":  # the class-conditional demo: balanced labels, cached teacher
-        from dmdr_fast.presets import digits
+        from dmdr_fast.recipes import digits
 
         assets = digits.prepare_assets(
             args.cache_dir or digits.default_cache_dir(),
@@ -270,8 +271,8 @@ def _cmd_ode_pairs(args: argparse.Namespace) -> int:
 
 def _t2i_config(args: argparse.Namespace):
     """The config of a text-to-image command: --preset/--config, or just --pipeline (+ --family)."""
-    from dmdr_fast.presets import t2i
-    from dmdr_fast.presets.digits import load_preset
+    from dmdr_fast.configs import load_preset
+    from dmdr_fast.recipes import t2i
 
     overrides = list(args.set or [])
     if getattr(args, "pipeline", None):
@@ -331,7 +332,7 @@ def _cmd_eval_pipeline(args: argparse.Namespace) -> int:
     from dmdr_fast.eval.t2i import format_comparison, save_t2i_grid
     from dmdr_fast.pipelines.evaluate import evaluate_exported
     from dmdr_fast.rewards import CompositeReward, build_reward
-    from dmdr_fast.train.trainer import resolve_device
+    from dmdr_fast.train.runtime import resolve_device
 
     if args.out is None:
         raise SystemExit("give --out DIR (eval.json, eval.md and teacher_vs_student.png go there)")
@@ -394,7 +395,7 @@ def _cmd_eval_pipeline(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from dmdr_fast.presets import digits
+    from dmdr_fast.recipes import digits
 
     if args.pipeline is not None:
         return _cmd_eval_pipeline(args)
@@ -429,7 +430,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return bench_sample.main(args)
     if args.what == "step" and args.pipeline is not None:
         from dmdr_fast.benchmarks import bench_step
-        from dmdr_fast.presets import t2i
+        from dmdr_fast.recipes import t2i
 
         args.config = None
         config = _t2i_config(args).with_overrides(
@@ -438,9 +439,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return bench_step.main(args, t2i.bench_trainer(config))
     if args.what == "step":
         from dmdr_fast.benchmarks import bench_step
+        from dmdr_fast.configs import load_preset
         from dmdr_fast.models import DiTAdapter, dit_from_config
-        from dmdr_fast.presets.digits import load_preset
-        from dmdr_fast.train.teacher import DEFAULT_DIGITS_TEACHER_CONFIG, resolve_config
+        from dmdr_fast.recipes.digits.teacher import DEFAULT_DIGITS_TEACHER_CONFIG, resolve_config
         from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
 
         # The step without rewards (the paper baseline has none); the reward adds the same to both.
@@ -704,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code (2 for configuration errors)."""
-    from dmdr_fast.train.config_io import ConfigError
+    from dmdr_fast.config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:

@@ -1,18 +1,19 @@
-"""Tests of dmdr_fast.algo.guidance: CFG scale and jitter, the batched guidance query, its split."""
+"""Tests of dmdr_fast.algo.guidance: CFG scale and jitter, the batched guidance query and its chunks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dmdr_fast.algo import (
-    GuidanceQuery,
-    GuidanceScale,
-    build_guidance_batch,
-    concat_guidance_queries,
-    real_velocity,
-    split_guidance_output,
-)
+from dmdr_fast.algo import GuidanceQuery, GuidanceScale, concat_guidance_queries, expand_cond, real_velocity
+
+
+def _fake_cond_uncond(x_t, t, cond, null=None, *, fake_scale=2.0, real_scale=0.0):
+    """The generator step's guidance batch (fake, cond[, uncond]) built with the one batching route."""
+    queries = [GuidanceQuery(x_t, t, cond, fake_scale), GuidanceQuery(x_t, t, cond, real_scale)]
+    if null is not None:
+        queries.append(GuidanceQuery(x_t, t, expand_cond(null, x_t.shape[0]), real_scale))
+    return concat_guidance_queries(queries)
 
 
 def test_real_velocity_by_hand():
@@ -74,13 +75,13 @@ def test_guidance_scale_validation():
         GuidanceScale("4")
 
 
-def test_build_and_split_guidance_batch_order():
+def test_guidance_batch_order_fake_cond_uncond():
     b = 3
     x_t = torch.randn(b, 2, 4, 4)
     t = torch.rand(b)
     cond = {"emb": torch.randn(b, 5, 8), "pooled": torch.randn(b, 8)}
     null = {"emb": torch.zeros(1, 5, 8), "pooled": torch.zeros(1, 8)}  # batch 1: broadcast
-    batch = build_guidance_batch(x_t, t, cond, null, fake_scale=2.0, real_scale=0.375)
+    batch = _fake_cond_uncond(x_t, t, cond, null, fake_scale=2.0, real_scale=0.375)
     assert batch.num_parts == 3
     assert batch.x.shape == (3 * b, 2, 4, 4) and batch.t.shape == (3 * b,)
     assert batch.cond["emb"].shape == (3 * b, 5, 8)
@@ -93,24 +94,21 @@ def test_build_and_split_guidance_batch_order():
         assert torch.equal(part, x_t)
 
     out = torch.arange(3 * b, dtype=torch.float32).reshape(3 * b, 1, 1, 1).expand(3 * b, 2, 4, 4)
-    fake, v_cond, v_uncond = split_guidance_output(out)
+    fake, v_cond, v_uncond = batch.chunk(out)
     assert (
         float(fake[0, 0, 0, 0]) == 0
         and float(v_cond[0, 0, 0, 0]) == b
         and float(v_uncond[0, 0, 0, 0]) == 2 * b
     )
-    via_method = batch.split(out)
-    assert torch.equal(via_method.fake, fake) and torch.equal(via_method.uncond, v_uncond)
 
 
 def test_guidance_batch_without_uncond():
     x_t, t, labels = torch.randn(4, 3), torch.rand(4), torch.tensor([1, 2, 3, 4])
-    batch = build_guidance_batch(x_t, t, labels, None, fake_scale=2.0, real_scale=0.0)
+    batch = _fake_cond_uncond(x_t, t, labels, None, fake_scale=2.0, real_scale=0.0)
     assert batch.num_parts == 2 and batch.x.shape == (8, 3)
     assert torch.equal(batch.cond, torch.cat([labels, labels]))
-    out = split_guidance_output(torch.randn(8, 3), with_uncond=False)
-    assert out.uncond is None and out.fake.shape == (4, 3)
-    assert batch.split(torch.randn(8, 3)).uncond is None
+    fake, v_cond = batch.chunk(torch.randn(8, 3))
+    assert fake.shape == v_cond.shape == (4, 3)
 
 
 def test_concat_guidance_queries_decoupled_layout():
@@ -131,37 +129,43 @@ def test_concat_guidance_queries_decoupled_layout():
     assert torch.equal(batch.cond, torch.tensor([5, 6, 5, 6, 5, 6, 10, 10]))
     parts = batch.chunk(torch.arange(8.0))
     assert len(parts) == 4 and torch.equal(parts[3], torch.tensor([6.0, 7.0]))
-    with pytest.raises(ValueError, match="2 or 3 parts"):
-        batch.split(torch.arange(8.0))
 
 
 @pytest.mark.parametrize(
     ("make", "exc", "match"),
     [
-        (lambda: split_guidance_output(torch.zeros(7, 2)), ValueError, "multiple of 3"),
-        (lambda: split_guidance_output(torch.zeros(6, 2), with_uncond=False).fake, None, None),
         (
-            lambda: build_guidance_batch(torch.zeros(3, 2), torch.zeros(2), None),
+            lambda: _fake_cond_uncond(torch.zeros(3, 2), torch.zeros(3), None).chunk(torch.zeros(7, 2)),
+            ValueError,
+            "leading size 6",
+        ),
+        (
+            lambda: _fake_cond_uncond(torch.zeros(3, 2), torch.zeros(3), None).chunk(torch.zeros(6, 2)),
+            None,
+            None,
+        ),
+        (
+            lambda: _fake_cond_uncond(torch.zeros(3, 2), torch.zeros(2), None),
             ValueError,
             r"queries\[0\].t must have shape",
         ),
         (
-            lambda: build_guidance_batch(torch.zeros(3, 2), torch.zeros(3), torch.zeros(4, 1)),
+            lambda: _fake_cond_uncond(torch.zeros(3, 2), torch.zeros(3), torch.zeros(4, 1)),
             ValueError,
             r"queries\[0\].cond has batch size 4",
         ),
         (
-            lambda: build_guidance_batch(torch.zeros(3, 2), torch.zeros(3), None, torch.zeros(2, 1)),
+            lambda: _fake_cond_uncond(torch.zeros(3, 2), torch.zeros(3), None, torch.zeros(2, 1)),
             ValueError,
             "batch size 2",
         ),
         (
-            lambda: build_guidance_batch(torch.zeros(3, 2), torch.zeros(3), None, fake_scale=float("nan")),
+            lambda: _fake_cond_uncond(torch.zeros(3, 2), torch.zeros(3), None, fake_scale=float("nan")),
             ValueError,
             "lora_scale",
         ),
         (
-            lambda: build_guidance_batch(torch.zeros(3, 2), torch.zeros(3), None, torch.zeros(3, 1)),
+            lambda: _fake_cond_uncond(torch.zeros(3, 2), torch.zeros(3), None, torch.zeros(3, 1)),
             ValueError,
             "some parts only",
         ),
@@ -177,7 +181,7 @@ def test_guidance_batch_bad_inputs(make, exc, match):
 
 
 def test_chunk_rejects_wrong_size():
-    batch = build_guidance_batch(torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 4), torch.zeros(1, 4))
+    batch = _fake_cond_uncond(torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 4), torch.zeros(1, 4))
     assert batch.cond.shape == (6, 4)
     with pytest.raises(ValueError, match="leading size 6"):
         batch.chunk(torch.zeros(4, 3))

@@ -10,10 +10,12 @@ import torch
 from dmdr_fast.algo import (
     DynaDG,
     DynaRS,
+    GuidanceQuery,
     GuidanceScale,
     backward_simulation,
-    build_guidance_batch,
+    concat_guidance_queries,
     critic_loss,
+    expand_cond,
     few_step_timesteps,
     generator_dmd_loss,
     noise_like,
@@ -66,10 +68,13 @@ def test_one_inner_step_routes_gradients():
     tau2 = rs.sample(batch, step, generator=g)
     x_t = renoise(x0.detach(), tau2, noise_like(x0, g))
     with torch.no_grad():
-        gb = build_guidance_batch(x_t, tau2, cond, null, fake_scale=2.0, real_scale=dg.real_scale(step))
-        out = gb.split(guidance(gb.x, gb.t, gb.cond, gb.lora_scale))
+        lam_r = dg.real_scale(step)
+        queries = [GuidanceQuery(x_t, tau2, cond, 2.0), GuidanceQuery(x_t, tau2, cond, lam_r)]
+        queries.append(GuidanceQuery(x_t, tau2, expand_cond(null, batch), lam_r))
+        gb = concat_guidance_queries(queries)
+        v_fake, v_cond, v_uncond = gb.chunk(guidance(gb.x, gb.t, gb.cond, gb.lora_scale))
     loss, direction = generator_dmd_loss(
-        x0, x_t, tau2, out.fake, out.cond, out.uncond, cfg.sample(g), return_direction=True
+        x0, x_t, tau2, v_fake, v_cond, v_uncond, cfg.sample(g), return_direction=True
     )
     loss.backward()
     assert gen_net.weight.grad is not None and guidance.lora.weight.grad is None

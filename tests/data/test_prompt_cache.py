@@ -9,6 +9,7 @@ import pytest
 import torch
 from tests.models.test_sd3_adapter import T5_TOKENS, TOKENS, _pipeline
 
+from dmdr_fast.conditions import cat_conds
 from dmdr_fast.data.prompt_cache import (
     CachedPromptSampler,
     PromptCache,
@@ -41,7 +42,7 @@ def _assert_equal(a: SD3Condition, b: SD3Condition) -> None:
 def _one_by_one(adapter: SD3Adapter, prompts: list[str]) -> SD3Condition:
     # Batch-size-1 encodings: what a batch_size=1 build stores, bit for bit (batched matmuls may
     # round differently for different batch sizes).
-    return adapter.cat_conditions([adapter.encode_condition([p]) for p in prompts])
+    return cat_conds([adapter.encode_condition([p]) for p in prompts])
 
 
 def test_build_layout_and_metadata(adapter: SD3Adapter, tmp_path: Path):

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from dmdr_fast.models import (
-    DiTAdapter,
-    FlowModelAdapter,
-    cat_conditions,
-    condition_batch_size,
-    dit_from_config,
-    slice_condition,
-    tiny_dit,
-)
+from dmdr_fast.conditions import cat_conds, slice_cond
+from dmdr_fast.models import DiTAdapter, FlowModelAdapter, dit_from_config, tiny_dit
 
 
 def test_conforms_to_protocol(teacher, batch):
@@ -27,9 +18,9 @@ def test_conforms_to_protocol(teacher, batch):
     assert labels.dtype == torch.long and labels.shape == (3,)
     v = teacher.velocity(x, t, labels)
     assert v.shape == x.shape and v.dtype == x.dtype and torch.isfinite(v).all()
-    both = teacher.cat_conditions([labels, teacher.null_condition(2)])
+    both = cat_conds([labels, teacher.null_condition(2)])
     assert both.tolist() == [*y.tolist(), 10, 10]
-    assert teacher.slice_condition(both, 3, 5).tolist() == [10, 10]
+    assert slice_cond(both, 3, 5).tolist() == [10, 10]
     images = teacher.decode(torch.linspace(-2, 2, 64).view(1, 1, 8, 8))
     assert images.shape == (1, 1, 8, 8) and images.min() == 0 and images.max() == 1
 
@@ -142,33 +133,3 @@ def test_dit_from_config_aliases_seed_and_errors():
         dit_from_config({**config, "num_embeds_ada_norm": 3})
     with pytest.raises(ValueError, match="patch_size"):
         tiny_dit(sample_size=8, patch_size=3)
-
-
-@dataclasses.dataclass(frozen=True)
-class _TextCond:
-    embeds: torch.Tensor
-    pooled: torch.Tensor
-    mask: torch.Tensor | None = None
-
-
-def test_generic_condition_helpers():
-    def make(n: int, offset: float) -> _TextCond:
-        return _TextCond(torch.full((n, 4, 2), offset), torch.full((n, 3), offset))
-
-    cat = cat_conditions([make(2, 0.0), make(1, 1.0)])
-    assert cat.embeds.shape == (3, 4, 2) and cat.mask is None
-    assert condition_batch_size(cat) == 3
-    assert slice_condition(cat, 2, 3).pooled.tolist() == [[1.0, 1.0, 1.0]]
-    nested = cat_conditions(
-        [{"a": (torch.zeros(2), torch.ones(2, 1))}, {"a": (torch.ones(1), torch.ones(1, 1))}]
-    )
-    assert nested["a"][0].tolist() == [0, 0, 1] and condition_batch_size(nested) == 3
-    assert condition_batch_size(None) is None
-    with pytest.raises(ValueError, match="at least one"):
-        cat_conditions([])
-    with pytest.raises(ValueError, match="different keys"):
-        cat_conditions([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}])
-    with pytest.raises(ValueError, match="None"):
-        cat_conditions([None, torch.zeros(1)])
-    with pytest.raises(TypeError, match="unsupported"):
-        cat_conditions(["a prompt"])

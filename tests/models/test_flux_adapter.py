@@ -14,6 +14,7 @@ import torch
 import transformers
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
+from dmdr_fast.conditions import cat_conds, slice_cond
 from dmdr_fast.models import (
     FlowModelAdapter,
     LoraConfig,
@@ -276,7 +277,7 @@ def test_null_condition_cached(adapter: FluxAdapter, monkeypatch: pytest.MonkeyP
     assert null3.prompt_embeds.shape == (3, T5_TOKENS, T5_WIDTH) and null3.guidance.shape == (3,)
     empty = adapter.encode_condition([""])
     for i in range(3):
-        sample = adapter.slice_condition(null3, i, i + 1)
+        sample = slice_cond(null3, i, i + 1)
         for name in ("prompt_embeds", "pooled_projections", "guidance"):
             torch.testing.assert_close(getattr(sample, name), getattr(empty, name), rtol=0, atol=0)
     torch.testing.assert_close(null1.prompt_embeds, empty.prompt_embeds, rtol=0, atol=0)
@@ -284,15 +285,15 @@ def test_null_condition_cached(adapter: FluxAdapter, monkeypatch: pytest.MonkeyP
 
 def test_cat_and_slice_conditions(adapter: FluxAdapter):
     a, b = adapter.encode_condition(PROMPTS), adapter.null_condition(1)
-    c = adapter.cat_conditions([a, b, a])
+    c = cat_conds([a, b, a])
     assert len(c) == 5 and c.pooled_projections.shape[0] == 5 and c.guidance.shape == (5,)
-    torch.testing.assert_close(adapter.slice_condition(c, 2, 3).prompt_embeds, b.prompt_embeds)
-    torch.testing.assert_close(adapter.slice_condition(c, 3, 5).pooled_projections, a.pooled_projections)
+    torch.testing.assert_close(slice_cond(c, 2, 3).prompt_embeds, b.prompt_embeds)
+    torch.testing.assert_close(slice_cond(c, 3, 5).pooled_projections, a.pooled_projections)
     short = FluxCondition(a.prompt_embeds[:, :4], a.pooled_projections, a.guidance)
     with pytest.raises(ValueError, match="shapes"):
-        adapter.cat_conditions([a, short])
+        cat_conds([a, short])
     with pytest.raises(ValueError):
-        adapter.cat_conditions([])
+        cat_conds([])
 
 
 def test_decode_range_and_gradient(adapter: FluxAdapter, pipe: FluxPipeline):
@@ -405,7 +406,7 @@ def test_drop_text_encoders(pipe: FluxPipeline):
     with pytest.raises(ValueError, match="dropped"):
         adapter.encode_condition(PROMPTS)
     null = adapter.null_condition(2)
-    torch.testing.assert_close(adapter.slice_condition(null, 1, 2).prompt_embeds, empty.prompt_embeds)
+    torch.testing.assert_close(slice_cond(null, 1, 2).prompt_embeds, empty.prompt_embeds)
     with torch.no_grad():
         assert adapter.velocity(_latents(), torch.tensor([0.5, 0.5]), null).shape == (2, 4, 8, 8)
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from dmdr_fast.algo import GuidanceQuery, concat_guidance_queries
 from dmdr_fast.models import (
     DIT_ATTENTION_TARGETS,
     DIT_LORA_TARGETS,
     LoraConfig,
     LoraConv2d,
     LoraLinear,
-    batched_velocity,
     inject_lora,
     lora_layers,
     lora_parameters,
@@ -69,8 +69,12 @@ def test_three_passes_in_one_batched_forward_match_separate_forwards(teacher, ba
     # Non-vacuous: the roles really differ from each other and from the teacher.
     assert (ref_fake - ref_cond).abs().max() > 1e-2 and (ref_cond - ref_teacher).abs().max() > 1e-2
 
-    # The helper does the same concatenation and split.
-    helper = batched_velocity(guidance, [x, x, x], [t, t, t], [y, y, null], [LAM_F, LAM_R, LAM_R])
+    # The one batching route of the library (algo.concat_guidance_queries) does the same.
+    gb = concat_guidance_queries(
+        [GuidanceQuery(x, t, y, LAM_F), GuidanceQuery(x, t, y, LAM_R), GuidanceQuery(x, t, null, LAM_R)]
+    )
+    with lora_scale(guidance.network, gb.lora_scale):
+        helper = gb.chunk(guidance.velocity(gb.x, gb.t, gb.cond))
     for got, want in zip(helper, (ref_fake, ref_cond, ref_uncond)):
         torch.testing.assert_close(got, want, **TIGHT)
 
@@ -256,12 +260,10 @@ def test_make_student_full_and_lora(teacher, batch):
         make_student(teacher)
 
 
-def test_batched_velocity_argument_errors(teacher, batch):
+def test_per_sample_scale_of_the_wrong_length_is_refused(teacher, batch):
     x, t, y = batch
-    with pytest.raises(ValueError, match="equally many"):
-        batched_velocity(teacher, [x, x], [t], [y, y])
     inject_lora(teacher.network, LoraConfig(targets=DIT_ATTENTION_TARGETS, rank=2))
-    with pytest.raises(ValueError, match=r"shape \(3,\)"):
-        batched_velocity(teacher, [x], [t], [y], [torch.ones(2)])
-    out = batched_velocity(teacher, [x, x[:1]], [t, 0.5], [y, y[:1]], [torch.ones(3), 0.0])
-    assert [o.shape[0] for o in out] == [3, 1]
+    with pytest.raises(ValueError, match="scale"), lora_scale(teacher.network, torch.ones(2)):
+        teacher.velocity(x, t, y)
+    with lora_scale(teacher.network, torch.ones(3)):
+        assert teacher.velocity(x, t, y).shape == x.shape

@@ -14,6 +14,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 
+from dmdr_fast.conditions import cat_conds, slice_cond
 from dmdr_fast.models import FlowModelAdapter, make_student, restore_attention, use_attention
 from dmdr_fast.models.sd3 import SD3Adapter, SD3Condition
 from dmdr_fast.pipelines.random import byte_level_clip_tokenizer
@@ -209,7 +210,7 @@ def test_pipeline_sampling_with_cfg_matches_adapter_loop(adapter: SD3Adapter, pi
         ).images
         sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         sched.set_timesteps(steps)
-        both = adapter.cat_conditions([adapter.null_condition(2), adapter.encode_condition(PROMPTS)])
+        both = cat_conds([adapter.null_condition(2), adapter.encode_condition(PROMPTS)])
         for i in range(steps):
             t = sched.sigmas[i].expand(4)
             v_uncond, v_cond = adapter.velocity(torch.cat([x, x]), t, both).chunk(2)
@@ -245,15 +246,15 @@ def test_null_condition_cached(adapter: SD3Adapter, monkeypatch: pytest.MonkeyPa
 
 def test_cat_and_slice_conditions(adapter: SD3Adapter):
     a, b = adapter.encode_condition(PROMPTS), adapter.null_condition(1)
-    c = adapter.cat_conditions([a, b, a])
+    c = cat_conds([a, b, a])
     assert c.prompt_embeds.shape[0] == 5 and c.pooled_projections.shape[0] == 5
-    torch.testing.assert_close(adapter.slice_condition(c, 2, 3).prompt_embeds, b.prompt_embeds)
-    torch.testing.assert_close(adapter.slice_condition(c, 3, 5).pooled_projections, a.pooled_projections)
+    torch.testing.assert_close(slice_cond(c, 2, 3).prompt_embeds, b.prompt_embeds)
+    torch.testing.assert_close(slice_cond(c, 3, 5).pooled_projections, a.pooled_projections)
     short = SD3Condition(a.prompt_embeds[:, :4], a.pooled_projections)
     with pytest.raises(ValueError, match="shapes"):
-        adapter.cat_conditions([a, short])
+        cat_conds([a, short])
     with pytest.raises(ValueError):
-        adapter.cat_conditions([])
+        cat_conds([])
 
 
 def test_decode_range_and_gradient(adapter: SD3Adapter, pipe: StableDiffusion3Pipeline):

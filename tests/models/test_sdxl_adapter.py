@@ -14,6 +14,7 @@ from diffusers import (
 )
 from torch import nn
 
+from dmdr_fast.conditions import cat_conds, slice_cond
 from dmdr_fast.models import (
     FlowModelAdapter,
     LoraConfig,
@@ -206,8 +207,8 @@ def test_clamped_branch_and_continuity(adapter: SDXLAdapter, pipe: StableDiffusi
             torch.testing.assert_close(noise - t * v, x0, rtol=1e-5, atol=1e-4)
         # Continuity at t_max: the gap between the branches on either side shrinks linearly with the
         # distance (a jump would not); the velocity is steep there (x̂0 carries 1/α_max ≈ 15).
-        one = adapter.slice_condition(cond, 0, 1)
-        pair, x = adapter.cat_conditions([one, one]), torch.cat([noise[:1], noise[:1]])
+        one = slice_cond(cond, 0, 1)
+        pair, x = cat_conds([one, one]), torch.cat([noise[:1], noise[:1]])
         gaps = []
         for d in (1e-3, 1e-5):
             v = adapter.velocity(x, torch.tensor([adapter.t_max - d, adapter.t_max + d]), pair)
@@ -252,14 +253,12 @@ def test_null_condition_follows_force_zeros(pipe: StableDiffusionXLPipeline, mon
 
 def test_cat_and_slice_conditions(adapter: SDXLAdapter):
     a, b = adapter.encode_condition(PROMPTS), adapter.null_condition(1)
-    c = adapter.cat_conditions([a, b, a])
+    c = cat_conds([a, b, a])
     assert len(c) == 5 and c.add_time_ids.shape == (5, 6)
-    torch.testing.assert_close(adapter.slice_condition(c, 2, 3).prompt_embeds, b.prompt_embeds)
-    torch.testing.assert_close(adapter.slice_condition(c, 3, 5).pooled_prompt_embeds, a.pooled_prompt_embeds)
+    torch.testing.assert_close(slice_cond(c, 2, 3).prompt_embeds, b.prompt_embeds)
+    torch.testing.assert_close(slice_cond(c, 3, 5).pooled_prompt_embeds, a.pooled_prompt_embeds)
     with pytest.raises(ValueError, match="shapes"):
-        adapter.cat_conditions(
-            [a, SDXLCondition(a.prompt_embeds[:, :4], a.pooled_prompt_embeds, a.add_time_ids)]
-        )
+        cat_conds([a, SDXLCondition(a.prompt_embeds[:, :4], a.pooled_prompt_embeds, a.add_time_ids)])
 
 
 def test_decode_range_gradient_and_upcast(adapter: SDXLAdapter, pipe: StableDiffusionXLPipeline):
@@ -389,7 +388,7 @@ def test_euler_cfg_pipeline_matches_adapter_loop(adapter: SDXLAdapter, pipe: Sta
         sched.set_timesteps(steps)
         t = sched.sigmas / (1 + sched.sigmas)
         x = noise * sched.init_noise_sigma * (1 - t[0])
-        both = adapter.cat_conditions([adapter.null_condition(2), adapter.encode_condition(PROMPTS)])
+        both = cat_conds([adapter.null_condition(2), adapter.encode_condition(PROMPTS)])
         for i in range(steps):
             v_uncond, v_cond = adapter.velocity(torch.cat([x, x]), t[i].expand(4), both).chunk(2)
             x = x + (t[i + 1] - t[i]) * (v_uncond + guidance * (v_cond - v_uncond))

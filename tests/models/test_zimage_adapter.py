@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
+from dmdr_fast.conditions import cat_conds, slice_cond
 from dmdr_fast.models import (
     FlowModelAdapter,
     LoraConfig,
@@ -198,7 +199,7 @@ def test_pipeline_cfg_matches_adapter_loop(adapter: ZImageAdapter, pipe: ZImageP
     x = _latents(seed=5)
     with torch.no_grad():
         ref = _sample(pipe, x, steps, guidance=guidance)
-        both = adapter.cat_conditions([adapter.encode_condition(list(PROMPTS)), adapter.null_condition(2)])
+        both = cat_conds([adapter.encode_condition(list(PROMPTS)), adapter.null_condition(2)])
         grid = adapter.few_step_grid(steps, SHIFT)  # the fixture's scheduler is deterministic, same grid
         for i in range(steps):
             v_cond, v_uncond = adapter.velocity(torch.cat([x, x]), grid[i].expand(4), both).chunk(2)
@@ -229,24 +230,21 @@ def test_null_condition_cached(adapter: ZImageAdapter, monkeypatch: pytest.Monke
 
 def test_cat_and_slice_conditions(adapter: ZImageAdapter):
     a, b = adapter.encode_condition(list(PROMPTS)), adapter.null_condition(1)
-    c = adapter.cat_conditions([a, b, a])
+    c = cat_conds([a, b, a])
     assert c.prompt_embeds.shape == (5, TOKENS, HIDDEN) and c.lengths.shape == (5,)
     assert c.lengths.tolist() == [*a.lengths.tolist(), *b.lengths.tolist(), *a.lengths.tolist()]
-    torch.testing.assert_close(adapter.slice_condition(c, 2, 3).prompt_embeds, b.prompt_embeds)
-    torch.testing.assert_close(adapter.slice_condition(c, 3, 5).lengths, a.lengths)
+    torch.testing.assert_close(slice_cond(c, 2, 3).prompt_embeds, b.prompt_embeds)
+    torch.testing.assert_close(slice_cond(c, 3, 5).lengths, a.lengths)
     # One batch of mixed lengths gives what the parts give alone (padding masked per sample).
     x, t = _latents(5, seed=6), torch.rand(5, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         whole = adapter.velocity(x, t, c)
-        parts = [
-            adapter.velocity(x[i : i + 1], t[i : i + 1], adapter.slice_condition(c, i, i + 1))
-            for i in range(5)
-        ]
+        parts = [adapter.velocity(x[i : i + 1], t[i : i + 1], slice_cond(c, i, i + 1)) for i in range(5)]
     torch.testing.assert_close(whole, torch.cat(parts), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="shapes"):
-        adapter.cat_conditions([a, ZImageCondition(a.prompt_embeds[:, :40], a.lengths)])
+        cat_conds([a, ZImageCondition(a.prompt_embeds[:, :40], a.lengths)])
     with pytest.raises(ValueError):
-        adapter.cat_conditions([])
+        cat_conds([])
 
 
 def test_decode_range_and_gradient(adapter: ZImageAdapter, pipe: ZImagePipeline):

@@ -11,11 +11,10 @@ import yaml
 from PIL import Image
 
 from dmdr_fast.cli import main
+from dmdr_fast.config import ConfigError, DMDRTrainerConfig
+from dmdr_fast.configs import CONFIG_DIR, load_preset
 from dmdr_fast.pipelines.random import SIZES, build_random_pipeline, save_random_pipeline
-from dmdr_fast.presets.digits import CONFIG_DIR, load_preset
-from dmdr_fast.presets.t2i import DEFAULT_PRESETS, T2I_FAMILIES, family_of_pipeline
-from dmdr_fast.train.config import DMDRTrainerConfig
-from dmdr_fast.train.config_io import ConfigError
+from dmdr_fast.recipes.t2i import DEFAULT_PRESETS, T2I_FAMILIES, family_of_pipeline
 
 T2I_PRESETS = ["sd35-large-4step", "sd3-medium-4step", "sdxl-1step", "flux-4step", "zimage-8step"]
 TINY = [

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from dmdr_fast.cli import main
 from dmdr_fast.pipelines.random import save_random_pipeline
-from dmdr_fast.presets.t2i import adapter_class
+from dmdr_fast.recipes.t2i import adapter_class
 
 PROMPTS = ["a red cat", "a blue dog", "a green car", "an old tree", "a tall house"]
 COMMON = [
@@ -156,8 +156,8 @@ def test_train_export_load_with_plain_diffusers(tmp_path: Path, case: str):
 @pytest.mark.parametrize("case", ["sdxl-full", "sdxl-lora"])
 def test_a_new_run_starts_from_an_export(tmp_path: Path, case: str):
     """``student.init`` = an exported folder (full: a pipeline folder, LoRA: the LoRA folder)."""
-    from dmdr_fast.presets.digits import load_preset
-    from dmdr_fast.presets.t2i import bench_trainer
+    from dmdr_fast.configs import load_preset
+    from dmdr_fast.recipes.t2i import bench_trainer
     from dmdr_fast.train import checkpoint as ckpt
 
     _, kind, steps, preset, extra, _, _ = CASES[case]
@@ -174,15 +174,16 @@ def test_a_new_run_starts_from_an_export(tmp_path: Path, case: str):
 
 def _trained_student(run: Path, family: str, teacher_dir: Path, extra: list[str]):
     """The student as the Trainer left it: teacher + the last checkpoint's trainable weights."""
+    from dmdr_fast.config import DMDRTrainerConfig
     from dmdr_fast.models.roles import make_student
     from dmdr_fast.train import checkpoint as ckpt
-    from dmdr_fast.train.config import DMDRTrainerConfig
+    from dmdr_fast.train.components import lora_config
 
     sd = torch.load(ckpt.latest_checkpoint(run), map_location="cpu", weights_only=False)
     config = DMDRTrainerConfig.from_dict(sd["config"])
     teacher = adapter_class(family).from_pretrained(teacher_dir, resolution=16, **_adapter_kwargs(extra))
     s = config.student
-    lora = s.lora.to_lora_config("student", teacher.default_lora_targets) if s.kind == "lora" else None
+    lora = lora_config(s.lora, "student", teacher.default_lora_targets) if s.kind == "lora" else None
     student = make_student(teacher, lora=lora)
     ckpt.load_trainable_state(student.network, sd["student"], "student")
     if s.noise_timestep is not None:
@@ -276,8 +277,8 @@ def test_compiled_t2i_training_has_no_graph_breaks_or_per_step_recompiles(
     attention op (aot_eager: graph capture without code generation)."""
     from torch._dynamo.utils import counters
 
-    from dmdr_fast.presets.digits import load_preset
-    from dmdr_fast.presets.t2i import bench_trainer
+    from dmdr_fast.configs import load_preset
+    from dmdr_fast.recipes.t2i import bench_trainer
 
     folder = save_random_pipeline(family, "tiny", tmp_path / "pipe")
     sets = [*COMMON, "dmdr.ratio_update=1", "train.compile=true", "train.compile_backend=aot_eager", *extra]

@@ -209,8 +209,8 @@ def test_importing_rewards_does_not_import_transformers():
 
 
 def test_rewards_from_config_maps_every_field():
+    from dmdr_fast.config import RewardConfig
     from dmdr_fast.rewards import rewards_from_config
-    from dmdr_fast.train.config import RewardConfig
 
     cfgs = (
         RewardConfig(kind="hps", path="does/not/exist/here", name="h", weight=0.0),  # inactive: skipped
@@ -224,8 +224,8 @@ def test_rewards_from_config_maps_every_field():
 
 
 def test_reward_from_config_passes_combine_settings(monkeypatch):
+    from dmdr_fast.config import RewardConfig
     from dmdr_fast.rewards import registry
-    from dmdr_fast.train.config import RewardConfig
 
     monkeypatch.setitem(
         registry._BUILDERS, "constant", lambda *, path, device, dtype, **kw: CallableReward(mean_score, **kw)

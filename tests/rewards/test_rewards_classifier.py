@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dmdr_fast.models.classifier import DigitClassifier
+from dmdr_fast.recipes.digits.classifier import DigitClassifier
 from dmdr_fast.rewards import (
     ClassifierReward,
     CompositeReward,

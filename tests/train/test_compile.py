@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from dmdr_fast.config import DMDRTrainerConfig
 from dmdr_fast.models import DiTAdapter, tiny_dit
+from dmdr_fast.train import ClassLabelSampler, Trainer
 from dmdr_fast.train import checkpoint as ckpt
-from dmdr_fast.train.config import DMDRTrainerConfig
-from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
 
 ATTN = ["*attn1.to_q", "*attn1.to_k", "*attn1.to_v", "*attn1.to_out.0"]
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import dmdr_fast.algo.generator as generator_mod
 from dmdr_fast.algo import noise_like, renoise
+from dmdr_fast.algo.generator import DMDInputs, decoupled_inputs, dmd_direction
+from dmdr_fast.config import ConfigError, DMDRTrainerConfig
 from dmdr_fast.models import DiTAdapter, tiny_dit
 from dmdr_fast.models.lora import lora_scale
-from dmdr_fast.train.config import ConfigError, DMDRTrainerConfig
-from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
+from dmdr_fast.train import ClassLabelSampler, Trainer
 
 ATTN = ["*attn1.to_q", "*attn1.to_k", "*attn1.to_v", "*attn1.to_out.0"]
 
@@ -49,6 +51,22 @@ def _perturb_critic(tr: Trainer) -> None:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
+def _inputs(tr: Trainer, x0, x_tau, tau, t_in, labels, null, lam_r):
+    """Decoupled DMD's inputs as the Trainer's generator step asks them (the run's RNG, step 0)."""
+    return decoupled_inputs(
+        tr.scores, x0, x_tau, tau, t_in, labels, null, lam_r,
+        mode=tr.config.dmdr.ca_renoise, renoise_times=tr.dynars, step=0, generator=tr.gen,
+    )  # fmt: skip
+
+
+def _direction(tr: Trainer, x0, x_tau, tau, v_fake, v_cond, guidance, ca=None):
+    """The generator's DMD gradient on x0 (what ``x0.backward`` receives) and the metrics."""
+    d = tr.config.dmdr
+    inputs = DMDInputs(x_tau, tau, v_fake, v_cond, None, guidance, 0.0, ca)
+    leaf = x0.clone().requires_grad_(True)
+    return dmd_direction(leaf, inputs, dmd_weight=d.dmd_weight, ca_weight=d.ca_weight, eps=d.eps)
+
+
 def _case(tr: Trainer, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     B = tr.config.train.batch_size
@@ -69,7 +87,7 @@ def test_inputs_equal_separate_passes(critic, ca_renoise):
     x0, x_tau, tau, labels, null, t_in = _case(tr)
     lam_r = 0.4
     replay = torch.Generator().set_state(tr.gen.get_state())
-    v_fake, v_cond, ca = tr._decoupled_inputs(x0, x_tau, tau, t_in, labels, null, lam_r)
+    v_fake, v_cond, ca = _inputs(tr, x0, x_tau, tau, t_in, labels, null, lam_r)
 
     if ca_renoise == "shared":
         assert ca.x_t is x_tau and torch.equal(ca.t, tau)
@@ -112,10 +130,9 @@ def test_direction_is_the_two_normalised_terms():
     tr = _trainer(_config(dmd_weight=0.7, ca_weight=1.3))
     _perturb_critic(tr)
     x0, x_tau, tau, labels, null, t_in = _case(tr, seed=1)
-    v_fake, v_cond, ca = tr._decoupled_inputs(x0, x_tau, tau, t_in, labels, null, 0.0)
+    v_fake, v_cond, ca = _inputs(tr, x0, x_tau, tau, t_in, labels, null, 0.0)
     w = 3.0
-    leaf = x0.clone().requires_grad_(True)
-    metrics = tr._generator_backward(leaf, x_tau, tau, v_fake, v_cond, None, w, labels, 1, ca=ca)
+    grad, metrics = _direction(tr, x0, x_tau, tau, v_fake, v_cond, w, ca)
 
     def norm(x):
         return x.abs().mean(dim=(1, 2, 3), keepdim=True)
@@ -125,7 +142,7 @@ def test_direction_is_the_two_normalised_terms():
     v_cfg = ca.v_uncond + w * (ca.v_cond - ca.v_uncond)
     g_ca = t_ca * (w - 1) * (ca.v_cond - ca.v_uncond) / (norm(x0 - (ca.x_t - t_ca * v_cfg)) + 1e-8)
     want = (0.7 * g_dm + 1.3 * g_ca) / x0.numel()  # loss = ½·mean(g²) per term
-    torch.testing.assert_close(leaf.grad, want, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-9)
     assert metrics["loss_dm"] > 0 and metrics["loss_ca"] > 0
     assert metrics["loss_dmd"] == pytest.approx(0.7 * metrics["loss_dm"] + 1.3 * metrics["loss_ca"], rel=1e-5)
 
@@ -134,45 +151,40 @@ def test_ca_weight_zero_leaves_the_dm_term_alone():
     tr = _trainer(_config(ca_weight=0.0))
     _perturb_critic(tr)
     x0, x_tau, tau, labels, null, t_in = _case(tr, seed=2)
-    v_fake, v_cond, ca = tr._decoupled_inputs(x0, x_tau, tau, t_in, labels, null, 0.0)
-    a, b = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
-    tr._generator_backward(a, x_tau, tau, v_fake, v_cond, None, 3.0, labels, 1, ca=ca)
-    tr._generator_backward(b, x_tau, tau, v_fake, v_cond, None, 1.0, labels, 1)  # plain DMD without CFG
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-12)
+    v_fake, v_cond, ca = _inputs(tr, x0, x_tau, tau, t_in, labels, null, 0.0)
+    a, _ = _direction(tr, x0, x_tau, tau, v_fake, v_cond, 3.0, ca)
+    b, _ = _direction(tr, x0, x_tau, tau, v_fake, v_cond, 1.0)  # plain DMD without CFG
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
 
 
 def test_jitter_at_or_below_one_has_no_ca_term():
     tr = _trainer(_config())
     _perturb_critic(tr)
     x0, x_tau, tau, labels, null, t_in = _case(tr, seed=3)
-    v_fake, v_cond, ca = tr._decoupled_inputs(x0, x_tau, tau, t_in, labels, null, 0.0)
-    m = tr._generator_backward(
-        x0.clone().requires_grad_(True), x_tau, tau, v_fake, v_cond, None, 0.9, labels, 1, ca=ca
-    )
+    v_fake, v_cond, ca = _inputs(tr, x0, x_tau, tau, t_in, labels, null, 0.0)
+    _, m = _direction(tr, x0, x_tau, tau, v_fake, v_cond, 0.9, ca)
     assert m["loss_ca"] == 0.0 and m["loss_dm"] > 0
 
 
 def test_step_feeds_the_loss_what_the_inputs_gave(monkeypatch):
     """One real ``step()``: the DM sample, the CA inputs, w and t_k reach the loss unmixed."""
-    import dmdr_fast.train.trainer as trainer_mod
-
     tr = _trainer(_config(ratio_update=1, guidance_jitter=0.5))
     seen: dict = {}
-    inputs = tr._decoupled_inputs
+    inputs = generator_mod.decoupled_inputs
 
-    def spy_inputs(x0, x_tau, tau, t_in, cond, null, lam_r):
+    def spy_inputs(nets, x0, x_tau, tau, t_in, cond, null, lam_r, **kw):
         seen["inputs"] = (x0, x_tau, tau, t_in, lam_r)
-        seen["out"] = inputs(x0, x_tau, tau, t_in, cond, null, lam_r)
+        seen["out"] = inputs(nets, x0, x_tau, tau, t_in, cond, null, lam_r, **kw)
         return seen["out"]
 
-    loss = trainer_mod.decoupled_dmd_loss
+    loss = generator_mod.decoupled_dmd_loss
 
     def spy_loss(x0, **kw):
         seen["loss"] = (x0, kw)
         return loss(x0, **kw)
 
-    monkeypatch.setattr(tr, "_decoupled_inputs", spy_inputs)
-    monkeypatch.setattr(trainer_mod, "decoupled_dmd_loss", spy_loss)
+    monkeypatch.setattr(generator_mod, "decoupled_inputs", spy_inputs)
+    monkeypatch.setattr(generator_mod, "decoupled_dmd_loss", spy_loss)
     metrics = tr.step()
     x0, x_tau, tau, t_in, lam_r = seen["inputs"]
     v_fake, v_cond, ca = seen["out"]

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from dmdr_fast.config import DMDRTrainerConfig, MonitorConfig
 from dmdr_fast.models import DiTAdapter, tiny_dit
 from dmdr_fast.rewards import ClassifierReward, CompositeReward
-from dmdr_fast.train.config import DMDRTrainerConfig, MonitorConfig
+from dmdr_fast.train import ClassLabelSampler, Trainer
 from dmdr_fast.train.monitor import RewardHackingMonitor, mean_pairwise_distance
-from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
 
 ATTN = ["*attn1.to_q", "*attn1.to_k", "*attn1.to_v", "*attn1.to_out.0"]
 
@@ -125,9 +125,8 @@ def test_trainer_runs_the_monitor_and_resumes_it(tmp_path):
 
 
 def test_bad_settings_are_refused():
+    from dmdr_fast.config import ConfigError, RewardConfig
     from dmdr_fast.rewards import ClassifierReward
-    from dmdr_fast.train.config import RewardConfig
-    from dmdr_fast.train.config_io import ConfigError
 
     with pytest.raises(ConfigError, match="patience"):
         MonitorConfig(patience=0)

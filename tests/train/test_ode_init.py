@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from dmdr_fast.algo import euler_sample
+from dmdr_fast.config import DMDRTrainerConfig
 from dmdr_fast.models import DiTAdapter, tiny_dit
+from dmdr_fast.train import ClassLabelSampler, Trainer
 from dmdr_fast.train import ode_init as ode_mod
-from dmdr_fast.train.config import DMDRTrainerConfig
 from dmdr_fast.train.logging import read_jsonl
 from dmdr_fast.train.ode_init import ODEPairs, generate_ode_pairs
-from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
 
 ATTN = ["*attn1.to_q", "*attn1.to_k", "*attn1.to_v", "*attn1.to_out.0"]
 LABELS = torch.tensor([0, 3, 7, 1, 9])
@@ -114,7 +114,7 @@ def test_cli_digits_pairs_use_balanced_labels(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from dmdr_fast.cli import main
-    from dmdr_fast.presets import digits
+    from dmdr_fast.recipes import digits
 
     monkeypatch.setattr(digits, "prepare_assets", lambda *a, **k: SimpleNamespace(fresh_teacher=_teacher))
     out = tmp_path / "pairs"

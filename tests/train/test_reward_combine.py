@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from dmdr_fast.algo import generator_dmd_loss, renoise
+from dmdr_fast.algo.generator import DMDInputs, fake_and_real
+from dmdr_fast.config import DMDRTrainerConfig
 from dmdr_fast.models import DiTAdapter, tiny_dit
 from dmdr_fast.rewards import ClassifierReward, CompositeReward, Reward
-from dmdr_fast.train.config import DMDRTrainerConfig
-from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
+from dmdr_fast.train import ClassLabelSampler, Trainer
 
 ATTN = ["*attn1.to_q", "*attn1.to_k", "*attn1.to_v", "*attn1.to_out.0"]
 
@@ -58,10 +59,10 @@ def _inputs(tr: Trainer, seed: int = 0):
         x0 = x_in - t.view(-1, 1, 1, 1) * tr.student.velocity(x_in, t, labels)
     tau = torch.rand(B, generator=g) * 0.8 + 0.1
     x_tau = renoise(x0, tau, torch.randn(x0.shape, generator=g))
-    v_fake, v_cond, v_uncond = tr._fake_and_real(x_tau, tau, labels, None, 0.3)
+    v_fake, v_cond, v_uncond = fake_and_real(tr.scores, x_tau, tau, labels, None, 0.3)
     # A fresh LoRA critic equals the teacher (zero DMD direction): move the fake score off it.
     v_fake = v_fake + 0.3 * torch.randn(v_fake.shape, generator=g)
-    return x_in, t, labels, (x_tau, tau, v_fake, v_cond, v_uncond, 1.0)
+    return x_in, t, labels, DMDInputs(x_tau, tau, v_fake, v_cond, v_uncond, 1.0, 0.3)
 
 
 def _student_x0(tr, x_in, t, labels):
@@ -80,12 +81,12 @@ def test_fixed_mode_equals_the_summed_loss():
     x_in, t, labels, dmd_in = _inputs(tr)
 
     tr.student.network.zero_grad(set_to_none=True)
-    metrics = tr._generator_backward(_student_x0(tr, x_in, t, labels), *dmd_in, labels, 2)
+    metrics = tr.generator_backward(_student_x0(tr, x_in, t, labels), dmd_in, labels, 2)
     ours = _grads(tr)
 
     tr.student.network.zero_grad(set_to_none=True)
     x0 = _student_x0(tr, x_in, t, labels)
-    loss = generator_dmd_loss(x0, *dmd_in) + tr.reward(tr.student.decode(x0), labels).loss.mean()
+    loss = generator_dmd_loss(x0, *dmd_in[:6]) + tr.reward(tr.student.decode(x0), labels).loss.mean()
     loss.backward()
     plain = _grads(tr)
 
@@ -103,15 +104,20 @@ def test_several_fixed_rewards_also_equal_the_summed_loss():
         ClassifierReward(_classifier(1), name="a", weight=0.7, num_classes=10, in_channels=1),
         ClassifierReward(_classifier(2), name="b", weight=0.2, num_classes=10, in_channels=1, mode="prob"),
     ]
-    cfg = _config([{"kind": "classifier", "name": "a", "weight": 0.7}, {"kind": "classifier", "name": "b"}])
+    cfg = _config(
+        [
+            {"kind": "classifier", "name": "a", "weight": 0.7},
+            {"kind": "classifier", "name": "b", "weight": 0.2},
+        ]
+    )
     tr = _trainer(cfg, rewards)
     x_in, t, labels, dmd_in = _inputs(tr, seed=3)
     tr.student.network.zero_grad(set_to_none=True)
-    metrics = tr._generator_backward(_student_x0(tr, x_in, t, labels), *dmd_in, labels, 2)
+    metrics = tr.generator_backward(_student_x0(tr, x_in, t, labels), dmd_in, labels, 2)
     ours = _grads(tr)
     tr.student.network.zero_grad(set_to_none=True)
     x0 = _student_x0(tr, x_in, t, labels)
-    (generator_dmd_loss(x0, *dmd_in) + tr.reward(tr.student.decode(x0), labels).loss.mean()).backward()
+    (generator_dmd_loss(x0, *dmd_in[:6]) + tr.reward(tr.student.decode(x0), labels).loss.mean()).backward()
     for a, b in zip(ours, _grads(tr), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert "reward_cos/fixed" in metrics  # one shared gradient for the linear (fixed) rewards
@@ -120,7 +126,7 @@ def test_several_fixed_rewards_also_equal_the_summed_loss():
 def _x0_gradient(tr, x0_leaf, dmd_in, labels):
     """The gradient the Trainer pushes into x0 (x0 a leaf, so it lands in .grad)."""
     x0 = x0_leaf.clone().requires_grad_(True)
-    metrics = tr._generator_backward(x0, *dmd_in, labels, 2)
+    metrics = tr.generator_backward(x0, dmd_in, labels, 2)
     return x0.grad, metrics
 
 
@@ -138,7 +144,7 @@ def test_balanced_mode_scales_each_sample_to_the_ratio(cap):
     got, metrics = _x0_gradient(tr, x0, dmd_in, labels)
 
     xd = x0.clone().requires_grad_(True)
-    (g_dmd,) = torch.autograd.grad(generator_dmd_loss(xd, *dmd_in), xd)
+    (g_dmd,) = torch.autograd.grad(generator_dmd_loss(xd, *dmd_in[:6]), xd)
     (g_r,) = torch.autograd.grad(tr.reward(tr.student.decode(xd), labels).terms["a"].mean(), xd)
     a, b = g_dmd.flatten(1).norm(dim=1), g_r.flatten(1).norm(dim=1)
     w = (0.5 * a / (b + 1e-12)).clamp(max=math.inf if cap is None else cap)
@@ -170,7 +176,7 @@ def test_non_finite_reward_gradients_are_zeroed_and_counted():
     x_in, t, labels, dmd_in = _inputs(tr)
     tr.student.network.zero_grad(set_to_none=True)
     x0 = _student_x0(tr, x_in, t, labels)
-    metrics = tr._generator_backward(x0, *dmd_in, labels, 2)
+    metrics = tr.generator_backward(x0, dmd_in, labels, 2)
     xd = x0.detach().requires_grad_(True)
     (g_r,) = torch.autograd.grad(r(tr.student.decode(xd), labels).mean(), xd)
     expected = int((~torch.isfinite(g_r)).sum())  # NaN survives where decode does not clamp
@@ -188,7 +194,7 @@ def test_reward_only_baseline_runs_with_zero_dmd_weight():
 
 
 def test_balanced_needs_dmd():
-    from dmdr_fast.train.config_io import ConfigError
+    from dmdr_fast.config import ConfigError
 
     with pytest.raises(ConfigError, match="balanced"):
         _config([{"kind": "classifier", "combine": "balanced"}], dmd_weight=0.0)

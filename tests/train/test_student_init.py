@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from dmdr_fast.config import ConfigError, DMDRTrainerConfig
 from dmdr_fast.models import DiTAdapter, tiny_dit
 from dmdr_fast.models.lora_io import save_lora
 from dmdr_fast.models.weights import load_network_weights, read_state_dict
-from dmdr_fast.train.config import ConfigError, DMDRTrainerConfig
-from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
+from dmdr_fast.train import ClassLabelSampler, Trainer
 
 ATTN = ["*attn1.to_q", "*attn1.to_k", "*attn1.to_v", "*attn1.to_out.0"]
 

@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 
+from dmdr_fast.config import DMDRTrainerConfig
 from dmdr_fast.models import DiTAdapter, tiny_dit
+from dmdr_fast.train import ClassLabelSampler, Trainer
 from dmdr_fast.train import checkpoint as ckpt
-from dmdr_fast.train.config import DMDRTrainerConfig
 from dmdr_fast.train.logging import read_jsonl
-from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
 
 ATTN = ["*attn1.to_q", "*attn1.to_k", "*attn1.to_v", "*attn1.to_out.0"]
 
@@ -266,13 +266,14 @@ def test_deterministic_mode_is_scoped_to_the_trainer(monkeypatch):
     assert not torch.are_deterministic_algorithms_enabled()
     tr = make_trainer(small_config(max_steps=1))
     seen = []
-    real = Trainer._randn
+    real = tr.data
 
-    def spy(self, shape):
-        seen.append(torch.are_deterministic_algorithms_enabled())
-        return real(self, shape)
+    class Spy:  # the condition sampler is called inside every iteration
+        def sample(self, batch_size, generator):
+            seen.append(torch.are_deterministic_algorithms_enabled())
+            return real.sample(batch_size, generator)
 
-    monkeypatch.setattr(Trainer, "_randn", spy)
+    tr.data = Spy()
     tr.fit(progress=False)
     assert seen and all(seen)
     assert not torch.are_deterministic_algorithms_enabled()

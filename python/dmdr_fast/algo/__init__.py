@@ -11,29 +11,19 @@ Modules:
     sampling: few-step sampler, backward simulation, multi-step Euler sampler for the teacher.
     guidance: CFG scale with jitter, the batched fake/cond/uncond guidance query and its split.
     losses: critic flow-matching loss, generator DMD loss, Decoupled DMD.
-    flow: the convention's formulas (renoise, x̂0 from a velocity, velocity target, seeded noise).
-    conditions: condition slicing / concatenation helpers and the ``VelocityFn`` type.
+    flow: the convention's formulas (renoise, x̂0 from a velocity, velocity target, seeded noise) and
+        the ``VelocityFn`` type. Condition helpers come from :mod:`dmdr_fast.conditions`.
 """
 
-from dmdr_fast.algo.conditions import (
-    Cond,
-    VelocityFn,
-    cat_conds,
-    cond_batch_size,
-    expand_cond,
-    index_cond,
-    map_tensors,
-)
-from dmdr_fast.algo.flow import noise_like, predict_x0, renoise, velocity_target, x0_from_velocity
+from dmdr_fast.algo._utils import rand, randn
+from dmdr_fast.algo.flow import VelocityFn, noise_like, predict_x0, renoise, velocity_target, x0_from_velocity
 from dmdr_fast.algo.guidance import (
     GuidanceBatch,
     GuidanceQuery,
     GuidanceScale,
-    GuidanceVelocities,
-    build_guidance_batch,
     concat_guidance_queries,
     real_velocity,
-    split_guidance_output,
+    uses_cfg,
 )
 from dmdr_fast.algo.losses import DecoupledDMDLoss, critic_loss, decoupled_dmd_loss, generator_dmd_loss
 from dmdr_fast.algo.sampling import (
@@ -53,6 +43,7 @@ from dmdr_fast.algo.schedules import (
     sample_beta,
     sample_gamma,
 )
+from dmdr_fast.conditions import Cond, cat_conds, cond_batch_size, expand_cond, index_cond, map_tensors
 
 __all__ = [
     "BackwardSimulation",
@@ -64,10 +55,8 @@ __all__ = [
     "GuidanceBatch",
     "GuidanceQuery",
     "GuidanceScale",
-    "GuidanceVelocities",
     "VelocityFn",
     "backward_simulation",
-    "build_guidance_batch",
     "cat_conds",
     "concat_guidance_queries",
     "cond_batch_size",
@@ -85,11 +74,13 @@ __all__ = [
     "map_tensors",
     "noise_like",
     "predict_x0",
+    "rand",
+    "randn",
     "real_velocity",
     "renoise",
     "sample_beta",
     "sample_gamma",
-    "split_guidance_output",
+    "uses_cfg",
     "velocity_target",
     "x0_from_velocity",
 ]

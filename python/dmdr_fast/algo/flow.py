@@ -9,12 +9,19 @@ precision next to bf16 data: 0.9 in bf16 is 0.8984), and results are returned in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
 import torch
 
 from dmdr_fast.algo._utils import check_like, check_tensor, check_times, randn, view_batch
-from dmdr_fast.algo.conditions import Cond, VelocityFn
+from dmdr_fast.conditions import Cond
 
-__all__ = ["noise_like", "predict_x0", "renoise", "velocity_target", "x0_from_velocity"]
+__all__ = ["VelocityFn", "noise_like", "predict_x0", "renoise", "velocity_target", "x0_from_velocity"]
+
+VelocityFn: TypeAlias = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+"""``velocity_fn(x, t, cond) -> v``: x (B, ...), t (B,) float in [0, 1] with t = 1 pure noise,
+returns v (B, ...) ≈ ε − x0 (the rectified-flow convention, docs/method.md §1)."""
 
 
 def noise_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -11,7 +11,8 @@ Classifier-free guidance of the real score, and what "no CFG" means
 unconditional velocity is not used at all), and it applies whenever ``w <= 1``: at ``w = 1`` the
 formula already gives ``v_cond``, and values below 1 (the SiT scripts pass 0 to mean "off") are
 read as "off" rather than as a pull toward the unconditional score. Equivalently, the effective
-scale is ``max(w, 1)``. Whether the unconditional pass is run at all is decided once from the
+scale is ``max(w, 1)``. :func:`uses_cfg` is the one place that decides it; every sampler, loss,
+config check and recipe asks it. Whether the unconditional pass is run at all is decided once from the
 *nominal* scale (:attr:`GuidanceScale.enabled`); a per-batch jitter that lands at or below 1 then
 just gives ``v_cond`` for that batch. The fake score never uses CFG.
 """
@@ -25,18 +26,21 @@ from typing import NamedTuple
 import torch
 
 from dmdr_fast.algo._utils import check_finite, check_like, check_tensor, check_times, rand
-from dmdr_fast.algo.conditions import Cond, cat_conds, cond_batch_size, expand_cond
+from dmdr_fast.conditions import Cond, cat_conds, cond_batch_size
 
 __all__ = [
     "GuidanceBatch",
     "GuidanceQuery",
     "GuidanceScale",
-    "GuidanceVelocities",
-    "build_guidance_batch",
     "concat_guidance_queries",
     "real_velocity",
-    "split_guidance_output",
+    "uses_cfg",
 ]
+
+
+def uses_cfg(scale: float) -> bool:
+    """Whether a guidance scale ``w`` means classifier-free guidance: ``w > 1`` (else ``v = v_cond``)."""
+    return scale > 1.0
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class GuidanceScale:
     @property
     def enabled(self) -> bool:
         """True iff the nominal scale is > 1, i.e. the unconditional velocity must be computed."""
-        return self.scale > 1.0
+        return uses_cfg(self.scale)
 
     def sample(self, generator: torch.Generator | None = None) -> float:
         """The guidance scale for one batch.
@@ -94,18 +98,10 @@ def real_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor | None, guidance:
     """
     w = check_finite("guidance", guidance)
     check_tensor("v_cond", v_cond)
-    if v_uncond is None or w <= 1.0:
+    if v_uncond is None or not uses_cfg(w):
         return v_cond
     check_like("v_uncond", v_uncond, "v_cond", v_cond)
     return v_uncond + w * (v_cond - v_uncond)
-
-
-class GuidanceVelocities(NamedTuple):
-    """The guidance network's output split by role; each (B, ...)."""
-
-    fake: torch.Tensor
-    cond: torch.Tensor
-    uncond: torch.Tensor | None
 
 
 class GuidanceQuery(NamedTuple):
@@ -142,19 +138,12 @@ class GuidanceBatch:
             raise ValueError(f"output must have leading size {self.x.shape[0]} (P·B), got {got}")
         return tuple(output.chunk(self.num_parts, dim=0))
 
-    def split(self, output: torch.Tensor) -> GuidanceVelocities:
-        """Split the output of a :func:`build_guidance_batch` batch into fake / cond / uncond."""
-        if self.num_parts not in (2, 3):
-            raise ValueError(f"split needs a fake/cond[/uncond] batch of 2 or 3 parts, got {self.num_parts}")
-        chunks = self.chunk(output)
-        return GuidanceVelocities(chunks[0], chunks[1], chunks[2] if self.num_parts == 3 else None)
-
 
 def concat_guidance_queries(queries: Sequence[GuidanceQuery]) -> GuidanceBatch:
-    """Stack several guidance queries into one batch (generic form of :func:`build_guidance_batch`).
+    """Stack several guidance queries into one batch: the one route that batches the guidance network.
 
-    Use it for layouts other than fake/cond/uncond, e.g. Decoupled DMD evaluates
-    ``[fake@τ_dm, cond@τ_dm, cond@τ_ca, uncond@τ_ca]`` in one call.
+    The generator step asks ``[fake, cond, uncond]`` at one renoised sample; Decoupled DMD asks
+    ``[fake@τ_dm, cond@τ_dm, cond@τ_ca, uncond@τ_ca]``; both are one call of size P·B.
 
     Args:
         queries: P >= 1 parts, all with the same batch size B and sample shape.
@@ -183,54 +172,3 @@ def concat_guidance_queries(queries: Sequence[GuidanceQuery]) -> GuidanceBatch:
         lora_scale=torch.cat(scales, dim=0),
         num_parts=len(parts),
     )
-
-
-def build_guidance_batch(
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    cond: Cond,
-    null_cond: Cond | None = None,
-    *,
-    fake_scale: float = 2.0,
-    real_scale: float = 0.0,
-) -> GuidanceBatch:
-    """Inputs of the generator step's single guidance forward, in the order fake, cond, uncond.
-
-    Args:
-        x_t: (B, ...) renoised generator samples ``x_τ'``.
-        t: (B,) renoise times τ'.
-        cond: condition of the batch (used by the fake and the conditional real pass).
-        null_cond: the unconditional condition (batch 1 is broadcast to B), or None when CFG is
-            off; then the batch has 2 parts (fake, cond) instead of 3.
-        fake_scale: λ_f, LoRA scale of the fake score.
-        real_scale: λ_r(s), LoRA scale of the real score (DynaDG; 0 = teacher).
-
-    Returns:
-        A batch of 3B (or 2B) samples; split the network's output with :func:`split_guidance_output`.
-    """
-    check_tensor("x_t", x_t)
-    queries = [GuidanceQuery(x_t, t, cond, fake_scale), GuidanceQuery(x_t, t, cond, real_scale)]
-    if null_cond is not None:
-        queries.append(GuidanceQuery(x_t, t, expand_cond(null_cond, x_t.shape[0]), real_scale))
-    return concat_guidance_queries(queries)
-
-
-def split_guidance_output(output: torch.Tensor, *, with_uncond: bool = True) -> GuidanceVelocities:
-    """Split the guidance network's batched output (order fake, cond[, uncond]) by role.
-
-    Args:
-        output: (3B, ...) with ``with_uncond``, else (2B, ...).
-        with_uncond: whether the batch held the unconditional part.
-
-    Returns:
-        ``GuidanceVelocities(fake, cond, uncond)``, each (B, ...); ``uncond`` is None without it.
-    """
-    check_tensor("output", output)
-    parts = 3 if with_uncond else 2
-    if output.shape[0] % parts != 0:
-        raise ValueError(
-            f"output's leading size {output.shape[0]} is not a multiple of {parts} "
-            f"(with_uncond={with_uncond}: order fake, cond{', uncond' if with_uncond else ''})"
-        )
-    chunks = output.chunk(parts, dim=0)
-    return GuidanceVelocities(chunks[0], chunks[1], chunks[2] if with_uncond else None)

@@ -15,6 +15,7 @@ import torch
 
 from dmdr_fast.algo._utils import check_finite, check_like, check_tensor, check_times
 from dmdr_fast.algo.flow import renoise
+from dmdr_fast.algo.guidance import uses_cfg
 from dmdr_fast.ops import dmd_loss
 
 __all__ = [
@@ -104,7 +105,7 @@ def generator_dmd_loss(
     _check_dmd_inputs(x0, x_t, t, {"v_fake": v_fake, "v_cond": v_cond, "v_uncond": v_uncond})
     w = check_finite("guidance", guidance)
     eps = check_finite("eps", eps, minimum=0.0)
-    if w <= 1.0:
+    if not uses_cfg(w):
         v_uncond = None  # no CFG: the op then uses v_cond as the real velocity
     elif v_uncond is None:
         raise ValueError(f"v_uncond is required when guidance > 1 (got guidance={w})")
@@ -191,7 +192,7 @@ def decoupled_dmd_loss(
     dm_weight = check_finite("dm_weight", dm_weight, minimum=0.0)
     ca_weight = check_finite("ca_weight", ca_weight, minimum=0.0)
     eps = check_finite("eps", eps, minimum=0.0)
-    if w > 1.0 and ca_v_uncond is None:
+    if uses_cfg(w) and ca_v_uncond is None:
         raise ValueError(f"ca_v_uncond is required when guidance > 1 (got guidance={w})")
 
     def term(*args: object) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -202,7 +203,7 @@ def decoupled_dmd_loss(
     dm_loss, g_dm = term(x0, dm_x_t, dm_t, v_fake, dm_v_cond, None, 1.0, eps)
     loss = dm_weight * dm_loss
     direction = dm_weight * g_dm if g_dm is not None else None
-    if w > 1.0:
+    if uses_cfg(w):
         ca_loss, g_ca = term(x0, ca_x_t, ca_t, ca_v_cond, ca_v_cond, ca_v_uncond, w, eps)
         loss = loss + ca_weight * ca_loss
         if direction is not None and g_ca is not None:

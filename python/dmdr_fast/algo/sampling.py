@@ -1,7 +1,7 @@
 """Samplers: the few-step student sampler, DMDR's backward simulation and a teacher Euler sampler.
 
 All three take the network as a callable ``velocity_fn(x, t, cond) -> v`` (see
-:data:`dmdr_fast.algo.conditions.VelocityFn`) and a time grid ``t_0 > t_1 > ... > t_N = 0``
+:data:`dmdr_fast.algo.flow.VelocityFn`) and a time grid ``t_0 > t_1 > ... > t_N = 0``
 (:func:`dmdr_fast.algo.schedules.few_step_timesteps`). Fresh noise comes from the optional
 ``generator`` (drawn on its device, then moved), so a seeded generator makes every result
 reproducible. Times are passed to the network as (B,) tensors in the grid's dtype.
@@ -15,10 +15,10 @@ from typing import Literal
 import torch
 
 from dmdr_fast.algo._utils import check_finite, check_int, check_tensor, randint
-from dmdr_fast.algo.conditions import Cond, VelocityFn, cat_conds, cond_batch_size, expand_cond, index_cond
-from dmdr_fast.algo.flow import noise_like, predict_x0, renoise
-from dmdr_fast.algo.guidance import real_velocity
+from dmdr_fast.algo.flow import VelocityFn, noise_like, predict_x0, renoise
+from dmdr_fast.algo.guidance import real_velocity, uses_cfg
 from dmdr_fast.algo.schedules import few_step_timesteps
+from dmdr_fast.conditions import Cond, cat_conds, cond_batch_size, expand_cond, index_cond
 
 __all__ = [
     "BackwardSimulation",
@@ -301,7 +301,7 @@ def euler_sample(
     grid = _check_grid(timesteps, noise.device)
     batch = noise.shape[0]
     _check_cond(cond, batch)
-    use_cfg = w > 1.0
+    use_cfg = uses_cfg(w)
     if use_cfg:
         if null_cond is None:
             raise ValueError(f"null_cond is required when guidance > 1 (got guidance={w})")

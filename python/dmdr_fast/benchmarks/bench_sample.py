@@ -64,7 +64,7 @@ def run(
     """Time both sides (interleaved per repetition) and return images/s, ratios and peak memory."""
     from diffusers import DiffusionPipeline
 
-    from dmdr_fast.presets.t2i import adapter_class, family_of_pipeline
+    from dmdr_fast.recipes.t2i import adapter_class, family_of_pipeline
 
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = torch_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)

@@ -1,7 +1,7 @@
 """``dmdr-fast bench step``: a DMDR iteration of our Trainer against the paper's step, same run.
 
 The baseline, :func:`paper_iteration`, re-implements one iteration the way the authors' released
-scripts do it (PAPER_NOTES §10): the full backward-simulation rollout in the config's mode (no
+scripts do it (docs/method.md §11): the full backward-simulation rollout in the config's mode (no
 pruning, G evaluated at every step; the text-to-image presets' ``final`` mode rolls out all N
 steps in both implementations), the critic update, and — every R-th iteration — a fresh generator forward with
 gradients, **three separate** guidance forwards (fake, cond, uncond, each with a scalar LoRA
@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dmdr_fast.algo import backward_simulation, critic_loss, noise_like, renoise
+from dmdr_fast.algo import backward_simulation, critic_loss, noise_like, randn, renoise, uses_cfg
+from dmdr_fast.algo.generator import ca_sample
 from dmdr_fast.benchmarks.harness import machine_info, report
 from dmdr_fast.models.lora import lora_scale
 from dmdr_fast.train.trainer import Trainer
@@ -31,7 +32,7 @@ __all__ = ["paper_dmd_loss", "paper_iteration", "run"]
 
 
 def paper_dmd_loss(x0, x_t, t, v_fake, v_cond, v_uncond, w):
-    """The DMD loss as the paper's scripts write it (PAPER_NOTES TL;DR 5 and §10.8)."""
+    """The DMD loss as the paper's scripts write it (docs/method.md §5.4 and §11)."""
     tt = t.view(-1, *[1] * (x0.dim() - 1))
     v_real = v_uncond + w * (v_cond - v_uncond) if v_uncond is not None else v_cond
     x0_real = x_t - tt * v_real
@@ -47,11 +48,11 @@ def paper_iteration(tr: Trainer) -> None:
     """One iteration the paper's way on ``tr``'s networks, optimisers and RNG (LoRA critic)."""
     cfg, st = tr.config, tr.state
     s, B = st.gen_step, cfg.train.batch_size
-    _, cond = tr._encode(tr.data.sample(B, tr.gen))
-    with torch.no_grad(), tr._autocast():
+    _, cond = tr.encode(tr.data.sample(B, tr.gen))
+    with torch.no_grad(), tr.autocast():
         sim = backward_simulation(
             tr.student.velocity,
-            tr._randn((B, *tr.student.sample_shape)),
+            randn((B, *tr.student.sample_shape), generator=tr.gen, device=tr.device),
             cond,
             tr.grid,
             mode=cfg.student.backward_sim,  # the T2I scripts roll out to the final sample ("final")
@@ -63,7 +64,7 @@ def paper_iteration(tr: Trainer) -> None:
     eps = noise_like(x0_sel, tr.gen)
     tr.opt_c.zero_grad(set_to_none=True)
     with lora_scale(tr.guidance.network, cfg.critic.fake_scale):  # backward inside: checkpointing recomputes
-        with tr._autocast():
+        with tr.autocast():
             v = tr.guidance.velocity(renoise(x0_sel, tau, eps), tau, cond)
         critic_loss(v.float(), x0_sel.float(), eps).backward()
     torch.nn.utils.clip_grad_norm_([p for p in tr.guidance.network.parameters() if p.requires_grad], 1.0)
@@ -72,7 +73,7 @@ def paper_iteration(tr: Trainer) -> None:
     if st.step % cfg.dmdr.ratio_update != 0:
         return
     tr.opt_g.zero_grad(set_to_none=True)
-    with tr._autocast():
+    with tr.autocast():
         v_g = tr.student.velocity(sim.x_in, sim.t_in, cond)
     x0 = sim.x_in - sim.t_in.view(-1, *[1] * (sim.x_in.dim() - 1)) * v_g.float()
     tau2 = tr.dynars.sample(B, s, generator=tr.gen).to(tr.device)
@@ -82,8 +83,13 @@ def paper_iteration(tr: Trainer) -> None:
     # Decoupled DMD written the same way: its CFG-augmentation term at its own renoised sample.
     decoupled = cfg.dmdr.decoupled
     # The CA sample is drawn as the Trainer draws it (what is timed here is the forwards and the loss).
-    ca_x, ca_t = tr._ca_sample(x0.detach(), x_tau, tau2, sim.t_in) if decoupled else (x_tau, tau2)
-    with torch.no_grad(), tr._autocast():
+    ca_x, ca_t = (x_tau, tau2)
+    if decoupled:
+        ca_x, ca_t = ca_sample(
+            x0.detach(), x_tau, tau2, sim.t_in,
+            mode=cfg.dmdr.ca_renoise, renoise_times=tr.dynars, step=s, generator=tr.gen,
+        )  # fmt: skip
+    with torch.no_grad(), tr.autocast():
         with lora_scale(tr.guidance.network, cfg.critic.fake_scale):
             v_fake = tr.guidance.velocity(x_tau, tau2, cond)
         with lora_scale(tr.guidance.network, lam_r):
@@ -99,7 +105,7 @@ def paper_iteration(tr: Trainer) -> None:
         loss = cfg.dmdr.dmd_weight * paper_dmd_loss(
             x0, x_tau, tau2, v_fake.float(), v_cond.float(), None, 1.0
         )
-        if w > 1:  # a jittered scale at or below 1 has no CFG term (as decoupled_dmd_loss)
+        if uses_cfg(w):  # a jittered scale at or below 1 has no CFG term (as decoupled_dmd_loss)
             ca = paper_dmd_loss(x0, ca_x, ca_t, ca_cond.float(), ca_cond.float(), v_uncond, w)
             loss = loss + cfg.dmdr.ca_weight * ca
     else:
@@ -214,7 +220,7 @@ def format_result(r: dict[str, Any]) -> str:
 
 
 def main(args, trainer: Trainer) -> int:
-    from dmdr_fast.train.trainer import deterministic_algorithms
+    from dmdr_fast.train.runtime import deterministic_algorithms
 
     # Every row under the same train.deterministic setting (our step would otherwise set it alone).
     with deterministic_algorithms(trainer.config.train.deterministic):

@@ -1,23 +1,8 @@
-"""Data sets that ship offline; for now scikit-learn's 8×8 handwritten digits (the digits preset)."""
+"""Conditions for training: prompts, the prompt-embedding cache, and condition samplers.
 
-from dmdr_fast.data.digits import (
-    DIGITS_IMAGE_SHAPE,
-    DIGITS_NUM_CLASSES,
-    DigitsSplits,
-    digits_splits,
-    load_digits_tensors,
-    stratified_split,
-    to_model_range,
-    to_unit_range,
-)
+(The digits data set of the demo lives with its recipe, :mod:`dmdr_fast.recipes.digits.data`.)
+"""
 
-__all__ = [
-    "DIGITS_IMAGE_SHAPE",
-    "DIGITS_NUM_CLASSES",
-    "DigitsSplits",
-    "digits_splits",
-    "load_digits_tensors",
-    "stratified_split",
-    "to_model_range",
-    "to_unit_range",
-]
+from dmdr_fast.data.samplers import ClassLabelSampler, ConditionSampler
+
+__all__ = ["ClassLabelSampler", "ConditionSampler"]

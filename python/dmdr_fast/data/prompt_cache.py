@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dmdr_fast._io import PROGRESS_NAME, atomic_write_text, read_progress, write_progress
-from dmdr_fast.algo.conditions import map_tensors
+from dmdr_fast.conditions import map_tensors
 from dmdr_fast.data.prompts import PromptBatch
 
 __all__ = [

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -45,7 +46,9 @@ __all__ = [
     "frechet_distance_from_stats",
     "gaussian_stats",
     "knn_radii",
+    "mean_pairwise_distance",
     "mmd_rbf",
+    "pixel_features",
     "precision_recall",
     "within_class_diversity",
 ]
@@ -578,3 +581,26 @@ def evaluate_samples(
     features = compute_features(images, features_fn, batch_size)
     logits = compute_features(images, logits_fn, batch_size) if logits_fn is not None else None
     return evaluate_features(features, labels, reference, logits)
+
+
+# --------------------------------------------------------------------------------------------------
+# Diversity among the samples of one condition (the monitor, the text-to-image comparison).
+# --------------------------------------------------------------------------------------------------
+
+
+def pixel_features(images: Tensor, size: int = 16) -> Tensor:
+    """Default diversity features: images average-pooled to ``size × size``, flattened; ``(B, F)``."""
+    return F.adaptive_avg_pool2d(images.float(), size).flatten(1)
+
+
+def mean_pairwise_distance(features: Tensor, groups: int) -> float:
+    """Mean L2 distance between distinct samples of the same group.
+
+    Args:
+        features: ``(groups·K, F)`` with the K samples of each group contiguous.
+        groups: Number of groups (K ≥ 2 samples each).
+    """
+    f = features.double().view(groups, -1, features.shape[-1])
+    k = f.shape[1]
+    d = torch.cdist(f, f)  # (G, K, K), zero diagonal
+    return float(d.sum() / (groups * k * (k - 1)))

@@ -34,8 +34,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dmdr_fast.eval.metrics import frechet_distance, frechet_distance_from_stats, gaussian_stats, mmd_rbf
-from dmdr_fast.train.monitor import mean_pairwise_distance, pixel_features
+from dmdr_fast.eval.metrics import (
+    frechet_distance,
+    frechet_distance_from_stats,
+    gaussian_stats,
+    mean_pairwise_distance,
+    mmd_rbf,
+    pixel_features,
+)
 
 __all__ = [
     "Scorer",

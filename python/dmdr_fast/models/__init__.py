@@ -4,7 +4,7 @@
 - :mod:`~dmdr_fast.models.lora` / :mod:`~dmdr_fast.models.lora_io` — LoRA injection, per-sample
   scales, merging, and peft/diffusers-format files.
 - :mod:`~dmdr_fast.models.dit` — class-conditional diffusers DiT adapter and tiny-DiT factories.
-- :mod:`~dmdr_fast.models.roles` — student / guidance construction and batched multi-pass velocity.
+- :mod:`~dmdr_fast.models.roles` — student / guidance construction.
 - :mod:`~dmdr_fast.models.attention` — route diffusers attention through :func:`dmdr_fast.ops.attention`.
 - :mod:`~dmdr_fast.models.t2i` — :class:`TextToImageAdapter`, the base of the text-to-image adapters
   (null-condition cache, prompt-cache fingerprint, exported scheduler and its exact grid, memory).
@@ -36,14 +36,8 @@ from dmdr_fast.models.lora_io import (
     lora_state_dict,
     save_lora,
 )
-from dmdr_fast.models.protocol import (
-    Condition,
-    FlowModelAdapter,
-    cat_conditions,
-    condition_batch_size,
-    slice_condition,
-)
-from dmdr_fast.models.roles import batched_velocity, make_guidance, make_student
+from dmdr_fast.models.protocol import Condition, FlowModelAdapter
+from dmdr_fast.models.roles import make_guidance, make_student
 
 # The DiT and attention names import diffusers (seconds); load them on first use so that
 # `import dmdr_fast.models` (LoRA, protocol) stays cheap.
@@ -133,9 +127,6 @@ __all__ = [
     "ZImageAdapter",
     "ZImageCondition",
     "attention_backend",
-    "batched_velocity",
-    "cat_conditions",
-    "condition_batch_size",
     "dit_from_config",
     "inject_lora",
     "load_lora",
@@ -151,7 +142,6 @@ __all__ = [
     "restore_attention",
     "save_lora",
     "set_lora_scale",
-    "slice_condition",
     "tiny_dit",
     "use_attention",
 ]

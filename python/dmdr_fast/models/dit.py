@@ -203,14 +203,6 @@ class DiTAdapter(nn.Module):
         self._require_null()
         return torch.full((batch_size,), self.num_classes, dtype=torch.long, device=self._device())
 
-    def cat_conditions(self, conds: Sequence[Condition]) -> torch.Tensor:
-        """Concatenate label batches: ``(B1,), (B2,), ... -> (B1 + B2 + ...,)``."""
-        return torch.cat(list(conds), dim=0)
-
-    def slice_condition(self, cond: Condition, start: int, stop: int) -> torch.Tensor:
-        """Labels ``start:stop``."""
-        return cond[start:stop]
-
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Samples → images in ``[0, 1]``: optional ``decoder``, then ``pixel_range`` → ``[0, 1]``.
 

@@ -1,4 +1,4 @@
-"""Build the DMDR network roles from a teacher adapter, and evaluate several passes in one forward.
+"""Build the DMDR network roles from a teacher adapter.
 
 - Student G: a copy of the teacher, trained fully (``lora=None``) or through a LoRA on the copy.
 - Guidance H(·; λ): the teacher itself, frozen, plus ONE trainable LoRA ψ whose scale λ picks the
@@ -11,16 +11,14 @@ copy would carry the critic's adapter (:func:`make_student` refuses a teacher th
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from typing import TypeVar
 
-import torch
 from torch import nn
 
-from dmdr_fast.models.lora import LoraConfig, inject_lora, lora_layers, lora_scale
-from dmdr_fast.models.protocol import Condition, FlowModelAdapter
+from dmdr_fast.models.lora import LoraConfig, inject_lora, lora_layers
+from dmdr_fast.models.protocol import FlowModelAdapter
 
-__all__ = ["batched_velocity", "make_guidance", "make_student"]
+__all__ = ["make_guidance", "make_student"]
 
 AdapterT = TypeVar("AdapterT", bound=FlowModelAdapter)
 
@@ -85,65 +83,3 @@ def make_guidance(teacher: AdapterT, lora: LoraConfig, *, copy_teacher: bool = F
     guidance.network.requires_grad_(False)
     inject_lora(guidance.network, lora, freeze_base=True)
     return guidance
-
-
-def _scale_vector(
-    scales: Sequence[float | torch.Tensor], sizes: Sequence[int], device: torch.device
-) -> float | torch.Tensor:
-    if all(not isinstance(s, torch.Tensor) for s in scales) and len({float(s) for s in scales}) == 1:
-        return float(scales[0])  # one scalar: lets a 0.0 skip the LoRA work entirely
-    parts = []
-    for s, n in zip(scales, sizes):
-        s = torch.as_tensor(s, dtype=torch.float32, device=device)
-        if s.dim() == 0:
-            s = s.expand(n)
-        elif s.shape != (n,):
-            raise ValueError(f"a per-sample LoRA scale must have shape ({n},), got {tuple(s.shape)}")
-        parts.append(s)
-    return torch.cat(parts)
-
-
-def batched_velocity(
-    adapter: FlowModelAdapter,
-    x_t: Sequence[torch.Tensor],
-    t: Sequence[torch.Tensor | float],
-    conds: Sequence[Condition],
-    lora_scales: Sequence[float | torch.Tensor] | None = None,
-    *,
-    lora_adapter: str | None = None,
-) -> list[torch.Tensor]:
-    """Evaluate k passes of one adapter in ONE forward of size ``B_1 + ... + B_k``.
-
-    The DMDR generator update uses it for the guidance network with
-    ``x_t = [x, x, x]``, ``conds = [c, c, null]`` and ``lora_scales = [λ_f, λ_r, λ_r]``, giving
-    ``[v_fake, v_cond, v_uncond]``.
-
-    Args:
-        adapter: Any adapter.
-        x_t: k sample batches, shapes ``(B_i, *sample_shape)``.
-        t: k time batches, shapes ``(B_i,)`` (or floats).
-        conds: k condition batches of sizes ``B_i``.
-        lora_scales: Optional k LoRA scales (floats, 0-dim or ``(B_i,)`` tensors) for the adapter's
-            network; ``None`` leaves the current scales.
-        lora_adapter: Restrict the scales to this LoRA adapter (default: all adapters).
-
-    Returns:
-        k velocities, shapes ``(B_i, *sample_shape)`` (views into one output tensor).
-    """
-    k = len(x_t)
-    if k == 0 or len(t) != k or len(conds) != k or (lora_scales is not None and len(lora_scales) != k):
-        raise ValueError(
-            "batched_velocity needs equally many (>= 1) x_t, t, conds and lora_scales entries, got "
-            f"{len(x_t)}, {len(t)}, {len(conds)}, {None if lora_scales is None else len(lora_scales)}"
-        )
-    sizes = [int(x.shape[0]) for x in x_t]
-    x = torch.cat(list(x_t), dim=0)
-    times = [torch.as_tensor(ti, device=x.device) for ti in t]
-    times = [ti.expand(n) if ti.dim() == 0 else ti for ti, n in zip(times, sizes)]
-    cond = adapter.cat_conditions(conds)
-    if lora_scales is None:
-        out = adapter.velocity(x, torch.cat(times), cond)
-    else:
-        with lora_scale(adapter.network, _scale_vector(lora_scales, sizes, x.device), adapter=lora_adapter):
-            out = adapter.velocity(x, torch.cat(times), cond)
-    return list(out.split(sizes, dim=0))

@@ -26,19 +26,17 @@ Subclasses set the class attributes and implement :meth:`forward` (the velocity)
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from dmdr_fast._dtypes import load_dtype_kwargs
-from dmdr_fast.algo.conditions import map_tensors
-from dmdr_fast.models.protocol import Condition, cat_conditions, check_time, slice_condition
+from dmdr_fast.conditions import map_tensors
+from dmdr_fast.models.protocol import Condition, check_time
 
 __all__ = ["TextToImageAdapter", "check_time"]
 
@@ -180,27 +178,6 @@ class TextToImageAdapter(nn.Module):
         if len(cond) != 1:
             raise ValueError(f"the null condition must have batch size 1, got {len(cond)}")
         self._null = map_tensors(lambda v: v.to(self._device()), cond)
-
-    def cat_conditions(self, conds: Sequence[Condition]) -> Any:
-        """Concatenate condition batches along the batch dimension.
-
-        Raises:
-            ValueError: If ``conds`` is empty, of another type, or their per-sample shapes differ.
-        """
-        conds = list(conds)
-        if not conds:
-            raise ValueError("cat_conditions needs at least one condition batch, got none")
-        for c in conds:
-            self._check_condition_type(c)
-        for f in dataclasses.fields(conds[0]):  # a clear error instead of torch.cat's
-            shapes = {tuple(v.shape[1:]) for c in conds if (v := getattr(c, f.name)) is not None}
-            if len(shapes) > 1:
-                raise ValueError(f"cannot concatenate {f.name} of different shapes {sorted(shapes)}")
-        return cat_conditions(conds)
-
-    def slice_condition(self, cond: Condition, start: int, stop: int) -> Any:
-        """Samples ``start:stop`` (views)."""
-        return slice_condition(cond, start, stop)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents → RGB images in ``[0, 1]``, differentiably (through the tiny VAE if installed).

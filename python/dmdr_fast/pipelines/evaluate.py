@@ -95,7 +95,7 @@ def evaluate_exported(
     from tqdm.auto import tqdm
 
     from dmdr_fast.eval.t2i import clip_features, compare_t2i, image_folder_features, scorers_from_rewards
-    from dmdr_fast.presets.t2i import family_of_pipeline
+    from dmdr_fast.recipes.t2i import family_of_pipeline
 
     if (student is None) == (lora is None):
         raise ValueError(

@@ -40,7 +40,7 @@ class ClassifierReward(Reward):
 
     Args:
         classifier: Any module mapping images ``(B, C, H, W)`` in ``[0, 1]`` to logits ``(B, K)``,
-            e.g. :class:`dmdr_fast.models.classifier.DigitClassifier`.
+            e.g. :class:`dmdr_fast.recipes.digits.classifier.DigitClassifier`.
         mode: ``"ce"``, ``"logprob"`` or ``"prob"``.
         name: Log key.
         weight: Loss multiplier.

@@ -252,7 +252,7 @@ def build_reward(
 
 
 def reward_from_config(config: Any, *, device: torch.device | str | None = None, dtype: Any = None) -> Reward:
-    """Build the reward of one :class:`~dmdr_fast.train.config.RewardConfig` entry.
+    """Build the reward of one :class:`~dmdr_fast.config.RewardConfig` entry.
 
     The entry's ``kind``, ``path``, ``name``, ``weight``, ``form``, ``margin``, ``prompt_prefix``,
     ``combine``, ``ratio``, ``max_weight`` and ``kwargs`` map onto :func:`build_reward`. The

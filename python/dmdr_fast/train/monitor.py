@@ -19,48 +19,33 @@ While the reward is being optimised, an evaluation is *suspicious* when the trai
 (by more than ``reward_tol``) and the held-out score fell (by more than ``heldout_tol``) or the
 diversity fell (by more than ``diversity_tol``, relative) since the previous evaluation;
 ``patience`` suspicious evaluations in a row give a warning. The rule is deliberately simple and
-its thresholds are in :class:`~dmdr_fast.train.config.MonitorConfig`.
+its thresholds are in :class:`~dmdr_fast.config.MonitorConfig`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from dmdr_fast.algo.conditions import index_cond
+from dmdr_fast.conditions import index_cond
+from dmdr_fast.config import DMDRTrainerConfig, MonitorConfig
 from dmdr_fast.data.prompts import PromptBatch
-from dmdr_fast.train.config import MonitorConfig
+from dmdr_fast.eval.metrics import mean_pairwise_distance, pixel_features
 
-if TYPE_CHECKING:
-    from dmdr_fast.train.trainer import Trainer
-
-__all__ = ["RewardHackingMonitor", "mean_pairwise_distance", "pixel_features", "repeat_conditions"]
+__all__ = [
+    "MonitoredRun",
+    "RewardHackingMonitor",
+    "mean_pairwise_distance",
+    "pixel_features",
+    "repeat_conditions",
+]
 
 #: ``(images, cond) -> (B,)`` held-out scores (a :class:`~dmdr_fast.rewards.Reward` fits).
 HeldoutScore = Callable[[Tensor, Any], Tensor]
-
-
-def pixel_features(images: Tensor, size: int = 16) -> Tensor:
-    """Default diversity features: images average-pooled to ``size × size``, flattened; ``(B, F)``."""
-    return F.adaptive_avg_pool2d(images.float(), size).flatten(1)
-
-
-def mean_pairwise_distance(features: Tensor, groups: int) -> float:
-    """Mean L2 distance between distinct samples of the same group.
-
-    Args:
-        features: ``(groups·K, F)`` with the K samples of each group contiguous.
-        groups: Number of groups (K ≥ 2 samples each).
-    """
-    f = features.double().view(groups, -1, features.shape[-1])
-    k = f.shape[1]
-    d = torch.cdist(f, f)  # (G, K, K), zero diagonal
-    return float(d.sum() / (groups * k * (k - 1)))
 
 
 def repeat_conditions(conditions: Any, k: int) -> Any:
@@ -74,6 +59,20 @@ def repeat_conditions(conditions: Any, k: int) -> Any:
             condition=index_cond(conditions.condition, index),
         )
     return [c for c in conditions for _ in range(k)]
+
+
+class MonitoredRun(Protocol):
+    """What the monitor needs of a run (the :class:`~dmdr_fast.train.trainer.Trainer` has it)."""
+
+    config: DMDRTrainerConfig
+    reward: Any
+    student: Any
+
+    def sample(
+        self, raw_cond: Any, *, generator: torch.Generator | None = None, use_ema: bool = True
+    ) -> Tensor:
+        """Few-step samples of the student for raw conditions."""
+        ...
 
 
 class RewardHackingMonitor:
@@ -112,7 +111,7 @@ class RewardHackingMonitor:
     # ------------------------------------------------------------------ measuring
 
     @torch.no_grad()
-    def measure(self, trainer: Trainer) -> dict[str, float]:
+    def measure(self, trainer: MonitoredRun) -> dict[str, float]:
         """Sample the student (current weights, fixed noise) and score the samples."""
         cfg = self.config
         k = cfg.samples_per_condition

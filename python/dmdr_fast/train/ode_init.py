@@ -1,6 +1,6 @@
 """ODE-regression initialisation of the student: teacher pairs, then ``G(z) ≈ ODE_teacher(z)``.
 
-DMDR's SDXL 1-step recipe (PAPER_NOTES §7.4) does not start DMD from the teacher's weights but
+DMDR's SDXL 1-step recipe (docs/method.md §10) does not start DMD from the teacher's weights but
 from DMD2's ODE-regression checkpoint: a 1-step student taken straight from the teacher produces
 noise artifacts early in DMD training. The recipe:
 
@@ -33,17 +33,17 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from dmdr_fast._io import PROGRESS_NAME, atomic_write_text, read_progress, write_progress
-
-if TYPE_CHECKING:
-    from dmdr_fast.train.trainer import Trainer
+from dmdr_fast.conditions import to_device
+from dmdr_fast.config import OptimConfig
 
 __all__ = ["ODEPairs", "generate_ode_pairs", "ode_regression"]
 
@@ -95,8 +95,7 @@ def generate_ode_pairs(
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from dmdr_fast.algo import euler_sample
-    from dmdr_fast.train.trainer import _to_device
+    from dmdr_fast.algo import euler_sample, uses_cfg
 
     out = Path(out_dir)
     if (out / _META).is_file():
@@ -149,7 +148,7 @@ def generate_ode_pairs(
         meta["labels"] = conds
 
         def cond_of(idx: torch.Tensor) -> Any:
-            return _to_device(adapter.encode_condition(labels[idx]), dev)
+            return to_device(adapter.encode_condition(labels[idx]), dev)
 
     else:
         from dmdr_fast.data.prompt_cache import PromptCache, build_prompt_cache
@@ -159,7 +158,7 @@ def generate_ode_pairs(
         cache = PromptCache.open(tmp / "cache", adapter, model_id=model_id)
 
         def cond_of(idx: torch.Tensor) -> Any:
-            return _to_device(cache.condition(idx), dev)
+            return to_device(cache.condition(idx), dev)
 
     buf: dict[str, list[torch.Tensor]] = {"noise": [], "x0": [], "index": []}
 
@@ -188,7 +187,7 @@ def generate_ode_pairs(
         g = torch.Generator().manual_seed(seed + b)
         z = torch.randn((idx.numel(), *adapter.sample_shape), generator=g)
         cond = cond_of(idx)
-        null = adapter.null_condition(idx.numel()) if guidance > 1 else None
+        null = adapter.null_condition(idx.numel()) if uses_cfg(guidance) else None
         with ctx:
             x0 = euler_sample(
                 adapter.velocity,
@@ -290,54 +289,73 @@ class ODEPairs:
 
 
 def ode_regression(
-    trainer: Trainer,
+    forward: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
+    params: Sequence[torch.nn.Parameter],
     pairs: ODEPairs,
+    adapter: Any,
     *,
+    t0: torch.Tensor,
     steps: int,
     lr: float,
-    batch_size: int | None = None,
+    optim: OptimConfig,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    log: Callable[[int, dict[str, float]], None] | None = None,
+    log_every: int = 10,
     progress: bool = True,
 ) -> list[float]:
     """Train the student's first step onto the teacher's ODE samples: ``‖z − t_0·G(z, t_0) − x0‖²``.
 
-    Uses the Trainer's student (its trainable parameters: full or LoRA), device, autocast and RNG;
-    a separate AdamW (the DMD optimiser's state is untouched). The EMA copy, if any, is reset to
-    the regressed weights. Logs ``ode/loss`` and returns the per-step losses.
+    A separate AdamW (the DMD optimiser's state is untouched); the caller resets its EMA copy.
+
+    Args:
+        forward: The student's velocity with grad (the DDP-wrapped network under torchrun).
+        params: Its trainable parameters (full or LoRA).
+        pairs: The teacher's ODE pairs.
+        adapter: The student adapter (encodes the pairs' class labels).
+        t0: The student's first time (its grid's ``t_0``).
+        steps: Optimiser steps.
+        lr: Learning rate.
+        optim: ``betas``, ``adam_eps`` and ``grad_clip`` (0 = no clipping) of the run.
+        batch_size: Pairs per step.
+        generator: Draws the pairs (the run's RNG: a resumed run replays it).
+        device: Where the student is.
+        autocast: The run's autocast context.
+        log: ``log(step, metrics)``: gets ``ode/step`` and ``ode/loss`` at generator step 0 (the
+            regression comes before any DMD update) every ``log_every`` steps and at the end.
+        log_every: Logging cadence.
+        progress: Show a progress bar.
+
+    Returns:
+        The per-step losses.
     """
     from tqdm.auto import tqdm
 
-    from dmdr_fast.train.trainer import _to_device, _trainable
-
-    cfg = trainer.config
-    params = _trainable(trainer.student.network)
-    opt = torch.optim.AdamW(params, lr=lr, betas=cfg.optim.betas, eps=cfg.optim.adam_eps, weight_decay=0.0)
-    B = batch_size or cfg.train.batch_size
-    t0 = trainer.grid[0]
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=lr, betas=optim.betas, eps=optim.adam_eps, weight_decay=0.0)
     losses: list[torch.Tensor] = []  # read out at the log points only (each read waits for the device)
-    bar = tqdm(range(steps), desc="ode init", disable=not progress or trainer.rank != 0)
+    bar = tqdm(range(steps), desc="ode init", disable=not progress)
     for step in bar:
-        positions = torch.randint(len(pairs), (B,), generator=trainer.gen)
-        z, x0, cond = pairs.batch(positions, trainer.student)
-        z, x0, cond = z.to(trainer.device), x0.to(trainer.device), _to_device(cond, trainer.device)
-        t = t0.expand(B).to(trainer.device)
+        positions = torch.randint(len(pairs), (batch_size,), generator=generator)
+        z, x0, cond = pairs.batch(positions, adapter)
+        z, x0, cond = z.to(device), x0.to(device), to_device(cond, device)
+        t = t0.expand(batch_size).to(device)
         opt.zero_grad(set_to_none=True)
-        with trainer._autocast():
-            v = trainer._student_net(z, t, cond)
+        with autocast():
+            v = forward(z, t, cond)
         pred = z - t.view(-1, *[1] * (z.dim() - 1)) * v.float()
         loss = F.mse_loss(pred, x0)
         loss.backward()
-        if cfg.optim.grad_clip > 0:  # 0 = no clipping (clip_grad_norm_ with 0 would zero the gradients)
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        if optim.grad_clip > 0:  # 0 = no clipping (clip_grad_norm_ with 0 would zero the gradients)
+            torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
         opt.step()
         losses.append(loss.detach())
-        if (step + 1) % max(1, cfg.train.log_every) == 0 or step + 1 == steps:
-            # generator step 0 in the metrics log: the regression comes before any DMD update
-            trainer.logger.log(0, {"ode/step": step + 1, "ode/loss": float(losses[-1])})
+        if (step + 1) % max(1, log_every) == 0 or step + 1 == steps:
+            if log is not None:
+                log(0, {"ode/step": step + 1, "ode/loss": float(losses[-1])})
             bar.set_postfix(loss=f"{float(losses[-1]):.4g}")
-    if trainer.ema is not None:
-        for n, p in trainer.student.network.named_parameters():
-            if n in trainer.ema:
-                trainer.ema[n].copy_(p.detach())
     return [float(v) for v in losses]
 
 

@@ -1,4 +1,4 @@
-"""The DMDR Trainer: DESIGN §1 as one readable loop over two optimisers on two time scales.
+"""The DMDR Trainer: docs/method.md §5 as one readable loop over two optimisers on two time scales.
 
 One *iteration* (``Trainer.step``):
 
@@ -10,6 +10,10 @@ One *iteration* (``Trainer.step``):
    stage 2 on (``s >= dmdr.cold_start_steps``). With ``dmdr.decoupled`` (Decoupled DMD) the real
    score's CFG-augmentation part is evaluated at its own renoised sample: the one guidance forward
    then holds (fake, cond) at τ and (cond, uncond) at τ_ca.
+
+The method's math lives in :mod:`dmdr_fast.algo` (the generator step's functions in
+:mod:`dmdr_fast.algo.generator`); the Trainer keeps state and order: the networks and their
+optimisers, the EMA, DDP, the stages, checkpoints and logging.
 
 ``s`` (``state.gen_step``) counts generator updates; every schedule and every ``*_every`` cadence
 is keyed on it. All randomness comes from one ``torch.Generator`` that is checkpointed, so a run
@@ -27,35 +31,43 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
+from dmdr_fast._device import host_to_device
 from dmdr_fast.algo import (
-    GuidanceQuery,
     backward_simulation,
-    concat_guidance_queries,
     critic_loss,
-    decoupled_dmd_loss,
-    expand_cond,
     few_step_sample,
     few_step_timesteps,
-    generator_dmd_loss,
-    map_tensors,
     noise_like,
+    randn,
     renoise,
 )
-from dmdr_fast.algo._utils import host_to_device, rand, randn
+from dmdr_fast.algo.generator import (
+    DMDInputs,
+    RewardPolicy,
+    ScoreNetworks,
+    add_reward_gradients,
+    dmd_direction,
+    dmd_inputs,
+    reward_groups,
+)
+from dmdr_fast.algo.sampling import BackwardSimulation
+from dmdr_fast.conditions import Cond, to_device
+from dmdr_fast.config import DMDRTrainerConfig
 from dmdr_fast.data.prompts import PromptBatch
+from dmdr_fast.data.samplers import ClassLabelSampler, ConditionSampler
 from dmdr_fast.models.lora import lora_scale
 from dmdr_fast.models.protocol import FlowModelAdapter
 from dmdr_fast.models.roles import make_guidance, make_student
-from dmdr_fast.ops import reward_grad_combine
 from dmdr_fast.train import checkpoint as ckpt
-from dmdr_fast.train.config import DMDRTrainerConfig
+from dmdr_fast.train.components import guidance_scale, lora_config, real_score_schedule, renoise_schedule
 from dmdr_fast.train.logging import RunLogger
 from dmdr_fast.train.monitor import RewardHackingMonitor
+from dmdr_fast.train.runtime import deterministic_algorithms, resolve_device
 
 __all__ = [
     "ClassLabelSampler",
@@ -65,34 +77,6 @@ __all__ = [
     "deterministic_algorithms",
     "resolve_device",
 ]
-
-
-class CAInputs(NamedTuple):
-    """Decoupled DMD's CFG-augmentation inputs (no grad): renoised ``sg(x0)`` (B, ...) at times
-    (B,), and the real score's conditional and unconditional velocities there (B, ...)."""
-
-    x_t: torch.Tensor
-    t: torch.Tensor
-    v_cond: torch.Tensor
-    v_uncond: torch.Tensor
-
-
-class ConditionSampler(Protocol):
-    """Where the conditions of a batch come from (DMDR needs no images: only conditions)."""
-
-    def sample(self, batch_size: int, generator: torch.Generator) -> Any:
-        """Raw conditions for ``batch_size`` samples (labels, prompts...)."""
-        ...
-
-
-@dataclass(frozen=True)
-class ClassLabelSampler:
-    """Uniform class labels in ``[0, num_classes)``."""
-
-    num_classes: int
-
-    def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randint(self.num_classes, (batch_size,), generator=generator)
 
 
 @dataclass
@@ -105,28 +89,7 @@ class TrainerState:
     ode_init_done: bool = False  # student.ode_init's regression has run (not repeated on resume)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``train.device`` → a device (``"auto"``: CUDA if available, else CPU)."""
-    return _resolve_device(name)
-
-
 _RECOMPILE_LIMIT = 64  # see Trainer._compile
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
-    """``torch.use_deterministic_algorithms(True, warn_only=True)`` inside the block, the caller's
-    setting (flag and ``warn_only``) restored afterwards; nothing changes when ``enabled`` is false."""
-    if not enabled:
-        yield
-        return
-    before = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 def _deterministic_scope(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -139,17 +102,6 @@ def _deterministic_scope(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(self, *args, **kwargs)
 
     return wrapper
-
-
-def _resolve_device(name: str) -> torch.device:
-    from dmdr_fast.train.distributed import local_device
-
-    return local_device(name)
-
-
-def _to_device(cond: Any, device: torch.device) -> Any:
-    """Move a condition batch (a tensor or a dataclass / container of tensors) to ``device``."""
-    return map_tensors(lambda v: host_to_device(v, device), cond)  # cached prompt embeddings: no stall
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -200,7 +152,7 @@ class Trainer:
         if config.active_rewards and reward is None:
             raise ValueError("config.rewards has active rewards but no `reward` model was passed to Trainer")
         self.config = config
-        self.device = _resolve_device(config.train.device)
+        self.device = resolve_device(config.train.device)
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         torch.manual_seed(config.train.seed + self.rank)  # LoRA initialisation below
@@ -220,7 +172,7 @@ class Trainer:
         s, c = config.student, config.critic
         targets = getattr(teacher, "default_lora_targets", ())
         self.student = make_student(
-            teacher, lora=s.lora.to_lora_config("student", targets) if s.kind == "lora" else None
+            teacher, lora=lora_config(s.lora, "student", targets) if s.kind == "lora" else None
         )
         if s.kind == "full":
             self.student.network.float()  # fp32 master weights even when the teacher is bf16
@@ -229,7 +181,7 @@ class Trainer:
         if s.noise_timestep is not None:
             self.student.set_noise_timestep(s.noise_timestep)  # config checked: SDXL adapters only
         if c.kind == "lora":
-            self.guidance = make_guidance(teacher, c.lora.to_lora_config("critic", targets))
+            self.guidance = make_guidance(teacher, lora_config(c.lora, "critic", targets))
             self.critic = None
         else:  # DMD2-style trainable full copy as the fake score; the teacher stays frozen
             teacher.network.requires_grad_(False)
@@ -265,11 +217,17 @@ class Trainer:
             else None
         )
         self.grid = self._grid(s.num_steps)
-        self.dynars, self.dynadg, self.cfg_scale = (
-            config.dmdr.dynars(),
-            config.dmdr.dynadg(),
-            config.dmdr.guidance_scale(),
+        self.dynars = renoise_schedule(config.dmdr)
+        self.dynadg = real_score_schedule(config.dmdr)
+        self.cfg_scale = guidance_scale(config.dmdr)
+        # How the generator step reaches the scores (algo.generator): the guidance network at a
+        # LoRA scale, and the full critic if there is one; both under the run's autocast.
+        self.scores = ScoreNetworks(
+            guidance=self._guidance_velocity,
+            fake_scale=c.fake_scale,
+            critic=self._critic_velocity if self.critic is not None else None,
         )
+        self.reward_policies = self._policies()
         self.gen = torch.Generator().manual_seed(config.train.seed + self.rank)
         self.state = TrainerState()
         self.logger = RunLogger(
@@ -353,7 +311,8 @@ class Trainer:
             return DDP(adapter, device_ids=ids)
         return adapter.velocity
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The run's autocast context (``train.precision``: bf16 on the device type, else none)."""
         if self.config.train.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -366,17 +325,17 @@ class Trainer:
             return grid_fn(num_steps, self.config.student.shift).to(self.device)
         return few_step_timesteps(num_steps, self.config.student.shift, device=self.device)
 
-    def _encode(self, raw: Any) -> tuple[Any, Any]:
+    def encode(self, raw: Any) -> tuple[Any, Any]:
         """``(what rewards see, the encoded condition batch on the device)`` for sampled conditions.
 
         A :class:`~dmdr_fast.data.prompts.PromptBatch` (from the prompt cache) carries its encoded
         condition, so no text encoder runs; anything else goes through ``encode_condition``.
         """
         if isinstance(raw, PromptBatch):
-            return list(raw.prompts), _to_device(raw.condition, self.device)
+            return list(raw.prompts), to_device(raw.condition, self.device)
         cond = self.student.encode_condition(raw)
         raw = host_to_device(raw, self.device) if isinstance(raw, torch.Tensor) else raw
-        return raw, _to_device(cond, self.device)
+        return raw, to_device(cond, self.device)
 
     def _randn(self, shape: tuple[int, ...]) -> torch.Tensor:
         return randn(shape, generator=self.gen, device=self.device)  # CPU draw, async copy
@@ -387,97 +346,42 @@ class Trainer:
         return self.config.stage(self.state.gen_step)
 
     def _enter_stage2(self) -> None:
-        """Lower learning rates for stage 2 (set explicitly, also after a resume: PAPER_NOTES §10.14)."""
+        """Lower learning rates for stage 2, set explicitly (also after a resume: a restored optimiser
+        state must not keep stage 1's rates, docs/method.md §9)."""
         lr_g, lr_c = self.config.optim.learning_rates(stage2=True)
         for opt, lr in ((self.opt_g, lr_g), (self.opt_c, lr_c)):
             for group in opt.param_groups:
                 group["lr"] = lr
         self._stage2_applied = True
 
-    def _guidance_velocities(
-        self, fake: tuple[torch.Tensor, torch.Tensor, Any], reals: list[tuple[torch.Tensor, torch.Tensor, Any]],
-        lam_r: float,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
-        """The fake score at ``fake`` and the real score at each of ``reals``, all (B, ...) fp32, no grad.
+    def _guidance_velocity(
+        self, x: torch.Tensor, t: torch.Tensor, cond: Cond, scale: torch.Tensor | float | None
+    ):
+        """H(x, t, c; λ) for :class:`~dmdr_fast.algo.generator.ScoreNetworks` (``scale`` None: as it is)."""
+        with self.autocast():
+            if scale is None:
+                return self.guidance.velocity(x, t, cond)
+            with lora_scale(self.guidance.network, scale):
+                return self.guidance.velocity(x, t, cond)
 
-        Args:
-            fake: ``(x, t, cond)`` of the fake-score query.
-            reals: ``(x, t, cond)`` per real-score query (cond, uncond; Decoupled DMD adds a sample).
-            lam_r: DynaDG's λ_r(s).
+    def _critic_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The full critic's fake score (no DDP wrapper: a no-grad query)."""
+        assert self.critic is not None
+        with self.autocast():
+            return self.critic.velocity(x, t, cond)
 
-        A LoRA critic answers everything in ONE batched forward with per-sample LoRA scales. A full
-        critic runs the fake query, the teacher runs the real ones batched, and DynaDG moves each
-        real velocity toward the critic's conditional velocity at the same sample by λ_r/λ_f (a LoRA
-        critic interpolates in weight space instead).
-        """
-        c = self.config.critic
-        with torch.no_grad(), self._autocast():
-            if self.critic is None:
-                queries = [GuidanceQuery(*fake, c.fake_scale), *(GuidanceQuery(*r, lam_r) for r in reals)]
-                batch = concat_guidance_queries(queries)
-                with lora_scale(self.guidance.network, batch.lora_scale):
-                    out = self.guidance.velocity(batch.x, batch.t, batch.cond)
-                v_fake, *v_real = batch.chunk(out.float())
-                return v_fake, v_real
-            v_fake = self.critic.velocity(*fake).float()
-            xs, ts, conds = zip(*reals, strict=True)
-            out = self.guidance.velocity(
-                torch.cat(xs), torch.cat(ts), self.guidance.cat_conditions(list(conds))
-            ).float()
-            v_real = list(out.chunk(len(reals)))
-            if lam_r > 0:
-                mix = lam_r / c.fake_scale
-                critic_at = {(id(fake[0]), id(fake[1])): v_fake}
-                for i, (x, t, _) in enumerate(reals):
-                    key = (id(x), id(t))
-                    if key not in critic_at:  # Decoupled DMD's CA sample: one more critic forward
-                        critic_at[key] = self.critic.velocity(x, t, fake[2]).float()
-                    v_real[i] = v_real[i] + mix * (critic_at[key] - v_real[i])
-            return v_fake, v_real
-
-    def _fake_and_real(self, x: torch.Tensor, t: torch.Tensor, cond: Any, null: Any, lam_r: float):
-        """(v_fake, v_cond, v_uncond or None) at one renoised sample, no grad (``null`` None: no CFG)."""
-        if null is not None:
-            null = expand_cond(null, x.shape[0])  # a batch-1 null condition is broadcast
-        reals = [(x, t, cond)] + ([(x, t, null)] if null is not None else [])
-        v_fake, v_real = self._guidance_velocities((x, t, cond), reals, lam_r)
-        return v_fake, v_real[0], v_real[1] if null is not None else None
-
-    def _ca_sample(
-        self, x0: torch.Tensor, x_tau: torch.Tensor, tau: torch.Tensor, t_in: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoupled DMD's CFG-augmentation sample ``(x, t)`` per ``dmdr.ca_renoise`` (see
-        :meth:`_decoupled_inputs`); draws from the run's RNG unless ``shared``."""
-        mode, B = self.config.dmdr.ca_renoise, x0.shape[0]
-        if mode == "shared":
-            return x_tau, tau
-        ca_t = host_to_device(self.dynars.sample(B, self.state.gen_step, generator=self.gen), self.device)
-        if mode == "above_input":
-            u = rand((B,), generator=self.gen, device=self.device)
-            t_in = t_in.to(ca_t)
-            ca_t = torch.where(t_in < 1, t_in + (1.0 - t_in) * u, ca_t)
-        return renoise(x0, ca_t, noise_like(x0, self.gen)), ca_t
-
-    def _decoupled_inputs(
-        self, x0: torch.Tensor, x_tau: torch.Tensor, tau: torch.Tensor, t_in: torch.Tensor, cond: Any,
-        null: Any, lam_r: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, CAInputs]:  # fmt: skip
-        """Decoupled DMD: ``(v_fake, v_cond)`` at the DM sample ``x_tau`` and the CA inputs.
-
-        The CA sample per ``dmdr.ca_renoise``: ``independent`` renoises ``x0`` again at a fresh
-        draw of the DMD renoise law, ``shared`` reuses ``x_tau`` (3 guidance parts instead of 4),
-        ``above_input`` draws τ_ca ~ U(t_k, 1) from the student's input time ``t_in`` (B,); for
-        samples of the first step (t_k = 1, nothing lies above) it falls back to the DMD law, since
-        τ_ca = 1 would renoise to pure noise and make the term independent of x0.
-        """
-        null = expand_cond(null, x0.shape[0])
-        ca_x, ca_t = self._ca_sample(x0, x_tau, tau, t_in)
-        reals = [(x_tau, tau, cond), (ca_x, ca_t, cond), (ca_x, ca_t, null)]
-        if ca_x is x_tau:
-            reals = reals[::2]  # cond and uncond at the shared sample
-        v_fake, v = self._guidance_velocities((x_tau, tau, cond), reals, lam_r)
-        ca_cond = v[0] if ca_x is x_tau else v[1]
-        return v_fake, v[0], CAInputs(ca_x, ca_t, ca_cond, v[-1])
+    def _policies(self) -> list[RewardPolicy]:
+        """How each differentiable reward joins the DMD gradient: its ``config.rewards`` entry (matched
+        by name, ``name`` or else ``kind``); a reward the config does not list keeps its own
+        ``combine``/``weight``/``ratio``/``max_weight``."""
+        if self.reward is None:
+            return []
+        entries = {r.name or r.kind: r for r in self.config.active_rewards}
+        policies = []
+        for module in self.reward.differentiable_rewards:
+            src = entries.get(module.name, module)
+            policies.append(RewardPolicy(module.name, src.combine, src.weight, src.ratio, src.max_weight))
+        return policies
 
     # ------------------------------------------------------------------------------ one iteration
 
@@ -489,7 +393,7 @@ class Trainer:
         if stage == 2 and not self._stage2_applied:
             self._enter_stage2()
         B = cfg.train.batch_size
-        raw, cond = self._encode(self.data.sample(B, self.gen))
+        raw, cond = self.encode(self.data.sample(B, self.gen))
 
         gen_update = (st.step + 1) % cfg.dmdr.ratio_update == 0
         # In a generator-update iteration the generator's own forward x0 = x_in − t_k·G(x_in)
@@ -499,68 +403,28 @@ class Trainer:
 
         # 1. Backward simulation (no grad).
         t0 = time.perf_counter()
-        with self._autocast():
-            sim = backward_simulation(
-                self.student.velocity,
-                self._randn((B, *self.student.sample_shape)),
-                cond,
-                self.grid,
-                mode=cfg.student.backward_sim,
-                generator=self.gen,
-                skip_selected=reuse,
-            )
-
-        def generator_x0() -> torch.Tensor:
-            self.opt_g.zero_grad(set_to_none=True)
-            with self._autocast():
-                v_g = self._student_net(sim.x_in, sim.t_in, cond)
-            return sim.x_in - sim.t_in.view(-1, *[1] * (sim.x_in.dim() - 1)) * v_g.float()
-
+        sim = self._backward_simulation(B, cond, skip_selected=reuse)
         # In trajectory mode the critic trains on the generator's own x0, so it comes first; else
         # it comes after the critic update (same value: the critic does not touch G), so that the
         # student's graph is not held in memory through the critic's forward and backward.
-        x0 = generator_x0() if reuse else None
-        x0_sel = x0.detach() if reuse else sim.x0_sel.float()
+        x0 = self._generator_x0(sim, cond) if reuse else None
 
         # 2. Critic update: flow matching of the fake score on the student's samples.
-        tau = host_to_device(self.dynars.sample(B, s, generator=self.gen), self.device)
-        eps = noise_like(x0_sel, self.gen)
-        self.opt_c.zero_grad(set_to_none=True)
-        # The backward runs inside the LoRA-scale context too: with gradient checkpointing the
-        # blocks' forwards are recomputed during backward and must see the fake score's λ_f again.
-        scale = (
-            lora_scale(self.guidance.network, cfg.critic.fake_scale)
-            if self.critic is None
-            else contextlib.nullcontext()
-        )
-        with scale:
-            with self._autocast():
-                v = self._critic_net(renoise(x0_sel, tau, eps), tau, cond)
-            loss_c = critic_loss(v.float(), x0_sel, eps)
-            loss_c.backward()
-        gn_c = _grad_norm(_trainable((self.critic or self.guidance).network), cfg.optim.grad_clip)
-        self.opt_c.step()
-        self._critic_losses.append(loss_c.detach())
+        gn_c = self._critic_update(x0.detach() if x0 is not None else sim.x0_sel.float(), cond, s)
         st.step += 1
         if not gen_update:
             return None
         if x0 is None:
-            x0 = generator_x0()
+            x0 = self._generator_x0(sim, cond)
 
-        # 3. Generator update (x0 computed above, with grad).
-        tau2 = host_to_device(self.dynars.sample(B, s, generator=self.gen), self.device)
-        x_tau = renoise(x0.detach(), tau2, noise_like(x0, self.gen))
-        w = self.cfg_scale.sample(self.gen)
+        # 3. Generator update: the scores at a renoised sg(x0), then ONE backward through G.
         null = self.student.null_condition(B) if self.cfg_scale.enabled else None
-        lam_r = self.dynadg.real_scale(s)
-        if cfg.dmdr.decoupled:  # config validation guarantees CFG is on
-            v_fake, v_cond, ca = self._decoupled_inputs(x0.detach(), x_tau, tau2, sim.t_in, cond, null, lam_r)
-            metrics = self._generator_backward(x0, x_tau, tau2, v_fake, v_cond, None, w, raw, stage, ca=ca)
-        else:
-            v_fake, v_cond, v_uncond = self._fake_and_real(x_tau, tau2, cond, null, lam_r)
-            metrics = self._generator_backward(
-                x0, x_tau, tau2, v_fake, v_cond, v_uncond, w if v_uncond is not None else 1.0, raw, stage
-            )
+        inputs = dmd_inputs(
+            self.scores, x0, sim.t_in, cond, null, step=s, renoise_times=self.dynars, cfg=self.cfg_scale,
+            real_scale=self.dynadg.real_scale(s), decoupled=cfg.dmdr.decoupled,
+            ca_renoise=cfg.dmdr.ca_renoise, generator=self.gen,
+        )  # fmt: skip
+        metrics = self.generator_backward(x0, inputs, raw, stage)
         metrics["grad_norm_g"] = float(_grad_norm(_trainable(self.student.network), cfg.optim.grad_clip))
         self.opt_g.step()
         self._update_ema()
@@ -571,8 +435,8 @@ class Trainer:
             stage=stage,
             loss_critic=sum(float(v) for v in self._critic_losses) / len(self._critic_losses),
             grad_norm_c=float(gn_c),
-            lambda_r=lam_r,
-            guidance=w,
+            lambda_r=inputs.real_scale,
+            guidance=inputs.guidance,
             dynars_alpha=beta_a,
             dynars_beta=beta_b,
             lr_g=self.opt_g.param_groups[0]["lr"],
@@ -581,108 +445,90 @@ class Trainer:
         self._critic_losses.clear()
         return metrics
 
-    def _generator_backward(
-        self,
-        x0: torch.Tensor,
-        x_tau: torch.Tensor,
-        tau: torch.Tensor,
-        v_fake: torch.Tensor,
-        v_cond: torch.Tensor,
-        v_uncond: torch.Tensor | None,
-        guidance: float,
-        raw: Any,
-        stage: int,
-        *,
-        ca: CAInputs | None = None,
+    def _backward_simulation(self, B: int, cond: Cond, *, skip_selected: bool) -> BackwardSimulation:
+        """The student's rollout from fresh noise over its grid (no grad), per ``student.backward_sim``."""
+        with self.autocast():
+            return backward_simulation(
+                self.student.velocity,
+                self._randn((B, *self.student.sample_shape)),
+                cond,
+                self.grid,
+                mode=self.config.student.backward_sim,
+                generator=self.gen,
+                skip_selected=skip_selected,
+            )
+
+    def _generator_x0(self, sim: BackwardSimulation, cond: Cond) -> torch.Tensor:
+        """The generator's output ``x0 = x_in − t_k·G(x_in, t_k, c)`` with grad (optimiser zeroed)."""
+        self.opt_g.zero_grad(set_to_none=True)
+        with self.autocast():
+            v_g = self._student_net(sim.x_in, sim.t_in, cond)
+        return sim.x_in - sim.t_in.view(-1, *[1] * (sim.x_in.dim() - 1)) * v_g.float()
+
+    def _critic_update(self, x0_sel: torch.Tensor, cond: Cond, s: int) -> torch.Tensor:
+        """One AdamW step of the critic: flow matching of the fake score at DynaRS times (its loss is
+        kept for the next generator step's log); returns the gradient norm (0-dim)."""
+        cfg = self.config
+        tau = host_to_device(self.dynars.sample(x0_sel.shape[0], s, generator=self.gen), self.device)
+        eps = noise_like(x0_sel, self.gen)
+        self.opt_c.zero_grad(set_to_none=True)
+        # The backward runs inside the LoRA-scale context too: with gradient checkpointing the
+        # blocks' forwards are recomputed during backward and must see the fake score's λ_f again.
+        scale = (
+            lora_scale(self.guidance.network, cfg.critic.fake_scale)
+            if self.critic is None
+            else contextlib.nullcontext()
+        )
+        with scale:
+            with self.autocast():
+                v = self._critic_net(renoise(x0_sel, tau, eps), tau, cond)
+            loss_c = critic_loss(v.float(), x0_sel, eps)
+            loss_c.backward()
+        gn_c = _grad_norm(_trainable((self.critic or self.guidance).network), cfg.optim.grad_clip)
+        self.opt_c.step()
+        self._critic_losses.append(loss_c.detach())
+        return gn_c
+
+    def generator_backward(
+        self, x0: torch.Tensor, inputs: DMDInputs, raw: Any, stage: int
     ) -> dict[str, float]:
         """Gradient of the generator objective on x0, then ONE backward through the student.
 
-        The DMD direction and each reward's gradient are taken on a detached copy of ``x0``
-        (``autograd.grad`` through the DMD op, and through decode + reward), joined per sample by
-        :func:`dmdr_fast.ops.reward_grad_combine` (``fixed``: ``g_DMD + weight·g_R``, exactly the
-        gradient of ``L_DMD + weight·ℓ_R``; ``balanced``: norm-matched), and pushed through the
-        student with ``x0.backward(g)``. The student's graph is traversed once whatever the number
-        of rewards, and a non-finite reward gradient is zeroed instead of poisoning the weights.
-
         Args:
-            x0: ``(B, ...)`` the generator's one-step estimate, with grad.
-            x_tau, tau, v_fake, v_cond, v_uncond, guidance: the DMD inputs (no grad).
+            x0: (B, ...) the generator's output with grad (:meth:`step` computes it).
+            inputs: the DMD inputs (:func:`~dmdr_fast.algo.generator.dmd_inputs`).
             raw: the batch's raw conditions (what rewards see).
             stage: 1 (DMD only) or 2 (DMD + rewards).
-            ca: Decoupled DMD's CFG-augmentation inputs; then ``x_tau, tau, v_fake, v_cond`` are the
-                distribution-matching term's (``v_uncond`` unused) and the generator loss is
-                ``dmd_weight·L_DM + ca_weight·L_CA`` (:func:`dmdr_fast.algo.decoupled_dmd_loss`).
+
+        The DMD direction and each reward's gradient are taken on a detached copy of ``x0``
+        (:func:`~dmdr_fast.algo.generator.dmd_direction`, and through decode + reward), joined per
+        sample by :func:`~dmdr_fast.algo.generator.add_reward_gradients` (``fixed``: exactly the
+        gradient of ``L_DMD + weight·ℓ_R``; ``balanced``: norm-matched) and pushed through the
+        student with ``x0.backward(g)``: the student's graph is traversed once whatever the number
+        of rewards, and a non-finite reward gradient is zeroed instead of poisoning the weights.
 
         Returns:
-            Metrics: ``loss_dmd`` (decoupled: the weighted sum, plus ``loss_dm`` and ``loss_ca``), ``loss_reward``, reward logs, and per reward group
-            ``reward_w/<name>`` (mean weight applied), ``reward_nonfinite/<name>`` and, with DMD
-            on, ``reward_cos/<name>`` (cosine of the DMD and reward directions) and
-            ``reward_push/<name>`` (mean ``w·|g_R| / |g_DMD|``).
+            Metrics: ``loss_dmd`` (Decoupled: the weighted sum, plus ``loss_dm`` and ``loss_ca``),
+            from stage 2 ``loss_reward`` and the reward logs and per reward group ``reward_w/*``,
+            ``reward_nonfinite/*`` and, with DMD on, ``reward_cos/*`` and ``reward_push/*``.
         """
-        cfg = self.config
+        d = self.config.dmdr
+        backend = self.config.train.kernel_backend
         xd = x0.detach().requires_grad_(True)
-        metrics: dict[str, float] = {}
-        if ca is not None:
-            out = decoupled_dmd_loss(
-                xd, dm_x_t=x_tau, dm_t=tau, v_fake=v_fake, dm_v_cond=v_cond, ca_x_t=ca.x_t, ca_t=ca.t,
-                ca_v_cond=ca.v_cond, ca_v_uncond=ca.v_uncond, guidance=guidance,
-                dm_weight=cfg.dmdr.dmd_weight, ca_weight=cfg.dmdr.ca_weight, eps=cfg.dmdr.eps,
-                backend=cfg.train.kernel_backend,
-            )  # fmt: skip
-            (g,) = torch.autograd.grad(out.loss, xd)
-            metrics.update(loss_dmd=out.loss.item(), loss_dm=out.dm_loss.item(), loss_ca=out.ca_loss.item())
-        elif cfg.dmdr.dmd_weight > 0:
-            loss_dmd = generator_dmd_loss(
-                xd, x_tau, tau, v_fake, v_cond, v_uncond, guidance, eps=cfg.dmdr.eps,
-                backend=cfg.train.kernel_backend,
-            )  # fmt: skip
-            (g,) = torch.autograd.grad(cfg.dmdr.dmd_weight * loss_dmd, xd)
-            metrics["loss_dmd"] = loss_dmd.item()
-        else:
-            g = torch.zeros_like(xd)
+        g, metrics = dmd_direction(
+            xd, inputs, dmd_weight=d.dmd_weight, ca_weight=d.ca_weight, eps=d.eps, backend=backend
+        )
         if self.reward is not None and stage == 2:
             out = self.reward(self.student.decode(xd), raw)
             metrics["loss_reward"] = out.loss.detach().mean().item()
             metrics.update(out.log_values())
-            groups = self._reward_groups(out)
-            g_dmd = g
-            for i, (name, term, kwargs) in enumerate(groups):
-                (g_r,) = torch.autograd.grad(term, xd, retain_graph=i + 1 < len(groups))
-                combined, st = reward_grad_combine(g_dmd, g_r, backend=cfg.train.kernel_backend, **kwargs)
-                # Several groups: g = g_DMD + Σ_k w_k·g_k, each w_k balanced against g_DMD alone.
-                g = combined if g is g_dmd else g + (combined - g_dmd)
-                metrics[f"reward_w/{name}"] = st.weight.mean().item()
-                if cfg.dmdr.dmd_weight > 0:  # direction and push relative to DMD (undefined without it)
-                    push = st.weight * st.reward_norm / st.dmd_norm.clamp_min(1e-30)
-                    metrics[f"reward_cos/{name}"] = st.cosine.mean().item()
-                    metrics[f"reward_push/{name}"] = push.mean().item()
-                metrics[f"reward_nonfinite/{name}"] = float(st.nonfinite.sum().item())
+            groups = reward_groups(out.terms, self.reward_policies)
+            g, reward_metrics = add_reward_gradients(
+                g, xd, groups, with_dmd=d.dmd_weight > 0, backend=backend
+            )
+            metrics.update(reward_metrics)
         x0.backward(g.to(x0.dtype))
         return metrics
-
-    def _reward_groups(self, out: Any) -> list[tuple[str, torch.Tensor, dict[str, Any]]]:
-        """(name, scalar unweighted loss, combine kwargs) per gradient to take.
-
-        A single ``fixed`` reward keeps its weight in the op (so the logged norms are the reward's
-        own); several ``fixed`` rewards are linear and share one gradient of ``Σ weight·ℓ``; every
-        ``balanced`` reward needs its own gradient (its weight depends on that gradient's norm).
-        """
-        assert self.reward is not None
-        rewards = self.reward.differentiable_rewards
-        fixed = [r for r in rewards if r.combine == "fixed" and r.weight != 0]
-        groups: list[tuple[str, torch.Tensor, dict[str, Any]]] = []
-        if len(fixed) == 1:
-            r = fixed[0]
-            groups.append((r.name, out.terms[r.name].mean(), {"mode": "fixed", "weight": r.weight}))
-        elif fixed:
-            total = sum(r.weight * out.terms[r.name].mean() for r in fixed)
-            groups.append(("fixed", total, {"mode": "fixed", "weight": 1.0}))
-        for r in rewards:
-            if r.combine == "balanced" and r.ratio > 0:
-                cap = math.inf if r.max_weight is None else r.max_weight
-                kwargs = {"mode": "balanced", "ratio": r.ratio, "max_weight": cap}
-                groups.append((r.name, out.terms[r.name].mean(), kwargs))
-        return groups
 
     def _update_ema(self) -> None:
         if self.ema is None:
@@ -776,7 +622,17 @@ class Trainer:
 
         s = self.config.student
         pairs = ODEPairs.open(s.ode_init, self.student, model_id=model_identity(self.config.model.path))
-        losses = ode_regression(self, pairs, steps=s.ode_steps, lr=s.ode_lr, progress=progress)
+        losses = ode_regression(
+            self._student_net, _trainable(self.student.network), pairs, self.student, t0=self.grid[0],
+            steps=s.ode_steps, lr=s.ode_lr, optim=self.config.optim, batch_size=self.config.train.batch_size,
+            generator=self.gen, device=self.device, autocast=self.autocast, log=self.logger.log,
+            log_every=self.config.train.log_every, progress=progress and self.rank == 0,
+        )  # fmt: skip
+        if self.ema is not None:  # the EMA starts from the regressed weights
+            with torch.no_grad():
+                for n, p in self.student.network.named_parameters():
+                    if n in self.ema:
+                        self.ema[n].copy_(p.detach())
         self.state.ode_init_done = True
         self.logger.note(
             f"ODE init: {s.ode_steps} steps on {len(pairs)} pairs from {s.ode_init}, loss {losses[0]:.4g} → {losses[-1]:.4g}"
@@ -836,11 +692,11 @@ class Trainer:
         """
         gen = generator if generator is not None else torch.Generator().manual_seed(self.config.train.seed)
         n = len(raw_cond)
-        _, cond = self._encode(raw_cond)
+        _, cond = self.encode(raw_cond)
         grid = self.grid if num_steps is None else self._grid(num_steps)
         noise = randn((n, *self.student.sample_shape), generator=gen, device=self.device)  # CPU or CUDA RNG
         ctx = self.ema_weights() if use_ema else contextlib.nullcontext()
-        with ctx, self._autocast():
+        with ctx, self.autocast():
             return few_step_sample(self.student.velocity, noise, cond, grid, generator=gen).float()
 
     def save_sample_grid(self, path: str | os.PathLike[str] | None = None) -> Path | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmdr_fast.data import (
+from dmdr_fast.recipes.digits.data import (
     DIGITS_IMAGE_SHAPE,
     DIGITS_NUM_CLASSES,
     digits_splits,

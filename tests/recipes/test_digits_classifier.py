@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmdr_fast.data import load_digits_tensors, stratified_split, to_unit_range
-from dmdr_fast.models.classifier import (
+from dmdr_fast.recipes.digits.classifier import (
     DigitClassifier,
     DigitClassifierConfig,
     load_classifier,
@@ -14,6 +13,7 @@ from dmdr_fast.models.classifier import (
     shift_augment,
     train_classifier,
 )
+from dmdr_fast.recipes.digits.data import load_digits_tensors, stratified_split, to_unit_range
 
 
 def test_shapes_and_feature_dims():

@@ -128,7 +128,7 @@ class DigitsSplits:
 
     Attributes:
         reward: ``(N_r,)`` indices the reward classifier trains on (its own held-out part is cut
-            from these by :func:`~dmdr_fast.models.classifier.train_classifier`).
+            from these by :func:`~dmdr_fast.recipes.digits.classifier.train_classifier`).
         eval: ``(N_e,)`` indices the evaluation network trains on; disjoint from ``reward``.
         num_total: Number of digits (1797).
         seed: Seed the splits were drawn with.

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from dmdr_fast._io import atomic_save
 from dmdr_fast.algo.flow import renoise, velocity_target
-from dmdr_fast.models.classifier import DigitClassifier, DigitClassifierConfig, train_classifier
+from dmdr_fast.recipes.digits.classifier import DigitClassifier, DigitClassifierConfig, train_classifier
 
 __all__ = [
     "DEFAULT_DIGITS_CLASSIFIERS_CONFIG",
@@ -92,7 +92,7 @@ DEFAULT_DIGITS_TEACHER_CONFIG: dict[str, Any] = {
 }
 
 #: The digits classifiers: reward and evaluation networks on disjoint stratified splits
-#: (:func:`dmdr_fast.data.digits_splits`), differently seeded and of different widths.
+#: (:func:`dmdr_fast.recipes.digits.data_splits`), differently seeded and of different widths.
 DEFAULT_DIGITS_CLASSIFIERS_CONFIG: dict[str, Any] = {
     "split_seed": 0,
     "reward_fraction": 0.5,
@@ -391,7 +391,7 @@ def get_or_train_digits_teacher(
         ``cache_hit`` and ``stats`` (from :func:`train_flow_teacher`; on a hit, the stats stored
         when it was trained).
     """
-    from dmdr_fast.data.digits import load_digits_tensors
+    from dmdr_fast.recipes.digits.data import load_digits_tensors
 
     resolved = resolve_config(config, DEFAULT_DIGITS_TEACHER_CONFIG, "teacher")
     digest = config_hash(resolved, _TEACHER_FORMAT)
@@ -445,10 +445,10 @@ def get_or_train_digits_classifiers(
     """The reward classifier and the evaluation network, cached like the teacher.
 
     The two are trained on the disjoint ``reward`` and ``eval`` splits of
-    :func:`dmdr_fast.data.digits_splits` (images mapped to ``[0, 1]``), with the seeds and widths of
+    :func:`dmdr_fast.recipes.digits.data_splits` (images mapped to ``[0, 1]``), with the seeds and widths of
     ``config`` (merged over :data:`DEFAULT_DIGITS_CLASSIFIERS_CONFIG`; each of ``reward`` / ``eval``
     takes ``width``, ``feature_dim``, ``dropout`` and keyword arguments of
-    :func:`~dmdr_fast.models.classifier.train_classifier`).
+    :func:`~dmdr_fast.recipes.digits.classifier.train_classifier`).
 
     Args:
         cache_dir: Cache directory, or ``None`` for no caching.
@@ -459,9 +459,9 @@ def get_or_train_digits_classifiers(
         ``(reward_classifier, eval_classifier, info)``; both in eval mode; ``info`` holds
         ``config``, ``config_hash``, ``cache_path`` (str or ``None``), ``cache_hit``, ``splits``
         (:class:`~dmdr_fast.data.DigitsSplits`) and ``metrics`` (``{"reward": ..., "eval": ...}``,
-        from :func:`~dmdr_fast.models.classifier.train_classifier`).
+        from :func:`~dmdr_fast.recipes.digits.classifier.train_classifier`).
     """
-    from dmdr_fast.data.digits import digits_splits, load_digits_tensors, to_unit_range
+    from dmdr_fast.recipes.digits.data import digits_splits, load_digits_tensors, to_unit_range
 
     resolved = resolve_config(config, DEFAULT_DIGITS_CLASSIFIERS_CONFIG, "classifiers")
     digest = config_hash(resolved, _CLASSIFIERS_FORMAT)

@@ -1,18 +1,22 @@
-"""Conditions as opaque batched structures, and the callable type of a velocity network.
+"""Conditions as trees of tensors: the one home of the rules for batching them.
 
-The algorithm never looks inside a condition: it only needs to *select samples* from it (the
-backward simulation evaluates the generator on a shrinking subset of the batch), *concatenate* it
-(the guidance network runs fake / conditional / unconditional passes as one batch) and *broadcast*
-a batch-1 null condition to the batch size. A condition is therefore any nesting of:
+The algorithm and the trainer never look inside a condition: they only need to *select samples*
+from it (the backward simulation evaluates the generator on a shrinking subset of the batch, the
+samplers and caches take rows), *concatenate* it (the guidance network runs fake / conditional /
+unconditional passes as one batch), *broadcast* a batch-1 null condition to the batch size and
+*move* it to a device. Model adapters, the prompt cache and the trainer all use these functions;
+an adapter implements none of this itself. A condition is any nesting of:
 
 * ``torch.Tensor`` with at least one dimension: batched data, dimension 0 is the sample index;
-* ``tuple`` / ``list`` (named tuples included) and ``dict``: containers, rebuilt with the same type;
+* ``tuple`` / ``list`` (named tuples included), ``dict`` and dataclass instances (the text-to-image
+  adapters' condition classes): containers, rebuilt with the same type;
 * ``None``, strings, numbers and 0-dim tensors: *shared* leaves, passed through unchanged. When
   conditions are concatenated their shared leaves must be equal, otherwise the result would be
   ambiguous and an error is raised.
 
 Per-sample data that is not a tensor (for example a list of prompt strings) is not supported here:
-adapters should encode it to tensors first (``encode_condition``).
+adapters encode it to tensors first (``encode_condition``). The module sits at the bottom of the
+package (it imports only torch), so that models, data, algo and train can all share it.
 """
 
 from __future__ import annotations
@@ -23,22 +27,21 @@ from typing import Any, TypeAlias
 
 import torch
 
+from dmdr_fast._device import host_to_device
+
 __all__ = [
     "Cond",
-    "VelocityFn",
     "cat_conds",
     "cond_batch_size",
     "expand_cond",
     "index_cond",
     "map_tensors",
+    "slice_cond",
+    "to_device",
 ]
 
 Cond: TypeAlias = Any
 """Whatever the model adapter takes as a condition (see the module docstring for the rules)."""
-
-VelocityFn: TypeAlias = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
-"""``velocity_fn(x, t, cond) -> v``: x (B, ...), t (B,) float in [0, 1] with t = 1 pure noise,
-returns v (B, ...) ≈ ε − x0 (rectified-flow convention, DESIGN §1)."""
 
 
 def _is_batched(leaf: object) -> bool:
@@ -142,6 +145,20 @@ def index_cond(cond: Cond, index: torch.Tensor) -> Cond:
     return _map(lambda x: x[index.to(x.device)], cond)
 
 
+def slice_cond(cond: Cond, start: int, stop: int) -> Cond:
+    """The samples ``start:stop`` of a condition (views of its batched tensors).
+
+    Args:
+        cond: a condition with batch size B (or no batched tensor at all).
+        start: first sample index.
+        stop: one past the last sample index.
+
+    Returns:
+        The condition restricted to those samples; shared leaves are passed through.
+    """
+    return _map(lambda x: x[start:stop], cond)
+
+
 def expand_cond(cond: Cond, batch_size: int) -> Cond:
     """Broadcast a batch-1 condition to ``batch_size`` samples (a view, no copy).
 
@@ -178,6 +195,9 @@ def _cat(parts: list[Any], path: str) -> Any:
     if any(batched):
         if not all(batched):
             raise ValueError(f"cannot concatenate conditions: {path} is a batched tensor in some parts only")
+        shapes = {tuple(p.shape[1:]) for p in parts}
+        if len(shapes) > 1:  # a clear error instead of torch.cat's
+            raise ValueError(f"cannot concatenate conditions: {path} has per-sample shapes {sorted(shapes)}")
         return torch.cat(parts, dim=0)
     if isinstance(first, Mapping):
         keys = list(first.keys())
@@ -220,3 +240,9 @@ def cat_conds(conds: Sequence[Cond]) -> Cond:
     if not parts:
         raise ValueError("conds must contain at least one condition")
     return _cat(parts, "cond")
+
+
+def to_device(cond: Cond, device: torch.device | str) -> Cond:
+    """Move every tensor of a condition to ``device`` (from pageable CPU memory without a stall:
+    :func:`dmdr_fast._device.host_to_device`)."""
+    return map_tensors(lambda v: host_to_device(v, device), cond)

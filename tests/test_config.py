@@ -1,4 +1,4 @@
-"""Tests of the training configuration (dmdr_fast.train.config) and its engine (config_io)."""
+"""Tests of the training configuration (dmdr_fast.config): the schema and its engine."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Literal
 
 import pytest
 
-from dmdr_fast.train.config import (
+from dmdr_fast.config import (
+    ConfigError,
     CriticConfig,
     DMDRConfig,
     DMDRTrainerConfig,
@@ -19,9 +20,6 @@ from dmdr_fast.train.config import (
     RewardConfig,
     StudentConfig,
     TrainConfig,
-)
-from dmdr_fast.train.config_io import (
-    ConfigError,
     apply_overrides,
     describe,
     from_dict,
@@ -429,20 +427,3 @@ def test_helpers():
     assert (cfg.stage(49), cfg.stage(50)) == (1, 2)
     assert [r.name for r in cfg.active_rewards] == ["cls"]
     assert cfg.dmdr.cfg_enabled and not DMDRConfig().cfg_enabled
-
-
-def test_conversions_to_algo_and_lora_objects():
-    from dmdr_fast.algo import DynaDG, DynaRS, GuidanceScale
-    from dmdr_fast.models.lora import LoraConfig
-
-    d = DMDRConfig(dynamic_horizon=100, renoise="uniform", guidance=4.0, guidance_jitter=0.5)
-    assert d.dynars() == DynaRS(horizon=100, a=4.0, b=1.5, mode="uniform", t_min=0.001)
-    assert d.dynadg() == DynaDG(scale0=0.75, horizon=100)
-    assert d.guidance_scale() == GuidanceScale(scale=4.0, jitter=0.5)
-    spec = StudentConfig().lora
-    assert spec.to_lora_config("student", ["x"]) == LoraConfig(
-        targets=("x",), rank=64, alpha=128.0, adapter="student"
-    )
-    assert LoraSpec(targets=("y",)).to_lora_config(default_targets=["x"]).targets == ("y",)
-    with pytest.raises(ConfigError, match=r"^LoraSpec\.targets: is empty"):
-        spec.to_lora_config()

@@ -29,12 +29,11 @@ from typing import Any
 import torch
 
 from dmdr_fast._dtypes import torch_dtype
-from dmdr_fast.algo.conditions import index_cond
+from dmdr_fast.conditions import index_cond
+from dmdr_fast.config import ConfigError, DMDRTrainerConfig, ModelConfig
 from dmdr_fast.data.prompt_cache import model_identity
 from dmdr_fast.data.prompts import PromptBatch
 from dmdr_fast.train import checkpoint as ckpt
-from dmdr_fast.train.config import DMDRTrainerConfig, ModelConfig
-from dmdr_fast.train.config_io import ConfigError
 from dmdr_fast.train.trainer import Trainer, resolve_device
 
 __all__ = [
@@ -189,17 +188,17 @@ def teacher_sample(
     trainer: Trainer, batch: PromptBatch, *, steps: int, guidance: float, seed: int
 ) -> torch.Tensor:
     """Teacher samples (Euler, CFG ``guidance`` with the null condition) in latent space."""
-    from dmdr_fast.algo import euler_sample
+    from dmdr_fast.algo import euler_sample, uses_cfg
     from dmdr_fast.models.lora import lora_layers, lora_scale
 
-    _, cond = trainer._encode(batch)
+    _, cond = trainer.encode(batch)
     n = len(batch)
     noise = torch.randn((n, *trainer.student.sample_shape), generator=torch.Generator().manual_seed(seed))
     guide = trainer.guidance
-    null = guide.null_condition(n) if guidance > 1 else None
+    null = guide.null_condition(n) if uses_cfg(guidance) else None
     # LoRA scale 0 turns the critic LoRA off: the plain teacher (a full critic leaves it LoRA-free).
     plain = lora_scale(guide.network, 0.0) if any(True for _ in lora_layers(guide.network)) else nullcontext()
-    with plain, trainer._autocast():
+    with plain, trainer.autocast():
         return euler_sample(
             guide.velocity,
             noise.to(trainer.device),

@@ -1,7 +1,7 @@
 """A small CNN classifier for 8×8 grayscale digits: the reward model and the evaluation network.
 
 The digits preset trains two instances of :class:`DigitClassifier` on disjoint data splits
-(:func:`dmdr_fast.data.digits_splits`), with different seeds and widths:
+(:func:`dmdr_fast.recipes.digits.data_splits`), with different seeds and widths:
 
 * the **reward classifier** — frozen, its log-probability of the conditioning label is the
   training reward (:class:`dmdr_fast.rewards.ClassifierReward`);
@@ -233,7 +233,7 @@ def train_classifier(
     Raises:
         ValueError: On malformed data or arguments.
     """
-    from dmdr_fast.data.digits import stratified_split
+    from dmdr_fast.recipes.digits.data import stratified_split
 
     _check_data(images, labels)
     if epochs < 1 or batch_size < 1 or lr <= 0:

@@ -1,4 +1,4 @@
-"""The digits preset: DMDR end to end on scikit-learn's 8×8 handwritten digits, on a CPU.
+"""The digits recipe: DMDR end to end on scikit-learn's 8×8 handwritten digits, on a CPU.
 
 ``dmdr-fast train --preset digits --out DIR`` runs :func:`run_digits`:
 
@@ -9,8 +9,8 @@
 3. evaluate the teacher (50-step Euler) and the student on the same metrics and write
    ``report.md``, ``metrics.json``, PNG grids (teacher vs student, per class) and a metrics plot.
 
-:func:`run_experiment` trains, on the same teacher, the DMD-only, DMDR and reward-only students
-and tabulates them next to the teacher with and without CFG.
+The experiment comparing DMD-only, DMDR and reward-only students is in
+:mod:`dmdr_fast.recipes.digits.experiment`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from dmdr_fast.algo import euler_sample
+from dmdr_fast.algo import euler_sample, uses_cfg
+from dmdr_fast.config import DMDRTrainerConfig, RewardConfig
 from dmdr_fast.eval.metrics import RealReference, compute_features, evaluate_features
 from dmdr_fast.train import checkpoint as ckpt
-from dmdr_fast.train.config import DMDRTrainerConfig, RewardConfig
 from dmdr_fast.train.monitor import RewardHackingMonitor
 from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
 
@@ -37,31 +37,20 @@ __all__ = [
     "DigitsAssets",
     "default_cache_dir",
     "evaluate_images",
-    "load_preset",
     "make_evaluator",
     "make_monitor",
     "make_reward",
     "prepare_assets",
     "run_digits",
-    "run_experiment",
+    "train_student",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 NUM_CLASSES = 10
 
 
 def default_cache_dir() -> Path:
     """``$DMDR_FAST_CACHE`` or ``~/.cache/dmdr_fast``: where teachers and classifiers are kept."""
     return Path(os.environ.get("DMDR_FAST_CACHE", Path.home() / ".cache" / "dmdr_fast"))
-
-
-def load_preset(name: str, overrides: Sequence[str] = ()) -> DMDRTrainerConfig:
-    """A named preset from ``dmdr_fast/configs/<name>.yaml`` with ``--set``-style overrides."""
-    path = CONFIG_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise ValueError(f"unknown preset {name!r}; presets: {known}")
-    return DMDRTrainerConfig.load_yaml(path, overrides=list(overrides))
 
 
 @dataclass
@@ -94,8 +83,8 @@ def prepare_assets(
     progress: bool = True,
 ) -> DigitsAssets:
     """Train or load the teacher and the two classifiers, and the real-data reference statistics."""
-    from dmdr_fast.data.digits import load_digits_tensors, to_unit_range
-    from dmdr_fast.train.teacher import get_or_train_digits_classifiers, get_or_train_digits_teacher
+    from dmdr_fast.recipes.digits.data import load_digits_tensors, to_unit_range
+    from dmdr_fast.recipes.digits.teacher import get_or_train_digits_classifiers, get_or_train_digits_teacher
 
     teacher, t_info = get_or_train_digits_teacher(cache_dir, teacher_config, progress=progress)
     reward_clf, eval_net, c_info = get_or_train_digits_classifiers(
@@ -211,12 +200,12 @@ def teacher_samples(
     noise = torch.randn(
         (labels.numel(), *teacher.sample_shape), generator=torch.Generator().manual_seed(seed)
     )
-    null = teacher.null_condition(labels.numel()) if guidance > 1 else None
+    null = teacher.null_condition(labels.numel()) if uses_cfg(guidance) else None
     x = euler_sample(teacher.velocity, noise, labels, num_steps=steps, guidance=guidance, null_cond=null)
     return teacher.decode(x)
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
 
 
@@ -323,7 +312,7 @@ def run_digits(
         "timing_s": {"assets": t_assets, "train": t_train, "total": elapsed},
         "config": config.to_dict(),
     }
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     report = [
         f"# DMDR digits report — {config.name}",
         "",
@@ -347,81 +336,3 @@ def run_digits(
     ]
     (out / "report.md").write_text("\n".join(report) + "\n")
     return metrics
-
-
-def run_experiment(
-    out_dir: str | os.PathLike[str],
-    base: DMDRTrainerConfig,
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Teacher (with and without CFG), DMD-only, DMDR (fixed and balanced reward weighting) and
-    reward-only students on one teacher, with the reward-hacking monitor's verdict for each."""
-    from dmdr_fast.eval.plots import plot_metric_curves, plot_monitor, save_comparison_grid
-    from dmdr_fast.eval.report import write_metrics_table
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    assets = prepare_assets(
-        cache_dir if cache_dir is not None else default_cache_dir(),
-        base.model.kwargs.get("teacher"),
-        base.model.kwargs.get("classifiers"),
-        progress=progress,
-    )
-    n = base.train.num_eval_samples
-    labels = balanced_labels(n)
-    results: dict[str, dict[str, float]] = {}
-    grids: dict[str, torch.Tensor] = {}
-    for w in (1.0, float(base.model.kwargs.get("experiment_cfg", 2.0))):
-        img = teacher_samples(assets, labels, steps=50, guidance=w)
-        results[f"teacher 50-step, CFG {w:g}"] = evaluate_images(assets, img, labels)
-        grids[f"teacher CFG {w:g}"] = img[:50]
-    reward = base.active_rewards[0] if base.active_rewards else RewardConfig(kind="classifier", weight=0.05)
-    total = base.train.max_steps
-    balanced_ratio = float(base.model.kwargs.get("experiment_balanced_ratio", 0.5))
-    runs = {
-        "DMD only": base.with_overrides(["rewards=[]", "dmdr.cold_start_steps=0"]),
-        "DMDR fixed": base.with_overrides(["rewards.0.combine=fixed"]),
-        "DMDR balanced": base.with_overrides(
-            ["rewards.0.combine=balanced", f"rewards.0.ratio={balanced_ratio}"]
-        ),
-        "reward only": base.with_overrides(
-            [
-                "dmdr.dmd_weight=0",
-                "dmdr.cold_start_steps=0",
-                f"rewards=[{{kind: classifier, weight: {reward.weight}}}]",
-            ]
-        ),
-    }
-    histories, monitors, verdicts = {}, {}, {}
-    for name, cfg in runs.items():
-        cfg = cfg.with_overrides([f"name={name.replace(' ', '-').lower()}", f"train.max_steps={total}"])
-        trainer = train_student(cfg, assets, out / cfg.name, progress=progress)
-        img = trainer.student.decode(trainer.sample(labels, generator=torch.Generator().manual_seed(4321)))
-        row = f"{name} (1-step)"
-        results[row] = evaluate_images(assets, img, labels)
-        grids[name] = img[:50]
-        histories[name] = trainer.state.history
-        if trainer.monitor is not None:
-            monitors[name] = trainer.monitor.history
-            verdicts[name] = {"verdict": trainer.monitor.verdict(), "warnings": trainer.monitor.warnings}
-    write_metrics_table(results, out / "table.md", title="Digits: teacher vs 1-step students")
-    save_comparison_grid(grids, out / "samples.png", nrow=10)
-    plot_metric_curves(
-        histories, out / "curves.png", metrics=["fd", "recall", "accuracy", "diversity_ratio", "reward"]
-    )
-    if monitors:
-        plot_monitor(monitors, out / "monitor.png")
-        lines = ["| run | monitor verdict |", "|---|---|"]
-        lines += [f"| {n} | {v['verdict']} |" for n, v in verdicts.items()]
-        (out / "monitor.md").write_text("\n".join(lines) + "\n")
-    summary = {
-        "results": results,
-        "histories": histories,
-        "monitor": monitors,
-        "verdicts": verdicts,
-        "real_vs_real": assets.info["real_vs_real"],
-    }
-    _write_json(out / "experiment.json", summary)
-    return summary

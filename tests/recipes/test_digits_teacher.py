@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import dmdr_fast.train.teacher as teacher_mod
-from dmdr_fast.data import load_digits_tensors
+import dmdr_fast.recipes.digits.teacher as teacher_mod
 from dmdr_fast.models import DiTAdapter, tiny_dit
-from dmdr_fast.train.teacher import (
+from dmdr_fast.recipes.digits.data import load_digits_tensors
+from dmdr_fast.recipes.digits.teacher import (
     config_hash,
     get_or_train_digits_classifiers,
     get_or_train_digits_teacher,
