@@ -223,7 +223,7 @@ def _cmd_ode_pairs(args: argparse.Namespace) -> int:
 
     from dmdr_fast._dtypes import torch_dtype
     from dmdr_fast.data.prompts import load_prompts
-    from dmdr_fast.pipelines.evaluate import PIPELINE_DEFAULTS
+    from dmdr_fast.models.families import get_family
     from dmdr_fast.recipes import t2i
     from dmdr_fast.train.ode_init import generate_ode_pairs
     from dmdr_fast.train.runtime import resolve_device
@@ -248,7 +248,7 @@ def _cmd_ode_pairs(args: argparse.Namespace) -> int:
             raise SystemExit("give --prompts FILE (or data.prompts in the config): the pairs' prompts")
         conditions = load_prompts(config.data.prompts, column=config.data.column, limit=args.limit)
         adapter = t2i.build_adapter(config.model, device=device)
-        steps = args.teacher_steps or PIPELINE_DEFAULTS[config.model.family][0]
+        steps = args.teacher_steps or get_family(config.model.family).sampling_steps
     path = generate_ode_pairs(
         adapter,
         conditions,
@@ -283,7 +283,7 @@ def _t2i_config(args: argparse.Namespace):
         if not getattr(args, "pipeline", None):
             raise SystemExit("give --preset NAME, --config FILE or --pipeline DIR")
         family = args.family or t2i.family_of_pipeline(args.pipeline)
-        return load_preset(t2i.DEFAULT_PRESETS[family], overrides)
+        return load_preset(t2i.default_preset(family), overrides)
     args.set = overrides
     return _config_from_args(args)
 

@@ -13,8 +13,8 @@ from PIL import Image
 from dmdr_fast.cli import main
 from dmdr_fast.config import ConfigError, DMDRTrainerConfig
 from dmdr_fast.configs import CONFIG_DIR, load_preset
-from dmdr_fast.pipelines.random import SIZES, build_random_pipeline, save_random_pipeline
-from dmdr_fast.recipes.t2i import DEFAULT_PRESETS, T2I_FAMILIES, family_of_pipeline
+from dmdr_fast.models.families import T2I_FAMILIES, families, family_of_pipeline
+from dmdr_fast.pipelines.random import build_random_pipeline, random_sizes, save_random_pipeline
 
 T2I_PRESETS = ["sd35-large-4step", "sd3-medium-4step", "sdxl-1step", "flux-4step", "zimage-8step"]
 TINY = [
@@ -33,7 +33,7 @@ def test_preset_loads_validates_and_documents_every_value(name: str):
     for line in (CONFIG_DIR / f"{name}.yaml").read_text().splitlines():
         if re.match(r"^\s*(- )?[a-z_0-9]+:\s*\S", line):
             assert "#" in line, f"{name}.yaml: undocumented value: {line.strip()}"
-    assert set(DEFAULT_PRESETS.values()) <= set(T2I_PRESETS)
+    assert {f.default_preset for f in families()} <= set(T2I_PRESETS)
     # ... and every field of the config is in the YAML (a new option must be documented in each
     # preset), except the DiT-only time/pixel settings and SDXL's noise timestep elsewhere.
     written = _keys(yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()))
@@ -69,7 +69,19 @@ def test_family_detection_and_errors(tmp_path: Path):
         build_random_pipeline("sd3", "huge", tmp_path)
     with pytest.raises(ValueError, match="families"):
         build_random_pipeline("dalle", "tiny", tmp_path)
-    assert set(SIZES) == set(T2I_FAMILIES)
+    assert set(random_sizes()) == set(T2I_FAMILIES)
+    assert all("tiny" in sizes for sizes in random_sizes().values())
+
+
+def test_every_family_is_registered_once_with_its_own_module():
+    """A family is its module (adapter + FAMILY + random_pipeline), one registry line and a preset."""
+    specs = families()
+    assert [f.name for f in specs] == list(T2I_FAMILIES)
+    assert len({f.pipeline_class for f in specs}) == len(specs) == len({f.adapter for f in specs})
+    for f in specs:
+        assert f.adapter.__module__ == f"dmdr_fast.models.{f.name}"
+        assert (CONFIG_DIR / f"{f.default_preset}.yaml").is_file()
+        assert f.sampling_steps >= 1 and f.sampling_guidance >= 1.0
 
 
 def test_train_without_model_path_fails_clearly(tmp_path: Path, capsys: pytest.CaptureFixture):

@@ -23,12 +23,9 @@ import torch
 
 from dmdr_fast._dtypes import load_dtype_kwargs, torch_dtype
 from dmdr_fast.benchmarks.harness import machine_info, report
-from dmdr_fast.pipelines.evaluate import PIPELINE_DEFAULTS
+from dmdr_fast.models.families import family_of_pipeline, get_family
 
-__all__ = ["BASELINES", "main", "run"]
-
-#: (steps, guidance) of each family's pipeline defaults in diffusers 0.42.
-BASELINES = PIPELINE_DEFAULTS
+__all__ = ["main", "run"]
 
 
 def _time_calls(
@@ -64,16 +61,15 @@ def run(
     """Time both sides (interleaved per repetition) and return images/s, ratios and peak memory."""
     from diffusers import DiffusionPipeline
 
-    from dmdr_fast.recipes.t2i import adapter_class, family_of_pipeline
-
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = torch_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     family = family or family_of_pipeline(pipeline)
     pipe = DiffusionPipeline.from_pretrained(str(pipeline), **load_dtype_kwargs(dt)).to(dev)
     pipe.set_progress_bar_config(disable=True)
-    adapter = adapter_class(family).from_pipeline(pipe, resolution=resolution)
+    spec = get_family(family)
+    adapter = spec.adapter.from_pipeline(pipe, resolution=resolution)
     height, width = adapter.resolution
-    base_steps, base_w = BASELINES[family]
+    base_steps, base_w = spec.sampling_steps, spec.sampling_guidance
     base_steps = baseline_steps or base_steps
     base_w = base_w if baseline_guidance is None else baseline_guidance
     prompts = [f"a photo of object number {i}, studio light" for i in range(batch)]

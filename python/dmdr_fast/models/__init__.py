@@ -9,7 +9,9 @@
 - :mod:`~dmdr_fast.models.t2i` — :class:`TextToImageAdapter`, the base of the text-to-image adapters
   (null-condition cache, prompt-cache fingerprint, exported scheduler and its exact grid, memory).
 - :mod:`~dmdr_fast.models.sd3`, :mod:`~dmdr_fast.models.flux`, :mod:`~dmdr_fast.models.zimage`,
-  :mod:`~dmdr_fast.models.sdxl` — SD3/SD3.5, Flux, Z-Image and SDXL (ε → flow) pipelines.
+  :mod:`~dmdr_fast.models.sdxl` — SD3/SD3.5, Flux, Z-Image and SDXL (ε → flow) pipelines, each
+  registered in :mod:`~dmdr_fast.models.families` (``from dmdr_fast.models import SD3Adapter``
+  resolves through it); random-weight pipelines are built from :mod:`~dmdr_fast.models.random_parts`.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -50,21 +52,6 @@ _LAZY_DIT = (
     "tiny_dit",
 )
 _LAZY_ATTENTION = ("attention_backend", "restore_attention", "use_attention")
-_LAZY_T2I = {
-    "TextToImageAdapter": "t2i",
-    "SD3Adapter": "sd3",
-    "SD3Condition": "sd3",
-    "SD3_LORA_TARGETS": "sd3",
-    "FluxAdapter": "flux",
-    "FluxCondition": "flux",
-    "FLUX_LORA_TARGETS": "flux",
-    "ZImageAdapter": "zimage",
-    "ZImageCondition": "zimage",
-    "ZIMAGE_LORA_TARGETS": "zimage",
-    "SDXLAdapter": "sdxl",
-    "SDXLCondition": "sdxl",
-    "SDXL_LORA_TARGETS": "sdxl",
-}
 
 
 def __getattr__(name: str) -> Any:
@@ -76,10 +63,22 @@ def __getattr__(name: str) -> Any:
         from dmdr_fast.models import attention
 
         return getattr(attention, name)
-    if name in _LAZY_T2I:
-        import importlib
+    if name == "TextToImageAdapter":
+        from dmdr_fast.models.t2i import TextToImageAdapter
 
-        return getattr(importlib.import_module(f"dmdr_fast.models.{_LAZY_T2I[name]}"), name)
+        return TextToImageAdapter
+    # A family's public names (SD3Adapter, FluxCondition, SDXL_LORA_TARGETS, ...) come from its
+    # module in the family registry; nothing here lists them again.
+    if name.startswith("_"):  # dunder probes (copy, pickle, inspect) must not import diffusers
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    from dmdr_fast.models.families import FAMILY_MODULES
+
+    for module in FAMILY_MODULES.values():
+        mod = importlib.import_module(module)
+        if name in getattr(mod, "__all__", ()) and name not in ("FAMILY", "random_pipeline"):
+            return getattr(mod, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -93,39 +92,21 @@ if TYPE_CHECKING:
         dit_from_config,
         tiny_dit,
     )
-    from dmdr_fast.models.flux import FLUX_LORA_TARGETS, FluxAdapter, FluxCondition
-    from dmdr_fast.models.sd3 import SD3_LORA_TARGETS, SD3Adapter, SD3Condition
-    from dmdr_fast.models.sdxl import SDXL_LORA_TARGETS, SDXLAdapter, SDXLCondition
-    from dmdr_fast.models.t2i import TextToImageAdapter
-    from dmdr_fast.models.zimage import ZIMAGE_LORA_TARGETS, ZImageAdapter, ZImageCondition
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "DIT_ATTENTION_TARGETS",
     "DIT_FEEDFORWARD_TARGETS",
     "DIT_LORA_TARGETS",
-    "FLUX_LORA_TARGETS",
     "LORA_WEIGHTS_NAME",
-    "SD3_LORA_TARGETS",
-    "SDXL_LORA_TARGETS",
-    "ZIMAGE_LORA_TARGETS",
     "Condition",
     "DiTAdapter",
     "FlowModelAdapter",
-    "FluxAdapter",
-    "FluxCondition",
     "LoraConfig",
     "LoraConv2d",
     "LoraLayer",
     "LoraLinear",
-    "SD3Adapter",
-    "SD3Condition",
-    "SDXLAdapter",
-    "SDXLCondition",
     "ScaleSpec",
-    "TextToImageAdapter",
-    "ZImageAdapter",
-    "ZImageCondition",
     "attention_backend",
     "dit_from_config",
     "inject_lora",

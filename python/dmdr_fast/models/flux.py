@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,10 +38,18 @@ import torch
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
+from dmdr_fast.models.families import ModelFamily
 from dmdr_fast.models.protocol import Condition
+from dmdr_fast.models.random_parts import (
+    byte_level_clip_tokenizer,
+    char_t5_tokenizer,
+    clip_text_model,
+    t5_encoder,
+    tiny_vae,
+)
 from dmdr_fast.models.t2i import TextToImageAdapter, check_time
 
-__all__ = ["FLUX_LORA_TARGETS", "FluxAdapter", "FluxCondition"]
+__all__ = ["FAMILY", "FLUX_LORA_TARGETS", "FluxAdapter", "FluxCondition", "random_pipeline"]
 
 #: LoRA targets (student and critic): the joint attention projections of the double-stream blocks
 #: (image and text streams) and the attention projections of the single-stream blocks, whose output
@@ -315,3 +324,59 @@ class FluxAdapter(TextToImageAdapter):
         if any(s[0] != batch for s in shapes):
             raise ValueError(f"condition batch {[s[0] for s in shapes]} does not match x_t batch {batch}")
         return cond
+
+
+# --------------------------------------------------------------------------------------------------
+# Random-weight pipelines and the family's registry entry.
+# --------------------------------------------------------------------------------------------------
+
+
+def random_pipeline(size: str, folder: Path, seed: int = 0) -> Any:
+    """A random-weight pipeline of this family (``size`` in ``FAMILY.random_sizes``; scratch files
+    such as the tokenizer go under ``folder``)."""
+    import transformers
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tokenizer = byte_level_clip_tokenizer(folder / "_tokenizer", 8)
+    clip = clip_text_model(
+        tokenizer, hidden=8, projection=4, tokens=8, seed=seed + 2, cls=transformers.CLIPTextModel
+    )
+    t5_tokenizer = char_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels × 2×2 packing
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=12,
+        pooled_projection_dim=8,
+        guidance_embeds=True,  # like Flux-dev
+        axes_dims_rope=(2, 2, 4),
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(  # Flux-dev's scheduler config
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )  # fmt: skip
+    return FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=tiny_vae(seed + 1, 0.3611, 0.1159),
+        text_encoder=clip,
+        tokenizer=tokenizer,
+        text_encoder_2=t5_encoder(t5_tokenizer, 12, seed + 3),
+        tokenizer_2=t5_tokenizer,
+    )
+
+
+FAMILY = ModelFamily(
+    name="flux",
+    adapter=FluxAdapter,
+    pipeline_class="FluxPipeline",
+    default_preset="flux-4step",
+    sampling_steps=28,
+    sampling_guidance=3.5,
+    random_sizes=("tiny",),
+    random_pipeline=random_pipeline,
+)

@@ -31,10 +31,17 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 
+from dmdr_fast.models.families import ModelFamily
 from dmdr_fast.models.protocol import Condition
+from dmdr_fast.models.random_parts import (
+    byte_level_clip_tokenizer,
+    char_t5_tokenizer,
+    clip_text_model,
+    t5_encoder,
+)
 from dmdr_fast.models.t2i import TextToImageAdapter, check_time
 
-__all__ = ["SD3_LORA_TARGETS", "SD3Adapter", "SD3Condition"]
+__all__ = ["FAMILY", "SD3_LORA_TARGETS", "SD3Adapter", "SD3Condition", "random_pipeline"]
 
 #: LoRA targets of the paper's SD3/SD3.5 scripts (student and critic): the joint attention's
 #: image and text projections (PAPER_NOTES §7.3).
@@ -229,3 +236,102 @@ class SD3Adapter(TextToImageAdapter):
                 f"does not match x_t batch {batch}"
             )
         return cond
+
+
+# --------------------------------------------------------------------------------------------------
+# Random-weight pipelines and the family's registry entry.
+# --------------------------------------------------------------------------------------------------
+
+
+def random_pipeline(size: str, folder: Path, seed: int = 0) -> Any:
+    """A random-weight pipeline of this family (``size`` in ``FAMILY.random_sizes``; scratch files
+    such as the tokenizer go under ``folder``)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    tiny = size == "tiny"
+    tokens = 8 if tiny else 77
+    tokenizer = byte_level_clip_tokenizer(folder / "_tokenizer", tokens)
+    clip_hidden, clip_proj = (8, 4) if tiny else (64, 1024)
+    torch.manual_seed(seed)
+    if tiny:
+        transformer = SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=2 * clip_hidden,  # = the T5 width (CLIP states are padded to it)
+            caption_projection_dim=16,
+            pooled_projection_dim=2 * clip_proj,
+            out_channels=4,
+            pos_embed_max_size=8,
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        )
+        vae_kwargs = dict(block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4)
+    else:  # stabilityai/stable-diffusion-3.5-medium transformer/config.json, vae/config.json
+        transformer = SD3Transformer2DModel(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            num_layers=24,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            caption_projection_dim=1536,
+            pooled_projection_dim=2048,
+            out_channels=16,
+            pos_embed_max_size=384,
+            dual_attention_layers=tuple(range(13)),
+            qk_norm="rms_norm",
+        )
+        vae_kwargs = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16)
+    blocks = len(vae_kwargs["block_out_channels"])
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        sample_size=16 if tiny else 1024,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        **vae_kwargs,
+    )
+    # A one-layer T5 at the transformer's joint width (tiny: 16, SD3.5-M: 4096; ~1M parameters
+    # either way) so that the folder is a complete pipeline plain diffusers loads as is.
+    t5_tokenizer = char_t5_tokenizer()
+    t5 = t5_encoder(t5_tokenizer, transformer.config.joint_attention_dim, seed + 4)
+    return StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae.eval(),
+        text_encoder=clip_text_model(
+            tokenizer, hidden=clip_hidden, projection=clip_proj, tokens=tokens, seed=seed + 2
+        ),
+        tokenizer=tokenizer,
+        text_encoder_2=clip_text_model(
+            tokenizer, hidden=clip_hidden, projection=clip_proj, tokens=tokens, seed=seed + 3
+        ),
+        tokenizer_2=tokenizer,
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer,
+    )
+
+
+FAMILY = ModelFamily(
+    name="sd3",
+    adapter=SD3Adapter,
+    pipeline_class="StableDiffusion3Pipeline",
+    default_preset="sd3-medium-4step",
+    sampling_steps=28,
+    sampling_guidance=7.0,
+    random_sizes=("tiny", "sd35-medium"),
+    random_pipeline=random_pipeline,
+)

@@ -47,16 +47,27 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from torch import nn
 
+from dmdr_fast.models.families import ModelFamily
 from dmdr_fast.models.protocol import Condition
+from dmdr_fast.models.random_parts import byte_level_clip_tokenizer, clip_text_model, tiny_vae
 from dmdr_fast.models.t2i import TextToImageAdapter, check_time
 
-__all__ = ["SDXL_LORA_TARGETS", "SDXLAdapter", "SDXLCondition", "expected_noise_timestep", "lcm_timesteps"]
+__all__ = [
+    "FAMILY",
+    "SDXL_LORA_TARGETS",
+    "SDXLAdapter",
+    "SDXLCondition",
+    "expected_noise_timestep",
+    "lcm_timesteps",
+    "random_pipeline",
+]
 
 #: LoRA targets of the paper's SDXL scripts (PAPER_NOTES): attention, transformer projections and
 #: feed-forward, ResNet convolutions and time projections, down/upsampler convolutions.
@@ -473,3 +484,64 @@ class SDXLAdapter(TextToImageAdapter):
         if any(s[0] != batch for s in shapes):
             raise ValueError(f"condition batch sizes {[s[0] for s in shapes]} do not match x_t batch {batch}")
         return cond
+
+
+# --------------------------------------------------------------------------------------------------
+# Random-weight pipelines and the family's registry entry.
+# --------------------------------------------------------------------------------------------------
+
+
+def random_pipeline(size: str, folder: Path, seed: int = 0) -> Any:
+    """A random-weight pipeline of this family (``size`` in ``FAMILY.random_sizes``; scratch files
+    such as the tokenizer go under ``folder``)."""
+    import transformers
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tokenizer = byte_level_clip_tokenizer(folder / "_tokenizer", 8)
+
+    def clip(cls: type, s: int) -> Any:
+        return clip_text_model(tokenizer, hidden=8, projection=4, tokens=8, seed=s, cls=cls)
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        attention_head_dim=(2, 4),
+        norm_num_groups=4,
+        cross_attention_dim=16,  # = 8 + 8 (two CLIP widths)
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=28,  # 6 time ids × 4 + pooled projection 4
+    ).eval()
+    scheduler = EulerDiscreteScheduler(  # SDXL's scheduler config
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+    )  # fmt: skip
+    return StableDiffusionXLPipeline(
+        unet=unet,
+        scheduler=scheduler,
+        vae=tiny_vae(seed + 1, 0.13025, None),
+        text_encoder=clip(transformers.CLIPTextModel, seed + 2),
+        tokenizer=tokenizer,
+        text_encoder_2=clip(transformers.CLIPTextModelWithProjection, seed + 3),
+        tokenizer_2=tokenizer,
+        add_watermarker=False,
+    )
+
+
+FAMILY = ModelFamily(
+    name="sdxl",
+    adapter=SDXLAdapter,
+    pipeline_class="StableDiffusionXLPipeline",
+    default_preset="sdxl-1step",
+    sampling_steps=50,
+    sampling_guidance=5.0,
+    random_sizes=("tiny",),
+    random_pipeline=random_pipeline,
+)

@@ -35,20 +35,25 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, ZImagePipeline, ZImageTransformer2DModel
 
+from dmdr_fast.models.families import ModelFamily
 from dmdr_fast.models.protocol import Condition
+from dmdr_fast.models.random_parts import qwen_chat_tokenizer, tiny_vae
 from dmdr_fast.models.t2i import TextToImageAdapter, check_time
 
 __all__ = [
+    "FAMILY",
     "ZIMAGE_ATTENTION_TARGETS",
     "ZIMAGE_FEEDFORWARD_TARGETS",
     "ZIMAGE_LORA_TARGETS",
     "ZImageAdapter",
     "ZImageCondition",
+    "random_pipeline",
 ]
 
 #: LoRA targets: the attention q/k/v/out projections of the main layers, the noise (image) and the
@@ -270,3 +275,67 @@ class ZImageAdapter(TextToImageAdapter):
         if not all(1 <= n <= embeds.shape[1] for n in values):
             raise ValueError(f"ZImageCondition lengths must lie in [1, {embeds.shape[1]}], got {values}")
         return values
+
+
+# --------------------------------------------------------------------------------------------------
+# Random-weight pipelines and the family's registry entry.
+# --------------------------------------------------------------------------------------------------
+
+
+def random_pipeline(size: str, folder: Path, seed: int = 0) -> Any:
+    """A random-weight pipeline of this family (``size`` in ``FAMILY.random_sizes``; scratch files
+    such as the tokenizer go under ``folder``)."""
+    import transformers
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    tokenizer = qwen_chat_tokenizer()
+    torch.manual_seed(seed + 2)
+    text_encoder = transformers.Qwen3Model(
+        transformers.Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=128,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=16,
+        axes_dims=[4, 6, 6],
+        axes_lens=[128, 16, 16],
+    ).eval()
+    with torch.no_grad():  # the pad tokens start at zero; random ones make padding matter
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=tiny_vae(seed + 1, 0.3611, 0.1159),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
+FAMILY = ModelFamily(
+    name="zimage",
+    adapter=ZImageAdapter,
+    pipeline_class="ZImagePipeline",
+    default_preset="zimage-8step",
+    sampling_steps=50,
+    sampling_guidance=5.0,
+    random_sizes=("tiny",),
+    random_pipeline=random_pipeline,
+)

@@ -1,7 +1,7 @@
 """Evaluate an exported student against its teacher with plain diffusers (``dmdr-fast eval --pipeline``).
 
 Both models run as users run them: the teacher pipeline with its own scheduler, its usual step
-count and CFG (:data:`PIPELINE_DEFAULTS`); the student with the exported few-step scheduler and
+count and CFG (its :class:`~dmdr_fast.models.families.ModelFamily` entry); the student with the exported few-step scheduler and
 call arguments (``dmdr_export.json``), at the same resolution and text length. Each prompt gets K
 samples (seeds ``seed + i`` per chunk of prompts), scored and compared by
 :func:`dmdr_fast.eval.t2i.compare_t2i`. A LoRA student is applied to the already loaded teacher
@@ -21,12 +21,7 @@ import torch
 from dmdr_fast._dtypes import load_dtype_kwargs
 from dmdr_fast.pipelines.export import load_exported, read_export_info, sample_exported
 
-__all__ = ["PIPELINE_DEFAULTS", "evaluate_exported"]
-
-#: (steps, guidance_scale) of each family's pipeline defaults in diffusers 0.42: how users run the
-#: teacher (guidance in the pipeline's own convention: Flux's is the embedded guidance, Z-Image's
-#: ``g`` is standard CFG w = 1 + g).
-PIPELINE_DEFAULTS = {"sd3": (28, 7.0), "flux": (28, 3.5), "zimage": (50, 5.0), "sdxl": (50, 5.0)}
+__all__ = ["evaluate_exported"]
 
 # Call arguments that must match between teacher and student for a fair comparison.
 _SHARED_KWARGS = ("height", "width", "max_sequence_length")
@@ -75,7 +70,7 @@ def evaluate_exported(
         per_prompt: K samples per prompt (diversity needs K >= 2).
         rewards: a :class:`~dmdr_fast.rewards.CompositeReward` or list of rewards to score with
             (None: diversity and FD only); a CLIP-type reward also gives the features.
-        teacher_steps: default the family's usual count (:data:`PIPELINE_DEFAULTS`).
+        teacher_steps: default the family's usual count (its :class:`~dmdr_fast.models.families.ModelFamily` entry).
         teacher_guidance: default the family's usual guidance.
         steps: student steps (default: the exported count).
         batch: prompts per pipeline call.
@@ -95,7 +90,7 @@ def evaluate_exported(
     from tqdm.auto import tqdm
 
     from dmdr_fast.eval.t2i import clip_features, compare_t2i, image_folder_features, scorers_from_rewards
-    from dmdr_fast.recipes.t2i import family_of_pipeline
+    from dmdr_fast.models.families import family_of_pipeline, get_family
 
     if (student is None) == (lora is None):
         raise ValueError(
@@ -120,7 +115,8 @@ def evaluate_exported(
         scheduler = LCMScheduler.from_pretrained(str(exported), subfolder="scheduler")
         lcm_timesteps(scheduler, int(steps), int(info["call_kwargs"]["timesteps"][0]))
     family = family_of_pipeline(teacher)
-    base_steps, base_w = PIPELINE_DEFAULTS[family]
+    spec = get_family(family)
+    base_steps, base_w = spec.sampling_steps, spec.sampling_guidance
     t_steps = teacher_steps or base_steps
     t_w = base_w if teacher_guidance is None else float(teacher_guidance)
     shared = {k: v for k, v in info.get("call_kwargs", {}).items() if k in _SHARED_KWARGS}

@@ -17,7 +17,6 @@ config with ``model.family`` in :data:`T2I_FAMILIES`) runs :func:`run_t2i`:
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import time
@@ -33,60 +32,25 @@ from dmdr_fast.conditions import index_cond
 from dmdr_fast.config import ConfigError, DMDRTrainerConfig, ModelConfig
 from dmdr_fast.data.prompt_cache import model_identity
 from dmdr_fast.data.prompts import PromptBatch
+from dmdr_fast.models.families import T2I_FAMILIES, family_of_pipeline, get_family
 from dmdr_fast.train import checkpoint as ckpt
 from dmdr_fast.train.trainer import Trainer, resolve_device
 
 __all__ = [
-    "DEFAULT_PRESETS",
     "T2I_FAMILIES",
     "EncodedPromptSampler",
     "adapter_class",
     "bench_trainer",
     "build_adapter",
     "build_data",
+    "default_preset",
     "family_of_pipeline",
     "model_identity",
     "run_t2i",
     "teacher_sample",
 ]
 
-_ADAPTERS = {
-    "sd3": ("dmdr_fast.models.sd3", "SD3Adapter"),
-    "flux": ("dmdr_fast.models.flux", "FluxAdapter"),
-    "zimage": ("dmdr_fast.models.zimage", "ZImageAdapter"),
-    "sdxl": ("dmdr_fast.models.sdxl", "SDXLAdapter"),
-}
-#: ``model.family`` values that name a diffusers text-to-image pipeline.
-T2I_FAMILIES = tuple(_ADAPTERS)
 NUM_EVAL_PROMPTS = 8
-#: The preset a bare ``--pipeline DIR`` command uses for each family.
-DEFAULT_PRESETS = {
-    "sd3": "sd3-medium-4step",
-    "flux": "flux-4step",
-    "zimage": "zimage-8step",
-    "sdxl": "sdxl-1step",
-}
-_PIPELINE_FAMILIES = {
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-    "ZImagePipeline": "zimage",
-    "StableDiffusionXLPipeline": "sdxl",
-}
-
-
-def family_of_pipeline(path: str | os.PathLike[str]) -> str:
-    """The family of a local pipeline folder, from ``model_index.json``'s ``_class_name``.
-
-    Raises:
-        ValueError: If the folder has no ``model_index.json`` or holds another pipeline class.
-    """
-    index = Path(path) / "model_index.json"
-    if not index.is_file():
-        raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json); pass --family")
-    name = json.loads(index.read_text()).get("_class_name")
-    if name not in _PIPELINE_FAMILIES:
-        raise ValueError(f"{path} holds a {name}; supported: {sorted(_PIPELINE_FAMILIES)} (or pass --family)")
-    return _PIPELINE_FAMILIES[name]
 
 
 class EncodedPromptSampler:
@@ -120,13 +84,16 @@ def bench_trainer(config: DMDRTrainerConfig, *, num_prompts: int = 64) -> Traine
 
 
 def adapter_class(family: str) -> type:
-    """The adapter class of a text-to-image family (imports diffusers)."""
-    if family not in _ADAPTERS:
-        raise ConfigError(
-            f"unknown text-to-image family {family!r}; known: {list(T2I_FAMILIES)}", field="model.family"
-        )
-    module, name = _ADAPTERS[family]
-    return getattr(importlib.import_module(module), name)
+    """The adapter class of a text-to-image family (imports diffusers; the family registry's entry)."""
+    try:
+        return get_family(family).adapter
+    except ValueError as err:
+        raise ConfigError(str(err), field="model.family") from None
+
+
+def default_preset(family: str) -> str:
+    """The preset a bare ``--pipeline DIR`` command uses for ``family``."""
+    return get_family(family).default_preset
 
 
 def build_adapter(model: ModelConfig, *, device: torch.device | str | None = None) -> Any:
