@@ -1,4 +1,4 @@
-"""Triton kernels of the fused DMD score-difference op (DESIGN §1 step 3).
+"""Triton kernels of the fused DMD score-difference op (docs/method.md §5.4).
 
 Math (per sample b, element i; float32 throughout, loads upcast immediately)::
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the reward-gradient combination op (DESIGN §2, "reward gradient").
+"""Triton kernels of the reward-gradient combination op (docs/method.md §7).
 
 Math (per sample b, all dimensions after the first flattened; float32, loads upcast immediately)::
 

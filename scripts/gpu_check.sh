@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One run on a GPU machine (DESIGN §3): build from source against the machine's torch, run the GPU
+# One run on a GPU machine (docs/architecture.md §6): build from source against the machine's torch, run the GPU
 # tests, and benchmark; results land in $OUT (default ./gpu_results) for BENCHMARKS.md.
 # Such a machine has no network: diffusers etc. must already be installed or carried as wheels.
 set -euo pipefail

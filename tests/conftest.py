@@ -1,6 +1,6 @@
 """Test configuration shared by the whole suite.
 
-TRITON_INTERPRET must be set before any Triton kernel module is imported (DESIGN §3): on a
+TRITON_INTERPRET must be set before any Triton kernel module is imported (docs/architecture.md §6): on a
 machine without a GPU the Triton backend then runs through Triton's interpreter on CPU tensors.
 """
 

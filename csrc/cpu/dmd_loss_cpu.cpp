@@ -1,4 +1,4 @@
-// Fused DMD score-difference op on the CPU (DESIGN §1 step 3; math in dmd_loss_math.h).
+// Fused DMD score-difference op on the CPU (docs/method.md §5.4; math in dmd_loss_math.h).
 //
 // Two passes per sample: (A) Σ|x0 − x̂0_real| gives the normaliser, (B) the direction g is written
 // and Σg² accumulated. The per-sample normaliser makes a single pass impossible without changing

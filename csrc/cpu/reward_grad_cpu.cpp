@@ -1,4 +1,4 @@
-// Fused reward-gradient combination on the CPU (DESIGN §2 "reward gradient"; math in
+// Fused reward-gradient combination on the CPU (docs/method.md §7; math in
 // reward_grad_math.h).
 //
 // Balanced mode takes two passes per sample: (A) Σg_dmd², Σr², Σg_dmd·r and the count of

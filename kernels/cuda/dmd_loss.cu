@@ -1,4 +1,4 @@
-// Fused DMD score-difference op on CUDA (DESIGN §1 step 3; element math in dmd_loss_math.h).
+// Fused DMD score-difference op on CUDA (docs/method.md §5.4; element math in dmd_loss_math.h).
 //
 // Two launches over a (blocks_per_sample, B) grid:
 //   1. dmd_reduce_kernel    — each block sums |x0 − x̂0_real| over its chunk of one sample.

@@ -1,4 +1,4 @@
-// Fused reward-gradient combination on CUDA (DESIGN §2 "reward gradient"; math in
+// Fused reward-gradient combination on CUDA (docs/method.md §7; math in
 // reward_grad_math.h).
 //
 // Two launches over a (blocks_per_sample, B) grid:

@@ -1,4 +1,4 @@
-"""One DMDR inner step (DESIGN §1 steps 1-3) assembled from the algo pieces with toy networks.
+"""One DMDR inner step (docs/method.md §5.1–§5.4) assembled from the algo pieces with toy networks.
 
 This checks that the pieces fit together (shapes, gradient routing), not training quality.
 """

@@ -18,7 +18,7 @@ def _dmd_inputs(seed: int = 0, shape=(3, 2, 4, 4), dtype=torch.float64):
 
 
 def _hand_direction(x0, x_t, t, v_fake, v_real, eps=1e-8):
-    """The DESIGN §1 formulas written out literally, sample by sample."""
+    """The docs/method.md §5.4 formulas written out literally, sample by sample."""
     out = torch.empty_like(x0)
     for b in range(x0.shape[0]):
         x0_real = x_t[b] - t[b] * v_real[b]

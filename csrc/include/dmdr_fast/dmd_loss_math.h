@@ -1,4 +1,4 @@
-// Element math of the DMD score-difference op (DESIGN §1 step 3), shared verbatim by the C++ CPU
+// Element math of the DMD score-difference op (docs/method.md §5.4), shared verbatim by the C++ CPU
 // kernel and the CUDA kernel so that both compute exactly the same float32 expressions.
 //
 //   v_real  = v_uncond + w·(v_cond − v_uncond)      (v_cond when there is no v_uncond)

@@ -1,4 +1,4 @@
-// Math of the reward-gradient combination op (DESIGN §2, "reward gradient"), shared verbatim by
+// Math of the reward-gradient combination op (docs/method.md §7), shared verbatim by
 // the C++ CPU kernel and the CUDA kernel so that both compute exactly the same float32 expressions.
 //
 // Per sample (all dimensions after the batch dimension flattened):

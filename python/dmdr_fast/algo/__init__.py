@@ -1,6 +1,6 @@
 """DMDR math on tensors: time grids and schedules, samplers, backward simulation and losses.
 
-Pure tensor code (DESIGN §2): no optimizers, no I/O, no model classes. Networks are callables
+Pure tensor code (docs/architecture.md §2): no optimizers, no I/O, no model classes. Networks are callables
 ``velocity_fn(x (B, ...), t (B,), cond) -> v (B, ...)`` in the rectified-flow convention
 ``x_t = (1 − t)·x0 + t·ε``, ``v ≈ ε − x0``, ``x̂0 = x_t − t·v`` (t = 1 is pure noise). Every
 schedule is keyed on ``step``, the number of generator updates so far, and every random draw

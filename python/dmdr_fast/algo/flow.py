@@ -1,4 +1,4 @@
-"""The rectified-flow convention (DESIGN §1) as three one-line formulas, plus a network call.
+"""The rectified-flow convention (docs/method.md §1) as three one-line formulas, plus a network call.
 
 ``x_t = (1 − t)·x0 + t·ε`` with ``t = 1`` pure noise, velocity ``v ≈ ε − x0``, clean estimate
 ``x̂0 = x_t − t·v``. Times are per-sample vectors ``(B,)``; they broadcast over the other dims.
@@ -95,7 +95,7 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 def predict_x0(velocity_fn: VelocityFn, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
     """Call a velocity network and return its clean estimate ``x_t − t·velocity_fn(x_t, t, cond)``.
 
-    This is the generator's output ``x0 = x_in − t_k·G(x_in, t_k, c)`` (DESIGN §1 step 3); the
+    This is the generator's output ``x0 = x_in − t_k·G(x_in, t_k, c)`` (docs/method.md §5.3); the
     gradient mode is the caller's (no ``no_grad`` here).
 
     Args:

@@ -1,4 +1,4 @@
-"""Querying the guidance network H(·; λ) and combining its outputs (DESIGN §1 step 3).
+"""Querying the guidance network H(·; λ) and combining its outputs (docs/method.md §5.3, §6).
 
 One frozen teacher plus one LoRA whose per-sample scale λ picks the role: λ_f (default 2.0) is the
 fake score (critic), λ_r(s) the DynaDG real score (0 = the teacher). The fake, conditional and

@@ -1,4 +1,4 @@
-"""DMDR losses on tensors (DESIGN §1 steps 2-3): the critic's flow-matching loss and the
+"""DMDR losses on tensors (docs/method.md §5.2–§5.4): the critic's flow-matching loss and the
 generator's DMD loss, plus the Decoupled-DMD variant.
 
 The generator loss is computed by the fused op :func:`dmdr_fast.ops.dmd_loss`; this module fixes
@@ -77,7 +77,7 @@ def generator_dmd_loss(
     backend: str | None = None,
     return_direction: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Generator DMD loss (DESIGN §1 step 3) through the fused op.
+    """Generator DMD loss (docs/method.md §5.4) through the fused op.
 
     ``v_real = v_uncond + w·(v_cond − v_uncond)``, ``x̂0_real = x_t − t·v_real``,
     ``x̂0_fake = x_t − t·v_fake``, ``g = nan_to_num((x̂0_fake − x̂0_real) /

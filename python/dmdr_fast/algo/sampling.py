@@ -87,7 +87,7 @@ def few_step_sample(
     generator: torch.Generator | None = None,
     return_trajectory: bool = False,
 ) -> torch.Tensor | FewStepTrajectory:
-    """Few-step sampling of the student (DESIGN §1).
+    """Few-step sampling of the student (docs/method.md §3).
 
     ``x ← ε``; for k = 0..N−1: ``x̂0 = x − t_k·G(x, t_k, c)``, then
     ``x ← (1 − t_{k+1})·x̂0 + t_{k+1}·ε_k`` with fresh noise ε_k. The result is the last x̂0. No
@@ -156,7 +156,7 @@ def backward_simulation(
     prune: bool = True,
     skip_selected: bool = False,
 ) -> BackwardSimulation:
-    """Backward simulation (DESIGN §1 step 1), without gradients.
+    """Backward simulation (docs/method.md §5.1), without gradients.
 
     Per sample a step k is drawn uniformly from {0, ..., N−1}, then:
 

@@ -1,7 +1,7 @@
-"""Time grids and training schedules of DMDR (DESIGN §1): the few-step grid, DynaRS and DynaDG.
+"""Time grids and training schedules of DMDR (docs/method.md §3–§4): the few-step grid, DynaRS and DynaDG.
 
 Every training schedule is keyed on ``step`` = *s*, the number of generator updates done so far
-(not the number of critic updates; PAPER_NOTES §10 item 6), and anneals with the cosine progress
+(not the number of critic updates; docs/method.md §5), and anneals with the cosine progress
 
     c(s) = ½·(1 + cos(π·min(s/S, 1)))            (1 at s = 0, 0 from s = S on)
 
@@ -255,7 +255,7 @@ class DynaRS:
             this "logit_normal"); ``"uniform"``: ``τ ~ U[t_min, 1)`` whatever the step (the paper's
             stage-2 and SDXL setting).
         t_min: lower end of the uniform mode (paper code: 0.001); unused by ``"beta"``, which is
-            not clipped (PAPER_NOTES §10 item 7).
+            not clipped (the authors' code has no 0.02–0.98 clipping, unlike DMD2).
     """
 
     horizon: int = 10_000

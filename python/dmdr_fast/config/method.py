@@ -14,7 +14,7 @@ __all__ = ["DMDRConfig", "MonitorConfig", "OptimConfig", "RewardConfig"]
 
 @dataclass(frozen=True)
 class DMDRConfig(ConfigBase):
-    """The method (DESIGN §1): real-score guidance, DynaDG/DynaRS, two time scales, stages, weights."""
+    """The method (docs/method.md): real-score guidance, DynaDG/DynaRS, two time scales, stages, weights."""
 
     guidance: float = field(
         default=1.0,
@@ -137,8 +137,8 @@ class OptimConfig(ConfigBase):
     lr_critic: float = field(
         default=2e-4,
         metadata={
-            "help": "Critic learning rate, constant. The critic must keep up with the student: DESIGN §1's "
-            "toy runs needed ~10× the generator's LR for a LoRA critic (paper SiT used 2e-5 for both)."
+            "help": "Critic learning rate, constant. The critic must keep up with the student: our digits runs "
+            "(docs/method.md §5.2) needed ~10× the generator's LR for a LoRA critic (paper SiT used 2e-5 for both)."
         },
     )
     lr_generator_stage2: float | None = field(

@@ -11,7 +11,7 @@ Metrics:
     * Precision and recall with k-nearest-neighbour manifolds (Kynkäänniemi et al., 2019, "Improved
       Precision and Recall Metric for Assessing Generative Models"): precision measures how many
       samples look real (quality), recall how much of the real distribution is covered (diversity).
-      DMDR trades one for the other (PAPER_NOTES §8.1: RL raises precision, lowers recall).
+      DMDR trades one for the other (docs/method.md §11: RL raises precision, lowers recall).
     * Class accuracy of a class-conditional generator, judged by the evaluation network.
     * Within-class diversity: mean pairwise feature distance inside each class — a direct mode-collapse
       alarm that, unlike recall, needs no real data.

@@ -5,18 +5,18 @@ What diffusers' DiT does and how the adapter maps it (diffusers 0.42):
 - Time: every block's ``CombinedTimestepLabelEmbeddings`` feeds the timestep through a sinusoidal
   ``Timesteps`` projection that accepts float tensors, so ``t ∈ [0, 1]`` is passed as the
   continuous ``timestep_scale·t`` (1000·t by default); ``round_timesteps=True`` rounds it instead
-  (DESIGN §1 "round(1000·t)" for models trained on integer steps).
+  (docs/method.md §1: "round(1000·t)" for models trained on integer steps).
 - Classes: ``num_embeds_ada_norm`` is the number of classes. ``LabelEmbedding`` is built with a
   hard-coded class-dropout probability of 0.1, so its table has ``num_classes + 1`` rows and row
   ``num_classes`` is the null ("∅") class used for classifier-free guidance.
 - Its label dropout fires on its own whenever the module is in training mode, independently in
-  every block. DMDR trains the student and the critic *without* condition dropout (PAPER_NOTES
-  §10.9), so the adapter switches that off (``dropout_prob = 0`` on each ``LabelEmbedding``) and
+  every block. DMDR trains the student and the critic *without* condition dropout
+  (docs/method.md §5.2), so the adapter switches that off (``dropout_prob = 0`` on each ``LabelEmbedding``) and
   offers :meth:`DiTAdapter.drop_labels` for explicit dropout, e.g. when training a teacher.
 - Output: ``out_channels = 2·in_channels`` means a learned-sigma head; the first half is the
   prediction and the adapter returns only that.
 
-The network must predict the velocity ``v ≈ ε − x0`` of DESIGN §1 (as a DiT trained by this
+The network must predict the velocity ``v ≈ ε − x0`` of docs/method.md §1 (as a DiT trained by this
 library does). Pretrained DDPM DiTs (ε-prediction on a VP schedule) need a conversion this adapter
 does not do.
 """

@@ -2,7 +2,7 @@
 
 DMDR keeps ONE frozen teacher plus ONE trainable LoRA ψ as its guidance network H(·; λ): the LoRA
 delta is multiplied by λ, and λ = 0 (teacher), λ_f (fake score) and λ_r(s) (DynaDG target) are
-all needed in the same generator update (DESIGN §1, PAPER_NOTES §10.3). Here every wrapped layer
+all needed in the same generator update (docs/method.md §2). Here every wrapped layer
 computes, for sample b of the batch,
 
     y_b = base(x_b) + scale[b] · (α / r) · B(A(x_b)),
@@ -148,7 +148,7 @@ class LoraLayer(nn.Module):
             raise ValueError(f"LoRA adapter {adapter!r} already exists on module {self.module_name!r}")
         weight = self.base_layer.weight
         # Keep trainable LoRA factors in fp32 when the base is low precision (fp32 master weights,
-        # DESIGN §2); autocast still runs the matmuls in bf16.
+        # docs/architecture.md §2); autocast still runs the matmuls in bf16.
         dtype = torch.float32 if weight.dtype in _LOW_PRECISION else weight.dtype
         down, up = self._make_factors(rank, dtype, weight.device)
         with torch.no_grad():

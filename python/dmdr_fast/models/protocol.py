@@ -1,7 +1,7 @@
 """The model-adapter protocol: every model family looks the same to the DMDR algorithm.
 
 An adapter wraps one network (a diffusers transformer or UNet plus whatever it needs to be called)
-and exposes it in the flow-matching convention of DESIGN §1:
+and exposes it in the flow-matching convention of docs/method.md §1:
 
     x_t = (1 − t)·x0 + t·ε,   t ∈ [0, 1],   t = 1 is pure noise,   v ≈ ε − x0.
 

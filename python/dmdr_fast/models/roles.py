@@ -2,7 +2,7 @@
 
 - Student G: a copy of the teacher, trained fully (``lora=None``) or through a LoRA on the copy.
 - Guidance H(·; λ): the teacher itself, frozen, plus ONE trainable LoRA ψ whose scale λ picks the
-  role (0 = teacher, λ_f = fake score, λ_r(s) = DynaDG target; DESIGN §1 "Networks").
+  role (0 = teacher, λ_f = fake score, λ_r(s) = DynaDG target; docs/method.md §2).
 
 Order matters: make the student *before* putting the guidance LoRA on the teacher, otherwise the
 copy would carry the critic's adapter (:func:`make_student` refuses a teacher that has LoRA).

@@ -1,15 +1,21 @@
-"""Process-wide run settings: the training device, and deterministic algorithms scoped to a block."""
+"""Process-wide run settings: the training device, deterministic algorithms scoped to a block, and
+``torch.compile`` of the networks (whose recompile budget is process-wide)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
+from torch import nn
 
+from dmdr_fast.config import TrainConfig
 from dmdr_fast.train.distributed import local_device
 
-__all__ = ["deterministic_algorithms", "resolve_device"]
+__all__ = ["compile_networks", "deterministic_algorithms", "resolve_device"]
+
+_RECOMPILE_LIMIT = 64  # see compile_networks
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,3 +38,31 @@ def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def compile_networks(networks: Iterable[nn.Module], train: TrainConfig) -> None:
+    """``train.compile``: ``nn.Module.compile`` on every network, in place.
+
+    In place (not ``torch.compile(module)``) so that parameter names, checkpoints, DDP and the
+    export see the same modules as without compilation (a deep copy is uncompiled). Per-sample
+    LoRA scales reach the graphs as tensor inputs and scalar ones as symbolic floats (dynamo
+    does not specialise floats), so DynaDG's annealed λ_r does not recompile every step.
+
+    Raises:
+        ValueError: ``train.compile_backend`` is not a torch.compile backend.
+    """
+    known = torch.compiler.list_backends(exclude_tags=())
+    if train.compile_backend not in known:
+        raise ValueError(
+            f"train.compile_backend {train.compile_backend!r} is not a torch.compile backend: {known}"
+        )
+    kwargs: dict[str, Any] = {"backend": train.compile_backend}
+    if train.compile_backend == "inductor":
+        kwargs["mode"] = train.compile_mode
+    for net in networks:
+        net.compile(**kwargs)
+    # The networks share one code object (same class), so their variants — grad / no-grad,
+    # per-sample / scalar / no LoRA scale, batch sizes of training, sampling and evaluation —
+    # count against one recompile limit (default 8); past it dynamo silently runs eager.
+    dynamo_config = torch._dynamo.config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)

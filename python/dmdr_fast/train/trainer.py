@@ -67,7 +67,7 @@ from dmdr_fast.train import checkpoint as ckpt
 from dmdr_fast.train.components import guidance_scale, lora_config, real_score_schedule, renoise_schedule
 from dmdr_fast.train.logging import RunLogger
 from dmdr_fast.train.monitor import RewardHackingMonitor
-from dmdr_fast.train.runtime import deterministic_algorithms, resolve_device
+from dmdr_fast.train.runtime import compile_networks, deterministic_algorithms, resolve_device
 
 __all__ = [
     "ClassLabelSampler",
@@ -87,9 +87,6 @@ class TrainerState:
     gen_step: int = 0  # generator updates: the schedules' s
     history: list[dict[str, float]] = field(default_factory=list)  # evaluation results
     ode_init_done: bool = False  # student.ode_init's regression has run (not repeated on resume)
-
-
-_RECOMPILE_LIMIT = 64  # see Trainer._compile
 
 
 def _deterministic_scope(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -190,7 +187,7 @@ class Trainer:
             self.critic.network.float()
         self._use_attention()
         if config.train.compile:
-            self._compile()
+            compile_networks(self._networks(), config.train)
         self._student_net = self._wrap_ddp(self.student)
         critic_owner = self.critic if self.critic is not None else self.guidance
         self._critic_net = self._wrap_ddp(critic_owner)
@@ -271,31 +268,6 @@ class Trainer:
         if self.critic is not None:
             networks.append(self.critic.network)
         return list({id(n): n for n in networks}.values())
-
-    def _compile(self) -> None:
-        """``train.compile``: ``nn.Module.compile`` on every network, in place.
-
-        In place (not ``torch.compile(module)``) so that parameter names, checkpoints, DDP and the
-        export see the same modules as without compilation (a deep copy is uncompiled). Per-sample
-        LoRA scales reach the graphs as tensor inputs and scalar ones as symbolic floats (dynamo
-        does not specialise floats), so DynaDG's annealed λ_r does not recompile every step.
-        """
-        t = self.config.train
-        known = torch.compiler.list_backends(exclude_tags=())
-        if t.compile_backend not in known:
-            raise ValueError(
-                f"train.compile_backend {t.compile_backend!r} is not a torch.compile backend: {known}"
-            )
-        kwargs: dict[str, Any] = {"backend": t.compile_backend}
-        if t.compile_backend == "inductor":
-            kwargs["mode"] = t.compile_mode
-        for net in self._networks():
-            net.compile(**kwargs)
-        # The networks share one code object (same class), so their variants — grad / no-grad,
-        # per-sample / scalar / no LoRA scale, batch sizes of training, sampling and evaluation —
-        # count against one recompile limit (default 8); past it dynamo silently runs eager.
-        dynamo_config = torch._dynamo.config
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
 
     def _wrap_ddp(self, adapter: FlowModelAdapter) -> Callable[..., torch.Tensor]:
         """The callable used for gradient-carrying forwards (DDP-wrapped under torchrun)."""

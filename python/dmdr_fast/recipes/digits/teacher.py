@@ -1,6 +1,6 @@
 """Training the digits preset's teacher (a rectified-flow DiT) and its two classifiers, with a cache.
 
-:func:`train_flow_teacher` is plain flow-matching training in the convention of DESIGN §1:
+:func:`train_flow_teacher` is plain flow-matching training in the convention of docs/method.md §1:
 ``x_t = (1 − t)·x0 + t·ε``, regress ``v(x_t, t, c)`` on ``ε − x0``, with classifier-free-guidance
 label dropout through the adapter's null class. :func:`get_or_train_digits_teacher` and
 :func:`get_or_train_digits_classifiers` build, train and cache the digits preset's teacher and its
