@@ -1,7 +1,9 @@
-"""FluxAdapter on tiny random Flux pipelines assembled offline (tiny CLIP + T5, tiny VAE).
+"""FluxAdapter on the library's tiny random Flux pipelines (tiny CLIP + T5, tiny VAE).
 
-Two transformer variants share the text encoders and the VAE: ``plain`` (no guidance embeds, like
-Flux-schnell) and ``guided`` (``guidance_embeds=True``, like Flux-dev).
+Two variants from ``build_random_pipeline("flux", "tiny", folder, guidance_embeds=...)``:
+``guided`` (``guidance_embeds=True``, like Flux-dev: the pipeline ``dmdr-fast make-pipeline --family
+flux`` writes) and ``plain`` (no guidance embeds, like Flux-schnell). Only the transformers differ;
+both have the same text encoders, VAE and (Flux-dev's, dynamic-shift) scheduler.
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from dmdr_fast.conditions import cat_conds, slice_cond
 from dmdr_fast.models import (
@@ -24,7 +25,7 @@ from dmdr_fast.models import (
     use_attention,
 )
 from dmdr_fast.models.flux import FLUX_LORA_TARGETS, FluxAdapter, FluxCondition
-from dmdr_fast.pipelines.random import byte_level_clip_tokenizer, char_t5_tokenizer
+from dmdr_fast.pipelines.random import build_random_pipeline
 
 CLIP_TOKENS = 8  # CLIP tokenizer length (pipeline's tokenizer_max_length)
 T5_TOKENS = 8  # max_sequence_length ("the dog" is 7 T5 tokens: no truncation)
@@ -34,89 +35,19 @@ SHIFT = 3.0
 PROMPTS = ["a cat", "the dog"]
 
 
-def _clip_tokenizer(folder: Path) -> transformers.CLIPTokenizer:
-    """Byte-level CLIP BPE tokenizer: 256 byte symbols, their ``</w>`` forms, two special tokens."""
-    return byte_level_clip_tokenizer(folder, CLIP_TOKENS)
-
-
-def _t5_tokenizer() -> transformers.T5TokenizerFast:
-    """Character-level T5 (Unigram) tokenizer: pad/eos/unk, letters, digits and ``▁letter``."""
-    return char_t5_tokenizer()
-
-
-def _transformer(guidance_embeds: bool) -> FluxTransformer2DModel:
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,  # 4 latent channels × 2×2 packing
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=T5_WIDTH,
-        pooled_projection_dim=CLIP_WIDTH,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()
-
-
 def _pipelines(folder: Path) -> dict[str, FluxPipeline]:
-    clip_tok = _clip_tokenizer(folder / "clip")
-    torch.manual_seed(2)
-    clip = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=len(clip_tok),
-            hidden_size=CLIP_WIDTH,
-            intermediate_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=CLIP_TOKENS,
-            bos_token_id=clip_tok.bos_token_id,
-            eos_token_id=clip_tok.eos_token_id,
-            pad_token_id=clip_tok.pad_token_id,
-        )
-    ).eval()
-    t5_tok = _t5_tokenizer()
-    torch.manual_seed(3)
-    t5 = transformers.T5EncoderModel(
-        transformers.T5Config(
-            vocab_size=len(t5_tok), d_model=T5_WIDTH, d_kv=4, d_ff=16, num_layers=1, num_heads=2
-        )
-    ).eval()
-    torch.manual_seed(1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=RES,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-    ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(  # Flux-dev's scheduler config
-        shift=SHIFT,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
-    shared = {
-        "scheduler": scheduler,
-        "vae": vae,
-        "text_encoder": clip,
-        "tokenizer": clip_tok,
-        "text_encoder_2": t5,
-        "tokenizer_2": t5_tok,
-    }
-    return {
-        name: FluxPipeline(transformer=_transformer(guided), **shared)
+    """The tiny Flux pipeline with (``guided``) and without (``plain``) guidance embeds."""
+    pipes = {
+        name: build_random_pipeline("flux", "tiny", folder / name, guidance_embeds=guided)
         for name, guided in (("plain", False), ("guided", True))
     }
+    for name, pipe in pipes.items():
+        config = pipe.transformer.config
+        assert config.guidance_embeds == (name == "guided")
+        assert (config.joint_attention_dim, config.pooled_projection_dim) == (T5_WIDTH, CLIP_WIDTH)
+        assert pipe.tokenizer_max_length == CLIP_TOKENS and pipe.vae_scale_factor == 2
+        assert pipe.scheduler.config.use_dynamic_shifting and pipe.scheduler.config.shift == SHIFT
+    return pipes
 
 
 @pytest.fixture(scope="module")

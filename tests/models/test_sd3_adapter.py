@@ -1,4 +1,8 @@
-"""SD3Adapter on a tiny random SD3 pipeline assembled offline (two tiny CLIPs, no T5, tiny VAE)."""
+"""SD3Adapter on the library's tiny random SD3 pipeline without T5 (two tiny CLIPs, tiny VAE).
+
+The pipeline is ``build_random_pipeline("sd3", "tiny", folder, t5=False)``: the one
+``dmdr-fast make-pipeline --family sd3`` writes, with ``text_encoder_3`` and ``tokenizer_3`` left out.
+"""
 
 from __future__ import annotations
 
@@ -6,89 +10,27 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
-from diffusers import (
-    AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-)
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from dmdr_fast.conditions import cat_conds, slice_cond
 from dmdr_fast.models import FlowModelAdapter, make_student, restore_attention, use_attention
 from dmdr_fast.models.sd3 import SD3Adapter, SD3Condition
-from dmdr_fast.pipelines.random import byte_level_clip_tokenizer
+from dmdr_fast.pipelines.random import build_random_pipeline
 
 TOKENS = 8  # CLIP tokenizer length (pipeline's tokenizer_max_length)
 T5_TOKENS = 3  # zero T5 tokens appended by encode_prompt when text_encoder_3 is None
 PROMPTS = ["a cat", "the dog"]
 
 
-def _tokenizer(folder: Path) -> transformers.CLIPTokenizer:
-    """Byte-level CLIP BPE tokenizer: 256 byte symbols, their ``</w>`` forms, two special tokens."""
-    return byte_level_clip_tokenizer(folder, TOKENS)
-
-
-def _clip(tokenizer: transformers.CLIPTokenizer, seed: int) -> transformers.CLIPTextModelWithProjection:
-    config = transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=8,
-        intermediate_size=16,
-        projection_dim=4,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=TOKENS,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return transformers.CLIPTextModelWithProjection(config).eval()
-
-
 def _pipeline(folder: Path) -> StableDiffusion3Pipeline:
-    tokenizer = _tokenizer(folder / "tok")
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,  # = 8 + 8 (two CLIP widths)
-        caption_projection_dim=16,
-        pooled_projection_dim=8,  # = 4 + 4 (two CLIP projections)
-        out_channels=4,
-        pos_embed_max_size=8,
-        dual_attention_layers=(0,),
-        qk_norm="rms_norm",
-    )
-    torch.manual_seed(1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-    )
-    return StableDiffusion3Pipeline(
-        transformer=transformer.eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae.eval(),
-        text_encoder=_clip(tokenizer, 2),
-        tokenizer=tokenizer,
-        text_encoder_2=_clip(tokenizer, 3),
-        tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
+    """The tiny SD3 pipeline without T5: two 8-wide CLIPs (projections 4), a 2-layer transformer of
+    joint width 16 = 8 + 8 and pooled width 8 = 4 + 4, a 2-block VAE with SD3's scaling/shift."""
+    pipe = build_random_pipeline("sd3", "tiny", folder, t5=False)
+    assert pipe.text_encoder_3 is None and pipe.tokenizer_3 is None
+    assert pipe.tokenizer_max_length == TOKENS
+    config = pipe.transformer.config
+    assert (config.joint_attention_dim, config.pooled_projection_dim) == (16, 8)
+    return pipe
 
 
 @pytest.fixture(scope="module")

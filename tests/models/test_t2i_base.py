@@ -1,34 +1,32 @@
-"""TextToImageAdapter base features on the tiny SD3 pipeline: tiny VAE, memory savers, fingerprints."""
+"""TextToImageAdapter base features on the tiny SD3 pipeline: tiny VAE, memory savers, fingerprints.
+
+The pipeline is the library's tiny SD3 one without T5 (``build_random_pipeline(..., t5=False)``, as
+in ``test_sd3_adapter.py``); the tiny VAE is :func:`dmdr_fast.models.random_parts.tiny_autoencoder`.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from diffusers import AutoencoderTiny
-from tests.models.test_sd3_adapter import T5_TOKENS, _pipeline
 
+from dmdr_fast.models.random_parts import tiny_autoencoder
 from dmdr_fast.models.sd3 import SD3Adapter
+from dmdr_fast.pipelines.random import build_random_pipeline
+
+T5_TOKENS = 3  # zero T5 tokens appended by encode_prompt when text_encoder_3 is None
 
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory: pytest.TempPathFactory):
-    return _pipeline(tmp_path_factory.mktemp("sd3"))
+    pipe = build_random_pipeline("sd3", "tiny", tmp_path_factory.mktemp("sd3"), t5=False)
+    assert pipe.text_encoder_3 is None
+    return pipe
 
 
 def _tiny_autoencoder() -> AutoencoderTiny:
-    torch.manual_seed(0)
-    return AutoencoderTiny(
-        in_channels=3,
-        out_channels=3,
-        encoder_block_out_channels=(8, 8),
-        decoder_block_out_channels=(8, 8),
-        num_encoder_blocks=(1, 1),
-        num_decoder_blocks=(1, 1),
-        latent_channels=4,
-        upsampling_scaling_factor=2,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-    ).eval()
+    """A tiny ``AutoencoderTiny`` with SD3's latent scaling and shift (the pipeline VAE's)."""
+    return tiny_autoencoder(0, scaling=1.5305, shift=0.0609)
 
 
 def test_tiny_vae_decodes_differentiably_and_can_be_removed(pipe, tmp_path):

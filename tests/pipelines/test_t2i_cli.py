@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -14,7 +15,12 @@ from dmdr_fast.cli import main
 from dmdr_fast.config import ConfigError, DMDRTrainerConfig
 from dmdr_fast.configs import CONFIG_DIR, load_preset
 from dmdr_fast.models.families import T2I_FAMILIES, families, family_of_pipeline
-from dmdr_fast.pipelines.random import build_random_pipeline, random_sizes, save_random_pipeline
+from dmdr_fast.pipelines.random import (
+    build_random_pipeline,
+    random_options,
+    random_sizes,
+    save_random_pipeline,
+)
 
 T2I_PRESETS = ["sd35-large-4step", "sd3-medium-4step", "sdxl-1step", "flux-4step", "zimage-8step"]
 TINY = [
@@ -71,6 +77,42 @@ def test_family_detection_and_errors(tmp_path: Path):
         build_random_pipeline("dalle", "tiny", tmp_path)
     assert set(random_sizes()) == set(T2I_FAMILIES)
     assert all("tiny" in sizes for sizes in random_sizes().values())
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_random_pipeline_options_change_only_what_they_name(tmp_path: Path):
+    assert random_options("sd3") == {"t5": True} and random_options("flux") == {"guidance_embeds": True}
+    assert random_options("zimage") == random_options("sdxl") == {}
+    with pytest.raises(ValueError, match=r"'sd3'.*guidance_embeds.*\['t5'\]"):
+        build_random_pipeline("sd3", "tiny", tmp_path, guidance_embeds=False)
+    with pytest.raises(ValueError, match=r"'zimage'.*t5.*none"):
+        build_random_pipeline("zimage", "tiny", tmp_path, t5=False)
+    # SD3 without T5: no T5 encoder or tokenizer; every other component is the default pipeline's.
+    full = build_random_pipeline("sd3", "tiny", tmp_path / "full")
+    no_t5 = build_random_pipeline("sd3", "tiny", tmp_path / "no_t5", t5=False)
+    assert full.text_encoder_3 is not None and full.tokenizer_3 is not None
+    assert no_t5.text_encoder_3 is None and no_t5.tokenizer_3 is None
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        assert _same_weights(getattr(full, name), getattr(no_t5, name)), name
+    assert dict(full.scheduler.config) == dict(no_t5.scheduler.config)
+    # Flux without guidance embeds (Flux-schnell-like): only the transformer differs.
+    dev = build_random_pipeline("flux", "tiny", tmp_path / "dev")
+    plain = build_random_pipeline("flux", "tiny", tmp_path / "plain", guidance_embeds=False)
+    assert dev.transformer.config.guidance_embeds and not plain.transformer.config.guidance_embeds
+    guidance_keys = [k for k in dev.transformer.state_dict() if "guidance_embedder" in k]
+    assert guidance_keys and not any("guidance_embedder" in k for k in plain.transformer.state_dict())
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        assert _same_weights(getattr(dev, name), getattr(plain, name)), name
+    assert dict(dev.scheduler.config) == dict(plain.scheduler.config)
+    # save_random_pipeline passes the options on.
+    folder = save_random_pipeline("sd3", "tiny", tmp_path / "saved", t5=False)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["text_encoder_3"] == [None, None] and index["tokenizer_3"] == [None, None]
+    assert not (folder / "text_encoder_3").exists()
 
 
 def test_every_family_is_registered_once_with_its_own_module():

@@ -4,7 +4,7 @@ What diffusers' Flux does and how the adapter maps it (diffusers 0.42):
 
 - Noise convention: as for SD3, ``FlowMatchEulerDiscreteScheduler`` forms ``x_σ = σ·ε + (1 − σ)·x0``
   and steps ``x ← x + (σ_next − σ)·v`` with the raw transformer output ``v``; so the output *is*
-  ``v = ε − x0`` and ``σ`` *is* our ``t`` (DESIGN §1): no sign flip, no rescaling.
+  ``v = ε − x0`` and ``σ`` *is* our ``t`` (``docs/method.md`` §1): no sign flip, no rescaling.
 - Time: ``FluxPipeline`` calls the transformer with ``timestep = (σ·1000) / 1000 = σ`` and the
   transformer multiplies by 1000 itself; the adapter passes ``t`` directly. The embedded guidance
   goes the same way (``guidance`` in guidance units, ×1000 inside the transformer).
@@ -331,9 +331,16 @@ class FluxAdapter(TextToImageAdapter):
 # --------------------------------------------------------------------------------------------------
 
 
-def random_pipeline(size: str, folder: Path, seed: int = 0) -> Any:
+def random_pipeline(size: str, folder: Path, seed: int = 0, *, guidance_embeds: bool = True) -> Any:
     """A random-weight pipeline of this family (``size`` in ``FAMILY.random_sizes``; scratch files
-    such as the tokenizer go under ``folder``)."""
+    such as the tokenizer go under ``folder``).
+
+    Args:
+        guidance_embeds: ``True`` (default) gives a guidance-distilled transformer like Flux-dev's,
+            which takes the embedded guidance as an input; ``False`` one without guidance embeds,
+            like Flux-schnell's. Only the transformer differs: the text encoders, the VAE and the
+            scheduler (Flux-dev's config, with dynamic shifting) are the same either way.
+    """
     import transformers
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
@@ -352,7 +359,7 @@ def random_pipeline(size: str, folder: Path, seed: int = 0) -> Any:
         num_attention_heads=2,
         joint_attention_dim=12,
         pooled_projection_dim=8,
-        guidance_embeds=True,  # like Flux-dev
+        guidance_embeds=guidance_embeds,  # True: like Flux-dev; False: like Flux-schnell
         axes_dims_rope=(2, 2, 4),
     ).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(  # Flux-dev's scheduler config

@@ -1,4 +1,4 @@
-"""Building blocks of random-weight pipelines: offline tokenizers, tiny text encoders, a tiny VAE.
+"""Building blocks of random-weight pipelines: offline tokenizers, tiny text encoders, tiny VAEs.
 
 Nothing is downloaded: tokenizers are byte-level vocabularies written on the fly, models are built
 from configs with seeded random weights. Each family's module assembles its own pipeline from these
@@ -21,6 +21,7 @@ __all__ = [
     "clip_text_model",
     "qwen_chat_tokenizer",
     "t5_encoder",
+    "tiny_autoencoder",
     "tiny_vae",
 ]
 
@@ -99,6 +100,26 @@ def tiny_vae(seed: int, scaling: float, shift: float | None) -> Any:
         latent_channels=4,
         norm_num_groups=4,
         sample_size=16,
+        scaling_factor=scaling,
+        shift_factor=shift,
+    ).eval()
+
+
+def tiny_autoencoder(seed: int, scaling: float, shift: float) -> Any:
+    """A two-block 4-channel ``AutoencoderTiny`` (a TAESD-like decoder) matching :func:`tiny_vae`'s
+    latents: VAE factor 2, the family's latent scaling/shift (for ``model.tiny_vae``)."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    return AutoencoderTiny(
+        in_channels=3,
+        out_channels=3,
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
+        upsampling_scaling_factor=2,
         scaling_factor=scaling,
         shift_factor=shift,
     ).eval()

@@ -5,7 +5,7 @@ What diffusers' SD3 does and how the adapter maps it (diffusers 0.42):
 - Noise convention: ``FlowMatchEulerDiscreteScheduler`` forms ``x_σ = σ·ε + (1 − σ)·x0``
   (``scale_noise``) and steps ``x ← x + (σ_next − σ)·v`` with the raw transformer output ``v``
   (``step``, deterministic branch). So the output *is* ``v = ε − x0`` and ``σ`` *is* our ``t``
-  (DESIGN §1): no sign flip, no rescaling of the output.
+  (``docs/method.md`` §1): no sign flip, no rescaling of the output.
 - Time: the pipeline calls the transformer with ``timestep = σ · num_train_timesteps`` (1000), a
   float; the adapter passes ``t · num_train_timesteps`` the same way.
 - Shift: the scheduler's ``shift`` (3.0 for SD3/SD3.5) only warps which σ values a sampler
@@ -43,8 +43,8 @@ from dmdr_fast.models.t2i import TextToImageAdapter, check_time
 
 __all__ = ["FAMILY", "SD3_LORA_TARGETS", "SD3Adapter", "SD3Condition", "random_pipeline"]
 
-#: LoRA targets of the paper's SD3/SD3.5 scripts (student and critic): the joint attention's
-#: image and text projections (PAPER_NOTES §7.3).
+#: LoRA targets of the authors' SD3/SD3.5 scripts (student and critic): the joint attention's
+#: image and text projections (``docs/method.md`` §11).
 SD3_LORA_TARGETS = tuple(
     f"*attn.{name}"
     for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -243,9 +243,15 @@ class SD3Adapter(TextToImageAdapter):
 # --------------------------------------------------------------------------------------------------
 
 
-def random_pipeline(size: str, folder: Path, seed: int = 0) -> Any:
+def random_pipeline(size: str, folder: Path, seed: int = 0, *, t5: bool = True) -> Any:
     """A random-weight pipeline of this family (``size`` in ``FAMILY.random_sizes``; scratch files
-    such as the tokenizer go under ``folder``)."""
+    such as the tokenizer go under ``folder``).
+
+    Args:
+        t5: ``False`` leaves out the T5 encoder (``text_encoder_3 = tokenizer_3 = None``, as users
+            load SD3 to save its memory): ``encode_prompt`` then appends ``max_sequence_length``
+            zero tokens. Every other component is the same as with T5.
+    """
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -306,8 +312,8 @@ def random_pipeline(size: str, folder: Path, seed: int = 0) -> Any:
     )
     # A one-layer T5 at the transformer's joint width (tiny: 16, SD3.5-M: 4096; ~1M parameters
     # either way) so that the folder is a complete pipeline plain diffusers loads as is.
-    t5_tokenizer = char_t5_tokenizer()
-    t5 = t5_encoder(t5_tokenizer, transformer.config.joint_attention_dim, seed + 4)
+    t5_tokenizer = char_t5_tokenizer() if t5 else None
+    t5_model = t5_encoder(t5_tokenizer, transformer.config.joint_attention_dim, seed + 4) if t5 else None
     return StableDiffusion3Pipeline(
         transformer=transformer.eval(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -320,7 +326,7 @@ def random_pipeline(size: str, folder: Path, seed: int = 0) -> Any:
             tokenizer, hidden=clip_hidden, projection=clip_proj, tokens=tokens, seed=seed + 3
         ),
         tokenizer_2=tokenizer,
-        text_encoder_3=t5,
+        text_encoder_3=t5_model,
         tokenizer_3=t5_tokenizer,
     )
 

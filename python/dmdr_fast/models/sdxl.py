@@ -69,8 +69,9 @@ __all__ = [
     "random_pipeline",
 ]
 
-#: LoRA targets of the paper's SDXL scripts (PAPER_NOTES): attention, transformer projections and
-#: feed-forward, ResNet convolutions and time projections, down/upsampler convolutions.
+#: LoRA targets of the authors' SDXL scripts (their recipes: ``docs/method.md`` §11): attention,
+#: transformer projections and feed-forward, ResNet convolutions and time projections,
+#: down/upsampler convolutions.
 SDXL_LORA_TARGETS = tuple(
     f"*{name}"
     for name in (

@@ -9,7 +9,7 @@ What diffusers' ``ZImagePipeline`` does and how the adapter maps it (diffusers 0
   (1000), which is bit-for-bit the pipeline's value.
 - Sign: the pipeline negates the transformer output (``noise_pred = −out``) before
   ``scheduler.step`` (``x ← x + (σ_next − σ)·noise_pred``), so the transformer predicts
-  ``x0 − ε`` and the adapter returns ``v = −out = ε − x0`` (DESIGN §1).
+  ``x0 − ε`` and the adapter returns ``v = −out = ε − x0`` (``docs/method.md`` §1).
 - Packing: latents go in as a *list* of ``(C, 1, H, W)`` tensors (a frame axis of 1) and come back
   as a list of the same shapes; the adapter unbinds a ``(B, C, H, W)`` batch and stacks the result.
 - Text: ``encode_prompt`` wraps each prompt in the Qwen3 chat template
