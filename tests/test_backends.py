@@ -6,14 +6,15 @@ import pytest
 import torch
 
 import dmdr_fast
-from dmdr_fast import backends
+from dmdr_fast import backends, ops
 from dmdr_fast._native import get_native
+from dmdr_fast.ops.dmd_loss import BACKENDS
 
 CPU = torch.device("cpu")
 
 
 def _select(requested=None, dtypes=(torch.float32,)):
-    return backends.select_backend("dmd_loss", requested, "cpu", list(dtypes), device=CPU).name
+    return backends.select_backend(BACKENDS, requested, "cpu", list(dtypes), device=CPU).name
 
 
 needs_native = pytest.mark.skipif(get_native() is None, reason="dmdr_fast._C not built")
@@ -62,13 +63,11 @@ def test_context_manager_refusal_raises(monkeypatch):
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    reasons = backends.get_backends("dmd_loss")["triton"].not_supported_reasons(
-        "cpu", [torch.float32], device=CPU
-    )
+    reasons = BACKENDS.impls["triton"].not_supported_reasons("cpu", [torch.float32], device=CPU)
     assert reasons and ("TRITON_INTERPRET=1" in reasons[0] or "not installed" in reasons[0])
 
 
 def test_availability_table_covers_all_backends():
-    rows = backends.availability_table()
+    rows = ops.availability_table()
     names = {(r["op"], r["backend"]) for r in rows}
     assert {("dmd_loss", b) for b in ("torch", "cpp", "cuda", "triton")} <= names

@@ -1,7 +1,10 @@
-"""Backend registry and dispatch for every op in :mod:`dmdr_fast.ops`.
+"""Backend choice: the rules every op in :mod:`dmdr_fast.ops` dispatches by.
 
-Each op registers one :class:`BackendImpl` per backend, declaring what it can run (devices,
-dtypes, a lazily evaluated availability check, and optional input-dependent checks). Choice:
+This module knows nothing about which ops exist. Each op module declares its backends as data,
+an :class:`OpBackends` table (one :class:`BackendImpl` per backend, declaring what it can run:
+devices, dtypes, a lazily evaluated availability check and optional input-dependent checks, plus
+the automatic priority per device type), and its public function calls :func:`select_backend`
+with that table. :mod:`dmdr_fast.ops` lists the tables (``dmdr_fast.ops.OPS``). Choice:
 
 1. an explicit ``backend=`` argument to the op,
 2. else the innermost ``with dmdr_fast.use_backend(...)`` block,
@@ -12,7 +15,7 @@ Requests 1–3 are explicit: if the named backend cannot run these inputs, the o
 :class:`BackendUnavailableError` that lists *every* backend with its reasons. The automatic
 choice silently takes the first backend that can run. A name that some op does not know (e.g.
 ``sdpa`` for an op without it) is skipped for that op by the context manager and env var, so a
-global preference never breaks unrelated ops.
+global preference never breaks unrelated ops. See docs/architecture.md §5.
 """
 
 from __future__ import annotations
@@ -20,30 +23,33 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
 __all__ = [
+    "ENV_VAR",
     "Backend",
     "BackendImpl",
     "BackendUnavailableError",
-    "availability_table",
-    "get_backends",
-    "register",
-    "registered_ops",
+    "InputCheck",
+    "OpBackends",
     "select_backend",
     "use_backend",
 ]
 
 ENV_VAR = "DMDR_FAST_BACKEND"
 
+#: An input-dependent check: keyword inputs of the op (``device``, ``head_dim``, ...) → reasons.
+InputCheck = Callable[..., list[str]]
+
 
 class Backend(str, Enum):
-    """Known backend names. Ops may register others (e.g. ``sdpa`` for attention)."""
+    """Known backend names. Ops may declare others (e.g. ``sdpa`` for attention)."""
 
     TORCH = "torch"
     CPP = "cpp"
@@ -58,14 +64,17 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run the given inputs."""
 
 
+def _always_available(device_type: str) -> str:
+    return ""
+
+
 @dataclass(frozen=True)
 class BackendImpl:
     """One op implemented by one backend, with its declared capabilities.
 
     Attributes:
-        op: op name, e.g. ``"dmd_loss"``.
         name: backend name, e.g. ``"cpp"``.
-        fn: the implementation; its signature is defined by the op.
+        fn: the implementation; its signature is defined by the op (the op's input record).
         devices: device types it runs on (``"cpu"``, ``"cuda"``).
         dtypes: floating dtypes it accepts.
         availability: returns '' when the backend can run on a device type, else the reason
@@ -74,13 +83,12 @@ class BackendImpl:
         note: one-line description for ``dmdr-fast env``.
     """
 
-    op: str
     name: str
     fn: Callable[..., Any]
     devices: frozenset[str]
     dtypes: frozenset[torch.dtype]
-    availability: Callable[[str], str] = lambda device_type: ""
-    input_checks: Sequence[Callable[..., list[str]]] = field(default_factory=tuple)
+    availability: Callable[[str], str] = _always_available
+    input_checks: Sequence[InputCheck] = field(default_factory=tuple)
     note: str = ""
 
     def not_supported_reasons(
@@ -104,40 +112,58 @@ class BackendImpl:
         return reasons
 
 
-# op name -> backend name -> impl; and op name -> device type -> automatic priority.
-_REGISTRY: dict[str, dict[str, BackendImpl]] = {}
-_PRIORITY: dict[str, dict[str, tuple[str, ...]]] = {}
+@dataclass(frozen=True, eq=False)
+class OpBackends:
+    """The backends of one op, as data: what each can run and the automatic priority.
+
+    Attributes:
+        op: op name, e.g. ``"dmd_loss"`` (used in error messages).
+        impls: backend name → implementation, in declaration order (the order of listings).
+        priority: device type → backend names tried by the automatic choice, first to last; a
+            device type without an entry tries every backend in declaration order.
+    """
+
+    op: str
+    impls: Mapping[str, BackendImpl]
+    priority: Mapping[str, tuple[str, ...]]
+
+    @classmethod
+    def build(
+        cls, op: str, impls: Sequence[BackendImpl], priority: Mapping[str, Sequence[str]]
+    ) -> OpBackends:
+        """A read-only table from a list of implementations (names unique) and priorities."""
+        table = {impl.name: impl for impl in impls}
+        if len(table) != len(impls):
+            raise ValueError(f"{op}: duplicate backend names in {[impl.name for impl in impls]}")
+        for device_type, names in priority.items():
+            unknown = sorted(set(names) - set(table))
+            if unknown:
+                raise ValueError(f"{op}: priority for {device_type!r} names unknown backends {unknown}")
+        frozen_priority = {device_type: tuple(names) for device_type, names in priority.items()}
+        return cls(op, MappingProxyType(table), MappingProxyType(frozen_priority))
+
+    def names(self) -> list[str]:
+        """Backend names, sorted."""
+        return sorted(self.impls)
+
+    def availability_rows(self, device_types: Sequence[str] = ("cpu", "cuda")) -> list[dict[str, str]]:
+        """Rows (op, backend, device, status, note) for ``dmdr-fast env``: '-' where a backend does
+        not run on a device type, 'yes', or 'no: <reason>' (input checks are not evaluated)."""
+        rows = []
+        for name, impl in self.impls.items():
+            for dev in device_types:
+                if dev not in impl.devices:
+                    status = "-"
+                else:
+                    why = impl.availability(dev)
+                    status = "yes" if not why else f"no: {why}"
+                rows.append(
+                    {"op": self.op, "backend": name, "device": dev, "status": status, "note": impl.note}
+                )
+        return rows
+
+
 _CONTEXT: contextvars.ContextVar[str | None] = contextvars.ContextVar("dmdr_fast_backend", default=None)
-
-
-def register(impl: BackendImpl) -> BackendImpl:
-    """Add (or replace) one backend implementation of an op."""
-    _REGISTRY.setdefault(impl.op, {})[impl.name] = impl
-    return impl
-
-
-def set_priority(op: str, device_type: str, names: Sequence[str]) -> None:
-    """Automatic priority of backends for ``op`` on tensors of ``device_type``."""
-    _PRIORITY.setdefault(op, {})[device_type] = tuple(names)
-
-
-def _load_ops() -> None:
-    import dmdr_fast.ops  # noqa: F401  (op modules register their backends on import)
-
-
-def registered_ops() -> list[str]:
-    """Names of all ops with at least one backend."""
-    _load_ops()
-    return sorted(_REGISTRY)
-
-
-def get_backends(op: str) -> dict[str, BackendImpl]:
-    """Backend name → implementation for ``op``."""
-    if op not in _REGISTRY:
-        _load_ops()
-    if op not in _REGISTRY:
-        raise KeyError(f"unknown op {op!r}; known ops: {registered_ops()}")
-    return dict(_REGISTRY[op])
 
 
 @contextlib.contextmanager
@@ -155,25 +181,27 @@ def use_backend(name: str | Backend | None) -> Iterator[None]:
         _CONTEXT.reset(token)
 
 
-def _describe(op: str, device_type: str, dtypes: Sequence[torch.dtype], inputs: dict[str, Any]) -> str:
+def _describe(
+    table: OpBackends, device_type: str, dtypes: Sequence[torch.dtype], inputs: dict[str, Any]
+) -> str:
     lines = []
-    for name, impl in _REGISTRY[op].items():
+    for name, impl in table.impls.items():
         reasons = impl.not_supported_reasons(device_type, dtypes, **inputs)
         lines.append(f"  {name}: " + ("available" if not reasons else "; ".join(reasons)))
     return "\n".join(lines)
 
 
 def select_backend(
-    op: str,
+    table: OpBackends,
     requested: str | Backend | None,
     device_type: str,
     dtypes: Sequence[torch.dtype],
     **inputs: Any,
 ) -> BackendImpl:
-    """Pick the backend that runs ``op`` (see the module docstring for the rules).
+    """Pick the backend of ``table`` that runs the op (see the module docstring for the rules).
 
     Args:
-        op: op name.
+        table: the op's backends.
         requested: the op's explicit ``backend=`` argument, or None.
         device_type: device type of the inputs (``"cpu"``, ``"cuda"``).
         dtypes: dtypes of the floating inputs.
@@ -183,7 +211,7 @@ def select_backend(
         BackendUnavailableError: an explicitly requested backend cannot run these inputs.
         ValueError: the requested name is not a backend of this op.
     """
-    impls = get_backends(op)
+    op, impls = table.op, table.impls
     source, name = None, None
     if requested is not None:
         source, name = "argument backend=", str(requested)
@@ -200,30 +228,14 @@ def select_backend(
             raise BackendUnavailableError(
                 f"{op}: backend {name!r} (requested by {source}) cannot run these inputs "
                 f"(device {device_type}, dtypes {[str(d) for d in dtypes]}). All backends:\n"
-                + _describe(op, device_type, dtypes, inputs)
+                + _describe(table, device_type, dtypes, inputs)
             )
         return impls[name]
-    priority = _PRIORITY.get(op, {}).get(device_type, tuple(impls))
-    for candidate in priority:
-        impl = impls.get(candidate)
-        if impl is not None and not impl.not_supported_reasons(device_type, dtypes, **inputs):
+    for candidate in table.priority.get(device_type, tuple(impls)):
+        impl = impls[candidate]
+        if not impl.not_supported_reasons(device_type, dtypes, **inputs):
             return impl
     raise BackendUnavailableError(
         f"{op}: no backend can run these inputs (device {device_type}). All backends:\n"
-        + _describe(op, device_type, dtypes, inputs)
+        + _describe(table, device_type, dtypes, inputs)
     )
-
-
-def availability_table(device_types: Sequence[str] = ("cpu", "cuda")) -> list[dict[str, str]]:
-    """Rows of (op, backend, device, status) for ``dmdr-fast env``; imports every op module."""
-    rows = []
-    for op in registered_ops():
-        for name, impl in _REGISTRY[op].items():
-            for dev in device_types:
-                if dev not in impl.devices:
-                    status = "-"
-                else:
-                    why = impl.availability(dev)
-                    status = "yes" if not why else f"no: {why}"
-                rows.append({"op": op, "backend": name, "device": dev, "status": status, "note": impl.note})
-    return rows

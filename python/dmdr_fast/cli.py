@@ -12,7 +12,7 @@ __all__ = ["main"]
 def _cmd_env(args: argparse.Namespace) -> int:
     import torch
 
-    from dmdr_fast import __version__, backends
+    from dmdr_fast import __version__, ops
     from dmdr_fast._native import get_native, native_error
 
     print(f"dmdr_fast {__version__}   torch {torch.__version__}   python {sys.version.split()[0]}")
@@ -30,7 +30,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed")
-    rows = backends.availability_table()
+    rows = ops.availability_table()
     width = min(max(len(r["status"]) for r in rows), 60) + 2
     op_w = max(len(r["op"]) for r in [*rows, {"op": "op"}]) + 2
     print(f"\n{'op':<{op_w}}{'backend':<9}{'device':<7}{'available':<{width}}  note")

@@ -13,6 +13,7 @@ from tests.utils import assert_close_rel_to_torch
 
 from dmdr_fast import backends
 from dmdr_fast.ops import attention
+from dmdr_fast.ops.attention import BACKENDS
 from dmdr_fast.ops.reference import attention_bwd_ref, attention_ref
 
 # (B, H, Lq, Lk, D): odd lengths 1, 17, 63, Lq != Lk, D in {16, 32, 64}
@@ -71,7 +72,7 @@ def numpy_attention(q, k, v, mask, scale):
 
 
 def _backend_reasons(backend, device="cpu", dtype=torch.float32, **inputs):
-    impl = backends.get_backends("attention")[backend]
+    impl = BACKENDS.impls[backend]
     inputs.setdefault("head_dim", 32)
     inputs.setdefault("has_mask", False)
     return impl.not_supported_reasons(device, [dtype], device=torch.device(device), **inputs)
@@ -178,7 +179,7 @@ def test_float64_torch_backend_and_automatic_fallback(monkeypatch):
     out = attention(q, k, v)  # sdpa takes no float64: the automatic choice falls back to torch
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, attention_ref(q, k, v))
-    impl = backends.select_backend("attention", None, "cpu", [torch.float32], device=torch.device("cpu"))
+    impl = backends.select_backend(BACKENDS, None, "cpu", [torch.float32], device=torch.device("cpu"))
     assert impl.name == "sdpa"
 
 
@@ -255,7 +256,7 @@ def test_validation_errors(kwargs, error, match):
 
 
 def test_xformers_is_registered_and_refusals_explain_why():
-    assert "xformers" in backends.get_backends("attention")
+    assert "xformers" in BACKENDS.impls
     q, k, v = make_qkv(1, 1, 4, 4, 8)
     with pytest.raises(backends.BackendUnavailableError) as info:
         attention(q, k, v, backend="xformers")
@@ -266,7 +267,7 @@ def test_xformers_is_registered_and_refusals_explain_why():
         import xformers.ops  # noqa: F401
     except Exception:
         assert reasons and "xformers" in reasons[0]
-    mask_check = backends.get_backends("attention")["xformers"].input_checks
+    mask_check = BACKENDS.impls["xformers"].input_checks
     assert any("key_padding_mask is not supported" in r for c in mask_check for r in c(has_mask=True))
 
 

@@ -1,7 +1,7 @@
 """The Triton flash-attention kernels (fwd + bwd) and the FP8 forward.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py): float32 only, lengths and
-head dims <= 64, and few cases (the interpreter is slow; DESIGN §3). bf16/fp16, large shapes, the
+head dims <= 64, and few cases (the interpreter is slow; docs/architecture.md §6). bf16/fp16, large shapes, the
 autotuned GPU configurations and the fp8 kernel run only with a CUDA device (``gpu`` mark).
 """
 
@@ -14,16 +14,18 @@ import torch
 from tests.ops.test_attention import make_mask, make_qkv
 from tests.utils import assert_close_rel_to_torch, sqnr_db
 
-from dmdr_fast import backends
+from dmdr_fast import backends, ops
 from dmdr_fast.ops import attention, attention_fp8
-from dmdr_fast.ops.attention import FP8_DTYPE, attention_fp8_torch, quantize_fp8_per_head
+from dmdr_fast.ops._attention_common import AttentionInputs
+from dmdr_fast.ops.attention import BACKENDS
+from dmdr_fast.ops.attention_fp8 import FP8_DTYPE, attention_fp8_torch, quantize_fp8_per_head
 from dmdr_fast.ops.reference import attention_ref
 
 CPU = torch.device("cpu")
 
 
 def _skip_unless_triton(device: str = "cpu", dtype=torch.float32, op: str = "attention") -> None:
-    impl = backends.get_backends(op)["triton"]
+    impl = ops.OPS[op].impls["triton"]
     reasons = impl.not_supported_reasons(
         device, [dtype], device=torch.device(device), head_dim=64, has_mask=True, batch_heads=1, row_span=0
     )
@@ -91,7 +93,7 @@ def test_triton_lse_and_fully_padded_rows():
 
     q, k, v = make_qkv(2, 2, 19, 21, 16)
     mask = make_mask("edge", 2, 21)
-    out, lse = attention_fwd_triton(q, k, v, mask, 0.3)
+    out, lse = attention_fwd_triton(AttentionInputs(q, k, v, mask, 0.3))
     s = (q @ k.transpose(-1, -2) * 0.3).masked_fill(mask[:, None, None, :], -math.inf)
     ref_lse = torch.logsumexp(s.double(), dim=-1)
     torch.testing.assert_close(lse[0], ref_lse[0].float(), rtol=1e-6, atol=1e-6)
@@ -124,7 +126,7 @@ def test_triton_opcheck_and_compile():
 
 
 def test_triton_refusals():
-    impl = backends.get_backends("attention")["triton"]
+    impl = BACKENDS.impls["triton"]
     reasons = impl.not_supported_reasons(
         "cpu", [torch.float32], device=CPU, head_dim=320, has_mask=False, batch_heads=70000, row_span=0
     )
@@ -139,7 +141,7 @@ def test_triton_refusals():
 
 def test_automatic_choice_never_picks_triton_on_cpu(monkeypatch):
     monkeypatch.delenv("DMDR_FAST_BACKEND", raising=False)
-    impl = backends.select_backend("attention", None, "cpu", [torch.float32], device=CPU, head_dim=16)
+    impl = backends.select_backend(BACKENDS, None, "cpu", [torch.float32], device=CPU, head_dim=16)
     assert impl.name == "sdpa"
 
 
@@ -234,7 +236,7 @@ def test_fp8_kernel_gpu(shape, record_property):
     mask = make_mask("edge", B, Lk).cuda()
     out = attention_fp8(q, k, v, key_padding_mask=mask, backend="triton")
     ref = attention_ref(q, k, v, mask)
-    emu = attention_fp8_torch(q, k, v, mask, 1 / math.sqrt(D))
+    emu = attention_fp8_torch(AttentionInputs(q, k, v, mask, 1 / math.sqrt(D)))
     db, db_emu = sqnr_db(ref, out), sqnr_db(emu, out)
     record_property("fp8_kernel_sqnr_db", db)
     print(f"fp8 kernel SQNR vs fp32 {shape}: {db:.1f} dB (vs torch emulation {db_emu:.1f} dB)")

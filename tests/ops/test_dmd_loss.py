@@ -12,6 +12,7 @@ from tests.utils import assert_close_rel_to_torch
 
 from dmdr_fast import backends
 from dmdr_fast.ops import dmd_loss
+from dmdr_fast.ops.dmd_loss import BACKENDS
 from dmdr_fast.ops.reference import dmd_loss_ref
 
 CPU_BACKENDS = ["torch", "cpp", "triton"]
@@ -19,7 +20,7 @@ SHAPES = [(1, 1, 7, 13), (3, 4, 16, 16), (5, 16, 33, 17)]
 
 
 def _available(backend: str, dtype=torch.float32) -> list[str]:
-    impl = backends.get_backends("dmd_loss")[backend]
+    impl = BACKENDS.impls[backend]
     return impl.not_supported_reasons("cpu", [dtype], device=torch.device("cpu"))
 
 
@@ -79,7 +80,7 @@ def test_reference_matches_independent_float64(shape, uncond, w):
 
 def test_reference_gradcheck_matches_dmd_surrogate():
     """The op's x0-gradient is the derivative of the DMD surrogate ½·mean((x0' − T)²) with the
-    target T = sg(x0 − g) frozen at the evaluation point (DESIGN §1). gradcheck compares our
+    target T = sg(x0 − g) frozen at the evaluation point (docs/method.md §5.4). gradcheck compares our
     analytical backward against finite differences of that surrogate in float64."""
     x0, x_t, t, v_fake, v_cond, v_uncond = make_inputs((3, 2, 5, 3), torch.float64)
     _, g = dmd_loss_ref(x0, x_t, t, v_fake, v_cond, v_uncond, guidance=2.0)
@@ -104,7 +105,9 @@ def test_reference_gradcheck_matches_dmd_surrogate():
 @pytest.mark.parametrize("uncond,w", [(False, 1.0), (True, 3.0)])
 def test_backend_matches_reference(backend, shape, dtype, uncond, w):
     if backend == "triton" and dtype != torch.float32:
-        pytest.skip("the Triton interpreter mishandles 16-bit arithmetic (DESIGN §3): fp32 only on CPU")
+        pytest.skip(
+            "the Triton interpreter mishandles 16-bit arithmetic (docs/architecture.md §6): fp32 only on CPU"
+        )
     _skip_unless(backend, dtype)
     inputs = make_inputs(shape, dtype, uncond)
     x0 = inputs[0].clone().requires_grad_(True)
@@ -311,7 +314,7 @@ def test_float64_goes_to_reference_automatically_and_is_refused_by_fused():
 @pytest.mark.parametrize("uncond,w", [(False, 1.0), (True, 3.0)])
 def test_gpu_backend_matches_reference(backend, shape, dtype, uncond, w):
     dev = torch.device("cuda")
-    reasons = backends.get_backends("dmd_loss")[backend].not_supported_reasons("cuda", [dtype], device=dev)
+    reasons = BACKENDS.impls[backend].not_supported_reasons("cuda", [dtype], device=dev)
     if reasons:
         pytest.skip("; ".join(reasons))
     inputs = [a.to(dev) if a is not None else None for a in make_inputs(shape, dtype, uncond)]
@@ -332,7 +335,7 @@ def test_gpu_backend_matches_reference(backend, shape, dtype, uncond, w):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_nan_inf_and_misaligned(backend):
     dev = torch.device("cuda")
-    if backends.get_backends("dmd_loss")[backend].not_supported_reasons("cuda", [torch.float32], device=dev):
+    if BACKENDS.impls[backend].not_supported_reasons("cuda", [torch.float32], device=dev):
         pytest.skip(f"{backend} unavailable")
     x0, *rest = (a.to(dev) for a in _poisoned(torch.float32))
     loss, g = dmd_loss(x0, *rest, guidance=2.0, backend=backend, return_direction=True)

@@ -6,13 +6,13 @@ import pytest
 import torch
 from tests.ops.test_dmd_loss import make_inputs
 
-from dmdr_fast import backends
 from dmdr_fast.ops import dmd_loss
+from dmdr_fast.ops.dmd_loss import BACKENDS
 
 
 def _cpu_backends():
     out = []
-    for name, impl in backends.get_backends("dmd_loss").items():
+    for name, impl in BACKENDS.impls.items():
         if not impl.not_supported_reasons("cpu", [torch.float32], device=torch.device("cpu")):
             out.append(name)
     return out

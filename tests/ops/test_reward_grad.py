@@ -15,6 +15,7 @@ from tests.utils import assert_close_rel_to_torch
 from dmdr_fast import backends
 from dmdr_fast.ops import RewardGradStats, reward_grad_combine
 from dmdr_fast.ops.reference import reward_grad_combine_ref
+from dmdr_fast.ops.reward_grad import BACKENDS
 
 OP = "reward_grad_combine"
 CPU_BACKENDS = ["torch", "cpp", "triton"]
@@ -29,7 +30,7 @@ TRITON_CASES = {(1, s) for s in SAMPLE_SHAPES} | {(3, SAMPLE_SHAPES[1])}
 
 
 def _available(backend: str, dtype=torch.float32) -> list[str]:
-    impl = backends.get_backends(OP)[backend]
+    impl = BACKENDS.impls[backend]
     return impl.not_supported_reasons("cpu", [dtype], device=torch.device("cpu"))
 
 
@@ -144,7 +145,7 @@ def test_backend_matches_reference(backend, B, sample_shape, dtype, mode, max_we
     if backend == "triton" and (
         dtype != torch.float32 or (B, sample_shape) not in TRITON_CASES or (mode, max_weight) == SETTINGS[1]
     ):
-        pytest.skip("Triton interpreter: fp32 only (DESIGN §3), and few cases (it is slow)")
+        pytest.skip("Triton interpreter: fp32 only (docs/architecture.md §6), and few cases (it is slow)")
     _skip_unless(backend, dtype)
     d, r = make_inputs((B, *sample_shape), dtype)
     _compare(backend, d, r, mode, max_weight)
@@ -378,7 +379,7 @@ def test_bench_cli_json(tmp_path, capsys):
 
 def _gpu_reasons(backend: str, dtype=torch.float32) -> list[str]:
     dev = torch.device("cuda")
-    return backends.get_backends(OP)[backend].not_supported_reasons("cuda", [dtype], device=dev)
+    return BACKENDS.impls[backend].not_supported_reasons("cuda", [dtype], device=dev)
 
 
 @pytest.mark.gpu

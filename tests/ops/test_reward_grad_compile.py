@@ -8,13 +8,13 @@ import pytest
 import torch
 from tests.ops.test_reward_grad import make_inputs, poison
 
-from dmdr_fast import backends
 from dmdr_fast.ops import reward_grad_combine
+from dmdr_fast.ops.reward_grad import BACKENDS
 
 
 def _cpu_backends():
     out = []
-    for name, impl in backends.get_backends("reward_grad_combine").items():
+    for name, impl in BACKENDS.impls.items():
         if not impl.not_supported_reasons("cpu", [torch.float32], device=torch.device("cpu")):
             out.append(name)
     return out

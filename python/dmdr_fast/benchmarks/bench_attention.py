@@ -1,4 +1,4 @@
-"""``dmdr-fast bench attention``: every available attention backend in one run (DESIGN §5).
+"""``dmdr-fast bench attention``: every available attention backend in one run (BENCHMARKS.md).
 
 Providers:
     sdpa                 ``torch.nn.functional.scaled_dot_product_attention``, PyTorch's choice
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dmdr_fast import backends
+from dmdr_fast import backends, ops
 from dmdr_fast.benchmarks.harness import machine_info, report, time_fn
 from dmdr_fast.ops import attention, attention_fp8
 from dmdr_fast.ops.reference import attention_ref
@@ -104,24 +104,24 @@ def _unavailable(provider: str, q: torch.Tensor, mask: torch.Tensor | None) -> s
     op, name = ("attention_fp8", None) if provider == "fp8" else ("attention", provider)
     if provider.startswith("sdpa"):
         name = "sdpa"
-    impls = backends.get_backends(op)
+    table = ops.OPS[op]
     inputs = dict(
         device=q.device, head_dim=q.shape[-1], has_mask=mask is not None,
         batch_heads=q.shape[0] * q.shape[1], row_span=q.shape[2] * q.stride(2),
     )  # fmt: skip
     if name is None:  # fp8: the automatic choice
         try:
-            backends.select_backend(op, None, q.device.type, [q.dtype], **inputs)
+            backends.select_backend(table, None, q.device.type, [q.dtype], **inputs)
             return ""
         except backends.BackendUnavailableError as exc:
             return str(exc).splitlines()[0]
-    return "; ".join(impls[name].not_supported_reasons(q.device.type, [q.dtype], **inputs))
+    return "; ".join(table.impls[name].not_supported_reasons(q.device.type, [q.dtype], **inputs))
 
 
 def _impl_name(provider: str, q: torch.Tensor) -> str:
     if provider != "fp8":
         return provider
-    impls = backends.get_backends("attention_fp8")
+    impls = ops.OPS["attention_fp8"].impls
     ok = not impls["triton"].not_supported_reasons(
         q.device.type, [q.dtype], device=q.device, head_dim=q.shape[-1], has_mask=False
     )

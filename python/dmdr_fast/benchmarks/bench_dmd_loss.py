@@ -1,5 +1,5 @@
 """``dmdr-fast bench dmd-loss``: the fused DMD loss against eager PyTorch, torch.compile and the
-memory ceiling, all measured in the same run (DESIGN §5).
+memory ceiling, all measured in the same run (BENCHMARKS.md).
 
 Providers:
     eager    the reference (:func:`dmd_loss_ref`) plus the x0-gradient, in eager PyTorch
@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dmdr_fast import backends
 from dmdr_fast.benchmarks.harness import (
     copy_bandwidth,
     format_bandwidth_table,
@@ -28,6 +27,7 @@ from dmdr_fast.benchmarks.harness import (
     time_fn,
 )
 from dmdr_fast.ops import dmd_loss
+from dmdr_fast.ops.dmd_loss import BACKENDS
 from dmdr_fast.ops.reference import dmd_loss_ref
 
 __all__ = ["BenchRow", "run", "setup"]
@@ -122,9 +122,7 @@ def run(
         row = BenchRow(p)
         rows.append(row)
         if p not in ("eager", "compile"):
-            reasons = backends.get_backends("dmd_loss")[p].not_supported_reasons(
-                dev.type, [dtype], device=dev
-            )
+            reasons = BACKENDS.impls[p].not_supported_reasons(dev.type, [dtype], device=dev)
             if reasons:
                 row.status = "unavailable: " + "; ".join(reasons)
                 continue

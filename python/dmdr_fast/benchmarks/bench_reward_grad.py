@@ -1,5 +1,5 @@
 """``dmdr-fast bench reward-grad``: the fused reward-gradient combination against eager PyTorch,
-torch.compile and the memory ceiling, all measured in the same run (DESIGN §5).
+torch.compile and the memory ceiling, all measured in the same run (BENCHMARKS.md).
 
 Providers:
     eager    the reference (:func:`reward_grad_combine_ref`) cast to g_dmd's dtype, eager PyTorch
@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dmdr_fast import backends
 from dmdr_fast.benchmarks.harness import (
     copy_bandwidth,
     format_bandwidth_table,
@@ -31,6 +30,7 @@ from dmdr_fast.benchmarks.harness import (
 )
 from dmdr_fast.ops import reward_grad_combine
 from dmdr_fast.ops.reference import reward_grad_combine_ref
+from dmdr_fast.ops.reward_grad import BACKENDS
 
 __all__ = ["BenchRow", "format_table", "main", "run", "setup"]
 
@@ -111,9 +111,7 @@ def run(
         row = BenchRow(p)
         rows.append(row)
         if p not in ("eager", "compile"):
-            reasons = backends.get_backends(OP)[p].not_supported_reasons(
-                dev.type, [dtype], device=dev, batch=d.shape[0]
-            )
+            reasons = BACKENDS.impls[p].not_supported_reasons(dev.type, [dtype], device=dev, batch=d.shape[0])
             if reasons:
                 row.status = "unavailable: " + "; ".join(reasons)
                 continue

@@ -2,7 +2,7 @@
 
 Timing uses ``triton.testing.do_bench`` on GPUs when Triton is present (it flushes L2 between
 runs), CUDA events otherwise, and a wall clock with synchronisation on CPUs. Every benchmark
-reports ratios against baselines measured in the same run (DESIGN §5), never absolute targets.
+reports ratios against baselines measured in the same run (BENCHMARKS.md), never absolute targets.
 """
 
 from __future__ import annotations

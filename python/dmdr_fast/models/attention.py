@@ -82,7 +82,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0, Jo
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
-from dmdr_fast import backends
+from dmdr_fast import ops as backends  # the op registry (backends.get_backends(op), docs/architecture.md §5)
 from dmdr_fast.ops.attention import attention as _attention_op
 
 try:  # Flux's processor class exists from diffusers 0.35 (before: FluxAttnProcessor2_0, not covered)

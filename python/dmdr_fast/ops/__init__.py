@@ -1,7 +1,64 @@
-"""Public fused ops. Each op dispatches to a backend (torch, cpp, cuda, triton; sdpa/xformers for attention)."""
+"""Public fused ops, and the explicit list of their backend tables (docs/architecture.md §5).
 
-from dmdr_fast.ops.attention import attention, attention_fp8
+Each op module declares its backends as data (a module-level ``BACKENDS`` table,
+:class:`dmdr_fast.backends.OpBackends`) and its public function dispatches over that table; no op
+registers anything by being imported. :data:`OPS` names every op's table; ``dmdr-fast env`` prints
+:func:`availability_table`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+
+from dmdr_fast.backends import BackendImpl, OpBackends
+from dmdr_fast.ops.attention import BACKENDS as ATTENTION_BACKENDS
+from dmdr_fast.ops.attention import attention
+from dmdr_fast.ops.attention_fp8 import BACKENDS as ATTENTION_FP8_BACKENDS
+from dmdr_fast.ops.attention_fp8 import attention_fp8
+from dmdr_fast.ops.dmd_loss import BACKENDS as DMD_LOSS_BACKENDS
 from dmdr_fast.ops.dmd_loss import dmd_loss
+from dmdr_fast.ops.reward_grad import BACKENDS as REWARD_GRAD_BACKENDS
 from dmdr_fast.ops.reward_grad import RewardGradStats, reward_grad_combine
 
-__all__ = ["RewardGradStats", "attention", "attention_fp8", "dmd_loss", "reward_grad_combine"]
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "ATTENTION_FP8_BACKENDS",
+    "DMD_LOSS_BACKENDS",
+    "OPS",
+    "REWARD_GRAD_BACKENDS",
+    "RewardGradStats",
+    "attention",
+    "attention_fp8",
+    "availability_table",
+    "dmd_loss",
+    "get_backends",
+    "reward_grad_combine",
+]
+
+#: Op name → its backend table, for every op of this package.
+OPS: Mapping[str, OpBackends] = MappingProxyType(
+    {
+        "attention": ATTENTION_BACKENDS,
+        "attention_fp8": ATTENTION_FP8_BACKENDS,
+        "dmd_loss": DMD_LOSS_BACKENDS,
+        "reward_grad_combine": REWARD_GRAD_BACKENDS,
+    }
+)
+
+
+def get_backends(op: str) -> dict[str, BackendImpl]:
+    """Backend name → implementation for the op named ``op``.
+
+    Raises:
+        KeyError: ``op`` is not an op of this package.
+    """
+    if op not in OPS:
+        raise KeyError(f"unknown op {op!r}; known ops: {sorted(OPS)}")
+    return dict(OPS[op].impls)
+
+
+def availability_table(device_types: Sequence[str] = ("cpu", "cuda")) -> list[dict[str, str]]:
+    """Rows (op, backend, device, status, note) for ``dmdr-fast env``: ops by name, backends in
+    declaration order."""
+    return [row for op in sorted(OPS) for row in OPS[op].availability_rows(device_types)]

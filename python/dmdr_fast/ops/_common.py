@@ -1,8 +1,8 @@
-"""Input validation, launcher helpers and backend registration shared by every op.
+"""Input validation, launcher helpers and the backend table of the fused ops, shared by every op.
 
 Validation happens once, in Python, before any backend runs: the compiled kernels trust their
 inputs (they receive raw pointers), so every check that protects them lives here. Messages name
-the argument, what was expected and what was received.
+the argument, what was expected and what was received. See docs/architecture.md §5.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Protocol, TypeGuard, TypeVar
 
 import torch
 
-from dmdr_fast import backends
 from dmdr_fast._native import get_native, native_error, triton_error
+from dmdr_fast.backends import BackendImpl, InputCheck, OpBackends
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -27,10 +29,11 @@ __all__ = [
     "cuda_capability_check",
     "device_context",
     "dtype_code",
+    "fused_backends",
+    "is_number",
     "native_available",
     "on_input_device",
     "promote",
-    "register_fused_backends",
     "triton_grid",
 ]
 
@@ -46,6 +49,11 @@ OUT_MAX = {
     torch.bfloat16: 3.3895313892515355e38,
 }
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def is_number(x: object) -> TypeGuard[float]:
+    """A Python int or float, not a bool."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def check_float_tensor(op: str, name: str, x: object) -> torch.Tensor:
@@ -99,7 +107,7 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def cuda_capability_check(min_major: int, min_minor: int = 0):
+def cuda_capability_check(min_major: int, min_minor: int = 0) -> InputCheck:
     """An input check refusing CUDA devices below compute capability ``min_major.min_minor``."""
 
     def check(*, device: torch.device, **_: object) -> list[str]:
@@ -116,19 +124,28 @@ def cuda_capability_check(min_major: int, min_minor: int = 0):
 # ----------------------------------------------------------------------------- launchers
 
 
-def device_context(device: torch.device):
+def device_context(device: torch.device) -> AbstractContextManager[object]:
     """Make ``device`` current while launching on it: Triton launches on the *current* CUDA device,
     which need not be the inputs' (``train.device=cuda:1``)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def on_input_device(fn: Callable) -> Callable:
-    """Decorator: run ``fn`` under :func:`device_context` of its first (tensor) argument's device."""
+class _OnDevice(Protocol):
+    @property
+    def device(self) -> torch.device: ...
+
+
+_RecordT = TypeVar("_RecordT", bound=_OnDevice)
+_ResultT = TypeVar("_ResultT")
+
+
+def on_input_device(fn: Callable[[_RecordT], _ResultT]) -> Callable[[_RecordT], _ResultT]:
+    """Decorator of a launcher: run it under :func:`device_context` of its input record's device."""
 
     @functools.wraps(fn)
-    def wrapper(x: torch.Tensor, *args, **kwargs):
-        with device_context(x.device):
-            return fn(x, *args, **kwargs)
+    def wrapper(p: _RecordT) -> _ResultT:
+        with device_context(p.device):
+            return fn(p)
 
     return wrapper
 
@@ -148,7 +165,7 @@ def triton_grid(B: int, D: int, device: torch.device) -> tuple[int, int, int]:
     return block, iters, -(-D // (block * iters))
 
 
-# ----------------------------------------------------------------------------- registration
+# ----------------------------------------------------------------------------- backend table
 
 
 def native_available(device_type: str) -> str:
@@ -165,38 +182,39 @@ def native_available(device_type: str) -> str:
     return ""
 
 
-def register_fused_backends(
+def fused_backends(
     op: str,
     torch_fn: Callable[..., object],
     cpp_fn: Callable[..., object],
     cuda_fn: Callable[..., object],
     triton_fn: Callable[..., object],
     *,
-    cuda_checks: Sequence[Callable[..., list[str]]] = (),
-    triton_checks: Sequence[Callable[..., list[str]]] = (),
-) -> None:
-    """Register the four backends of a fused op and their automatic priorities.
+    cuda_checks: Sequence[InputCheck] = (),
+    triton_checks: Sequence[InputCheck] = (),
+) -> OpBackends:
+    """The backend table of a fused op: four backends and their automatic priorities.
 
     torch (the reference, every float dtype), cpp (CPU), cuda (compute capability >= 8.0, plus
     ``cuda_checks``) and triton (plus ``triton_checks``); the fused ones take ``FUSED_DTYPES``.
     Priority: cuda, triton, torch on CUDA tensors; cpp, torch on CPU tensors.
     """
-    backends.register(backends.BackendImpl(
-        op, "torch", torch_fn, frozenset({"cpu", "cuda"}), FLOAT_DTYPES,
-        note="pure-PyTorch reference (the spec)",
-    ))  # fmt: skip
-    backends.register(backends.BackendImpl(
-        op, "cpp", cpp_fn, frozenset({"cpu"}), FUSED_DTYPES, native_available,
-        note="fused C++ kernel, OpenMP",
-    ))  # fmt: skip
-    backends.register(backends.BackendImpl(
-        op, "cuda", cuda_fn, frozenset({"cuda"}), FUSED_DTYPES, native_available,
-        input_checks=(cuda_capability_check(8, 0), *cuda_checks),
-        note="fused CUDA kernels, 16-byte vector loads",
-    ))  # fmt: skip
-    backends.register(backends.BackendImpl(
-        op, "triton", triton_fn, frozenset({"cpu", "cuda"}), FUSED_DTYPES, triton_error,
-        input_checks=tuple(triton_checks), note="fused Triton kernels (CPU: interpreter only)",
-    ))  # fmt: skip
-    backends.set_priority(op, "cuda", ("cuda", "triton", "torch"))
-    backends.set_priority(op, "cpu", ("cpp", "torch"))
+    impls = (
+        BackendImpl(
+            "torch", torch_fn, frozenset({"cpu", "cuda"}), FLOAT_DTYPES,
+            note="pure-PyTorch reference (the spec)",
+        ),
+        BackendImpl(
+            "cpp", cpp_fn, frozenset({"cpu"}), FUSED_DTYPES, native_available,
+            note="fused C++ kernel, OpenMP",
+        ),
+        BackendImpl(
+            "cuda", cuda_fn, frozenset({"cuda"}), FUSED_DTYPES, native_available,
+            input_checks=(cuda_capability_check(8, 0), *cuda_checks),
+            note="fused CUDA kernels, 16-byte vector loads",
+        ),
+        BackendImpl(
+            "triton", triton_fn, frozenset({"cpu", "cuda"}), FUSED_DTYPES, triton_error,
+            input_checks=tuple(triton_checks), note="fused Triton kernels (CPU: interpreter only)",
+        ),
+    )  # fmt: skip
+    return OpBackends.build(op, impls, {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")})

@@ -47,7 +47,7 @@ def dmd_loss_ref(
     eps: float = 1e-8,
     upcast: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DMD score-difference loss (DESIGN §1, step 3), written out literally.
+    """DMD score-difference loss (docs/method.md §5.4), written out literally.
 
     With ``v_real = v_uncond + w·(v_cond − v_uncond)`` (or ``v_cond``)::
 
