@@ -47,7 +47,8 @@ class ModelFamily:
         sampling_guidance: the teacher's usual guidance scale, in the pipeline's own convention
             (Flux: the embedded guidance; Z-Image's ``g`` is standard CFG w = 1 + g).
         random_sizes: the sizes :attr:`random_pipeline` builds (``tiny`` for every family).
-        random_pipeline: ``random_pipeline(size, folder, seed)`` → a random-weight pipeline.
+        random_pipeline: ``random_pipeline(size, folder, seed, **options)`` → a random-weight
+            pipeline (the options are the builder's keyword-only arguments, e.g. SD3's ``t5``).
     """
 
     name: str
@@ -57,7 +58,7 @@ class ModelFamily:
     sampling_steps: int
     sampling_guidance: float
     random_sizes: tuple[str, ...]
-    random_pipeline: Callable[[str, Path, int], Any]
+    random_pipeline: Callable[..., Any]
 
 
 def get_family(name: str) -> ModelFamily:

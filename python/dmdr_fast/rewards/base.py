@@ -3,8 +3,8 @@
 A *reward* maps decoded images ``(B, C, H, W)`` in ``[0, 1]`` (what
 :meth:`FlowModelAdapter.decode` returns) plus the batch's condition — int64 class labels ``(B,)``
 now, a sequence of B prompt strings later — to a score ``(B,)``, higher is better. A
-*differentiable* reward lets gradients flow from the score back to the images (ReFL: DESIGN §1
-step 3 adds ``λ_R·ℓ_R(decode(x0), c)`` to the generator loss); its own parameters are frozen.
+*differentiable* reward lets gradients flow from the score back to the images (ReFL: docs/method.md §7
+adds ``λ_R·ℓ_R(decode(x0), c)`` to the generator loss); its own parameters are frozen.
 
 Each reward also carries how it enters the loss:
 
