@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dmdr_fast.eval.t2i import compare_t2i, format_comparison, scorers_from_rewards
-from dmdr_fast.rewards import CallableReward
+from dmdr_fast.rewards import CallableReward, RewardSpec
 
 PROMPTS = ["a", "b", "c"]
 
@@ -69,7 +69,7 @@ def test_one_sample_per_prompt_has_no_diversity():
 
 def test_reward_scorers_use_raw_scores_not_the_loss():
     reward = CallableReward(
-        lambda im, c: im.mean(dim=(1, 2, 3)), name="bright", loss_form="hinge", margin=0.9
+        lambda im, c: im.mean(dim=(1, 2, 3)), spec=RewardSpec("bright", loss_form="hinge", margin=0.9)
     )
     x = _images(0)
     r = compare_t2i({"m": x}, PROMPTS, per_prompt=2, scorers=scorers_from_rewards([reward]))

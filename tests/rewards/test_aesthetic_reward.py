@@ -23,6 +23,7 @@ from dmdr_fast.rewards import (  # noqa: E402
     AestheticMLP,
     AestheticReward,
     MissingWeightsError,
+    RewardSpec,
 )
 from dmdr_fast.rewards.preprocess import clip_preprocess  # noqa: E402
 
@@ -83,7 +84,7 @@ def test_score_is_head_of_normalised_clip_embedding(clip, head, images):
 
 
 def test_gradients_reach_images(clip, head, images):
-    reward = AestheticReward(clip, head, loss_form="hinge", margin=100.0)
+    reward = AestheticReward(clip, head, spec=RewardSpec("aesthetic", loss_form="hinge", margin=100.0))
     x = images.clone().requires_grad_(True)
     reward.loss(x, None).sum().backward()
     assert x.grad is not None and bool(torch.isfinite(x.grad).all()) and x.grad.abs().sum() > 0
@@ -111,7 +112,8 @@ def test_head_input_size_must_match_clip(clip):
 def test_save_load_round_trip(clip, head, images, tmp_path):
     clip.save_pretrained(tmp_path / "clip")
     torch.save(head.state_dict(), tmp_path / "head.pth")
-    loaded = AestheticReward.from_pretrained(tmp_path / "clip", tmp_path / "head.pth", name="aes")
+    loaded = AestheticReward.from_pretrained(tmp_path / "clip", tmp_path / "head.pth", spec=RewardSpec("aes"))
+    assert loaded.name == "aes"
     # Without mlp_path the head is looked up under its published name inside the CLIP folder.
     torch.save(head.state_dict(), tmp_path / "clip" / AESTHETIC_MLP_FILENAME)
     found = AestheticReward.from_pretrained(tmp_path / "clip")

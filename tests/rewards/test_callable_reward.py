@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from dmdr_fast.rewards import CallableReward, CompositeReward
+from dmdr_fast.rewards import CallableReward, CompositeReward, RewardSpec
 
 
 def brightness(images: Tensor, cond) -> Tensor:
@@ -19,7 +19,7 @@ def images() -> Tensor:
 
 
 def test_scores_losses_and_gradients(images):
-    reward = CallableReward(brightness, name="bright", weight=2.0, loss_form="hinge", margin=0.8)
+    reward = CallableReward(brightness, spec=RewardSpec("bright", weight=2.0, loss_form="hinge", margin=0.8))
     assert reward.differentiable and reward.name == "bright"
     x = images.clone().requires_grad_(True)
     score = reward(x, None)
@@ -32,18 +32,22 @@ def test_scores_losses_and_gradients(images):
 
 
 def test_output_is_checked_and_cast_to_float32(images):
-    f64 = CallableReward(lambda x, c: brightness(x, c).double(), name="f64")
+    f64 = CallableReward(lambda x, c: brightness(x, c).double(), spec=RewardSpec("f64"))
     assert f64(images, None).dtype == torch.float32
     with pytest.raises(ValueError, match=r"shape \(5, 1\)"):
-        CallableReward(lambda x, c: brightness(x, c)[:, None], name="s").score(images, None)
+        CallableReward(lambda x, c: brightness(x, c)[:, None], spec=RewardSpec("s")).score(images, None)
     with pytest.raises(TypeError, match="floating-point"):
-        CallableReward(lambda x, c: torch.ones(5, dtype=torch.long), name="i")(images, None)
+        CallableReward(lambda x, c: torch.ones(5, dtype=torch.long), spec=RewardSpec("i"))(images, None)
     with pytest.raises(TypeError, match="list"):
-        CallableReward(lambda x, c: [1.0] * 5, name="l")(images, None)
+        CallableReward(lambda x, c: [1.0] * 5, spec=RewardSpec("l"))(images, None)
     with pytest.raises(TypeError, match="callable"):
-        CallableReward(3, name="n")  # type: ignore[arg-type]
+        CallableReward(3, spec=RewardSpec("n"))  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        CallableReward(brightness)  # type: ignore[call-arg]  # name is required
+        CallableReward(brightness)  # type: ignore[call-arg]  # a spec (a name) is required
+    with pytest.raises(TypeError, match="RewardSpec"):
+        CallableReward(brightness, spec=None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):  # the old keywords are gone: the spec is taken whole
+        CallableReward(brightness, name="b")  # type: ignore[call-arg]
 
 
 def test_non_differentiable_runs_without_grad(images):
@@ -53,12 +57,12 @@ def test_non_differentiable_runs_without_grad(images):
         seen.append(torch.is_grad_enabled())
         return (x.mean(dim=(1, 2, 3)) > 0.5).float()
 
-    reward = CallableReward(judge, name="judge", differentiable=False)
+    reward = CallableReward(judge, spec=RewardSpec("judge"), differentiable=False)
     x = images.clone().requires_grad_(True)
     assert not reward(x, None).requires_grad and seen == [False]
     with pytest.raises(TypeError, match="not differentiable"):
         reward.loss(x, None)
-    out = CompositeReward([reward, CallableReward(brightness, name="b")])(x, None)
+    out = CompositeReward([reward, CallableReward(brightness, spec=RewardSpec("b"))])(x, None)
     torch.testing.assert_close(out.loss, -brightness(images, None))  # only the differentiable term
     assert set(out.scores) == {"judge", "b"}
 
@@ -71,15 +75,15 @@ def test_prompt_prefix_and_condition_kind(images):
         return x.new_zeros(x.shape[0])
 
     prompts = [f"p{i}" for i in range(5)]
-    CallableReward(fn, name="t", prompt_prefix="photo of ")(images, prompts)
+    CallableReward(fn, spec=RewardSpec("t", prompt_prefix="photo of "))(images, prompts)
     assert received[-1] == [f"photo of p{i}" for i in range(5)]
     labels = torch.arange(5)
-    CallableReward(fn, name="t", prompt_prefix="photo of ")(images, labels)
+    CallableReward(fn, spec=RewardSpec("t", prompt_prefix="photo of "))(images, labels)
     assert received[-1] is labels  # labels pass through untouched
     with pytest.raises(ValueError, match="prompt"):
-        CallableReward(fn, name="t", cond_kind="prompts")(images, labels)
+        CallableReward(fn, spec=RewardSpec("t"), cond_kind="prompts")(images, labels)
     with pytest.raises(ValueError, match="channels"):
-        CallableReward(fn, name="t", channels=1)(images, None)
+        CallableReward(fn, spec=RewardSpec("t"), channels=1)(images, None)
 
 
 def test_module_fn_is_registered_and_frozen(images):
@@ -97,7 +101,7 @@ def test_module_fn_is_registered_and_frozen(images):
         def forward(self, x: Tensor, cond) -> Tensor:
             return call(x, cond)
 
-    reward = CallableReward(Scorer(), name="net")
+    reward = CallableReward(Scorer(), spec=RewardSpec("net"))
     reward.train()
     assert not net.training and all(not p.requires_grad for p in net.parameters())
     assert any(p is net[1].weight for p in reward.parameters())  # .to(device) moves it

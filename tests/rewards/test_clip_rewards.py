@@ -22,6 +22,7 @@ from dmdr_fast.rewards import (  # noqa: E402
     CompositeReward,
     MissingWeightsError,
     PickScoreReward,
+    RewardSpec,
 )
 from dmdr_fast.rewards.preprocess import clip_preprocess  # noqa: E402
 
@@ -114,17 +115,19 @@ def reference_cosine(model, tokenizer, images, prompts):
 def test_clip_score_matches_clip_forward(clip, tokenizer, images):
     ref = reference_cosine(clip, tokenizer, images, PROMPTS)
     reward = CLIPScoreReward(clip, tokenizer)
+    assert reward.spec == RewardSpec("clip")  # the default spec
     scores = reward(images, PROMPTS)
     assert scores.shape == (3,) and scores.dtype == torch.float32
     assert bool(((scores >= -1) & (scores <= 1)).all())
     torch.testing.assert_close(scores.detach(), ref, rtol=1e-5, atol=1e-5)
-    scaled = CLIPScoreReward(clip, tokenizer, scale=2.5, name="c2")
+    scaled = CLIPScoreReward(clip, tokenizer, spec=RewardSpec("c2"), scale=2.5)
     torch.testing.assert_close(scaled(images, PROMPTS).detach(), 2.5 * ref, rtol=1e-5, atol=1e-5)
     assert reward.image_size == 32 and reward.max_length == 24
 
 
 def test_clip_gradients_reach_images_not_model(clip, tokenizer, images):
-    reward = CLIPScoreReward(clip, tokenizer, loss_form="hinge", margin=2.0)  # margin 2: hinge active
+    # margin 2: hinge active
+    reward = CLIPScoreReward(clip, tokenizer, spec=RewardSpec("clip", loss_form="hinge", margin=2.0))
     x = images.clone().requires_grad_(True)
     reward.loss(x, PROMPTS).sum().backward()
     assert x.grad is not None and bool(torch.isfinite(x.grad).all()) and x.grad.abs().sum() > 0
@@ -150,7 +153,7 @@ def test_grayscale_images_and_input_checks(clip, tokenizer):
 
 def test_prompt_prefix_changes_encoded_text(clip, tokenizer, images):
     plain = CLIPScoreReward(clip, tokenizer)
-    prefixed = CLIPScoreReward(clip, tokenizer, prompt_prefix="the photo ", name="p")
+    prefixed = CLIPScoreReward(clip, tokenizer, spec=RewardSpec("p", prompt_prefix="the photo "))
     with torch.no_grad():
         s_prefixed = prefixed(images, PROMPTS)
         assert not torch.allclose(s_prefixed, plain(images, PROMPTS))
@@ -174,7 +177,7 @@ def test_text_cache_hits_lru_and_invalidation(clip, tokenizer, images, monkeypat
         reward(images, PROMPTS)  # a batch larger than the cache still gets every embedding
         reward.to(torch.float64)  # moving/casting the model drops the cache (device/dtype may change)
         assert len(reward._text_cache) == 0
-        uncached = CLIPScoreReward(clip.float(), tokenizer, text_cache_size=0, name="u")
+        uncached = CLIPScoreReward(clip.float(), tokenizer, spec=RewardSpec("u"), text_cache_size=0)
         torch.testing.assert_close(uncached(images, PROMPTS), reward.float()(images, PROMPTS))
         assert len(uncached._text_cache) == 0
 
@@ -182,9 +185,11 @@ def test_text_cache_hits_lru_and_invalidation(clip, tokenizer, images, monkeypat
 def test_loss_forms_via_base_class(clip, tokenizer, images):
     with torch.no_grad():
         score = CLIPScoreReward(clip, tokenizer)(images, PROMPTS)
-        hinge = CLIPScoreReward(clip, tokenizer, loss_form="hinge", margin=0.7, weight=2.0, name="h")
+        hinge = CLIPScoreReward(
+            clip, tokenizer, spec=RewardSpec("h", weight=2.0, loss_form="hinge", margin=0.7)
+        )
         torch.testing.assert_close(hinge.loss(images, PROMPTS), 2.0 * torch.relu(0.7 - score))
-        neg = CLIPScoreReward(clip, tokenizer, weight=0.5, name="n")
+        neg = CLIPScoreReward(clip, tokenizer, spec=RewardSpec("n", weight=0.5))
         torch.testing.assert_close(neg.loss(images, PROMPTS), -0.5 * score)
         out = CompositeReward([hinge, neg])(images, PROMPTS)
     torch.testing.assert_close(out.loss, 2.0 * torch.relu(0.7 - score) - 0.5 * score)
@@ -207,8 +212,9 @@ def test_bf16_model_gives_float32_scores(clip, tokenizer, images):
 def test_clip_save_load_round_trip(clip, tokenizer, images, tmp_path):
     clip.save_pretrained(tmp_path / "clip")
     tokenizer.save_pretrained(tmp_path / "clip")
-    loaded = CLIPScoreReward.from_pretrained(tmp_path / "clip", loss_form="hinge", margin=0.7)
-    assert loaded.loss_form == "hinge" and loaded.name == "clip"
+    spec = RewardSpec("clip", loss_form="hinge", margin=0.7)
+    loaded = CLIPScoreReward.from_pretrained(tmp_path / "clip", spec=spec)
+    assert loaded.spec is spec and loaded.name == "clip"
     assert all(not p.requires_grad for p in loaded.parameters())
     with torch.no_grad():
         torch.testing.assert_close(loaded(images, PROMPTS), CLIPScoreReward(clip, tokenizer)(images, PROMPTS))
@@ -229,7 +235,7 @@ def test_pickscore_scores_and_round_trip(clip, tokenizer, images, tmp_path):
     with torch.no_grad():
         scores = reward(images, PROMPTS)
         torch.testing.assert_close(scores, clip.logit_scale.exp() * cos, rtol=1e-5, atol=1e-5)
-        unit = PickScoreReward(clip, tokenizer, scale=float(clip.logit_scale.exp()), name="unit")
+        unit = PickScoreReward(clip, tokenizer, spec=RewardSpec("unit"), scale=float(clip.logit_scale.exp()))
         torch.testing.assert_close(unit(images, PROMPTS), cos, rtol=1e-5, atol=1e-5)
     # PickScore's repository holds only the model; the tokenizer is a separate download.
     clip.save_pretrained(tmp_path / "pickscore")

@@ -28,6 +28,7 @@ from dmdr_fast.rewards.hps import (  # noqa: E402
     transformers_to_open_clip_state_dict,
 )
 from dmdr_fast.rewards.loading import MissingWeightsError  # noqa: E402
+from dmdr_fast.rewards.spec import RewardSpec  # noqa: E402
 
 WIDTH, HEADS, LAYERS, EMBED, IMAGE, PATCH, CONTEXT = 32, 2, 2, 16, 32, 8, 16
 PROMPTS = ["the cat", "a photo of the cat, realistic", "dog"]
@@ -153,7 +154,7 @@ def test_scores_shape_dtype_and_value(reward, clip_model, images):
     assert ids.shape == (3, CONTEXT)
     expected = _direct_cosine(clip_model, clip_preprocess(images, IMAGE), ids, mask)
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
-    scaled = HPSReward(clip_model, reward.tokenizer, scale=100.0, name="hps100")
+    scaled = HPSReward(clip_model, reward.tokenizer, spec=RewardSpec("hps100"), scale=100.0)
     torch.testing.assert_close(scaled(images, PROMPTS), 100 * scores, atol=1e-4, rtol=0)
 
 
@@ -170,7 +171,7 @@ def test_gradients_reach_images_not_model(reward, images):
 
 
 def test_prompt_prefix_changes_the_encoded_text(reward, clip_model, images):
-    prefixed = HPSReward(clip_model, reward.tokenizer, prompt_prefix="realistic photo ", name="p")
+    prefixed = HPSReward(clip_model, reward.tokenizer, spec=RewardSpec("p", prompt_prefix="realistic photo "))
     got = prefixed(images, PROMPTS)
     torch.testing.assert_close(got, reward(images, ["realistic photo " + p for p in PROMPTS]), atol=0, rtol=0)
     assert not torch.allclose(got, reward(images, PROMPTS))
@@ -213,17 +214,20 @@ def test_upstream_checkpoint_round_trip(reward, clip_model, tokenizer_dir, tmp_p
     raw = torch.load(ckpt, weights_only=True)
     assert set(raw) == {"state_dict"} and "visual.conv1.weight" in raw["state_dict"]
     reward.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    spec = RewardSpec("hps2", weight=0.3, loss_form="hinge", margin=0.7)
     loaded = build_hps(
         folder,
-        name="hps2",
+        spec=spec,  # the reward's spec passes through whole
         vision_head_width=WIDTH // HEADS,
         text_head_width=WIDTH // HEADS,
         scale=1.0,
-        combine="balanced",  # Reward's own arguments pass through
-        ratio=0.5,
     )
     assert isinstance(loaded, HPSReward) and loaded.name == "hps2"
-    assert loaded.combine == "balanced" and loaded.ratio == 0.5
+    assert loaded.spec is spec
+    with pytest.raises(TypeError, match="combine"):  # combination policy is not the reward's
+        build_hps(
+            folder, vision_head_width=WIDTH // HEADS, text_head_width=WIDTH // HEADS, combine="balanced"
+        )
     expected = reward(images, PROMPTS)
     torch.testing.assert_close(loaded(images, PROMPTS), expected, atol=1e-5, rtol=0)
     # Independent check of the key semantics: open_clip's forward on the saved keys.

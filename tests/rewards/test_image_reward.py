@@ -31,6 +31,7 @@ from dmdr_fast.rewards.image_reward import (  # noqa: E402
 )
 from dmdr_fast.rewards.loading import MissingWeightsError  # noqa: E402
 from dmdr_fast.rewards.preprocess import clip_preprocess  # noqa: E402
+from dmdr_fast.rewards.spec import RewardSpec  # noqa: E402
 
 WIDTH, HEADS, LAYERS, IMAGE, PATCH, TEXT_LN_EPS = 32, 2, 2, 32, 16, 1e-12
 WORDS = ["a", "photo", "of", "the", "cat", "dog", "realistic", "red", ",", ".", "##s"]
@@ -166,7 +167,7 @@ def test_scores_shape_dtype_and_first_token(reward, blip_model, images):
     )  # upstream: [CLS]
     raw = blip_model(clip_preprocess(images, IMAGE), ids, mask)
     torch.testing.assert_close(scores, (raw - IMAGE_REWARD_MEAN) / IMAGE_REWARD_STD, atol=1e-6, rtol=0)
-    unnormalized = ImageReward(blip_model, reward.tokenizer, normalize=False, name="raw")
+    unnormalized = ImageReward(blip_model, reward.tokenizer, spec=RewardSpec("raw"), normalize=False)
     torch.testing.assert_close(unnormalized(images, PROMPTS), raw, atol=1e-6, rtol=0)
 
 
@@ -180,7 +181,9 @@ def test_gradients_reach_images_not_model(reward, images):
 
 
 def test_prompt_prefix_changes_the_encoded_text(reward, blip_model, images):
-    prefixed = ImageReward(blip_model, reward.tokenizer, prompt_prefix="realistic photo ", name="p")
+    prefixed = ImageReward(
+        blip_model, reward.tokenizer, spec=RewardSpec("p", prompt_prefix="realistic photo ")
+    )
     got = prefixed(images, PROMPTS)
     torch.testing.assert_close(got, reward(images, ["realistic photo " + p for p in PROMPTS]), atol=0, rtol=0)
     assert not torch.allclose(got, reward(images, PROMPTS))
@@ -222,9 +225,12 @@ def test_upstream_checkpoint_round_trip(reward, tokenizer_dir, tmp_path, images)
     assert "blip.text_encoder.embeddings.position_ids" in sd  # the persistent buffer of med.py
     (folder / "tokenizer").mkdir()
     (folder / "tokenizer" / "vocab.txt").write_text((tokenizer_dir / "vocab.txt").read_text())
-    loaded = build_image_reward(folder, name="ir2", vision_num_heads=HEADS, combine="balanced", ratio=0.5)
+    spec = RewardSpec("ir2", weight=0.3, loss_form="hinge", margin=0.5)
+    loaded = build_image_reward(folder, spec=spec, vision_num_heads=HEADS)
     assert isinstance(loaded, ImageReward) and loaded.name == "ir2"
-    assert loaded.combine == "balanced" and loaded.ratio == 0.5  # Reward's own arguments pass through
+    assert loaded.spec is spec  # the reward's spec passes through whole
+    with pytest.raises(TypeError, match="ratio"):  # combination policy is not the reward's
+        build_image_reward(folder, vision_num_heads=HEADS, ratio=0.5)
     assert loaded.tokenizer.convert_tokens_to_ids("[ENC]") == reward.tokenizer.convert_tokens_to_ids("[ENC]")
     expected = reward(images, PROMPTS)
     torch.testing.assert_close(loaded(images, PROMPTS), expected, atol=1e-5, rtol=0)

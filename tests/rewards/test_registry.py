@@ -19,6 +19,7 @@ from dmdr_fast.rewards import (
     CallableReward,
     MissingWeightsError,
     Reward,
+    RewardSpec,
     available_reward_kinds,
     build_reward,
     register_reward_kind,
@@ -52,7 +53,7 @@ def test_builtin_kinds_and_unknown_kind():
         ValueError, match=r"unknown reward kind 'hpsv3'.*clip, pickscore, aesthetic, callable, hps"
     ):
         build_reward("hpsv3", path="x")
-    with pytest.raises(ValueError, match="loss_form"):
+    with pytest.raises(ValueError, match=r"RewardSpec\.loss_form"):
         build_reward("callable", fn=mean_score, loss_form="square")  # type: ignore[arg-type]
 
 
@@ -74,11 +75,11 @@ def test_model_kinds_without_path_name_the_download(kind, source):
 def test_callable_kind():
     reward = build_reward("callable", fn=mean_score, weight=0.5, loss_form="hinge", margin=0.9)
     assert isinstance(reward, CallableReward) and reward.name == "callable"
-    assert (reward.weight, reward.loss_form, reward.margin) == (0.5, "hinge", 0.9)
+    assert reward.spec == RewardSpec("callable", weight=0.5, loss_form="hinge", margin=0.9)
     x = torch.rand(3, 1, 4, 4)
     torch.testing.assert_close(reward.loss(x, None), 0.5 * torch.relu(0.9 - mean_score(x, None)))
     judge = build_reward("callable", fn=mean_score, name="judge", differentiable=False, prompt_prefix="p ")
-    assert judge.name == "judge" and not judge.differentiable and judge.prompt_prefix == "p "
+    assert judge.name == "judge" and not judge.differentiable and judge.spec.prompt_prefix == "p "
     with pytest.raises(ValueError, match="fn="):
         build_reward("callable")
     with pytest.raises(ValueError, match="no path"):
@@ -116,7 +117,7 @@ def test_register_a_new_kind(isolated_registry):
     register_reward_kind("constant", build_constant)
     assert "constant" in available_reward_kinds() and "constant" not in REWARD_KINDS
     reward = build_reward("constant", value=3.0, weight=2.0, prompt_prefix="x ")
-    assert reward.name == "constant" and reward.weight == 2.0 and reward.prompt_prefix == "x "
+    assert reward.spec == RewardSpec("constant", weight=2.0, prompt_prefix="x ")
     torch.testing.assert_close(reward(torch.rand(2, 1, 2, 2), None), torch.full((2,), 3.0))
     with pytest.raises(ValueError, match="already registered"):
         register_reward_kind("constant", build_constant)
@@ -180,7 +181,7 @@ def test_build_model_kinds_from_local_folders(tmp_path, one_thread):
     reward = build_reward(
         "clip", path=tmp_path / "clip", loss_form="hinge", margin=0.7, dtype=torch.bfloat16, device="cpu"
     )
-    assert isinstance(reward, CLIPScoreReward) and reward.name == "clip" and reward.margin == 0.7
+    assert isinstance(reward, CLIPScoreReward) and reward.name == "clip" and reward.spec.margin == 0.7
     assert next(reward.model.parameters()).dtype == torch.bfloat16
     assert all(not p.requires_grad for p in reward.parameters()) and not reward.model.training
     scores = reward(images, PROMPTS)
@@ -223,7 +224,7 @@ def test_rewards_from_config_maps_every_field():
         rewards_from_config((RewardConfig(kind="hps", weight=0.5),))  # path=None: says what to download
 
 
-def test_reward_from_config_passes_combine_settings(monkeypatch):
+def test_reward_from_config_builds_the_spec_and_leaves_the_policy(monkeypatch):
     from dmdr_fast.config import RewardConfig
     from dmdr_fast.rewards import registry
 
@@ -235,8 +236,33 @@ def test_reward_from_config_passes_combine_settings(monkeypatch):
         prompt_prefix="Realistic photo ", form="hinge", margin=0.5,
     )  # fmt: skip
     r = registry.reward_from_config(_as_kind(cfg, "constant"))
-    assert (r.name, r.weight, r.combine, r.ratio, r.max_weight) == ("c", 0.3, "balanced", 0.25, 2.0)
-    assert (r.loss_form, r.margin, r.prompt_prefix) == ("hinge", 0.5, "Realistic photo ")
+    assert r.spec == RewardSpec(
+        "c", weight=0.3, loss_form="hinge", margin=0.5, prompt_prefix="Realistic photo "
+    )
+    # The combination policy stays in the config (the Trainer reads it); the reward has none.
+    assert not any(hasattr(r, a) for a in ("combine", "ratio", "max_weight"))
+    unnamed = registry.reward_from_config(_as_kind(RewardConfig(kind="classifier", weight=0.3), "constant"))
+    assert unnamed.name == "constant"  # no name: the kind, as the Trainer matches it
+
+
+def test_build_reward_takes_a_spec_or_its_fields(isolated_registry):
+    spec = RewardSpec("judge", weight=0.25, loss_form="hinge", margin=0.5, prompt_prefix="a ")
+    reward = build_reward("callable", fn=mean_score, spec=spec)
+    assert reward.spec is spec
+    assert build_reward("callable", fn=mean_score, name=None).name == "callable"  # None: the kind
+    with pytest.raises(TypeError, match=r"not both.*'weight'"):
+        build_reward("callable", fn=mean_score, spec=spec, weight=1.0)
+    with pytest.raises(TypeError, match="combine"):  # combination policy is not a reward argument
+        build_reward("callable", fn=mean_score, combine="balanced")
+    seen = []
+
+    def build_spy(*, path, spec, device, dtype, **kw) -> Reward:
+        seen.append((spec, kw))
+        return CallableReward(mean_score, spec=spec)
+
+    register_reward_kind("spy", build_spy)
+    build_reward("spy", weight=0.5, extra=1)
+    assert seen == [(RewardSpec("spy", weight=0.5), {"extra": 1})]  # builders get the spec whole
 
 
 def _as_kind(cfg, kind):

@@ -13,6 +13,7 @@ from dmdr_fast.rewards import (
     CompositeReward,
     Reward,
     RewardCondition,
+    RewardSpec,
     check_condition,
     reward_loss,
 )
@@ -41,11 +42,11 @@ class MeanBrightness(Reward):
 
 def test_ce_loss_equals_cross_entropy_exactly(classifier, data):
     x, y = data
-    reward = ClassifierReward(classifier, mode="ce", weight=1.0)
+    reward = ClassifierReward(classifier, spec=RewardSpec("classifier", weight=1.0), mode="ce")
     ce = F.cross_entropy(classifier(x), y, reduction="none")
     assert torch.equal(reward.loss(x, y), ce)
     assert torch.equal(reward(x, y), -ce)  # score = log p(label | image)
-    weighted = ClassifierReward(classifier, mode="ce", weight=0.05, name="w")
+    weighted = ClassifierReward(classifier, spec=RewardSpec("w", weight=0.05), mode="ce")
     torch.testing.assert_close(weighted.loss(x, y), 0.05 * ce)
 
 
@@ -79,7 +80,9 @@ def test_gradients_reach_images_not_classifier(classifier, data):
 def test_hinge_and_neg_forms(classifier, data):
     x, y = data
     prob = ClassifierReward(classifier, mode="prob")(x, y)
-    hinge = ClassifierReward(classifier, mode="prob", loss_form="hinge", margin=0.7, weight=2.0)
+    hinge = ClassifierReward(
+        classifier, spec=RewardSpec("h", weight=2.0, loss_form="hinge", margin=0.7), mode="prob"
+    )
     torch.testing.assert_close(hinge.loss(x, y), 2.0 * torch.relu(0.7 - prob))
     score = torch.tensor([0.2, 0.9, 0.7], requires_grad=True)
     loss = reward_loss(score, "hinge", margin=0.7)
@@ -90,14 +93,16 @@ def test_hinge_and_neg_forms(classifier, data):
     with pytest.raises(ValueError, match="loss_form"):
         reward_loss(score, "square")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="loss_form"):
-        ClassifierReward(classifier, loss_form="square")  # type: ignore[arg-type]
+        ClassifierReward(classifier, spec=RewardSpec("c", loss_form="square"))  # type: ignore[arg-type]
 
 
 def test_composite_sums_weighted_losses_and_logs(classifier, data):
     x, y = data
-    a = ClassifierReward(classifier, name="ce", weight=0.5)
-    b = ClassifierReward(classifier, name="p", mode="prob", loss_form="hinge", margin=0.9, weight=2.0)
-    c = MeanBrightness(name="bright")
+    a = ClassifierReward(classifier, spec=RewardSpec("ce", weight=0.5))
+    b = ClassifierReward(
+        classifier, spec=RewardSpec("p", weight=2.0, loss_form="hinge", margin=0.9), mode="prob"
+    )
+    c = MeanBrightness(spec=RewardSpec("bright"))
     composite = CompositeReward([a, b, c])
     assert composite.differentiable_rewards == [a, b] and composite.non_differentiable_rewards == [c]
     x = x.clone().requires_grad_(True)
@@ -123,7 +128,7 @@ def test_composite_errors(classifier):
     with pytest.raises(TypeError, match="Reward instances"):
         CompositeReward([classifier])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="weight"):
-        ClassifierReward(classifier, weight=float("nan"))
+        ClassifierReward(classifier, spec=RewardSpec("c", weight=float("nan")))
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import torch
 
 from dmdr_fast.config import DMDRTrainerConfig, MonitorConfig
 from dmdr_fast.models import DiTAdapter, tiny_dit
-from dmdr_fast.rewards import ClassifierReward, CompositeReward
+from dmdr_fast.rewards import ClassifierReward, CompositeReward, RewardSpec
 from dmdr_fast.train import ClassLabelSampler, Trainer
 from dmdr_fast.train.monitor import RewardHackingMonitor, mean_pairwise_distance
 
@@ -91,9 +91,12 @@ def _trainer(tmp_path=None, every=1):
         }
     )  # fmt: skip
     monitor = RewardHackingMonitor(
-        torch.arange(4), heldout=ClassifierReward(heldout_net, name="heldout", num_classes=10, in_channels=1)
+        torch.arange(4),
+        heldout=ClassifierReward(heldout_net, spec=RewardSpec("heldout"), num_classes=10, in_channels=1),
     )
-    reward = CompositeReward([ClassifierReward(clf, name="clf", weight=0.5, num_classes=10, in_channels=1)])
+    reward = CompositeReward(
+        [ClassifierReward(clf, spec=RewardSpec("clf", weight=0.5), num_classes=10, in_channels=1)]
+    )
     return Trainer(
         cfg, DiTAdapter(tiny_dit(num_layers=1, seed=0)), reward=reward, data=ClassLabelSampler(10),
         out_dir=tmp_path, monitor=monitor,
@@ -126,7 +129,6 @@ def test_trainer_runs_the_monitor_and_resumes_it(tmp_path):
 
 def test_bad_settings_are_refused():
     from dmdr_fast.config import ConfigError, RewardConfig
-    from dmdr_fast.rewards import ClassifierReward
 
     with pytest.raises(ConfigError, match="patience"):
         MonitorConfig(patience=0)
@@ -140,8 +142,13 @@ def test_bad_settings_are_refused():
         RewardConfig(ratio=-1.0)
     with pytest.raises(ConfigError, match="max_weight"):
         RewardConfig(max_weight=-1.0)
+    with pytest.raises(ConfigError, match="combine"):
+        RewardConfig(combine="adaptive")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="ratio"):
+        RewardConfig(combine="balanced", ratio=float("inf"))
+    # The combination policy is configuration only: a reward module does not take it.
     clf = torch.nn.Linear(64, 10)
-    with pytest.raises(ValueError, match="combine"):
-        ClassifierReward(clf, combine="adaptive")
-    with pytest.raises(ValueError, match="ratio"):
-        ClassifierReward(clf, combine="balanced", ratio=float("inf"))
+    with pytest.raises(TypeError, match="combine"):
+        ClassifierReward(clf, combine="balanced")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="ratio"):
+        ClassifierReward(clf, ratio=0.5)  # type: ignore[call-arg]

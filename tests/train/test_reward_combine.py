@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from dmdr_fast.algo import generator_dmd_loss, renoise
-from dmdr_fast.algo.generator import DMDInputs, fake_and_real
+from dmdr_fast.algo.generator import DMDInputs, RewardPolicy, fake_and_real
 from dmdr_fast.config import DMDRTrainerConfig
 from dmdr_fast.models import DiTAdapter, tiny_dit
-from dmdr_fast.rewards import ClassifierReward, CompositeReward, Reward
+from dmdr_fast.rewards import ClassifierReward, CompositeReward, Reward, RewardSpec
 from dmdr_fast.train import ClassLabelSampler, Trainer
 
 ATTN = ["*attn1.to_q", "*attn1.to_k", "*attn1.to_v", "*attn1.to_out.0"]
@@ -73,10 +73,13 @@ def _grads(tr) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in tr.student.network.parameters() if p.requires_grad]
 
 
+def _reward(seed: int, name: str, weight: float = 1.0, **kwargs) -> ClassifierReward:
+    spec = RewardSpec(name, weight=weight)
+    return ClassifierReward(_classifier(seed), spec=spec, num_classes=10, in_channels=1, **kwargs)
+
+
 def test_fixed_mode_equals_the_summed_loss():
-    rewards = [
-        ClassifierReward(_classifier(1), name="a", weight=0.7, num_classes=10, in_channels=1),
-    ]
+    rewards = [_reward(1, "a", 0.7)]
     tr = _trainer(_config([{"kind": "classifier", "name": "a", "weight": 0.7}]), rewards)
     x_in, t, labels, dmd_in = _inputs(tr)
 
@@ -100,10 +103,7 @@ def test_fixed_mode_equals_the_summed_loss():
 
 
 def test_several_fixed_rewards_also_equal_the_summed_loss():
-    rewards = [
-        ClassifierReward(_classifier(1), name="a", weight=0.7, num_classes=10, in_channels=1),
-        ClassifierReward(_classifier(2), name="b", weight=0.2, num_classes=10, in_channels=1, mode="prob"),
-    ]
+    rewards = [_reward(1, "a", 0.7), _reward(2, "b", 0.2, mode="prob")]
     cfg = _config(
         [
             {"kind": "classifier", "name": "a", "weight": 0.7},
@@ -132,9 +132,7 @@ def _x0_gradient(tr, x0_leaf, dmd_in, labels):
 
 @pytest.mark.parametrize("cap", [None, 0.05])
 def test_balanced_mode_scales_each_sample_to_the_ratio(cap):
-    r = ClassifierReward(
-        _classifier(1), name="a", num_classes=10, in_channels=1, combine="balanced", ratio=0.5, max_weight=cap
-    )
+    r = _reward(1, "a")  # the policy comes from the config entry alone
     cfg = _config(
         [{"kind": "classifier", "name": "a", "combine": "balanced", "ratio": 0.5, "max_weight": cap}]
     )
@@ -171,7 +169,7 @@ class _NaNGradReward(Reward):
 
 
 def test_non_finite_reward_gradients_are_zeroed_and_counted():
-    r = _NaNGradReward(name="bad", weight=1.0, check_inputs=False)
+    r = _NaNGradReward(spec=RewardSpec("bad", weight=1.0), check_inputs=False)
     tr = _trainer(_config([{"kind": "classifier", "name": "bad", "weight": 1.0}]), [r])
     x_in, t, labels, dmd_in = _inputs(tr)
     tr.student.network.zero_grad(set_to_none=True)
@@ -186,7 +184,7 @@ def test_non_finite_reward_gradients_are_zeroed_and_counted():
 
 
 def test_reward_only_baseline_runs_with_zero_dmd_weight():
-    r = ClassifierReward(_classifier(1), name="a", weight=0.5, num_classes=10, in_channels=1)
+    r = _reward(1, "a", 0.5)
     tr = _trainer(_config([{"kind": "classifier", "name": "a", "weight": 0.5}], dmd_weight=0.0), [r])
     before = [p.detach().clone() for p in tr.student.network.parameters()]
     tr.fit(max_steps=2, progress=False)
@@ -198,3 +196,32 @@ def test_balanced_needs_dmd():
 
     with pytest.raises(ConfigError, match="balanced"):
         _config([{"kind": "classifier", "combine": "balanced"}], dmd_weight=0.0)
+
+
+def test_a_reward_without_a_config_entry_is_fixed_at_its_own_weight():
+    # The config lists another reward ("other"); "a" is not in it.
+    tr = _trainer(_config([{"kind": "classifier", "name": "other", "weight": 0.7}]), [_reward(1, "a", 0.3)])
+    assert tr.reward_policies == [RewardPolicy("a", "fixed", 0.3)]
+    x_in, t, labels, dmd_in = _inputs(tr)
+    tr.student.network.zero_grad(set_to_none=True)
+    metrics = tr.generator_backward(_student_x0(tr, x_in, t, labels), dmd_in, labels, 2)
+    ours = _grads(tr)
+    tr.student.network.zero_grad(set_to_none=True)
+    x0 = _student_x0(tr, x_in, t, labels)
+    (generator_dmd_loss(x0, *dmd_in[:6]) + tr.reward(tr.student.decode(x0), labels).loss.mean()).backward()
+    for a, b in zip(ours, _grads(tr), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # trains what the logged loss says
+    assert metrics["reward_w/a"] == pytest.approx(0.3)
+
+
+def test_a_config_weight_that_disagrees_with_the_reward_is_refused():
+    cfg = _config([{"kind": "classifier", "name": "a", "weight": 0.7}])
+    with pytest.raises(ValueError, match=r"reward 'a'.*weight 0\.7.*spec\.weight 0\.5"):
+        _trainer(cfg, [_reward(1, "a", 0.5)])
+    # Matched by kind when the entry has no name.
+    with pytest.raises(ValueError, match=r"reward 'classifier'.*0\.05.*1\.0"):
+        _trainer(_config([{"kind": "classifier"}]), [_reward(1, "classifier", 1.0)])
+    # balanced does not use the weight to combine: no disagreement to refuse.
+    cfg = _config([{"kind": "classifier", "name": "a", "weight": 0.7, "combine": "balanced", "ratio": 0.5}])
+    tr = _trainer(cfg, [_reward(1, "a", 0.5)])
+    assert tr.reward_policies == [RewardPolicy("a", "balanced", 0.7, 0.5, None)]

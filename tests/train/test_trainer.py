@@ -137,10 +137,11 @@ def test_interrupted_write_leaves_latest_intact(tmp_path, monkeypatch):
 
 
 def test_stage_two_turns_reward_on_and_lowers_lr():
-    from dmdr_fast.rewards import ClassifierReward, CompositeReward
+    from dmdr_fast.rewards import ClassifierReward, CompositeReward, RewardSpec
 
     clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
-    reward = CompositeReward([ClassifierReward(clf, weight=0.5, name="clf", num_classes=10, in_channels=1)])
+    spec = RewardSpec("clf", weight=0.5)
+    reward = CompositeReward([ClassifierReward(clf, spec=spec, num_classes=10, in_channels=1)])
     cfg = DMDRTrainerConfig.from_dict(
         {
             **small_config().to_dict(),

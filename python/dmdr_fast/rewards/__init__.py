@@ -1,8 +1,11 @@
 """Rewards behind one protocol: decoded images ``(B, C, H, W)`` in [0, 1] + condition → score ``(B,)``.
 
-- :mod:`~dmdr_fast.rewards.base` — :class:`Reward` (the protocol and loss forms ``neg`` / ``hinge``,
-  per-reward weight, the ``differentiable`` flag), :class:`CompositeReward` (weighted sum with
-  per-reward logs) and the input checks.
+- :mod:`~dmdr_fast.rewards.spec` — :class:`RewardSpec`: what defines a reward's loss (name, weight,
+  loss form ``neg`` / ``hinge``, margin, prompt prefix), taken whole by every reward; how a new
+  shared option is added.
+- :mod:`~dmdr_fast.rewards.base` — :class:`Reward` (the protocol: scores, the loss its spec
+  defines, the ``differentiable`` flag), :class:`CompositeReward` (weighted sum with per-reward
+  logs) and the input checks.
 - :mod:`~dmdr_fast.rewards.classifier` — :class:`ClassifierReward`: log p(label | image) of a frozen
   classifier (the class-conditional ReFL reward).
 - :mod:`~dmdr_fast.rewards.clip` — :class:`CLIPScoreReward` (cosine of CLIP image and prompt
@@ -32,7 +35,6 @@ from dmdr_fast.rewards.aesthetic import (
     AestheticReward,
 )
 from dmdr_fast.rewards.base import (
-    COMBINE_MODES,
     LOSS_FORMS,
     CompositeReward,
     LossForm,
@@ -63,13 +65,13 @@ from dmdr_fast.rewards.registry import (
     reward_from_config,
     rewards_from_config,
 )
+from dmdr_fast.rewards.spec import RewardSpec
 
 __all__ = [
     "AESTHETIC_MLP_FILENAME",
     "AESTHETIC_MLP_URL",
     "CLASSIFIER_MODES",
     "CLIP_HUB_ID",
-    "COMBINE_MODES",
     "LOSS_FORMS",
     "PICKSCORE_HUB_ID",
     "PICKSCORE_PROCESSOR_HUB_ID",
@@ -88,6 +90,7 @@ __all__ = [
     "Reward",
     "RewardCondition",
     "RewardOutput",
+    "RewardSpec",
     "available_reward_kinds",
     "build_reward",
     "check_condition",

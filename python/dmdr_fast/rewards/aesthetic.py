@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dmdr_fast.rewards.base import LossForm, Reward, RewardCondition, check_condition, check_images
+from dmdr_fast.rewards.base import Reward, RewardCondition, check_condition, check_images
 from dmdr_fast.rewards.clip import (
     CLIP_HUB_ID,
     _check_clip_model,
@@ -25,6 +25,7 @@ from dmdr_fast.rewards.clip import (
     load_clip,
 )
 from dmdr_fast.rewards.loading import MissingWeightsError
+from dmdr_fast.rewards.spec import RewardSpec
 
 __all__ = ["AESTHETIC_MLP_FILENAME", "AESTHETIC_MLP_URL", "AestheticMLP", "AestheticReward"]
 
@@ -103,44 +104,30 @@ class AestheticReward(Reward):
         clip_model: A ``transformers`` ``CLIPModel`` (the aesthetic head was trained on OpenAI
             CLIP ViT-L/14, :data:`~dmdr_fast.rewards.clip.CLIP_HUB_ID`).
         mlp: An :class:`AestheticMLP` whose input size is the CLIP projection dim.
-        name: Log key.
-        weight: Loss multiplier.
-        loss_form: ``"neg"`` or ``"hinge"``.
-        margin: Hinge margin in rating units (e.g. 6.5).
-        prompt_prefix: Accepted for a uniform interface; unused (the score ignores the condition).
+        spec: The reward's :class:`~dmdr_fast.rewards.spec.RewardSpec` (a hinge margin is in rating
+            units, e.g. 6.5; ``prompt_prefix`` is unused: the score ignores the condition);
+            ``None``: ``RewardSpec(name="aesthetic")``.
         dtype: Cast the CLIP model (e.g. ``torch.bfloat16``).
         crop: CLIP's resize + center-crop (``True``, the reference) or a plain resize.
         check_inputs: Validate images on every call (one host sync).
-        **base_kwargs: Further :class:`~dmdr_fast.rewards.base.Reward` arguments (forwarded as is).
 
     Raises:
         ValueError: The head's input size differs from the CLIP embedding size.
     """
+
+    default_name = "aesthetic"
 
     def __init__(
         self,
         clip_model: nn.Module,
         mlp: nn.Module,
         *,
-        name: str = "aesthetic",
-        weight: float = 1.0,
-        loss_form: LossForm = "neg",
-        margin: float = 0.0,
-        prompt_prefix: str = "",
+        spec: RewardSpec | None = None,
         dtype: torch.dtype | None = None,
         crop: bool = True,
         check_inputs: bool = True,
-        **base_kwargs: Any,
     ) -> None:
-        super().__init__(
-            name=name,
-            weight=weight,
-            loss_form=loss_form,
-            margin=margin,
-            check_inputs=check_inputs,
-            prompt_prefix=prompt_prefix,
-            **base_kwargs,
-        )
+        super().__init__(spec=spec, check_inputs=check_inputs)
         _check_clip_model(clip_model)
         if not isinstance(mlp, nn.Module):
             raise TypeError(f"mlp must be an nn.Module, got {type(mlp).__name__}")

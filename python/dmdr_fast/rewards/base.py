@@ -2,15 +2,20 @@
 
 A *reward* maps decoded images ``(B, C, H, W)`` in ``[0, 1]`` (what
 :meth:`FlowModelAdapter.decode` returns) plus the batch's condition — int64 class labels ``(B,)``
-now, a sequence of B prompt strings later — to a score ``(B,)``, higher is better. A
-*differentiable* reward lets gradients flow from the score back to the images (ReFL: docs/method.md §7
-adds ``λ_R·ℓ_R(decode(x0), c)`` to the generator loss); its own parameters are frozen.
+or a sequence of B prompt strings — to a score ``(B,)``, higher is better. A *differentiable*
+reward lets gradients flow from the score back to the images (ReFL, docs/method.md §7: from stage 2
+the generator loss gains ``λ_R·ℓ_R(decode(x0), c)``); its own parameters are frozen.
 
-Each reward also carries how it enters the loss:
+What the loss of a reward is — its name, weight, loss form and margin, prompt prefix — is its
+:class:`~dmdr_fast.rewards.spec.RewardSpec`, which every reward takes whole (``spec=``); see
+:mod:`dmdr_fast.rewards.spec`, also for how a new shared option is added. The loss forms:
 
 * ``loss_form="neg"``:   ``ℓ = weight · (−score)``
 * ``loss_form="hinge"``: ``ℓ = weight · relu(margin − score)`` — the paper's text-to-image form
   (``relu(0.7 − score)`` for CLIP/HPS): no push once a sample is good enough, which limits hacking.
+
+How a reward's gradient joins the DMD gradient (``combine``, ``ratio``, ``max_weight``) is not part
+of the reward: it is configuration, read by the Trainer (docs/method.md §7).
 
 :class:`CompositeReward` sums several such terms into one per-sample loss and reports the mean
 score and loss of each for logging.
@@ -32,24 +37,20 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from dmdr_fast.rewards.spec import LOSS_FORMS, LossForm, RewardSpec
+
 __all__ = [
-    "COMBINE_MODES",
     "LOSS_FORMS",
     "CompositeReward",
     "LossForm",
     "Reward",
     "RewardCondition",
     "RewardOutput",
+    "RewardSpec",
     "check_condition",
     "check_images",
     "reward_loss",
 ]
-
-LossForm = Literal["neg", "hinge"]
-#: How a reward's gradient joins the DMD gradient (see :func:`dmdr_fast.ops.reward_grad_combine`).
-COMBINE_MODES: tuple[str, ...] = ("fixed", "balanced")
-#: The supported loss forms.
-LOSS_FORMS: tuple[str, ...] = ("neg", "hinge")
 
 #: A batch of reward conditions: int64 class labels ``(B,)``, a sequence of B prompt strings, or
 #: ``None`` for unconditional rewards.
@@ -148,68 +149,47 @@ class Reward(nn.Module, ABC):
     """Base class of all rewards.
 
     Subclasses implement :meth:`score` (and set the class attribute ``differentiable``); the base
-    class validates inputs in :meth:`forward` and turns scores into losses. A reward is an
-    ``nn.Module`` so that ``.to(device)`` moves its model, but its parameters are frozen and it
-    stays in eval mode: :meth:`train` is a no-op, so a Trainer calling ``.train()`` on a parent
-    module never enables dropout in a reward model.
+    class validates inputs in :meth:`forward` and turns scores into losses as its
+    :class:`~dmdr_fast.rewards.spec.RewardSpec` says. A reward is an ``nn.Module`` so that
+    ``.to(device)`` moves its model, but its parameters are frozen and it stays in eval mode:
+    :meth:`train` is a no-op, so a Trainer calling ``.train()`` on a parent module never enables
+    dropout in a reward model.
 
     Args:
-        name: Key in logs (``reward/<name>``); unique inside a :class:`CompositeReward`.
-        weight: Multiplier of this reward's loss.
-        loss_form: ``"neg"`` (``−score``) or ``"hinge"`` (``relu(margin − score)``).
-        margin: Hinge margin, in the units of the score.
+        spec: What defines this reward's loss (name, weight, loss form, margin, prompt prefix);
+            ``None`` gives ``RewardSpec(name=default_name)`` where the class has a
+            :attr:`default_name`, and is an error where it has none.
         check_inputs: Validate images (shape, range: one host sync) and condition on every call.
-        prompt_prefix: Text put in front of every prompt before this reward sees it (the paper
-            scores HPS on ``"Realistic photo " + prompt``); ignored for label conditions.
-        combine: How the Trainer joins this reward's gradient on x0 to the DMD gradient
-            (:func:`dmdr_fast.ops.reward_grad_combine`): ``"fixed"`` adds ``weight·g_R`` (the paper);
-            ``"balanced"`` scales ``g_R`` per sample to ``ratio`` times the DMD gradient's norm.
-        ratio: Reward-to-DMD gradient-norm ratio of ``combine="balanced"``.
-        max_weight: Cap on the per-sample weight of ``combine="balanced"`` (``None``: no cap).
+
+    Attributes:
+        spec: The :class:`~dmdr_fast.rewards.spec.RewardSpec` (frozen).
+
+    Raises:
+        TypeError: ``spec`` is not a ``RewardSpec``, or is missing where there is no default name.
     """
 
     #: Whether gradients flow from the score to the images. Non-differentiable rewards are only
     #: scored (group-relative branch); they never enter a differentiable loss.
     differentiable: bool = True
+    #: The name of a reward built without ``spec`` (``None``: a spec is required).
+    default_name: str | None = None
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        weight: float = 1.0,
-        loss_form: LossForm = "neg",
-        margin: float = 0.0,
-        check_inputs: bool = True,
-        prompt_prefix: str = "",
-        combine: Literal["fixed", "balanced"] = "fixed",
-        ratio: float = 1.0,
-        max_weight: float | None = None,
-    ) -> None:
+    def __init__(self, *, spec: RewardSpec | None = None, check_inputs: bool = True) -> None:
         super().__init__()
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"name must be a non-empty string, got {name!r}")
-        if loss_form not in LOSS_FORMS:
-            raise ValueError(f"loss_form must be one of {LOSS_FORMS}, got {loss_form!r}")
-        if not (isinstance(weight, (int, float)) and weight == weight and abs(weight) != float("inf")):
-            raise ValueError(f"weight must be a finite number, got {weight!r}")
-        self.name = name
-        self.weight = float(weight)
-        self.loss_form: LossForm = loss_form
-        self.margin = float(margin)
+        if spec is None:
+            if self.default_name is None:
+                raise TypeError(f"{type(self).__name__} needs spec=RewardSpec(name=...)")
+            spec = RewardSpec(name=self.default_name)
+        if not isinstance(spec, RewardSpec):
+            raise TypeError(f"spec must be a RewardSpec, got {type(spec).__name__}")
+        self.spec = spec
         self.check_inputs = check_inputs
-        if not isinstance(prompt_prefix, str):
-            raise ValueError(f"prompt_prefix must be a string, got {type(prompt_prefix).__name__}")
-        self.prompt_prefix = prompt_prefix
-        if combine not in COMBINE_MODES:
-            raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
-        if not (isinstance(ratio, (int, float)) and 0 <= ratio < float("inf")):
-            raise ValueError(f"ratio must be a finite number >= 0, got {ratio!r}")
-        if max_weight is not None and not (isinstance(max_weight, (int, float)) and max_weight >= 0):
-            raise ValueError(f"max_weight must be None or a number >= 0, got {max_weight!r}")
-        self.combine = combine
-        self.ratio = float(ratio)
-        self.max_weight = None if max_weight is None else float(max_weight)
         super().train(False)
+
+    @property
+    def name(self) -> str:
+        """``spec.name``: the key in logs and in ``config.rewards``."""
+        return self.spec.name
 
     def train(self, mode: bool = True) -> Reward:
         """Rewards are frozen: stay in eval mode whatever ``mode`` is."""
@@ -237,7 +217,7 @@ class Reward(nn.Module, ABC):
             raise ValueError(
                 f"reward {self.name!r} needs prompt strings as its condition, got {type(cond).__name__}"
             )
-        return [self.prompt_prefix + p for p in cond]
+        return [self.spec.prompt_prefix + p for p in cond]
 
     def validate(self, images: Tensor, cond: RewardCondition) -> None:
         """Input checks run by :meth:`forward`; subclasses extend them (channels, condition kind)."""
@@ -256,7 +236,8 @@ class Reward(nn.Module, ABC):
 
     def loss_from_score(self, score: Tensor) -> Tensor:
         """This reward's weighted per-sample loss ``(B,)`` for given scores ``(B,)``."""
-        return reward_loss(score, self.loss_form, self.margin, self.weight)
+        spec = self.spec
+        return reward_loss(score, spec.loss_form, spec.margin, spec.weight)
 
     def loss(self, images: Tensor, cond: RewardCondition) -> Tensor:
         """Weighted per-sample loss ``(B,)`` of decoded images (differentiable rewards only)."""
@@ -265,10 +246,7 @@ class Reward(nn.Module, ABC):
         return self.loss_from_score(self(images, cond))
 
     def extra_repr(self) -> str:
-        hinge = f", margin={self.margin}" if self.loss_form == "hinge" else ""
-        prefix = f", prompt_prefix={self.prompt_prefix!r}" if self.prompt_prefix else ""
-        comb = f", combine='balanced', ratio={self.ratio}" if self.combine == "balanced" else ""
-        return f"name={self.name!r}, weight={self.weight}, loss_form={self.loss_form!r}{hinge}{prefix}{comb}"
+        return f"spec={self.spec!r}"
 
 
 @dataclass
@@ -298,7 +276,8 @@ class RewardOutput:
 
 
 class CompositeReward(nn.Module):
-    """A weighted sum of rewards: ``ℓ = Σ_i weight_i · form_i(score_i)`` over differentiable ones.
+    """A weighted sum of rewards: ``ℓ = Σ_i weight_i · form_i(score_i)`` over differentiable ones
+    (``weight_i``, ``form_i``: reward i's ``spec.weight``, ``spec.loss_form``/``spec.margin``).
 
     Args:
         rewards: One or more :class:`Reward` with distinct names.
@@ -352,8 +331,8 @@ class CompositeReward(nn.Module):
         for r in self.rewards:
             if r.differentiable:
                 score = r(images, cond)
-                terms[r.name] = reward_loss(score, r.loss_form, r.margin)
-                loss = r.weight * terms[r.name]
+                terms[r.name] = reward_loss(score, r.spec.loss_form, r.spec.margin)
+                loss = r.spec.weight * terms[r.name]
                 total = total + loss
                 logs[f"reward_loss/{r.name}"] = loss.detach().mean()
             else:

@@ -8,12 +8,13 @@ the prompt prefix, loss forms, and a check of what ``fn`` returns.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from dmdr_fast.rewards.base import LossForm, Reward, RewardCondition, check_condition, check_images
+from dmdr_fast.rewards.base import Reward, RewardCondition, check_condition, check_images
+from dmdr_fast.rewards.spec import RewardSpec
 
 __all__ = ["CallableReward", "RewardFn"]
 
@@ -25,49 +26,32 @@ class CallableReward(Reward):
     """A reward whose score is ``fn(images, cond)``.
 
     ``fn`` receives the images and the condition — for prompt conditions, the list of prompts with
-    ``prompt_prefix`` applied. Its output must be a floating-point ``(B,)`` tensor; it is returned as
+    ``spec.prompt_prefix`` applied. Its output must be a floating-point ``(B,)`` tensor; it is returned as
     float32. With ``differentiable=False`` ``fn`` runs under ``torch.no_grad()`` (its score is only
     logged, or used by a group-relative branch). If ``fn`` is an ``nn.Module`` it is registered as a
     submodule (so ``.to(device)`` moves it) and frozen in place (``requires_grad_(False)``, eval).
 
     Args:
         fn: The scorer.
-        name: Log key (required: there is no sensible default for an arbitrary function).
+        spec: The reward's :class:`~dmdr_fast.rewards.spec.RewardSpec` (required: there is no
+            sensible default name for an arbitrary function).
         differentiable: Whether gradients flow from ``fn``'s output to the images.
-        weight: Loss multiplier.
-        loss_form: ``"neg"`` or ``"hinge"``.
-        margin: Hinge margin, in score units.
-        prompt_prefix: Text put before every prompt passed to ``fn``.
         cond_kind: Condition ``fn`` needs: ``"labels"``, ``"prompts"`` or ``"any"`` (also ``None``).
         channels: Required image channels C, if any.
         check_inputs: Validate images and condition on every call (one host sync).
-        **base_kwargs: Further :class:`~dmdr_fast.rewards.base.Reward` arguments (forwarded as is).
     """
 
     def __init__(
         self,
         fn: RewardFn,
         *,
-        name: str,
+        spec: RewardSpec,
         differentiable: bool = True,
-        weight: float = 1.0,
-        loss_form: LossForm = "neg",
-        margin: float = 0.0,
-        prompt_prefix: str = "",
         cond_kind: Literal["labels", "prompts", "any"] = "any",
         channels: int | None = None,
         check_inputs: bool = True,
-        **base_kwargs: Any,
     ) -> None:
-        super().__init__(
-            name=name,
-            weight=weight,
-            loss_form=loss_form,
-            margin=margin,
-            check_inputs=check_inputs,
-            prompt_prefix=prompt_prefix,
-            **base_kwargs,
-        )
+        super().__init__(spec=spec, check_inputs=check_inputs)
         if not callable(fn):
             raise TypeError(f"fn must be callable as fn(images, cond) -> (B,), got {type(fn).__name__}")
         if cond_kind not in ("labels", "prompts", "any"):

@@ -1,19 +1,21 @@
 """Classifier reward: the log-probability a frozen classifier gives the conditioning label (ReFL).
 
-With ``mode="ce"`` and the default ``loss_form="neg"``, the per-sample loss is exactly
-``weight · F.cross_entropy(classifier(images), labels, reduction="none")`` — the paper's
-class-conditional stage-2 reward (``0.05 · cross-entropy`` of a frozen classifier).
+With ``mode="ce"`` and the default ``spec.loss_form="neg"``, the per-sample loss is exactly
+``spec.weight · F.cross_entropy(classifier(images), labels, reduction="none")`` — the paper's
+class-conditional stage-2 reward (``0.05 · cross-entropy`` of a frozen classifier; docs/method.md
+§11).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmdr_fast.rewards.base import LossForm, Reward, RewardCondition, check_condition, check_images
+from dmdr_fast.rewards.base import Reward, RewardCondition, check_condition, check_images
+from dmdr_fast.rewards.spec import RewardSpec
 
 __all__ = ["CLASSIFIER_MODES", "ClassifierReward"]
 
@@ -32,7 +34,7 @@ class ClassifierReward(Reward):
       bit;
     * ``"logprob"``: the same quantity as ``log_softmax(logits)[label]`` (equal up to rounding);
     * ``"prob"``: ``p(label | image)`` in ``[0, 1]`` — bounded, which suits a hinge
-      (``loss_form="hinge"``, ``margin`` e.g. 0.9).
+      (``RewardSpec(loss_form="hinge", margin=0.9)``).
 
     The classifier is frozen *in place* (``requires_grad_(False)``, eval mode) when the reward is
     built; gradients still flow to the images. Logits are computed in the classifier's precision and
@@ -41,41 +43,29 @@ class ClassifierReward(Reward):
     Args:
         classifier: Any module mapping images ``(B, C, H, W)`` in ``[0, 1]`` to logits ``(B, K)``,
             e.g. :class:`dmdr_fast.recipes.digits.classifier.DigitClassifier`.
+        spec: The reward's :class:`~dmdr_fast.rewards.spec.RewardSpec` (name, weight, loss form,
+            margin); ``None``: ``RewardSpec(name="classifier")``.
         mode: ``"ce"``, ``"logprob"`` or ``"prob"``.
-        name: Log key.
-        weight: Loss multiplier.
-        loss_form: ``"neg"`` or ``"hinge"``.
-        margin: Hinge margin (score units).
         num_classes: K, for checking labels before the forward; read from ``classifier.num_classes``
             when present, else labels are checked against the logits.
         in_channels: Required image channels; read from ``classifier.config.in_channels`` when
             present.
         check_inputs: Validate images, labels and logits on every call (a few host syncs).
-        **reward_kwargs: Further :class:`Reward` arguments (``combine``, ``ratio``, ``max_weight``).
     """
+
+    default_name = "classifier"
 
     def __init__(
         self,
         classifier: nn.Module,
         *,
+        spec: RewardSpec | None = None,
         mode: ClassifierMode = "ce",
-        name: str = "classifier",
-        weight: float = 1.0,
-        loss_form: LossForm = "neg",
-        margin: float = 0.0,
         num_classes: int | None = None,
         in_channels: int | None = None,
         check_inputs: bool = True,
-        **reward_kwargs: Any,
     ) -> None:
-        super().__init__(
-            name=name,
-            weight=weight,
-            loss_form=loss_form,
-            margin=margin,
-            check_inputs=check_inputs,
-            **reward_kwargs,
-        )
+        super().__init__(spec=spec, check_inputs=check_inputs)
         if not isinstance(classifier, nn.Module):
             raise TypeError(f"classifier must be an nn.Module, got {type(classifier).__name__}")
         if mode not in CLASSIFIER_MODES:

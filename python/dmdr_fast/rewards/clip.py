@@ -5,7 +5,8 @@ Both embed the decoded images with a frozen ``transformers`` :class:`~transforme
 the images) and compare them with the embedding of the (prefixed) prompt:
 
 * :class:`CLIPScoreReward`: ``score = scale · cos(image, text)`` in ``[−scale, scale]``; the paper's
-  text-to-image form is ``loss_form="hinge", margin=0.7`` (``relu(0.7 − cos)``).
+  text-to-image form is ``RewardSpec("clip", loss_form="hinge", margin=0.7)`` (``relu(0.7 − cos)``;
+  docs/method.md §7, §11).
 * :class:`PickScoreReward`: PickScore (a CLIP-H fine-tuned on human preferences), scored as its
   reference does, ``logit_scale.exp() · cos`` (≈ ``100 · cos``, typical values ~20), divided by
   ``scale`` when a unit range is wanted.
@@ -26,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmdr_fast.rewards.base import LossForm, Reward, RewardCondition, check_condition, check_images
+from dmdr_fast.rewards.base import Reward, RewardCondition, check_condition, check_images
 from dmdr_fast.rewards.loading import MissingWeightsError, optional_import, resolve_local
 from dmdr_fast.rewards.preprocess import clip_preprocess
+from dmdr_fast.rewards.spec import RewardSpec
 
 __all__ = [
     "CLIP_HUB_ID",
@@ -182,17 +184,13 @@ class CLIPScoreReward(Reward):
         model: A ``transformers`` ``CLIPModel`` (or any module with its ``get_image_features``,
             ``get_text_features`` and ``config.vision_config.image_size``).
         tokenizer: Its tokenizer (callable as ``tokenizer(list[str], padding=..., return_tensors="pt")``).
-        name: Log key.
-        weight: Loss multiplier.
-        loss_form: ``"neg"`` or ``"hinge"`` (paper: ``"hinge"`` with ``margin=0.7``).
-        margin: Hinge margin, in score units.
-        prompt_prefix: Text put before every prompt.
+        spec: The reward's :class:`~dmdr_fast.rewards.spec.RewardSpec` (paper: ``loss_form="hinge"``,
+            ``margin=0.7``); ``None``: ``RewardSpec(name="clip")``.
         scale: Multiplier of the cosine similarity.
         dtype: Cast the model (e.g. ``torch.bfloat16``); ``None`` keeps it.
         crop: CLIP's resize-shorter-side + center-crop (``True``) or a plain resize to a square.
         text_cache_size: Number of prompt embeddings kept; 0 disables the cache.
         check_inputs: Validate images and prompts on every call (one host sync).
-        **base_kwargs: Further :class:`~dmdr_fast.rewards.base.Reward` arguments (forwarded as is).
 
     Attributes:
         cache_hits: Distinct prompts per call found in the text cache (cumulative).
@@ -203,33 +201,21 @@ class CLIPScoreReward(Reward):
     _what = "CLIP"
     _default_source = CLIP_HUB_ID
     _default_tokenizer_source: str | None = None  # None: the model's own repository
+    default_name = "clip"
 
     def __init__(
         self,
         model: nn.Module,
         tokenizer: Any,
         *,
-        name: str = "clip",
-        weight: float = 1.0,
-        loss_form: LossForm = "neg",
-        margin: float = 0.0,
-        prompt_prefix: str = "",
+        spec: RewardSpec | None = None,
         scale: float = 1.0,
         dtype: torch.dtype | None = None,
         crop: bool = True,
         text_cache_size: int = 1024,
         check_inputs: bool = True,
-        **base_kwargs: Any,
     ) -> None:
-        super().__init__(
-            name=name,
-            weight=weight,
-            loss_form=loss_form,
-            margin=margin,
-            check_inputs=check_inputs,
-            prompt_prefix=prompt_prefix,
-            **base_kwargs,
-        )
+        super().__init__(spec=spec, check_inputs=check_inputs)
         _check_clip_model(model)
         if not callable(tokenizer):
             raise TypeError(
@@ -270,7 +256,7 @@ class CLIPScoreReward(Reward):
             tokenizer_path: Tokenizer folder/hub id if not stored with the model.
             device: Move the model there.
             dtype: Cast the model (scores stay float32).
-            **reward_kwargs: Passed to the constructor (``name``, ``weight``, ``loss_form``, ...).
+            **reward_kwargs: Passed to the constructor (``spec``, ``scale``, ``crop``, ...).
 
         Raises:
             MissingWeightsError: Weights or tokenizer not found (says what to download).
@@ -374,20 +360,28 @@ class PickScoreReward(CLIPScoreReward):
     Args:
         model: The PickScore ``CLIPModel``.
         tokenizer: The CLIP-H tokenizer.
-        name: Log key.
+        spec: The reward's :class:`~dmdr_fast.rewards.spec.RewardSpec`; ``None``:
+            ``RewardSpec(name="pickscore")``.
         scale: Divisor of the score.
-        **kwargs: As :class:`CLIPScoreReward` (``weight``, ``loss_form``, ``margin``, ``prompt_prefix``,
-            ``dtype``, ``crop``, ``text_cache_size``, ``check_inputs``).
+        **kwargs: As :class:`CLIPScoreReward` (``dtype``, ``crop``, ``text_cache_size``,
+            ``check_inputs``).
     """
 
     _what = "PickScore"
     _default_source = PICKSCORE_HUB_ID
     _default_tokenizer_source = PICKSCORE_PROCESSOR_HUB_ID
+    default_name = "pickscore"
 
     def __init__(
-        self, model: nn.Module, tokenizer: Any, *, name: str = "pickscore", scale: float = 1.0, **kwargs: Any
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        spec: RewardSpec | None = None,
+        scale: float = 1.0,
+        **kwargs: Any,
     ):
-        super().__init__(model, tokenizer, name=name, scale=scale, **kwargs)
+        super().__init__(model, tokenizer, spec=spec, scale=scale, **kwargs)
         if not isinstance(getattr(model, "logit_scale", None), Tensor):
             raise TypeError("PickScore needs a CLIP model with a logit_scale parameter")
 

@@ -52,9 +52,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from dmdr_fast.rewards.base import LossForm, Reward, RewardCondition, check_condition, check_images
+from dmdr_fast.rewards.base import Reward, RewardCondition, check_condition, check_images
 from dmdr_fast.rewards.loading import MissingWeightsError, as_dtype, hub_file, optional_import, resolve_local
 from dmdr_fast.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
+from dmdr_fast.rewards.spec import RewardSpec
 
 if TYPE_CHECKING:
     from transformers import CLIPConfig, CLIPModel
@@ -392,42 +393,27 @@ class HPSReward(Reward):
     Args:
         model: A ``transformers.CLIPModel`` (e.g. from :meth:`from_checkpoint`).
         tokenizer: The matching CLIP tokenizer (a transformers tokenizer called on a list of strings).
-        name: Log key.
-        weight: Loss multiplier.
-        loss_form: ``"neg"`` or ``"hinge"`` (the paper: ``"hinge"``, ``margin=0.7``).
-        margin: Hinge margin in score units.
-        prompt_prefix: Put before every prompt (the paper: ``"Realistic photo "``).
+        spec: The reward's :class:`~dmdr_fast.rewards.spec.RewardSpec` (the paper:
+            ``loss_form="hinge"``, ``margin=0.7``, ``prompt_prefix="Realistic photo "``;
+            docs/method.md §11); ``None``: ``RewardSpec(name="hps")``.
         scale: Multiplier of the cosine (``100`` gives the number papers report).
         max_length: Token context; defaults to the text tower's positions (77).
         check_inputs: Validate images and prompts on every call.
-        **base_kwargs: Further :class:`~dmdr_fast.rewards.base.Reward` arguments (``combine``, ``ratio``,
-            ``max_weight``).
     """
+
+    default_name = "hps"
 
     def __init__(
         self,
         model: CLIPModel,
         tokenizer: Any,
         *,
-        name: str = "hps",
-        weight: float = 1.0,
-        loss_form: LossForm = "neg",
-        margin: float = 0.0,
-        prompt_prefix: str = "",
+        spec: RewardSpec | None = None,
         scale: float = 1.0,
         max_length: int | None = None,
         check_inputs: bool = True,
-        **base_kwargs: Any,
     ) -> None:
-        super().__init__(
-            name=name,
-            weight=weight,
-            loss_form=loss_form,
-            margin=margin,
-            check_inputs=check_inputs,
-            prompt_prefix=prompt_prefix,
-            **base_kwargs,
-        )
+        super().__init__(spec=spec, check_inputs=check_inputs)
         self.model = model.requires_grad_(False)
         self.tokenizer = tokenizer
         self.scale = float(scale)
@@ -476,7 +462,7 @@ class HPSReward(Reward):
         return torch.nn.functional.normalize(feats, dim=-1)
 
     def score(self, images: Tensor, cond: RewardCondition) -> Tensor:
-        """``(B,)`` float32 ``scale · cos`` of images ``(B, C, H, W)`` in ``[0, 1]`` and ``prompt_prefix + cond``."""
+        """``(B,)`` float32 ``scale · cos`` of images ``(B, C, H, W)`` in ``[0, 1]`` and ``spec.prompt_prefix + cond``."""
         img = self.image_features(images)
         txt = self.text_features(self.prompts(cond)).to(img.device)
         return self.scale * (img * txt).sum(dim=-1)
@@ -518,7 +504,7 @@ class HPSReward(Reward):
             config: The ``CLIPConfig``; inferred from the weights when ``None`` (ViT-H-14 head widths).
             vision_head_width, text_head_width: For the inference of the head counts.
             device, dtype: Where and in which precision to run the model.
-            **reward_kwargs: :class:`HPSReward` arguments (``name``, ``scale``, ``prompt_prefix``, …).
+            **reward_kwargs: :class:`HPSReward` arguments (``spec``, ``scale``, ``max_length``, …).
 
         Raises:
             ImportError: transformers is missing (names the ``rewards`` extra).
@@ -567,11 +553,7 @@ def _find_hps_checkpoint(folder: Path, version: str | None) -> Path:
 def build_hps(
     path: str | os.PathLike[str],
     *,
-    name: str = "hps",
-    weight: float = 1.0,
-    loss_form: LossForm = "neg",
-    margin: float = 0.0,
-    prompt_prefix: str = "",
+    spec: RewardSpec | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     version: str | None = None,
@@ -586,7 +568,8 @@ def build_hps(
 
     Args:
         path: Checkpoint file, folder, or hub id.
-        name, weight, loss_form, margin, prompt_prefix: :class:`HPSReward` arguments.
+        spec: The reward's :class:`~dmdr_fast.rewards.spec.RewardSpec`; ``None``:
+            ``RewardSpec(name="hps")``.
         device, dtype: Where and in which precision the model runs (dtype may be a name, ``"bfloat16"``).
         version: ``"v2.0"`` or ``"v2.1"``; needed when a folder holds both (hub default ``"v2.1"``).
         tokenizer: Tokenizer object, folder or hub id; found next to the checkpoint when ``None``.
@@ -615,10 +598,6 @@ def build_hps(
         tokenizer,
         device=device,
         dtype=dtype,
-        name=name,
-        weight=weight,
-        loss_form=loss_form,
-        margin=margin,
-        prompt_prefix=prompt_prefix,
+        spec=spec,
         **kwargs,
     )

@@ -56,9 +56,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from dmdr_fast.rewards.base import LossForm, Reward, RewardCondition, check_condition, check_images
+from dmdr_fast.rewards.base import Reward, RewardCondition, check_condition, check_images
 from dmdr_fast.rewards.loading import MissingWeightsError, as_dtype, hub_file, optional_import, resolve_local
 from dmdr_fast.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
+from dmdr_fast.rewards.spec import RewardSpec
 
 if TYPE_CHECKING:
     from transformers import BlipTextConfig, BlipVisionConfig
@@ -389,42 +390,27 @@ class ImageReward(Reward):
     Args:
         model: :class:`ImageRewardModel` (e.g. from :meth:`from_checkpoint`).
         tokenizer: BLIP's BERT tokenizer (:func:`load_image_reward_tokenizer`).
-        name: Log key.
-        weight: Loss multiplier.
-        loss_form: ``"neg"`` or ``"hinge"``.
-        margin: Hinge margin in score units (the score is roughly standard-normal over prompts).
-        prompt_prefix: Put before every prompt.
+        spec: The reward's :class:`~dmdr_fast.rewards.spec.RewardSpec` (a hinge margin is in score
+            units; the score is roughly standard-normal over prompts); ``None``:
+            ``RewardSpec(name="image_reward")``.
         max_length: Token context; upstream uses 35.
         normalize: Apply upstream's ``(r − mean) / std`` (``False`` gives the raw head output).
         check_inputs: Validate images and prompts on every call.
-        **base_kwargs: Further :class:`~dmdr_fast.rewards.base.Reward` arguments (``combine``, ``ratio``,
-            ``max_weight``).
     """
+
+    default_name = "image_reward"
 
     def __init__(
         self,
         model: ImageRewardModel,
         tokenizer: Any,
         *,
-        name: str = "image_reward",
-        weight: float = 1.0,
-        loss_form: LossForm = "neg",
-        margin: float = 0.0,
-        prompt_prefix: str = "",
+        spec: RewardSpec | None = None,
         max_length: int = 35,
         normalize: bool = True,
         check_inputs: bool = True,
-        **base_kwargs: Any,
     ) -> None:
-        super().__init__(
-            name=name,
-            weight=weight,
-            loss_form=loss_form,
-            margin=margin,
-            check_inputs=check_inputs,
-            prompt_prefix=prompt_prefix,
-            **base_kwargs,
-        )
+        super().__init__(spec=spec, check_inputs=check_inputs)
         self.model = model.requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
@@ -457,7 +443,7 @@ class ImageReward(Reward):
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
     def score(self, images: Tensor, cond: RewardCondition) -> Tensor:
-        """``(B,)`` float32 ImageReward of images ``(B, C, H, W)`` in ``[0, 1]`` and ``prompt_prefix + cond``."""
+        """``(B,)`` float32 ImageReward of images ``(B, C, H, W)`` in ``[0, 1]`` and ``spec.prompt_prefix + cond``."""
         weight = self.model.mlp.layers[0].weight
         pixels = clip_preprocess(images, self.image_size, mean=CLIP_MEAN, std=CLIP_STD, dtype=weight.dtype)
         ids, mask = self.tokenize(self.prompts(cond))
@@ -501,7 +487,7 @@ class ImageReward(Reward):
             tokenizer: A tokenizer, or a folder / hub id for :func:`load_image_reward_tokenizer`.
             vision_num_heads: ViT heads (not visible in the weights; ``width // 64`` when ``None``).
             device, dtype: Where and in which precision to run the model.
-            **reward_kwargs: :class:`ImageReward` arguments (``name``, ``prompt_prefix``, …).
+            **reward_kwargs: :class:`ImageReward` arguments (``spec``, ``max_length``, ``normalize``, …).
 
         Raises:
             ImportError: transformers is missing (names the ``rewards`` extra).
@@ -531,11 +517,7 @@ class ImageReward(Reward):
 def build_image_reward(
     path: str | os.PathLike[str],
     *,
-    name: str = "image_reward",
-    weight: float = 1.0,
-    loss_form: LossForm = "neg",
-    margin: float = 0.0,
-    prompt_prefix: str = "",
+    spec: RewardSpec | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     tokenizer: Any = None,
@@ -549,7 +531,8 @@ def build_image_reward(
 
     Args:
         path: Folder or hub id.
-        name, weight, loss_form, margin, prompt_prefix: :class:`ImageReward` arguments.
+        spec: The reward's :class:`~dmdr_fast.rewards.spec.RewardSpec`; ``None``:
+            ``RewardSpec(name="image_reward")``.
         device, dtype: Where and in which precision the model runs (dtype may be a name, ``"bfloat16"``).
         tokenizer: Tokenizer object, folder or hub id; found in the folder when ``None``.
         **kwargs: Further :meth:`ImageReward.from_checkpoint` arguments (``vision_num_heads``,
@@ -583,10 +566,6 @@ def build_image_reward(
         tokenizer,
         device=device,
         dtype=dtype,
-        name=name,
-        weight=weight,
-        loss_form=loss_form,
-        margin=margin,
-        prompt_prefix=prompt_prefix,
+        spec=spec,
         **kwargs,
     )

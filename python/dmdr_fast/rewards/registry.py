@@ -1,8 +1,9 @@
 """Build rewards by kind name (from configs / the CLI): ``build_reward("pickscore", path=..., weight=...)``.
 
-Each kind maps to a *builder*: a function taking the keyword arguments of :func:`build_reward`
-(``path``, ``name``, ``weight``, ``loss_form``, ``margin``, ``prompt_prefix``, ``device``,
-``dtype``) plus kind-specific ones, and returning a :class:`~dmdr_fast.rewards.base.Reward`.
+Each kind maps to a *builder*: a function called as ``builder(*, path, spec, device, dtype,
+**kwargs)`` — ``spec`` the reward's :class:`~dmdr_fast.rewards.spec.RewardSpec` (built by
+:func:`build_reward`, to be passed whole to the reward class), ``kwargs`` the kind-specific
+arguments — and returning a :class:`~dmdr_fast.rewards.base.Reward`.
 
 Adding a kind (e.g. ``"hps"`` or ``"image_reward"``): write a builder taking those keywords (in the
 reward's module or here) and either add it to ``_BUILDERS`` below — with its download source in
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from dmdr_fast.rewards.aesthetic import AESTHETIC_MLP_URL, AestheticReward
-from dmdr_fast.rewards.base import LOSS_FORMS, LossForm, Reward
+from dmdr_fast.rewards.base import Reward
 from dmdr_fast.rewards.callable import CallableReward
 from dmdr_fast.rewards.clip import (
     CLIP_HUB_ID,
@@ -37,6 +38,7 @@ from dmdr_fast.rewards.clip import (
 from dmdr_fast.rewards.hps import HPS_SOURCE, HPS_TOKENIZER_SOURCE, build_hps
 from dmdr_fast.rewards.image_reward import BERT_TOKENIZER_SOURCE, IMAGE_REWARD_SOURCE, build_image_reward
 from dmdr_fast.rewards.loading import MissingWeightsError, as_dtype
+from dmdr_fast.rewards.spec import RewardSpec, spec_fields
 
 __all__ = [
     "REWARD_KINDS",
@@ -50,7 +52,7 @@ __all__ = [
     "rewards_from_config",
 ]
 
-#: ``builder(*, path, name, weight, loss_form, margin, prompt_prefix, device, dtype, **kwargs) -> Reward``.
+#: ``builder(*, path, spec, device, dtype, **kwargs) -> Reward``.
 RewardBuilder = Callable[..., Reward]
 
 PathLike = str | os.PathLike[str]
@@ -117,7 +119,7 @@ def _build_callable(
     fn: Any = None,
     **kwargs: Any,
 ) -> Reward:
-    """``fn``: the scorer (required); ``kwargs``: :class:`CallableReward` arguments."""
+    """``fn``: the scorer (required); ``kwargs``: :class:`CallableReward` arguments (``spec``, ...)."""
     if fn is None:
         raise ValueError("reward kind 'callable' needs fn=, a function fn(images, cond) -> (B,)")
     if path is not None:
@@ -164,8 +166,9 @@ def register_reward_kind(
 
     Args:
         kind: The name used in configs.
-        builder: ``builder(*, path, name, weight, loss_form, margin, prompt_prefix, device, dtype,
-            **kwargs) -> Reward``; ``dtype`` arrives as a ``torch.dtype`` or ``None``.
+        builder: ``builder(*, path, spec, device, dtype, **kwargs) -> Reward``; ``spec`` is the
+            reward's :class:`~dmdr_fast.rewards.spec.RewardSpec`, ``dtype`` a ``torch.dtype`` or
+            ``None``.
         source: For kinds that load weights: where they are published (hub id or URL). Then
             ``build_reward`` refuses ``path=None`` with a :class:`MissingWeightsError` naming it,
             before calling ``builder``.
@@ -192,11 +195,7 @@ def build_reward(
     kind: str,
     *,
     path: PathLike | None = None,
-    name: str | None = None,
-    weight: float = 1.0,
-    loss_form: LossForm = "neg",
-    margin: float = 0.0,
-    prompt_prefix: str = "",
+    spec: RewardSpec | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     **kwargs: Any,
@@ -206,23 +205,24 @@ def build_reward(
     Args:
         kind: One of :func:`available_reward_kinds` (built-in: :data:`REWARD_KINDS`).
         path: Local weights (folder/file) or, online, a hub id; required by model-based kinds.
-        name: Log key; defaults to ``kind``.
-        weight: Loss multiplier.
-        loss_form: ``"neg"`` or ``"hinge"``.
-        margin: Hinge margin, in score units (paper: 0.7 for CLIP cosine).
-        prompt_prefix: Text put before every prompt.
+        spec: The reward's :class:`~dmdr_fast.rewards.spec.RewardSpec`. Instead of it, its fields
+            may be given as keywords — ``name`` (default: ``kind``), ``weight``, ``loss_form``
+            (``"neg"`` or ``"hinge"``), ``margin`` (score units; paper: 0.7 for CLIP cosine),
+            ``prompt_prefix`` — but not both.
         device: Move the reward model there.
         dtype: Cast the reward model: a ``torch.dtype`` or a name from a config (``"bfloat16"``,
             ``"bf16"``, ``"float16"``, ``"fp16"``, ``"float32"``, ``"fp32"``); scores stay float32.
-        **kwargs: Kind-specific: ``tokenizer_path``, ``scale``, ``crop``, ``text_cache_size``
-            (``"clip"``, ``"pickscore"``); ``mlp_path`` (``"aesthetic"``); ``fn``, ``differentiable``,
-            ``cond_kind``, ``channels`` (``"callable"``).
+        **kwargs: The spec's fields (above), and kind-specific arguments: ``tokenizer_path``,
+            ``scale``, ``crop``, ``text_cache_size`` (``"clip"``, ``"pickscore"``); ``mlp_path``
+            (``"aesthetic"``); ``fn``, ``differentiable``, ``cond_kind``, ``channels``
+            (``"callable"``).
 
     Returns:
         The :class:`Reward`.
 
     Raises:
-        ValueError: Unknown ``kind`` (lists the kinds), ``loss_form`` or ``dtype``.
+        ValueError: Unknown ``kind`` (lists the kinds) or ``dtype``; a bad spec field (names it).
+        TypeError: Both ``spec`` and some of its fields as keywords.
         MissingWeightsError: ``path`` is missing or does not hold the weights (names the download).
         ImportError: An optional dependency is missing (names the pip extra).
     """
@@ -231,21 +231,15 @@ def build_reward(
         raise ValueError(
             f"unknown reward kind {kind!r}; available kinds: {', '.join(available_reward_kinds())}"
         )
-    if loss_form not in LOSS_FORMS:
-        raise ValueError(f"loss_form must be one of {LOSS_FORMS}, got {loss_form!r}")
+    if spec is None:
+        spec, kwargs = RewardSpec.split(kwargs, default_name=kind)
+    elif both := [k for k in kwargs if k in spec_fields()]:
+        raise TypeError(
+            f"build_reward({kind!r}): pass spec= or its fields as keywords, not both (got {both})"
+        )
     if kind in _SOURCES:
         path = require_path(path, kind=kind, source=_SOURCES[kind])
-    reward = builder(
-        path=path,
-        name=kind if name is None else name,
-        weight=weight,
-        loss_form=loss_form,
-        margin=margin,
-        prompt_prefix=prompt_prefix,
-        device=device,
-        dtype=as_dtype(dtype),
-        **kwargs,
-    )
+    reward = builder(path=path, spec=spec, device=device, dtype=as_dtype(dtype), **kwargs)
     if not isinstance(reward, Reward):
         raise TypeError(f"builder of reward kind {kind!r} returned {type(reward).__name__}, not a Reward")
     return reward
@@ -254,8 +248,11 @@ def build_reward(
 def reward_from_config(config: Any, *, device: torch.device | str | None = None, dtype: Any = None) -> Reward:
     """Build the reward of one :class:`~dmdr_fast.config.RewardConfig` entry.
 
-    The entry's ``kind``, ``path``, ``name``, ``weight``, ``form``, ``margin``, ``prompt_prefix``,
-    ``combine``, ``ratio``, ``max_weight`` and ``kwargs`` map onto :func:`build_reward`. The
+    The entry's spec fields (``name`` or else ``kind``, ``weight``, ``form``, ``margin``,
+    ``prompt_prefix``) become the reward's :class:`~dmdr_fast.rewards.spec.RewardSpec`
+    (:meth:`RewardSpec.from_config <dmdr_fast.rewards.spec.RewardSpec.from_config>`); ``kind``,
+    ``path`` and ``kwargs`` go to :func:`build_reward`. The combination policy (``combine``,
+    ``ratio``, ``max_weight``) is not the reward's: the Trainer reads it from the same entry. The
     ``classifier`` kind wraps a model the caller owns (a preset trains it), so it is not built here.
 
     Raises:
@@ -269,16 +266,9 @@ def reward_from_config(config: Any, *, device: torch.device | str | None = None,
     return build_reward(
         config.kind,
         path=config.path,
-        name=config.name,
-        weight=config.weight,
-        loss_form=config.form,
-        margin=config.margin,
-        prompt_prefix=config.prompt_prefix,
+        spec=RewardSpec.from_config(config),
         device=device,
         dtype=dtype,
-        combine=config.combine,
-        ratio=config.ratio,
-        max_weight=config.max_weight,
         **dict(config.kwargs),
     )
 

@@ -343,16 +343,33 @@ class Trainer:
             return self.critic.velocity(x, t, cond)
 
     def _policies(self) -> list[RewardPolicy]:
-        """How each differentiable reward joins the DMD gradient: its ``config.rewards`` entry (matched
-        by name, ``name`` or else ``kind``); a reward the config does not list keeps its own
-        ``combine``/``weight``/``ratio``/``max_weight``."""
+        """How each differentiable reward joins the DMD gradient (docs/method.md §7): its
+        ``config.rewards`` entry (matched by name, ``name`` or else ``kind``); a reward the config
+        does not list is ``fixed`` at its own ``spec.weight``.
+
+        Raises:
+            ValueError: A ``fixed`` entry's ``weight`` is not the reward's ``spec.weight`` (the
+                logged ``loss_reward`` would then differ from what trains).
+        """
         if self.reward is None:
             return []
         entries = {r.name or r.kind: r for r in self.config.active_rewards}
         policies = []
         for module in self.reward.differentiable_rewards:
-            src = entries.get(module.name, module)
-            policies.append(RewardPolicy(module.name, src.combine, src.weight, src.ratio, src.max_weight))
+            spec = module.spec
+            entry = entries.get(spec.name)
+            if entry is None:
+                policies.append(RewardPolicy(spec.name, "fixed", spec.weight))
+                continue
+            if entry.combine == "fixed" and entry.weight != spec.weight:
+                raise ValueError(
+                    f"reward {spec.name!r}: config.rewards weight {entry.weight} differs from the reward "
+                    f"module's spec.weight {spec.weight}; build the reward from its config entry "
+                    "(RewardSpec.from_config) or make the two equal"
+                )
+            policies.append(
+                RewardPolicy(spec.name, entry.combine, entry.weight, entry.ratio, entry.max_weight)
+            )
         return policies
 
     # ------------------------------------------------------------------------------ one iteration

@@ -116,8 +116,12 @@ def prepare_assets(
 
 
 def make_reward(assets: DigitsAssets, configs: Sequence[RewardConfig]):
-    """The CompositeReward for the config's rewards (the digits reward classifier), or None."""
-    from dmdr_fast.rewards import ClassifierReward, CompositeReward
+    """The CompositeReward for the config's rewards (the digits reward classifier), or None.
+
+    Each entry's loss definition becomes the reward's ``RewardSpec`` (``RewardSpec.from_config``);
+    its combination policy stays in the config, where the Trainer reads it.
+    """
+    from dmdr_fast.rewards import ClassifierReward, CompositeReward, RewardSpec
 
     active = [r for r in configs if r.active]
     if not active:
@@ -128,11 +132,12 @@ def make_reward(assets: DigitsAssets, configs: Sequence[RewardConfig]):
             raise ValueError(f"rewards.{i}.kind={r.kind!r}: the digits preset provides only 'classifier'")
         rewards.append(
             ClassifierReward(
-                copy.deepcopy(assets.reward_classifier), name=r.name or "classifier", weight=r.weight,
-                loss_form=r.form, margin=r.margin, num_classes=NUM_CLASSES, in_channels=1,
-                combine=r.combine, ratio=r.ratio, max_weight=r.max_weight,
+                copy.deepcopy(assets.reward_classifier),
+                spec=RewardSpec.from_config(r),
+                num_classes=NUM_CLASSES,
+                in_channels=1,
             )
-        )  # fmt: skip
+        )
     return CompositeReward(rewards)
 
 
@@ -144,12 +149,12 @@ def make_monitor(assets: DigitsAssets, config: DMDRTrainerConfig) -> RewardHacki
     used in training). Diversity: mean pairwise distance of evaluation-network features among the
     samples of one condition.
     """
-    from dmdr_fast.rewards import ClassifierReward
+    from dmdr_fast.rewards import ClassifierReward, RewardSpec
 
     if not config.monitor.every:
         return None
     heldout = ClassifierReward(
-        copy.deepcopy(assets.eval_network), name="heldout", num_classes=NUM_CLASSES, in_channels=1
+        copy.deepcopy(assets.eval_network), spec=RewardSpec("heldout"), num_classes=NUM_CLASSES, in_channels=1
     )
     features = assets.eval_network.features
     return RewardHackingMonitor(
