@@ -241,7 +241,7 @@ def _cmd_ode_pairs(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         adapter = assets.fresh_teacher().to(device)
-        conditions = digits.balanced_labels(args.limit or 2000)
+        conditions: torch.Tensor | list[str] = digits.balanced_labels(args.limit or 2000)
         steps = args.teacher_steps or 50
     else:
         if config.data.prompts is None:

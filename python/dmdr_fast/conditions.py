@@ -55,6 +55,11 @@ def _rebuild(container: Any, items: list[Any]) -> Any:
     return type(container)(items)
 
 
+def _rebuild_mapping(mapping: Any, items: dict[Any, Any]) -> Any:
+    """Rebuild a mapping (dict, OrderedDict, ...) with new items, keeping its type."""
+    return type(mapping)(items)
+
+
 def _is_dataclass(obj: object) -> bool:
     return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
 
@@ -70,7 +75,7 @@ def _map(fn: Callable[[torch.Tensor], torch.Tensor], cond: Cond) -> Cond:
     if _is_dataclass(cond):  # text-to-image adapters' condition classes
         return dataclasses.replace(cond, **{k: _map(fn, v) for k, v in _fields(cond).items()})
     if isinstance(cond, Mapping):
-        return type(cond)({key: _map(fn, value) for key, value in cond.items()})
+        return _rebuild_mapping(cond, {key: _map(fn, value) for key, value in cond.items()})
     if isinstance(cond, (tuple, list)):
         return _rebuild(cond, [_map(fn, item) for item in cond])
     return cond
@@ -91,7 +96,7 @@ def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], cond: Cond) -> Cond:
     if _is_dataclass(cond):
         return dataclasses.replace(cond, **{k: map_tensors(fn, v) for k, v in _fields(cond).items()})
     if isinstance(cond, Mapping):
-        return type(cond)({key: map_tensors(fn, value) for key, value in cond.items()})
+        return _rebuild_mapping(cond, {key: map_tensors(fn, value) for key, value in cond.items()})
     if isinstance(cond, (tuple, list)):
         return _rebuild(cond, [map_tensors(fn, item) for item in cond])
     return cond
@@ -203,7 +208,7 @@ def _cat(parts: list[Any], path: str) -> Any:
         keys = list(first.keys())
         if not all(isinstance(p, Mapping) and list(p.keys()) == keys for p in parts):
             raise ValueError(f"cannot concatenate conditions: dicts at {path} have different keys")
-        return type(first)({k: _cat([p[k] for p in parts], f"{path}[{k!r}]") for k in keys})
+        return _rebuild_mapping(first, {k: _cat([p[k] for p in parts], f"{path}[{k!r}]") for k in keys})
     if _is_dataclass(first):
         if not all(type(p) is type(first) for p in parts):
             raise ValueError(f"cannot concatenate conditions: {path} mixes condition classes")

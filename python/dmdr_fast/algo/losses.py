@@ -195,16 +195,34 @@ def decoupled_dmd_loss(
     if uses_cfg(w) and ca_v_uncond is None:
         raise ValueError(f"ca_v_uncond is required when guidance > 1 (got guidance={w})")
 
-    def term(*args: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def term(
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        v_fake: torch.Tensor,
+        v_cond: torch.Tensor,
+        v_uncond: torch.Tensor | None,
+        guidance: float,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Ask the op for g only when the caller wants it: a fused backend may then skip writing it.
-        out = dmd_loss(*args, backend=backend, return_direction=return_direction)
-        return out if return_direction else (out, None)
+        out = dmd_loss(
+            x0,
+            x_t,
+            t,
+            v_fake,
+            v_cond,
+            v_uncond,
+            guidance,
+            eps,
+            backend=backend,
+            return_direction=return_direction,
+        )
+        return out if isinstance(out, tuple) else (out, None)  # a tuple exactly when return_direction
 
-    dm_loss, g_dm = term(x0, dm_x_t, dm_t, v_fake, dm_v_cond, None, 1.0, eps)
+    dm_loss, g_dm = term(dm_x_t, dm_t, v_fake, dm_v_cond, None, 1.0)
     loss = dm_weight * dm_loss
     direction = dm_weight * g_dm if g_dm is not None else None
     if uses_cfg(w):
-        ca_loss, g_ca = term(x0, ca_x_t, ca_t, ca_v_cond, ca_v_cond, ca_v_uncond, w, eps)
+        ca_loss, g_ca = term(ca_x_t, ca_t, ca_v_cond, ca_v_cond, ca_v_uncond, w)
         loss = loss + ca_weight * ca_loss
         if direction is not None and g_ca is not None:
             direction = direction + ca_weight * g_ca

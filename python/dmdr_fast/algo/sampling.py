@@ -242,6 +242,7 @@ def _rollout_until_selected(
             x0 = predict_x0(velocity_fn, x, _times(grid, j, idx.numel()), cond_active)
         else:
             x0 = predict_x0(velocity_fn, x, _times(grid, j, idx.numel()), cond_active)
+            assert x0_sel is not None  # allocated when not skip_selected
             x0_sel[idx[done]] = x0[done]
             if j == last:
                 break

@@ -45,7 +45,7 @@ def _check_step(step: object) -> int:
     if isinstance(step, bool):
         raise TypeError(f"step must be a non-negative int, got {step!r}")
     try:
-        value = operator.index(step)  # type: ignore[call-overload]
+        value = operator.index(step)  # type: ignore[arg-type]  # any object: index() raises TypeError
     except TypeError:
         raise TypeError(f"step must be a non-negative int, got {type(step).__name__} ({step!r})") from None
     if value < 0:

@@ -74,7 +74,12 @@ def setup(provider: str, x0, x_t, t, vf, vc, vu, w: float, mode: str) -> Callabl
             fn = torch.compile(fn, dynamic=False)
         return lambda: fn(x0, x_t, t, vf, vc, vu, w)
     if mode == "fwd":
-        return lambda: dmd_loss(x0, x_t, t, vf, vc, vu, w, backend=provider, return_direction=True)
+
+        def fwd() -> tuple[torch.Tensor, torch.Tensor]:
+            loss, g = dmd_loss(x0, x_t, t, vf, vc, vu, w, backend=provider, return_direction=True)
+            return loss, g
+
+        return fwd
     leaf = x0.detach().requires_grad_(True)
 
     def full():
@@ -110,13 +115,8 @@ def run(
     x0, x_t, t, vf, vc, vu = _inputs(shape, dtype, dev, cfg)
     nbytes = _bytes_moved(x0, cfg, mode)
     copy_gbps, copy_t = copy_bandwidth(nbytes, dev, warmup=warmup, reps=reps)
-    _, ref_out = setup(
-        "eager",
-        x0.double(),
-        *(a.double() if a is not None else None for a in (x_t, t, vf, vc, vu)),
-        guidance,
-        mode,
-    )()
+    x_t64, t64, vf64, vc64, vu64 = (a.double() if a is not None else None for a in (x_t, t, vf, vc, vu))
+    _, ref_out = setup("eager", x0.double(), x_t64, t64, vf64, vc64, vu64, guidance, mode)()
     rows: list[BenchRow] = []
     for p in providers:
         row = BenchRow(p)

@@ -60,6 +60,7 @@ def paper_iteration(tr: Trainer) -> None:
             prune=False,
         )
     x0_sel = sim.x0_sel
+    assert x0_sel is not None  # kept: the simulation ran without skip_selected
     tau = tr.dynars.sample(B, s, generator=tr.gen).to(tr.device)
     eps = noise_like(x0_sel, tr.gen)
     tr.opt_c.zero_grad(set_to_none=True)
@@ -176,6 +177,7 @@ def run(trainer: Trainer, *, cycles: int = 10, warmup: int = 2) -> dict[str, Any
             peak[name] = torch.cuda.max_memory_allocated(trainer.device) / 2**20
     cfg = trainer.config
     compiled = "ours_eager" in peak
+    ours, paper = peak["ours"], peak["paper"]  # both None off CUDA
     return {
         "benchmark": "step",
         "batch_size": cfg.train.batch_size,
@@ -190,7 +192,7 @@ def run(trainer: Trainer, *, cycles: int = 10, warmup: int = 2) -> dict[str, Any
         "speedup_gen_iter": med["paper_gen"] / med["ours_gen"],
         "compile_speedup_cycle": med["ours_eager_cycle"] / med["ours_cycle"] if compiled else None,
         "peak_mem_mib": peak,
-        "memory_ratio": peak["ours"] / peak["paper"] if peak["ours"] else None,
+        "memory_ratio": ours / paper if ours and paper is not None else None,
         "cycles": cycles,
     }
 

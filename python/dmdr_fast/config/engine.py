@@ -125,8 +125,14 @@ def _is_dataclass_instance(obj: object) -> bool:
     return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
 
 
-@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
+    # A plain wrapper: mypy rejects a class object ``type[C]`` as the Hashable argument of a
+    # functools.cache function (it checks C's instance __hash__), but accepts a ``type``.
+    return _cached_hints(cls)
+
+
+@functools.cache
+def _cached_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 

@@ -314,7 +314,10 @@ def apply_overrides(base: Any, overrides: Sequence[str], *, cls: type | None = N
         if types_ is None:
             _check_existing(data, segments, key)
         _set_in(data, segments, value, key, types_)
-    return from_dict(cls, data) if is_config else data
+    if not is_config:
+        return data
+    assert cls is not None  # taken from base above
+    return from_dict(cls, data)
 
 
 def _check_existing(data: Any, segments: list[str], key: str) -> None:

@@ -247,6 +247,7 @@ def _encode_into(
                 parts.append(part)
                 bar.update(len(batch))
             name = f"shard_{len(shards):05d}.safetensors"
+            assert fields is not None  # set by the chunk's first batch
             tensors = {k: torch.cat([p[k] for p in parts]) for k, s in fields.items() if s is not None}
             save_file(tensors, str(folder / name), metadata={"format": "pt"})
             shards.append({"file": name, "count": len(chunk)})

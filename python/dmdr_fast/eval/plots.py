@@ -105,7 +105,7 @@ def _text_size(text: str, font: Any) -> tuple[int, int]:
     from PIL import Image, ImageDraw
 
     box = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), text, font=font)
-    return box[2] - box[0], box[3] - box[1]
+    return int(box[2] - box[0]), int(box[3] - box[1])  # Pillow types the box as floats; it holds ints
 
 
 def _save_panels(
@@ -328,9 +328,9 @@ def plot_metric_curves(
             for i, rec in enumerate(records):
                 if step_key not in rec:
                     raise ValueError(f"run {name!r}, record {i}: missing {step_key!r}")
-                val = rec.get(metric)
-                if val is not None and math.isfinite(float(val)):
-                    pts.append((float(rec[step_key]), float(val)))
+                value = rec.get(metric)
+                if value is not None and math.isfinite(float(value)):
+                    pts.append((float(rec[step_key]), float(value)))
             if pts:
                 xs, ys = zip(*sorted(pts), strict=True)
                 ax.plot(xs, ys, marker="o", markersize=3, label=name)

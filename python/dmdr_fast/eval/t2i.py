@@ -235,7 +235,8 @@ def image_folder_features(
         w, h = rgb.size
         crop_w, crop_h = min(w, round(h * width / height)), min(h, round(w * height / width))
         left, top = (w - crop_w) // 2, (h - crop_h) // 2
-        rgb = rgb.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.BICUBIC)
+        box = (left, top, left + crop_w, top + crop_h)
+        rgb = rgb.crop(box).resize((width, height), Image.Resampling.BICUBIC)
         return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(height, width, 3)
 
     out = []
@@ -284,7 +285,11 @@ def scorers_from_rewards(rewards: Any) -> dict[str, Scorer]:
     if rewards is None:
         return {}
     items = list(getattr(rewards, "rewards", rewards))
-    return {r.name: (lambda images, prompts, r=r: r(images.to(_device(r)), list(prompts))) for r in items}
+    return {r.name: _scorer(r) for r in items}
+
+
+def _scorer(reward: Any) -> Scorer:
+    return lambda images, prompts: reward(images.to(_device(reward)), list(prompts))
 
 
 def _device(module: Any) -> torch.device:
@@ -297,8 +302,12 @@ def clip_features(rewards: Any) -> Callable[[Tensor], Tensor] | None:
         return None
     for r in getattr(rewards, "rewards", rewards):
         if hasattr(r, "image_embeds"):
-            return lambda images, r=r: r.image_embeds(images.to(_device(r)))
+            return _image_embeds(r)
     return None
+
+
+def _image_embeds(reward: Any) -> Callable[[Tensor], Tensor]:
+    return lambda images: reward.image_embeds(images.to(_device(reward)))
 
 
 def save_t2i_grid(

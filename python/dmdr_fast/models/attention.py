@@ -327,7 +327,7 @@ class OpFluxAttnProcessor(OpProcessor):
 
     def __call__(
         self,
-        attn: nn.Module,
+        attn: AttentionModuleMixin,
         hidden_states: Tensor,
         encoder_hidden_states: Tensor | None = None,
         attention_mask: Tensor | None = None,
@@ -427,7 +427,7 @@ if ZSingleStreamAttnProcessor is not None:
 # ----------------------------------------------------------------------------- public API
 
 
-def _attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def _attention_modules(model: nn.Module) -> Iterator[tuple[str, Attention | AttentionModuleMixin]]:
     for name, module in model.named_modules():
         if isinstance(module, _ATTENTION_MODULES) and hasattr(module, "processor"):
             yield name, module
@@ -478,7 +478,7 @@ def use_attention(model: ModelT, backend: str | None, *, strict: bool = True) ->
     backend = _check_backend(backend)
     if backend == NATIVE:
         return restore_attention(model)
-    plan: list[tuple[nn.Module, Any]] = []
+    plan: list[tuple[Attention | AttentionModuleMixin, Any]] = []
     unsupported: list[str] = []
     found = False
     for name, module in _attention_modules(model):

@@ -18,7 +18,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dmdr_fast.models.t2i import TextToImageAdapter
 
 __all__ = ["FAMILY_MODULES", "T2I_FAMILIES", "ModelFamily", "families", "family_of_pipeline", "get_family"]
 
@@ -52,7 +55,7 @@ class ModelFamily:
     """
 
     name: str
-    adapter: type
+    adapter: type[TextToImageAdapter]
     pipeline_class: str
     default_preset: str
     sampling_steps: int

@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import Literal, TypeAlias, cast
 
 import torch
 from torch import nn
@@ -112,7 +112,9 @@ class LoraLayer(nn.Module):
     (:meth:`delta_weight`); the forward pass and the per-sample scale live here.
     """
 
-    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
+    base_layer: nn.Linear | nn.Conv2d
+
+    def __init__(self, base_layer: nn.Linear | nn.Conv2d, module_name: str = "") -> None:
         super().__init__()
         self.base_layer = base_layer
         self.lora_A = nn.ModuleDict()
@@ -135,7 +137,7 @@ class LoraLayer(nn.Module):
 
     def _make_factors(
         self, rank: int, dtype: torch.dtype, device: torch.device
-    ) -> tuple[nn.Module, nn.Module]:
+    ) -> tuple[nn.Linear | nn.Conv2d, nn.Linear | nn.Conv2d]:
         raise NotImplementedError
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
@@ -184,7 +186,7 @@ class LoraLayer(nn.Module):
             if not isinstance(scale, torch.Tensor) and scale == 0.0:
                 continue  # skip the work entirely: identical to the base, and no gradient to ψ
             factor = self.lora_alpha[adapter] / self.lora_rank[adapter]
-            h = down(x.to(down.weight.dtype))
+            h = down(x.to(_factor_weight(down).dtype))
             # Scale the rank-r activation rather than the output: same result, r/out as many flops.
             h = h * _per_sample(scale * factor, h, x, self.module_name)
             out = out + self.lora_B[adapter](h).to(out.dtype)
@@ -198,6 +200,8 @@ class LoraLayer(nn.Module):
 class LoraLinear(LoraLayer):
     """LoRA around an ``nn.Linear``: A is ``Linear(in, r)``, B is ``Linear(r, out)``, no biases."""
 
+    base_layer: nn.Linear
+
     def __init__(self, base_layer: nn.Linear, module_name: str = "") -> None:
         super().__init__(base_layer, module_name)
         self.in_features = base_layer.in_features
@@ -205,18 +209,20 @@ class LoraLinear(LoraLayer):
 
     def _make_factors(
         self, rank: int, dtype: torch.dtype, device: torch.device
-    ) -> tuple[nn.Module, nn.Module]:
-        kw = {"bias": False, "dtype": dtype, "device": device}
-        return nn.Linear(self.in_features, rank, **kw), nn.Linear(rank, self.out_features, **kw)
+    ) -> tuple[nn.Linear, nn.Linear]:
+        down = nn.Linear(self.in_features, rank, bias=False, dtype=dtype, device=device)
+        return down, nn.Linear(rank, self.out_features, bias=False, dtype=dtype, device=device)
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
-        a = self.lora_A[adapter].weight.float()  # (r, in)
-        b = self.lora_B[adapter].weight.float()  # (out, r)
+        a = _factor_weight(self.lora_A[adapter]).float()  # (r, in)
+        b = _factor_weight(self.lora_B[adapter]).float()  # (out, r)
         return (b @ a) * (self.lora_alpha[adapter] / self.lora_rank[adapter])
 
 
 class LoraConv2d(LoraLayer):
     """LoRA around an ``nn.Conv2d`` (peft layout): A is the base conv with r output channels, B a 1×1 conv."""
+
+    base_layer: nn.Conv2d
 
     def __init__(self, base_layer: nn.Conv2d, module_name: str = "") -> None:
         if base_layer.groups != 1 or base_layer.dilation != (1, 1) or base_layer.padding_mode != "zeros":
@@ -231,14 +237,15 @@ class LoraConv2d(LoraLayer):
 
     def _make_factors(
         self, rank: int, dtype: torch.dtype, device: torch.device
-    ) -> tuple[nn.Module, nn.Module]:
+    ) -> tuple[nn.Conv2d, nn.Conv2d]:
         base = self.base_layer
+        # torch types Conv2d's kernel_size/stride/padding as tuple[int, ...]; they are pairs (or a str).
         down = nn.Conv2d(
             self.in_channels,
             rank,
-            base.kernel_size,
-            stride=base.stride,
-            padding=base.padding,
+            cast(tuple[int, int], base.kernel_size),
+            stride=cast(tuple[int, int], base.stride),
+            padding=cast("tuple[int, int] | str", base.padding),
             bias=False,
             dtype=dtype,
             device=device,
@@ -247,10 +254,17 @@ class LoraConv2d(LoraLayer):
         return down, up
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
-        a = self.lora_A[adapter].weight.float()  # (r, in, kh, kw)
-        b = self.lora_B[adapter].weight.float()  # (out, r, 1, 1)
+        a = _factor_weight(self.lora_A[adapter]).float()  # (r, in, kh, kw)
+        b = _factor_weight(self.lora_B[adapter]).float()  # (out, r, 1, 1)
         delta = (b.flatten(1) @ a.flatten(1)).view(self.out_channels, *a.shape[1:])
         return delta * (self.lora_alpha[adapter] / self.lora_rank[adapter])
+
+
+def _factor_weight(factor: nn.Module) -> nn.Parameter:
+    """The weight of a LoRA factor (one of the nn.Linear / nn.Conv2d modules built by ``_make_factors``)."""
+    weight = factor.weight
+    assert isinstance(weight, nn.Parameter)
+    return weight
 
 
 def _per_sample(
@@ -381,8 +395,8 @@ def lora_parameters(model: nn.Module, adapter: str | None = None) -> Iterator[nn
         for name in layer.lora_A:
             if adapter is None or name == adapter:
                 found = True
-                yield layer.lora_A[name].weight
-                yield layer.lora_B[name].weight
+                yield _factor_weight(layer.lora_A[name])
+                yield _factor_weight(layer.lora_B[name])
     if adapter is not None and not found:
         raise ValueError(f"no LoRA adapter named {adapter!r} in the model")
 

@@ -77,7 +77,9 @@ def lora_state_dict(
     state: dict[str, torch.Tensor] = {}
     for name, layer in _adapter_layers(model, adapter).items():
         for suffix, factor in ((_A_SUFFIX, layer.lora_A[adapter]), (_B_SUFFIX, layer.lora_B[adapter])):
-            tensor = factor.weight.detach()
+            weight = factor.weight
+            assert isinstance(weight, torch.Tensor)  # an nn.Linear / nn.Conv2d factor
+            tensor = weight.detach()
             state[lead + name + suffix] = (tensor.to(dtype) if dtype is not None else tensor).contiguous()
     return state
 

@@ -59,7 +59,8 @@ def char_t5_tokenizer() -> Any:
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     vocab += [(c, -3.0) for c in string.ascii_lowercase + string.digits]
     vocab += [("▁" + c, -2.5) for c in string.ascii_lowercase]
-    return transformers.T5TokenizerFast(vocab=vocab, extra_ids=0)
+    # transformers 5 resolves the *TokenizerFast names at runtime only (aliases of the new classes).
+    return transformers.T5TokenizerFast(vocab=vocab, extra_ids=0)  # type: ignore[attr-defined]
 
 
 def qwen_chat_tokenizer() -> Any:

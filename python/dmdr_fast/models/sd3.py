@@ -24,6 +24,7 @@ What diffusers' SD3 does and how the adapter maps it (diffusers 0.42):
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,7 @@ class SD3Adapter(TextToImageAdapter):
     @classmethod
     def from_pretrained(
         cls,
-        path: str | Path,
+        path: str | os.PathLike[str],
         *,
         load_t5: bool = True,
         pipeline_kwargs: dict[str, Any] | None = None,
@@ -280,7 +281,9 @@ def random_pipeline(size: str, folder: Path, seed: int = 0, *, t5: bool = True) 
             dual_attention_layers=(0,),
             qk_norm="rms_norm",
         )
-        vae_kwargs = dict(block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4)
+        vae_kwargs: dict[str, Any] = dict(
+            block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4
+        )
     else:  # stabilityai/stable-diffusion-3.5-medium transformer/config.json, vae/config.json
         transformer = SD3Transformer2DModel(
             sample_size=128,

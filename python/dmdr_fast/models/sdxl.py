@@ -48,16 +48,18 @@ import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from torch import nn
 
 from dmdr_fast.models.families import ModelFamily
 from dmdr_fast.models.protocol import Condition
 from dmdr_fast.models.random_parts import byte_level_clip_tokenizer, clip_text_model, tiny_vae
 from dmdr_fast.models.t2i import TextToImageAdapter, check_time
+
+if TYPE_CHECKING:
+    from diffusers import ModelMixin
 
 __all__ = [
     "FAMILY",
@@ -395,7 +397,7 @@ class SDXLAdapter(TextToImageAdapter):
             vae.to(torch.float32)
         return super().decode(x)
 
-    def unscale_latents(self, x: torch.Tensor, vae: nn.Module) -> torch.Tensor:
+    def unscale_latents(self, x: torch.Tensor, vae: ModelMixin) -> torch.Tensor:
         """``x / scaling_factor``, or ``x·std / scaling_factor + mean`` with latents statistics (pipeline)."""
         config = vae.config
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)

@@ -29,7 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -37,6 +38,9 @@ from torch import nn
 from dmdr_fast._dtypes import load_dtype_kwargs
 from dmdr_fast.conditions import map_tensors
 from dmdr_fast.models.protocol import Condition, check_time
+
+if TYPE_CHECKING:
+    from diffusers import ModelMixin
 
 __all__ = ["TextToImageAdapter", "check_time"]
 
@@ -85,12 +89,15 @@ class TextToImageAdapter(nn.Module):
     #: flow-matching scheduler (SDXL reads its VP schedule itself).
     reads_flow_scheduler: ClassVar[bool] = True
 
-    def __init__(self, *, vae: nn.Module | None, pipeline: Any | None, clamp: bool = True) -> None:
+    #: Prompts → a batch of the family's conditions; every subclass defines it.
+    encode_condition: Callable[[Sequence[str]], Any]
+
+    def __init__(self, *, vae: ModelMixin | None, pipeline: Any | None, clamp: bool = True) -> None:
         super().__init__()
         self.vae = vae
         if vae is not None:
             vae.requires_grad_(False)
-        self.tiny_vae: nn.Module | None = None
+        self.tiny_vae: ModelMixin | None = None
         # Registered so that .to() moves them and make_student shares them instead of copying.
         self.text_encoders = nn.ModuleList(
             [enc for name in _TEXT_ENCODER_NAMES if (enc := getattr(pipeline, name, None)) is not None]
@@ -115,7 +122,9 @@ class TextToImageAdapter(nn.Module):
             config = pipe.scheduler.config if getattr(pipe, "scheduler", None) is not None else {}
             kwargs.setdefault("num_train_timesteps", config.get("num_train_timesteps", 1000))
             kwargs.setdefault("shift", config.get("shift", 1.0))
-        adapter = cls(getattr(pipe, cls.network_attr), vae=pipe.vae, pipeline=pipe, **kwargs)
+        # The subclasses' constructors take the denoiser first (the base's takes keywords only).
+        build: Callable[..., TextToImageAdapter] = cls
+        adapter = build(getattr(pipe, cls.network_attr), vae=pipe.vae, pipeline=pipe, **kwargs)
         if device is not None:
             adapter.to(device)
         return adapter.eval()
@@ -147,7 +156,7 @@ class TextToImageAdapter(nn.Module):
     # ---- protocol members shared by all families ---------------------------------------------------
 
     @property
-    def network(self) -> nn.Module:
+    def network(self) -> ModelMixin:
         """The wrapped diffusers denoiser (transformer or UNet)."""
         return getattr(self, self.network_attr)
 
@@ -196,7 +205,7 @@ class TextToImageAdapter(nn.Module):
         images = (images.to(x.dtype) + 1.0) / 2.0
         return images.clamp(0.0, 1.0) if self.clamp else images
 
-    def unscale_latents(self, x: torch.Tensor, vae: nn.Module) -> torch.Tensor:
+    def unscale_latents(self, x: torch.Tensor, vae: ModelMixin) -> torch.Tensor:
         """Model latents → what ``vae.decode`` takes: ``x / scaling_factor + shift_factor``."""
         config = vae.config
         latents = x / config.scaling_factor
@@ -205,7 +214,7 @@ class TextToImageAdapter(nn.Module):
 
     # ---- memory ------------------------------------------------------------------------------------
 
-    def use_tiny_vae(self, vae: nn.Module | str | None) -> None:
+    def use_tiny_vae(self, vae: ModelMixin | str | None) -> None:
         """Decode for rewards through a small VAE (e.g. an ``AutoencoderTiny`` such as TAESD3/TAEF1).
 
         Args:
@@ -213,14 +222,17 @@ class TextToImageAdapter(nn.Module):
                 back to the pipeline's VAE. Its config must carry the same ``scaling_factor`` /
                 ``shift_factor`` convention as the pipeline's VAE (true for the TAESD family).
         """
+        module: ModelMixin | None
         if isinstance(vae, str):
             from diffusers import AutoencoderTiny
 
-            vae = AutoencoderTiny.from_pretrained(vae)
-        if vae is not None:
-            vae.requires_grad_(False)
-            vae.to(self._device()).eval()
-        self.tiny_vae = vae
+            module = AutoencoderTiny.from_pretrained(vae)
+        else:
+            module = vae
+        if module is not None:
+            module.requires_grad_(False)
+            module.to(self._device()).eval()
+        self.tiny_vae = module
 
     def enable_memory_savers(
         self,

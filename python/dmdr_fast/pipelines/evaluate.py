@@ -101,7 +101,9 @@ def evaluate_exported(
         raise ValueError("prompts must not be empty")
     if per_prompt < 1 or batch < 1:
         raise ValueError(f"per_prompt and batch must be >= 1, got {per_prompt} and {batch}")
-    exported = Path(student if student is not None else lora)
+    folder = student if student is not None else lora
+    assert folder is not None  # exactly one of them is given (checked above)
+    exported = Path(folder)
     info = read_export_info(exported)
     if info is None:
         raise ValueError(f"{exported} has no dmdr_export.json: not a folder written by dmdr-fast's export")

@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -33,6 +33,9 @@ from dmdr_fast._dtypes import load_dtype_kwargs, torch_dtype
 from dmdr_fast._io import atomic_write_text
 
 if TYPE_CHECKING:
+    from diffusers import ModelMixin
+
+    from dmdr_fast.models.t2i import TextToImageAdapter
     from dmdr_fast.train.trainer import Trainer
 
 __all__ = ["EXPORT_INFO_NAME", "export_student", "load_exported", "read_export_info", "sample_exported"]
@@ -57,11 +60,12 @@ def export_student(
     """
     from dmdr_fast.models.lora_io import save_lora
 
-    student, config = trainer.student, trainer.config
-    if not hasattr(student, "export_scheduler"):
+    config = trainer.config
+    if not hasattr(trainer.student, "export_scheduler"):
         raise ValueError(
-            f"{type(student).__name__} is not a text-to-image adapter: nothing to export to diffusers"
+            f"{type(trainer.student).__name__} is not a text-to-image adapter: nothing to export to diffusers"
         )
+    student = cast("TextToImageAdapter", trainer.student)  # what the check above admits
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n, shift = config.student.num_steps, config.student.shift
@@ -132,7 +136,7 @@ def _patch_model_index(out: Path, scheduler: Any) -> None:
 
 
 @torch.no_grad()
-def _save_network(network: torch.nn.Module, folder: Path, dtype: torch.dtype) -> None:
+def _save_network(network: ModelMixin, folder: Path, dtype: torch.dtype | None) -> None:
     """``save_pretrained`` layout of ``network`` (config + safetensors), cast to ``dtype`` on the CPU.
 
     Only the state dict matters (attention processors are not saved), so the live network is
@@ -159,7 +163,7 @@ def _size_kwargs(student: Any) -> dict[str, int]:
 
 
 def _assemble(
-    student: Any, network: torch.nn.Module, scheduler: Any, base_path: str | None, dtype: torch.dtype
+    student: Any, network: torch.nn.Module, scheduler: Any, base_path: str | None, dtype: torch.dtype | None
 ):
     """The teacher pipeline's components with the student's denoiser and the few-step scheduler."""
     pipe = student.pipeline
@@ -268,7 +272,7 @@ def sample_exported(
     # The flow pipelines call scheduler.step without the generator: multi-step re-noising draws
     # from the global RNG, so seed it too for reproducible samples.
     torch.manual_seed(seed)
-    quiet = contextlib.nullcontext()
+    quiet: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if "timesteps" in kwargs:  # a noise-timestep student starts below 999 on purpose
         from dmdr_fast.models.sdxl import expected_noise_timestep
 

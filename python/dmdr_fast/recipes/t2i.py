@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,9 @@ from dmdr_fast.data.prompts import PromptBatch
 from dmdr_fast.models.families import T2I_FAMILIES, family_of_pipeline, get_family
 from dmdr_fast.train import checkpoint as ckpt
 from dmdr_fast.train.trainer import Trainer, resolve_device
+
+if TYPE_CHECKING:
+    from dmdr_fast.models.t2i import TextToImageAdapter
 
 __all__ = [
     "T2I_FAMILIES",
@@ -83,7 +86,7 @@ def bench_trainer(config: DMDRTrainerConfig, *, num_prompts: int = 64) -> Traine
     return Trainer(config, adapter, data=EncodedPromptSampler(batch))
 
 
-def adapter_class(family: str) -> type:
+def adapter_class(family: str) -> type[TextToImageAdapter]:
     """The adapter class of a text-to-image family (imports diffusers; the family registry's entry)."""
     try:
         return get_family(family).adapter
@@ -138,6 +141,7 @@ def build_data(config: DMDRTrainerConfig, adapter: Any) -> tuple[Any, PromptBatc
         sampler: Any = CachedPromptSampler(cache)
         pool = list(cache.prompts)
     else:
+        assert data.prompts is not None  # checked above: no cache, so prompts
         pool = load_prompts(data.prompts, column=data.column)
         sampler = PromptSampler(tuple(pool))
     prompts = list(data.eval_prompts) or pool[:NUM_EVAL_PROMPTS]

@@ -91,7 +91,7 @@ class RewardHackingMonitor:
 
     def __init__(
         self,
-        conditions: Tensor | Sequence[str],
+        conditions: Tensor | Sequence[str] | PromptBatch,
         *,
         heldout: HeldoutScore | None = None,
         features: Callable[[Tensor], Tensor] | None = None,

@@ -107,9 +107,14 @@ def generate_ode_pairs(
     tmp = out.with_name(out.name + ".tmp")
     dev = torch.device(device) if device is not None else _device(adapter)
     store = dtype or torch.float32
-    labels = conditions.reshape(-1).long() if isinstance(conditions, torch.Tensor) else None
-    prompts = None if labels is not None else [str(p) for p in conditions]
-    n = labels.numel() if labels is not None else len(prompts)
+    labels: torch.Tensor | None = None
+    prompts: list[str] | None = None
+    if isinstance(conditions, torch.Tensor):
+        labels = conditions.reshape(-1).long()
+        n = labels.numel()
+    else:
+        prompts = [str(p) for p in conditions]
+        n = len(prompts)
     if n == 0:
         raise ValueError("conditions must not be empty")
     if shift is None:
@@ -153,6 +158,7 @@ def generate_ode_pairs(
     else:
         from dmdr_fast.data.prompt_cache import PromptCache, build_prompt_cache
 
+        assert prompts is not None  # the conditions are prompts
         # A complete cache from the interrupted run is kept (build_prompt_cache sees it is current).
         build_prompt_cache(adapter, prompts, tmp / "cache", progress=progress, model_id=model_id, dtype=dtype)
         cache = PromptCache.open(tmp / "cache", adapter, model_id=model_id)

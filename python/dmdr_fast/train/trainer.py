@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -69,6 +69,9 @@ from dmdr_fast.train.logging import RunLogger
 from dmdr_fast.train.monitor import RewardHackingMonitor
 from dmdr_fast.train.runtime import compile_networks, deterministic_algorithms, resolve_device
 
+if TYPE_CHECKING:
+    from dmdr_fast.models.sdxl import SDXLAdapter
+
 __all__ = [
     "ClassLabelSampler",
     "ConditionSampler",
@@ -103,6 +106,11 @@ def _deterministic_scope(method: Callable[..., Any]) -> Callable[..., Any]:
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
+
+
+def _rollout_x0(sim: BackwardSimulation) -> torch.Tensor:
+    assert sim.x0_sel is not None  # kept unless the simulation skipped the selected step
+    return sim.x0_sel.float()
 
 
 def _grad_norm(params: list[nn.Parameter], clip: float) -> torch.Tensor:
@@ -176,7 +184,7 @@ class Trainer:
         if s.init is not None and load_init:  # False when a checkpoint will replace it (resume)
             self._load_student_init(s.init)
         if s.noise_timestep is not None:
-            self.student.set_noise_timestep(s.noise_timestep)  # config checked: SDXL adapters only
+            cast("SDXLAdapter", self.student).set_noise_timestep(s.noise_timestep)  # config: SDXL only
         if c.kind == "lora":
             self.guidance = make_guidance(teacher, lora_config(c.lora, "critic", targets))
             self.critic = None
@@ -399,7 +407,7 @@ class Trainer:
         x0 = self._generator_x0(sim, cond) if reuse else None
 
         # 2. Critic update: flow matching of the fake score on the student's samples.
-        gn_c = self._critic_update(x0.detach() if x0 is not None else sim.x0_sel.float(), cond, s)
+        gn_c = self._critic_update(x0.detach() if x0 is not None else _rollout_x0(sim), cond, s)
         st.step += 1
         if not gen_update:
             return None
@@ -610,6 +618,7 @@ class Trainer:
         from dmdr_fast.train.ode_init import ODEPairs, ode_regression
 
         s = self.config.student
+        assert s.ode_init is not None  # fit() calls this only when it is set
         pairs = ODEPairs.open(s.ode_init, self.student, model_id=model_identity(self.config.model.path))
         losses = ode_regression(
             self._student_net, _trainable(self.student.network), pairs, self.student, t0=self.grid[0],
@@ -686,7 +695,9 @@ class Trainer:
         noise = randn((n, *self.student.sample_shape), generator=gen, device=self.device)  # CPU or CUDA RNG
         ctx = self.ema_weights() if use_ema else contextlib.nullcontext()
         with ctx, self.autocast():
-            return few_step_sample(self.student.velocity, noise, cond, grid, generator=gen).float()
+            x0 = few_step_sample(self.student.velocity, noise, cond, grid, generator=gen)
+            assert isinstance(x0, torch.Tensor)  # not a trajectory: return_trajectory is False
+            return x0.float()
 
     def save_sample_grid(self, path: str | os.PathLike[str] | None = None) -> Path | None:
         """A PNG grid of student samples for fixed noise and labels (rank 0, needs out_dir)."""
@@ -697,11 +708,10 @@ class Trainer:
         n = self.config.train.num_grid_samples
         raw = self.data.sample(n, torch.Generator().manual_seed(1234))
         images = self.student.decode(self.sample(raw)).cpu()
-        path = (
-            Path(path)
-            if path is not None
-            else self.out_dir / "samples" / f"step_{self.state.gen_step:07d}.png"
-        )
+        if path is None:
+            assert self.out_dir is not None  # checked above
+            path = self.out_dir / "samples" / f"step_{self.state.gen_step:07d}.png"
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         return save_image_grid(images, path, nrow=int(math.sqrt(n)) or 1)
 

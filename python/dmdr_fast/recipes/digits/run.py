@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,9 @@ from dmdr_fast.eval.metrics import RealReference, compute_features, evaluate_fea
 from dmdr_fast.train import checkpoint as ckpt
 from dmdr_fast.train.monitor import RewardHackingMonitor
 from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
+
+if TYPE_CHECKING:
+    from dmdr_fast.recipes.digits.classifier import DigitClassifier
 
 __all__ = [
     "DigitsAssets",
@@ -60,7 +63,7 @@ class DigitsAssets:
     teacher_state: dict[str, torch.Tensor]
     teacher_config: dict[str, Any]
     reward_classifier: torch.nn.Module
-    eval_network: torch.nn.Module
+    eval_network: DigitClassifier
     images: torch.Tensor  # (N, 1, 8, 8) in [0, 1]
     labels: torch.Tensor  # (N,)
     reference: RealReference  # eval-network statistics of the real digits

@@ -259,6 +259,7 @@ def train_flow_teacher(
         optimizer.step()
         schedule.step()
         if ema is not None:
+            assert ema_decay is not None  # ema exists exactly when ema_decay is given
             decay = min(ema_decay, (1 + step) / (10 + step))
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
         window.append(loss.detach())
@@ -271,7 +272,11 @@ def train_flow_teacher(
             if log_fn is not None:
                 log_fn(
                     step + 1,
-                    {"loss": mean_loss, "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm)},
+                    {
+                        "loss": mean_loss,
+                        "lr": float(schedule.get_last_lr()[0]),
+                        "grad_norm": float(grad_norm),
+                    },
                 )
             if bar is not None:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)  # drawn by the update
