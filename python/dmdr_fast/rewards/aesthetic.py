@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from dmdr_fast.rewards.base import Reward, RewardCondition, check_condition, check_images
 from dmdr_fast.rewards.clip import (
     CLIP_HUB_ID,
+    CLIPModelLike,
     _check_clip_model,
     _looks_like_hub_id,
     clip_image_embeds,
@@ -116,6 +117,7 @@ class AestheticReward(Reward):
     """
 
     default_name = "aesthetic"
+    clip: CLIPModelLike
 
     def __init__(
         self,
@@ -131,7 +133,8 @@ class AestheticReward(Reward):
         _check_clip_model(clip_model)
         if not isinstance(mlp, nn.Module):
             raise TypeError(f"mlp must be an nn.Module, got {type(mlp).__name__}")
-        embed_dim = int(clip_model.config.projection_dim)
+        config: Any = clip_model.config  # CLIPConfig
+        embed_dim = int(config.projection_dim)
         first = next((m for m in mlp.modules() if isinstance(m, nn.Linear)), None)
         if first is not None and first.in_features != embed_dim:
             raise ValueError(
@@ -141,7 +144,7 @@ class AestheticReward(Reward):
         self.clip = freeze_model(clip_model, dtype)
         self.mlp = freeze_model(mlp)
         self.crop = crop
-        self.image_size = int(clip_model.config.vision_config.image_size)
+        self.image_size = int(config.vision_config.image_size)
 
     @classmethod
     def from_pretrained(

@@ -32,7 +32,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -79,8 +79,7 @@ def check_images(images: Any, *, channels: int | None = None, check_range: bool 
             f"images must have {channels} channels (B, {channels}, H, W), got {tuple(images.shape)}"
         )
     if check_range and images.numel():
-        lo, hi = torch.aminmax(images.detach())
-        lo, hi = float(lo), float(hi)
+        lo, hi = (float(v) for v in torch.aminmax(images.detach()))
         if not (lo >= -_RANGE_TOL and hi <= 1.0 + _RANGE_TOL):  # also catches NaN
             raise ValueError(
                 f"images must be decoded images in [0, 1] (use adapter.decode), got values in [{lo:.4g}, {hi:.4g}]"
@@ -300,14 +299,19 @@ class CompositeReward(nn.Module):
         self.rewards = nn.ModuleList(rewards)
 
     @property
+    def members(self) -> list[Reward]:
+        """The rewards in order (``self.rewards`` is the ModuleList that registers them)."""
+        return cast("list[Reward]", list(self.rewards))
+
+    @property
     def differentiable_rewards(self) -> list[Reward]:
         """The rewards that enter the ReFL loss."""
-        return [r for r in self.rewards if r.differentiable]
+        return [r for r in self.members if r.differentiable]
 
     @property
     def non_differentiable_rewards(self) -> list[Reward]:
         """The rewards that are only scored (for a future group-relative branch) and logged."""
-        return [r for r in self.rewards if not r.differentiable]
+        return [r for r in self.members if not r.differentiable]
 
     def train(self, mode: bool = True) -> CompositeReward:
         """Rewards stay in eval mode."""
@@ -328,7 +332,7 @@ class CompositeReward(nn.Module):
         scores: dict[str, Tensor] = {}
         terms: dict[str, Tensor] = {}
         logs: dict[str, Tensor] = {}
-        for r in self.rewards:
+        for r in self.members:
             if r.differentiable:
                 score = r(images, cond)
                 terms[r.name] = reward_loss(score, r.spec.loss_form, r.spec.margin)

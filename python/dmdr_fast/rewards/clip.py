@@ -50,6 +50,11 @@ PICKSCORE_HUB_ID = "yuvalkirstain/PickScore_v1"
 #: Where PickScore's reference takes its processor (tokenizer) from.
 PICKSCORE_PROCESSOR_HUB_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
+#: A ``transformers`` ``CLIPModel`` or any module with its interface (``get_image_features``,
+#: ``get_text_features``, ``config``), checked at run time by ``_check_clip_model``. Typed ``Any``:
+#: transformers is imported lazily, and lookalike modules are accepted by design.
+CLIPModelLike = Any
+
 # Files from which the CLIP tokenizer can be loaded (any one is enough).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
@@ -99,7 +104,7 @@ def _check_clip_model(model: Any) -> None:
             )
 
 
-def clip_image_embeds(model: nn.Module, images: Tensor, *, image_size: int, crop: bool = True) -> Tensor:
+def clip_image_embeds(model: CLIPModelLike, images: Tensor, *, image_size: int, crop: bool = True) -> Tensor:
     """L2-normalised CLIP image embeddings, differentiable in ``images``.
 
     Args:
@@ -197,6 +202,8 @@ class CLIPScoreReward(Reward):
         cache_misses: Distinct prompts per call that had to be encoded (cumulative).
     """
 
+    model: CLIPModelLike
+
     #: Human name and default download source, used in errors of :meth:`from_pretrained`.
     _what = "CLIP"
     _default_source = CLIP_HUB_ID
@@ -229,7 +236,7 @@ class CLIPScoreReward(Reward):
         self.tokenizer = tokenizer
         self.scale = float(scale)
         self.crop = crop
-        config = model.config
+        config = self.model.config
         self.image_size = int(config.vision_config.image_size)
         self.max_length = int(config.text_config.max_position_embeddings)
         self.text_cache_size = text_cache_size

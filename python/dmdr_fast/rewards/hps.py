@@ -417,8 +417,9 @@ class HPSReward(Reward):
         self.model = model.requires_grad_(False)
         self.tokenizer = tokenizer
         self.scale = float(scale)
-        self.image_size = int(model.config.vision_config.image_size)
-        self.max_length = int(max_length or model.config.text_config.max_position_embeddings)
+        config: Any = model.config  # transformers types its sub-configs as optional dicts
+        self.image_size = int(config.vision_config.image_size)
+        self.max_length = int(max_length or config.text_config.max_position_embeddings)
         self.train(False)
 
     def validate(self, images: Tensor, cond: RewardCondition) -> None:

@@ -149,6 +149,13 @@ class ImageRewardHead(nn.Module):
         """``(B, input_size)`` → ``(B, 1)`` raw (unnormalised) reward."""
         return self.layers(x)
 
+    @property
+    def first_weight(self) -> Tensor:
+        """The first linear layer's weight ``(1024, input_size)``: the head's device and dtype."""
+        first = self.layers[0]
+        assert isinstance(first, nn.Linear)  # built so in __init__
+        return first.weight
+
 
 class ImageRewardModel(nn.Module):
     """BLIP vision encoder + image-grounded BLIP text encoder + :class:`ImageRewardHead`.
@@ -192,7 +199,7 @@ class ImageRewardModel(nn.Module):
             is_decoder=False,  # bidirectional self-attention, as upstream's BertModel default
         ).last_hidden_state
         cls = text[:, 0]
-        return self.mlp(cls.to(self.mlp.layers[0].weight.dtype)).squeeze(-1)
+        return self.mlp(cls.to(self.mlp.first_weight.dtype)).squeeze(-1)
 
 
 def blip_vision_config_from_state_dict(
@@ -439,12 +446,12 @@ class ImageReward(Reward):
             max_length=self.max_length,
             return_tensors="pt",
         )
-        device = self.model.mlp.layers[0].weight.device
+        device = self.model.mlp.first_weight.device
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
     def score(self, images: Tensor, cond: RewardCondition) -> Tensor:
         """``(B,)`` float32 ImageReward of images ``(B, C, H, W)`` in ``[0, 1]`` and ``spec.prompt_prefix + cond``."""
-        weight = self.model.mlp.layers[0].weight
+        weight = self.model.mlp.first_weight
         pixels = clip_preprocess(images, self.image_size, mean=CLIP_MEAN, std=CLIP_STD, dtype=weight.dtype)
         ids, mask = self.tokenize(self.prompts(cond))
         reward = self.model(pixels.to(weight.device), ids, mask).float()
@@ -499,15 +506,16 @@ class ImageReward(Reward):
             sd = dict(checkpoint)
         else:
             sd = torch.load(os.fspath(checkpoint), map_location="cpu", weights_only=True)
-        if not isinstance(med_config, Mapping):
-            med_config = json.loads(Path(med_config).read_text())
+        med: Mapping[str, Any] = (
+            med_config if isinstance(med_config, Mapping) else json.loads(Path(med_config).read_text())
+        )
         tok = (
             tokenizer
             if not isinstance(tokenizer, (str, os.PathLike))
             else load_image_reward_tokenizer(tokenizer)
         )
         vision_config = blip_vision_config_from_state_dict(sd, num_attention_heads=vision_num_heads)
-        text_config = blip_text_config_from_med_config(med_config, vision_config.hidden_size)
+        text_config = blip_text_config_from_med_config(med, vision_config.hidden_size)
         model = ImageRewardModel(vision_config, text_config)
         model.load_state_dict(image_reward_to_transformers_state_dict(sd), strict=True)
         reward = cls(model, tok, **reward_kwargs)

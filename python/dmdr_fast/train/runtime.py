@@ -66,3 +66,20 @@ def compile_networks(networks: Iterable[nn.Module], train: TrainConfig) -> None:
     # count against one recompile limit (default 8); past it dynamo silently runs eager.
     dynamo_config = torch._dynamo.config
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimiser updates (LoRA factors only, when the base is frozen)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def grad_norm(params: list[nn.Parameter], clip: float) -> torch.Tensor:
+    """The gradients' total norm (clipped to ``clip`` if > 0), as a 0-dim tensor: reading it out
+    (``float``) waits for the device, so that is left to the logging, once per generator step.
+
+    ``clip = 0`` means no clipping (``clip_grad_norm_`` with 0 would zero every gradient).
+    """
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip).detach()
+    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.zeros(())

@@ -67,10 +67,17 @@ from dmdr_fast.train import checkpoint as ckpt
 from dmdr_fast.train.components import guidance_scale, lora_config, real_score_schedule, renoise_schedule
 from dmdr_fast.train.logging import RunLogger
 from dmdr_fast.train.monitor import RewardHackingMonitor
-from dmdr_fast.train.runtime import compile_networks, deterministic_algorithms, resolve_device
+from dmdr_fast.train.runtime import (
+    compile_networks,
+    deterministic_algorithms,
+    grad_norm,
+    resolve_device,
+    trainable,
+)
 
 if TYPE_CHECKING:
     from dmdr_fast.models.sdxl import SDXLAdapter
+    from dmdr_fast.rewards import CompositeReward
 
 __all__ = [
     "ClassLabelSampler",
@@ -104,22 +111,9 @@ def _deterministic_scope(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _trainable(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
-
-
 def _rollout_x0(sim: BackwardSimulation) -> torch.Tensor:
     assert sim.x0_sel is not None  # kept unless the simulation skipped the selected step
     return sim.x0_sel.float()
-
-
-def _grad_norm(params: list[nn.Parameter], clip: float) -> torch.Tensor:
-    """The gradients' total norm (clipped to ``clip`` if > 0), as a 0-dim tensor: reading it out
-    (``float``) waits for the device, so that is left to the logging, once per generator step."""
-    if clip > 0:
-        return torch.nn.utils.clip_grad_norm_(params, clip).detach()
-    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.zeros(())
 
 
 class Trainer:
@@ -147,7 +141,7 @@ class Trainer:
         config: DMDRTrainerConfig,
         teacher: FlowModelAdapter,
         *,
-        reward: nn.Module | None = None,
+        reward: CompositeReward | None = None,
         data: ConditionSampler,
         out_dir: str | os.PathLike[str] | None = None,
         evaluator: Callable[[Trainer], dict[str, float]] | None = None,
@@ -203,14 +197,14 @@ class Trainer:
         o = config.optim
         lr_g, lr_c = o.learning_rates(stage2=False)
         self.opt_g = torch.optim.AdamW(
-            _trainable(self.student.network),
+            trainable(self.student.network),
             lr=lr_g,
             betas=o.betas,
             eps=o.adam_eps,
             weight_decay=o.weight_decay_generator,
         )
         self.opt_c = torch.optim.AdamW(
-            _trainable(critic_owner.network),
+            trainable(critic_owner.network),
             lr=lr_c,
             betas=o.betas,
             eps=o.adam_eps,
@@ -422,7 +416,7 @@ class Trainer:
             ca_renoise=cfg.dmdr.ca_renoise, generator=self.gen,
         )  # fmt: skip
         metrics = self.generator_backward(x0, inputs, raw, stage)
-        metrics["grad_norm_g"] = float(_grad_norm(_trainable(self.student.network), cfg.optim.grad_clip))
+        metrics["grad_norm_g"] = float(grad_norm(trainable(self.student.network), cfg.optim.grad_clip))
         self.opt_g.step()
         self._update_ema()
         st.gen_step += 1
@@ -481,7 +475,7 @@ class Trainer:
                 v = self._critic_net(renoise(x0_sel, tau, eps), tau, cond)
             loss_c = critic_loss(v.float(), x0_sel, eps)
             loss_c.backward()
-        gn_c = _grad_norm(_trainable((self.critic or self.guidance).network), cfg.optim.grad_clip)
+        gn_c = grad_norm(trainable((self.critic or self.guidance).network), cfg.optim.grad_clip)
         self.opt_c.step()
         self._critic_losses.append(loss_c.detach())
         return gn_c
@@ -621,7 +615,7 @@ class Trainer:
         assert s.ode_init is not None  # fit() calls this only when it is set
         pairs = ODEPairs.open(s.ode_init, self.student, model_id=model_identity(self.config.model.path))
         losses = ode_regression(
-            self._student_net, _trainable(self.student.network), pairs, self.student, t0=self.grid[0],
+            self._student_net, trainable(self.student.network), pairs, self.student, t0=self.grid[0],
             steps=s.ode_steps, lr=s.ode_lr, optim=self.config.optim, batch_size=self.config.train.batch_size,
             generator=self.gen, device=self.device, autocast=self.autocast, log=self.logger.log,
             log_every=self.config.train.log_every, progress=progress and self.rank == 0,
