@@ -164,7 +164,8 @@ def test_file_size_budget(path: Path):
 def test_the_code_cites_only_documents_of_this_repository():
     root = PACKAGE.parents[1]
     pattern = re.compile(r"DESIGN\.md|DESIGN §|PAPER_NOTES")
-    places = [*PACKAGE.rglob("*.py"), *(root / "kernels").rglob("*"), *(root / "csrc").rglob("*")]
+    places = [*PACKAGE.rglob("*.py"), *PACKAGE.rglob("*.yaml"), *(root / "kernels").rglob("*")]
+    places += [*(root / "csrc").rglob("*")]
     places += [*(root / "tests").rglob("*.py"), *(root / "scripts").rglob("*"), root / "CMakeLists.txt"]
     hits = [
         f"{p.relative_to(root)}:{i}"
