@@ -14,9 +14,10 @@ Three scopes (``launches(scope=...)``): ``"all"`` compiles every block / warp / 
 configuration and every dtype a launcher can pick, with the constexprs that only set a loop's trip
 count or a partial-sum tile (``ITERS``, ``NBLK_P2``) and the shape flags (``EVEN_*``, mask, pointer
 alignment) at a few representative problem shapes; ``"ci"`` is the part of it marked
-``Launch.ci`` — every block configuration of every kernel, dropping duplicates that cost compile
-time but differ only in a store's dtype or a shape flag, and the fp32 attention tiles beyond the
-smallest (15-180 s each: ieee-precision ``tl.dot`` is unrolled FMA code); ``"full"`` takes the
+``Launch.ci`` — every block configuration of every kernel, dropping near-duplicates that cost
+compile time (attention in fp16 and FP8 with a non-bf16 output: another element type in the same
+code; the aligned attention shape; the middle elementwise shape) and the fp32 attention tiles
+beyond the smallest (15-180 s each: ieee-precision ``tl.dot`` is unrolled FMA code); ``"full"`` takes the
 whole product of the representative axes too (hours on 2 cores).
 
 A new kernel module ``kernels/<name>.py`` is registered by one function here that returns its
