@@ -1,4 +1,4 @@
-"""``dmdr-fast`` command line: train, sample, eval, experiment, bench, env."""
+"""``dmdr-fast`` command line: train, sample, eval, experiment, bench, env, check-kernels."""
 
 from __future__ import annotations
 
@@ -37,6 +37,12 @@ def _cmd_env(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['op']:<{op_w}}{r['backend']:<9}{r['device']:<7}{r['status']:<{width}}  {r['note']}")
     return 0
+
+
+def _cmd_check_kernels(args: argparse.Namespace) -> int:
+    from dmdr_fast.ops import triton_aot
+
+    return triton_aot.run_from_args(args)
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -466,6 +472,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     env = sub.add_parser("env", help="show build info and the ops × backends availability table")
     env.set_defaults(func=_cmd_env)
+
+    check = sub.add_parser(
+        "check-kernels",
+        help="compile every Triton kernel configuration for GPU targets, no GPU needed (registers, spills)",
+    )
+    check.add_argument("--target", default="sm_90,sm_80", help="comma-separated CUDA targets")
+    check.add_argument(
+        "--kernels", default=None, help="comma-separated kernel modules (default: all registered)"
+    )
+    check.add_argument(
+        "--match", default=None, help="only launches whose 'kernel configuration' contains this"
+    )
+    check.add_argument(
+        "--scope", default="all", choices=["ci", "all", "full"],
+        help="ci: the subset CI compiles; all: every configuration at representative shapes; "
+        "full: every ITERS / NBLK_P2 / shape-flag value too (hours)",
+    )  # fmt: skip
+    check.add_argument("--jobs", type=int, default=None, help="worker processes (default: the CPU count)")
+    check.add_argument("--out", default=None, help="also write the markdown table to this file")
+    check.set_defaults(func=_cmd_check_kernels)
 
     def add_config_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(

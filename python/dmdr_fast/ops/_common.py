@@ -23,6 +23,9 @@ __all__ = [
     "FLOAT_DTYPES",
     "FUSED_DTYPES",
     "OUT_MAX",
+    "TRITON_BLOCK",
+    "TRITON_MAX_ITERS",
+    "TRITON_MAX_PARTIALS",
     "check_float_tensor",
     "check_same_device",
     "check_same_shape",
@@ -30,6 +33,7 @@ __all__ = [
     "device_context",
     "dtype_code",
     "fused_backends",
+    "gpu_triton_grid",
     "is_number",
     "native_available",
     "on_input_device",
@@ -48,6 +52,12 @@ OUT_MAX = {
     torch.float16: 65504.0,
     torch.bfloat16: 3.3895313892515355e38,
 }
+# The elementwise Triton kernels' launch shape on a GPU (:func:`triton_grid`): elements per
+# program and iteration, the iteration count up to which programs are added before iterating more,
+# and the most blocks per sample (the second kernel loads a sample's partial sums in one tile).
+TRITON_BLOCK = 1024
+TRITON_MAX_ITERS = 16
+TRITON_MAX_PARTIALS = 4096
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
@@ -153,14 +163,22 @@ def on_input_device(fn: Callable[[_RecordT], _ResultT]) -> Callable[[_RecordT], 
 def triton_grid(B: int, D: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_SIZE, ITERS, blocks per sample): ~4 programs per SM in total on a GPU."""
     if device.type == "cuda":
-        block = 1024
-        target = max(1, -(-4 * torch.cuda.get_device_properties(device).multi_processor_count // B))
-    else:  # interpreter: few, small programs keep it fast
-        block, target = 128, 4
+        return gpu_triton_grid(B, D, torch.cuda.get_device_properties(device).multi_processor_count)
+    return _split_rows(D, 128, 4)  # interpreter: few, small programs keep it fast
+
+
+def gpu_triton_grid(B: int, D: int, sm_count: int) -> tuple[int, int, int]:
+    """:func:`triton_grid` on a GPU with ``sm_count`` SMs (a function of numbers only, so that
+    :mod:`dmdr_fast.ops.triton_configs` can enumerate its choices without a GPU)."""
+    return _split_rows(D, TRITON_BLOCK, max(1, -(-4 * sm_count // B)))
+
+
+def _split_rows(D: int, block: int, target: int) -> tuple[int, int, int]:
+    """(block, ITERS, blocks per sample) for ~``target`` programs per sample of ``D`` elements."""
     iters = 1
-    while iters < 16 and block * iters * target < D:
+    while iters < TRITON_MAX_ITERS and block * iters * target < D:
         iters *= 2
-    while -(-D // (block * iters)) > 4096:  # keep the partial-sum row loadable by one program
+    while -(-D // (block * iters)) > TRITON_MAX_PARTIALS:  # one program loads the partial-sum row
         iters *= 2
     return block, iters, -(-D // (block * iters))
 

@@ -52,6 +52,7 @@ __all__ = ["BACKENDS", "AttentionFunction", "AttentionInputs", "attention"]
 
 OP = "attention"
 Tensor = torch.Tensor
+PREPROCESS_BLOCK_M = 64  # rows per program of δ = rowsum(dO∘O) on a GPU (no autotuning: memory-bound)
 _Grads = tuple[Tensor, Tensor, Tensor]
 
 
@@ -153,7 +154,7 @@ def attention_bwd_triton(p: AttentionInputs, grad_out: Tensor, out: Tensor, lse:
     import triton
 
     with device_context(q.device):
-        block_m = 64 if q.device.type == "cuda" else INTERPRETER_BLOCKS[0]
+        block_m = PREPROCESS_BLOCK_M if q.device.type == "cuda" else INTERPRETER_BLOCKS[0]
         kernels.attention_bwd_preprocess[(triton.cdiv(Lq, block_m), B * H)](
             out, do, delta, *strides3(out), *strides3(do), H, Lq, D, BLOCK_M=block_m, BLOCK_D=bd
         )

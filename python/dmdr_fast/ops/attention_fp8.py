@@ -36,13 +36,29 @@ from dmdr_fast.ops._attention_common import (
 from dmdr_fast.ops._common import FUSED_DTYPES, cuda_capability_check, device_context
 from dmdr_fast.ops.reference import _attention_probs
 
-__all__ = ["BACKENDS", "FP8_DTYPE", "attention_fp8", "attention_fp8_torch", "quantize_fp8_per_head"]
+__all__ = [
+    "BACKENDS",
+    "FP8_DTYPE",
+    "attention_fp8",
+    "attention_fp8_torch",
+    "fp8_block_d",
+    "quantize_fp8_per_head",
+]
 
 OP = "attention_fp8"
 Tensor = torch.Tensor
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 P_SCALE_FP8 = 256.0  # the kernels quantise 256·P (a power of two: exact) so small P avoid subnormals
+# Triton's e4m3 tl.dot needs a reduction dimension of at least 32 (16-bit: 16), so head dims <= 16
+# run in a 32-wide head-dim tile: the extra columns load as 0 and are never stored (the result is
+# the same). `dmdr-fast check-kernels` found it: BLOCK_D = 16 does not compile for sm_90.
+FP8_MIN_BLOCK_D = 32
+
+
+def fp8_block_d(D: int) -> int:
+    """The head-dim tile of the FP8 forward for head dim ``D``."""
+    return max(FP8_MIN_BLOCK_D, block_d(D))
 
 
 def quantize_fp8_per_head(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,7 +123,7 @@ def attention_fp8_triton(p: AttentionInputs) -> Tensor:
     mask, stride_mb = mask_arg(p.key_padding_mask, lse)
     with device_context(device):
         launch(
-            kernels.attention_fwd, "fwd", Lq, B * H, block_d(D), device,
+            kernels.attention_fwd, "fwd", Lq, B * H, fp8_block_d(D), device,
             q8, k8, v8, out, lse, mask, descale,
             *strides3(q8), *strides3(k8), *strides3(v8), v8.stride(3), *strides3(out), stride_mb,
             H, Lq, Lk, D, p.scale * math.log2(math.e),
