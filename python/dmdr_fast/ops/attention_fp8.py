@@ -33,7 +33,7 @@ from dmdr_fast.ops._attention_common import (
     triton_size_check,
     validate,
 )
-from dmdr_fast.ops._common import FUSED_DTYPES, cuda_capability_check, device_context
+from dmdr_fast.ops._common import FUSED_DTYPES, OUT_MAX, cuda_capability_check, device_context
 from dmdr_fast.ops.reference import _attention_probs
 
 __all__ = ["BACKENDS", "FP8_DTYPE", "attention_fp8", "attention_fp8_torch", "quantize_fp8_per_head"]
@@ -41,7 +41,7 @@ __all__ = ["BACKENDS", "FP8_DTYPE", "attention_fp8", "attention_fp8_torch", "qua
 OP = "attention_fp8"
 Tensor = torch.Tensor
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3fn value
+FP8_MAX = OUT_MAX[FP8_DTYPE]  # 448, the largest finite e4m3fn value
 P_SCALE_FP8 = 256.0  # the kernels quantise 256·P (a power of two: exact) so small P avoid subnormals
 
 
@@ -50,6 +50,10 @@ def quantize_fp8_per_head(x: Tensor) -> tuple[Tensor, Tensor]:
 
     ``descale = amax_{L, D}|x| / 448`` and ``x8 = saturate(x / descale)`` in ``torch.float8_e4m3fn``,
     so ``x ≈ x8.float() · descale`` (a head of zeros gets descale 1).
+
+    Not :func:`dmdr_fast.ops.quantize_fp8` (row-wise): one scale per head over (L, D), a division
+    by the scale rather than a multiply by its reciprocal, descale 1 for a zero head and NaN/Inf
+    entries inside the amax, so calling it would change this op's numbers.
 
     Args:
         x: (B, H, L, D) floating tensor.

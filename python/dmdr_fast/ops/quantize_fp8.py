@@ -185,6 +185,20 @@ def _(x: Tensor, fp8_dtype: torch.dtype, eps: float, amax_ub: float, backend: st
 # ----------------------------------------------------------------------------- public API
 
 
+def _select_traced(requested: str | None, device_type: str, dtype: torch.dtype) -> str:
+    """The backend choice under ``torch.compile``, evaluated once while tracing from Python
+    constants, so that the graph holds no dispatch logic and compiles with ``fullgraph=True``
+    (an FP8 linear inside a compiled model). As for attention
+    (:func:`dmdr_fast.ops._attention_common.select_traced`): a ``use_backend()`` or
+    ``DMDR_FAST_BACKEND`` change after compiling needs ``torch.compiler.reset()``."""
+    return select_backend(BACKENDS, requested, device_type, [dtype], device=torch.device(device_type)).name
+
+
+# What ``torch.compiler.assume_constant_result`` does, without importing torch._dynamo at import
+# time (see dmdr_fast.ops._attention_common.select_traced).
+_select_traced._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def _validate(x: object, fp8_dtype: object, eps: object, amax_ub: object) -> QuantizeFp8Inputs:
     """Check every argument (messages name it) and build the record (scalars as Python floats)."""
     x = check_float_tensor(OP, "x", x)
@@ -256,8 +270,8 @@ def quantize_fp8(
         BackendUnavailableError: the requested backend cannot run these inputs.
     """
     p = _validate(x, fp8_dtype, eps, amax_ub)
-    name = select_backend(BACKENDS, backend, p.device.type, [p.x.dtype], device=p.device).name
     if torch.compiler.is_compiling():
-        return _quantize_fp8_op(*p, name)
-    result: tuple[Tensor, Tensor] = BACKENDS.impls[name].fn(p)
+        return _quantize_fp8_op(*p, _select_traced(backend, p.device.type, p.x.dtype))
+    impl = select_backend(BACKENDS, backend, p.device.type, [p.x.dtype], device=p.device)
+    result: tuple[Tensor, Tensor] = impl.fn(p)
     return result
