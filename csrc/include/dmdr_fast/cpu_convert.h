@@ -93,7 +93,8 @@ inline void store(Half* p, int64_t i, float v) {
 // float32 → FP8 codes, round to nearest even, for values already clamped into the format's finite
 // range (or NaN): the kernels saturate first (quantize_fp8_math.h::fp8_scaled), so no rounding
 // here can overflow. Bit-exact with torch's CPU casts (.to(torch.float8_e4m3fn / float8_e5m2)),
-// NaN included (0x7f with the input's sign). Integer operations only, like the 16-bit stores.
+// NaN included (0x7f with the input's sign). Both candidates are computed and one selected, without
+// branches, so that the kernels' loops vectorise.
 //
 // Normal results: the 23-bit mantissa is rounded to 3 (e4m3) or 2 (e5m2) bits in place, a carry
 // moving into the exponent, then the exponent is rebiased (127 → 7 or 15). Subnormal results:
@@ -103,14 +104,10 @@ inline uint8_t fp8_e4m3_bits(float v) {
   const uint32_t u = float_to_bits(v);
   const uint32_t sign = (u >> 24) & 0x80u;
   const uint32_t ua = u & 0x7fffffffu;
-  uint32_t out;
-  if (ua > 0x7f800000u) {
-    out = 0x7fu;                  // NaN
-  } else if (ua < 0x3c800000u) {  // |v| < 2^-6, the smallest normal e4m3
-    out = float_to_bits(bits_to_float(ua) + 16384.f) - 0x46800000u;
-  } else {
-    out = ((ua + 0x7ffffu + ((ua >> 20) & 1u)) >> 20) - (120u << 3);
-  }
+  const uint32_t sub = float_to_bits(bits_to_float(ua) + 16384.f) - 0x46800000u;
+  const uint32_t nrm = ((ua + 0x7ffffu + ((ua >> 20) & 1u)) >> 20) - (120u << 3);
+  uint32_t out = ua < 0x3c800000u ? sub : nrm;  // below 2^-6, the smallest normal e4m3
+  out = ua > 0x7f800000u ? 0x7fu : out;         // NaN
   return static_cast<uint8_t>(out | sign);
 }
 
@@ -118,16 +115,11 @@ inline uint8_t fp8_e5m2_bits(float v) {
   const uint32_t u = float_to_bits(v);
   const uint32_t sign = (u >> 24) & 0x80u;
   const uint32_t ua = u & 0x7fffffffu;
-  uint32_t out;
-  if (ua > 0x7f800000u) {
-    out = 0x7fu;                  // NaN
-  } else if (ua < 0x38800000u) {  // |v| < 2^-14, the smallest normal e5m2
-    out = float_to_bits(bits_to_float(ua) + 128.f) - 0x43000000u;
-  } else {
-    out = ((ua + 0xfffffu + ((ua >> 21) & 1u)) >> 21) - (112u << 2);
-  }
+  const uint32_t sub = float_to_bits(bits_to_float(ua) + 128.f) - 0x43000000u;
+  const uint32_t nrm = ((ua + 0xfffffu + ((ua >> 21) & 1u)) >> 21) - (112u << 2);
+  uint32_t out = ua < 0x38800000u ? sub : nrm;  // below 2^-14, the smallest normal e5m2
+  out = ua > 0x7f800000u ? 0x7fu : out;         // NaN
   return static_cast<uint8_t>(out | sign);
 }
-
 }  // namespace
 }  // namespace dmdr_fast::cpu
