@@ -25,6 +25,15 @@ for dt in bfloat16 float32; do
   "$PY" -m dmdr_fast.cli bench reward-grad --device cuda --dtype "$dt" --json "$OUT/bench_reward_grad_$dt.json" \
     | tee "$OUT/bench_reward_grad_$dt.txt"
 done
+# quantize-fp8 (issue 14): bit-exactness of the cuda/triton backends against the reference (also in
+# the first run), then the bench in bf16 (e4m3, e5m2) and fp32; target: >= 85 % of copy bandwidth.
+TRITON_INTERPRET=0 "$PY" -m pytest -q -m gpu tests/ops/test_quantize_fp8.py 2>&1 | tee "$OUT/pytest_gpu_quantize_fp8.txt" | tail -3 \
+  || echo "quantize-fp8 GPU tests FAILED: see $OUT/pytest_gpu_quantize_fp8.txt"
+for cfg in "bfloat16 e4m3" "bfloat16 e5m2" "float32 e4m3"; do
+  set -- $cfg
+  "$PY" -m dmdr_fast.cli bench quantize-fp8 --device cuda --shape 16384x8192 --dtype "$1" --fp8 "$2" \
+    --json "$OUT/bench_quantize_fp8_$1_$2.json" | tee "$OUT/bench_quantize_fp8_$1_$2.txt"
+done
 "$PY" -m dmdr_fast.cli bench step --set train.device=cuda --json "$OUT/bench_step.json" | tee "$OUT/bench_step.txt"
 # attention (issue 5): the Triton flash kernels (bf16/fp16/fp32 fwd + bwd, fp8 fwd) against the
 # reference on GPU shapes, printing the fp8 SQNR; then every backend vs the best SDPA kernel and the

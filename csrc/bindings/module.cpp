@@ -8,11 +8,13 @@
 
 #include "build_info.h"
 #include "dmdr_fast/dmd_loss.h"
+#include "dmdr_fast/quantize_fp8.h"
 #include "dmdr_fast/reward_grad.h"
 #include "dmdr_fast/runtime.h"
 
 namespace py = pybind11;
 using dmdr_fast::DmdLossParams;
+using dmdr_fast::QuantizeFp8Params;
 using dmdr_fast::RewardGradParams;
 
 namespace {
@@ -67,6 +69,22 @@ RewardGradParams make_reward_params(uintptr_t g_dmd, uintptr_t g_reward, uintptr
   p.max_weight = static_cast<float>(max_weight);  // +Inf stays +Inf
   p.eps = static_cast<float>(eps);
   p.dtype = dmdr_fast::dtype_from_code(dtype);
+  return p;
+}
+
+QuantizeFp8Params make_quantize_fp8_params(uintptr_t x, uintptr_t q, uintptr_t scale, int64_t rows,
+                                           int64_t row_size, double eps, double amax_ub, int dtype,
+                                           int fp8_dtype) {
+  QuantizeFp8Params p;
+  p.x = as_ptr<const void>(x);
+  p.q = as_ptr<uint8_t>(q);
+  p.scale = as_ptr<float>(scale);
+  p.rows = rows;
+  p.row_size = row_size;
+  p.eps = static_cast<float>(eps);
+  p.amax_ub = static_cast<float>(amax_ub);  // +Inf stays +Inf
+  p.dtype = dmdr_fast::dtype_from_code(dtype);
+  p.fp8_dtype = dmdr_fast::dtype_from_code(fp8_dtype);
   return p;
 }
 
@@ -178,4 +196,33 @@ PYBIND11_MODULE(_C, m) {
       "Fused reward-gradient combination on a CUDA device (two launches on `stream`). Pointers "
       "are device buffers on `device`; the workspace holds reward_grad_workspace_bytes(...) "
       "bytes.");
+
+  m.def(
+      "quantize_fp8_fwd_cpu",
+      [](uintptr_t x, uintptr_t q, uintptr_t scale, int64_t rows, int64_t row_size, double eps,
+         double amax_ub, int dtype, int fp8_dtype, int num_threads) {
+        const QuantizeFp8Params p =
+            make_quantize_fp8_params(x, q, scale, rows, row_size, eps, amax_ub, dtype, fp8_dtype);
+        py::gil_scoped_release release;
+        dmdr_fast::cpu::quantize_fp8_fwd(p, num_threads);
+      },
+      py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("rows"), py::arg("row_size"),
+      py::arg("eps"), py::arg("amax_ub"), py::arg("dtype"), py::arg("fp8_dtype"),
+      py::arg("num_threads"),
+      "Row-wise FP8 quantisation on the CPU. All pointers are contiguous host buffers. Writes q "
+      "(rows, row_size) fp8 codes and scale (rows,) float32.");
+
+  m.def(
+      "quantize_fp8_fwd_cuda",
+      [](uintptr_t x, uintptr_t q, uintptr_t scale, int64_t rows, int64_t row_size, double eps,
+         double amax_ub, int dtype, int fp8_dtype, int device, uintptr_t stream) {
+        const QuantizeFp8Params p =
+            make_quantize_fp8_params(x, q, scale, rows, row_size, eps, amax_ub, dtype, fp8_dtype);
+        dmdr_fast::cuda::quantize_fp8_fwd(p, device, as_ptr<void>(stream));
+      },
+      py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("rows"), py::arg("row_size"),
+      py::arg("eps"), py::arg("amax_ub"), py::arg("dtype"), py::arg("fp8_dtype"), py::arg("device"),
+      py::arg("stream"),
+      "Row-wise FP8 quantisation on a CUDA device (one launch on `stream`). Pointers are device "
+      "buffers on `device`.");
 }

@@ -2,6 +2,7 @@
 #include <stdexcept>
 
 #include "dmdr_fast/dmd_loss.h"
+#include "dmdr_fast/quantize_fp8.h"
 #include "dmdr_fast/reward_grad.h"
 
 namespace dmdr_fast::cpu {
@@ -9,11 +10,13 @@ namespace dmdr_fast::cpu {
 namespace base {
 void dmd_loss_fwd(const DmdLossParams& p, int num_threads);
 void reward_grad_fwd(const RewardGradParams& p, int num_threads);
+void quantize_fp8_fwd(const QuantizeFp8Params& p, int num_threads);
 }  // namespace base
 #if defined(DMDR_FAST_HAVE_AVX2)
 namespace avx2 {
 void dmd_loss_fwd(const DmdLossParams& p, int num_threads);
 void reward_grad_fwd(const RewardGradParams& p, int num_threads);
+void quantize_fp8_fwd(const QuantizeFp8Params& p, int num_threads);
 }  // namespace avx2
 #endif
 
@@ -38,6 +41,13 @@ void reward_grad_fwd(const RewardGradParams& p, int num_threads) {
   if (isa()[0] == 'a') return avx2::reward_grad_fwd(p, num_threads);
 #endif
   base::reward_grad_fwd(p, num_threads);
+}
+
+void quantize_fp8_fwd(const QuantizeFp8Params& p, int num_threads) {
+#if defined(DMDR_FAST_HAVE_AVX2)
+  if (isa()[0] == 'a') return avx2::quantize_fp8_fwd(p, num_threads);
+#endif
+  base::quantize_fp8_fwd(p, num_threads);
 }
 
 }  // namespace dmdr_fast::cpu

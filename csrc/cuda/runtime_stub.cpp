@@ -3,6 +3,7 @@
 #include <string>
 
 #include "dmdr_fast/dmd_loss.h"
+#include "dmdr_fast/quantize_fp8.h"
 #include "dmdr_fast/reward_grad.h"
 #include "dmdr_fast/runtime.h"
 
@@ -25,6 +26,9 @@ size_t reward_grad_workspace_bytes(int64_t, int64_t, int) {
   throw std::runtime_error("dmdr_fast._C was built without CUDA");
 }
 void reward_grad_fwd(const RewardGradParams&, void*, size_t, int, void*) {
+  throw std::runtime_error("dmdr_fast._C was built without CUDA");
+}
+void quantize_fp8_fwd(const QuantizeFp8Params&, int, void*) {
   throw std::runtime_error("dmdr_fast._C was built without CUDA");
 }
 }  // namespace cuda

@@ -103,3 +103,33 @@ def reward_grad_fwd_cuda(
     stream: int,
 ) -> None:
     """Fused reward-gradient combination on a CUDA device (two launches on ``stream``)."""
+
+def quantize_fp8_fwd_cpu(
+    x: int,
+    q: int,
+    scale: int,
+    rows: int,
+    row_size: int,
+    eps: float,
+    amax_ub: float,
+    dtype: int,
+    fp8_dtype: int,
+    num_threads: int,
+) -> None:
+    """Row-wise FP8 quantisation on the CPU (releases the GIL). Writes q (rows, row_size) fp8
+    codes and scale (rows,) float32."""
+
+def quantize_fp8_fwd_cuda(
+    x: int,
+    q: int,
+    scale: int,
+    rows: int,
+    row_size: int,
+    eps: float,
+    amax_ub: float,
+    dtype: int,
+    fp8_dtype: int,
+    device: int,
+    stream: int,
+) -> None:
+    """Row-wise FP8 quantisation on a CUDA device (one launch on ``stream``, a cudaStream_t)."""

@@ -430,6 +430,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from dmdr_fast.benchmarks import bench_reward_grad
 
         return bench_reward_grad.main(args)
+    if args.what == "quantize-fp8":
+        from dmdr_fast.benchmarks import bench_quantize_fp8
+
+        return bench_quantize_fp8.main(args)
     if args.what == "sample":
         from dmdr_fast.benchmarks import bench_sample
 
@@ -678,6 +682,15 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--max-weight", type=float, default=float("inf"), help="cap of mode balanced")
     rg.add_argument("--nonfinite", type=int, default=0, help="NaN entries put into g_reward")
     add_timing_args(rg, 20, 3)
+    qf = bench_sub.add_parser(
+        "quantize-fp8", help="row-wise FP8 quantisation vs eager, torch.compile and copy bandwidth"
+    )
+    qf.add_argument("--shape", default="4096x4096", help="... x K of the activations (default 4096x4096)")
+    qf.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    qf.add_argument("--fp8", default="e4m3", choices=["e4m3", "e5m2"], help="float8_e4m3fn or float8_e5m2")
+    qf.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    qf.add_argument("--providers", default="eager,compile,torch,cpp,cuda,triton", help="comma-separated")
+    add_timing_args(qf, 20, 3)
     att = bench_sub.add_parser(
         "attention", help="attention backends (TFLOP/s) vs the best SDPA kernel and the matmul rate"
     )

@@ -14,6 +14,7 @@ from dmdr_fast.backends import BackendImpl, OpBackends
 from dmdr_fast.ops.attention import BACKENDS as ATTENTION
 from dmdr_fast.ops.attention_fp8 import BACKENDS as ATTENTION_FP8
 from dmdr_fast.ops.dmd_loss import BACKENDS as DMD_LOSS
+from dmdr_fast.ops.quantize_fp8 import BACKENDS as QUANTIZE_FP8
 from dmdr_fast.ops.reward_grad import BACKENDS as REWARD_GRAD
 
 PKG = Path(dmdr_fast.__file__).parent
@@ -59,12 +60,14 @@ def test_registry_lists_every_op_table():
         "attention": ATTENTION,
         "attention_fp8": ATTENTION_FP8,
         "dmd_loss": DMD_LOSS,
+        "quantize_fp8": QUANTIZE_FP8,
         "reward_grad_combine": REWARD_GRAD,
     }
     for name, table in ops.OPS.items():
         assert isinstance(table, OpBackends) and table.op == name
         assert all(isinstance(impl, BackendImpl) and impl.name == key for key, impl in table.impls.items())
     assert list(ops.get_backends("dmd_loss")) == ["torch", "cpp", "cuda", "triton"]
+    assert list(ops.get_backends("quantize_fp8")) == ["torch", "cpp", "cuda", "triton"]
     assert list(ops.get_backends("attention")) == ["torch", "sdpa", "xformers", "triton"]
     with pytest.raises(KeyError, match="unknown op 'nope'"):
         ops.get_backends("nope")

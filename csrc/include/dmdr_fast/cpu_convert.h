@@ -1,5 +1,6 @@
-// 16-bit storage types of the CPU kernels and their float32 loads/stores. Conversions use integer
-// bit operations so that the same code runs on any x86/ARM CPU without F16C or AVX512-BF16.
+// 16-bit storage types of the CPU kernels and their float32 loads/stores, and the FP8 encoders.
+// Conversions use integer bit operations so that the same code runs on any x86/ARM CPU without
+// F16C or AVX512-BF16.
 //
 // Everything here has internal linkage: the CPU kernels are compiled once per ISA level (base and
 // AVX2, see CMakeLists.txt), and the linker must not merge an out-of-line AVX2 copy of a function
@@ -89,5 +90,36 @@ inline void store(Half* p, int64_t i, float v) {
   p[i].bits = static_cast<uint16_t>(out | sign);
 }
 
+// float32 → FP8 codes, round to nearest even, for values already clamped into the format's finite
+// range (or NaN): the kernels saturate first (quantize_fp8_math.h::fp8_scaled), so no rounding
+// here can overflow. Bit-exact with torch's CPU casts (.to(torch.float8_e4m3fn / float8_e5m2)),
+// NaN included (0x7f with the input's sign). Both candidates are computed and one selected, without
+// branches, so that the kernels' loops vectorise.
+//
+// Normal results: the 23-bit mantissa is rounded to 3 (e4m3) or 2 (e5m2) bits in place, a carry
+// moving into the exponent, then the exponent is rebiased (127 → 7 or 15). Subnormal results:
+// adding 2^14 (e4m3) or 2^7 (e5m2) makes the float32 ulp equal to the smallest fp8 subnormal
+// (2^-9 or 2^-16), so the FPU rounds to that grid and the low bits are the fp8 mantissa.
+inline uint8_t fp8_e4m3_bits(float v) {
+  const uint32_t u = float_to_bits(v);
+  const uint32_t sign = (u >> 24) & 0x80u;
+  const uint32_t ua = u & 0x7fffffffu;
+  const uint32_t sub = float_to_bits(bits_to_float(ua) + 16384.f) - 0x46800000u;
+  const uint32_t nrm = ((ua + 0x7ffffu + ((ua >> 20) & 1u)) >> 20) - (120u << 3);
+  uint32_t out = ua < 0x3c800000u ? sub : nrm;  // below 2^-6, the smallest normal e4m3
+  out = ua > 0x7f800000u ? 0x7fu : out;         // NaN
+  return static_cast<uint8_t>(out | sign);
+}
+
+inline uint8_t fp8_e5m2_bits(float v) {
+  const uint32_t u = float_to_bits(v);
+  const uint32_t sign = (u >> 24) & 0x80u;
+  const uint32_t ua = u & 0x7fffffffu;
+  const uint32_t sub = float_to_bits(bits_to_float(ua) + 128.f) - 0x43000000u;
+  const uint32_t nrm = ((ua + 0xfffffu + ((ua >> 21) & 1u)) >> 21) - (112u << 2);
+  uint32_t out = ua < 0x38800000u ? sub : nrm;  // below 2^-14, the smallest normal e5m2
+  out = ua > 0x7f800000u ? 0x7fu : out;         // NaN
+  return static_cast<uint8_t>(out | sign);
+}
 }  // namespace
 }  // namespace dmdr_fast::cpu

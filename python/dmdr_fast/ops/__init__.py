@@ -18,6 +18,8 @@ from dmdr_fast.ops.attention_fp8 import BACKENDS as ATTENTION_FP8_BACKENDS
 from dmdr_fast.ops.attention_fp8 import attention_fp8
 from dmdr_fast.ops.dmd_loss import BACKENDS as DMD_LOSS_BACKENDS
 from dmdr_fast.ops.dmd_loss import dmd_loss
+from dmdr_fast.ops.quantize_fp8 import BACKENDS as QUANTIZE_FP8_BACKENDS
+from dmdr_fast.ops.quantize_fp8 import quantize_fp8
 from dmdr_fast.ops.reward_grad import BACKENDS as REWARD_GRAD_BACKENDS
 from dmdr_fast.ops.reward_grad import RewardGradStats, reward_grad_combine
 
@@ -26,6 +28,7 @@ __all__ = [
     "ATTENTION_FP8_BACKENDS",
     "DMD_LOSS_BACKENDS",
     "OPS",
+    "QUANTIZE_FP8_BACKENDS",
     "REWARD_GRAD_BACKENDS",
     "RewardGradStats",
     "attention",
@@ -33,6 +36,7 @@ __all__ = [
     "availability_table",
     "dmd_loss",
     "get_backends",
+    "quantize_fp8",
     "reward_grad_combine",
 ]
 
@@ -42,6 +46,7 @@ OPS: Mapping[str, OpBackends] = MappingProxyType(
         "attention": ATTENTION_BACKENDS,
         "attention_fp8": ATTENTION_FP8_BACKENDS,
         "dmd_loss": DMD_LOSS_BACKENDS,
+        "quantize_fp8": QUANTIZE_FP8_BACKENDS,
         "reward_grad_combine": REWARD_GRAD_BACKENDS,
     }
 )

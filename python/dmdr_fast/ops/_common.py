@@ -21,6 +21,7 @@ from dmdr_fast.backends import BackendImpl, InputCheck, OpBackends
 
 __all__ = [
     "FLOAT_DTYPES",
+    "FP8_DTYPES",
     "FUSED_DTYPES",
     "OUT_MAX",
     "TRITON_BLOCK",
@@ -44,13 +45,28 @@ __all__ = [
 FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
 # Fused kernels compute in float32 and store in these; float64 is served by the reference.
 FUSED_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+# The FP8 formats of the package (the one home of FP8 dtypes and limits: ops.quantize_fp8,
+# ops.attention_fp8): e4m3fn for activations and weights, e5m2 (wider range) for gradients.
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Largest finite value of each output dtype: stores into a narrower dtype saturate there, so that a
-# 16-bit output never holds ±Inf (float64: no bound).
+# 16-bit output never holds ±Inf (float64: no bound) and an FP8 cast never depends on how a
+# backend treats out-of-range values (torch 2.13 saturates to e4m3fn but overflows to e5m2's Inf).
 OUT_MAX = {
     torch.float64: math.inf,
     torch.float32: 3.4028234663852886e38,
     torch.float16: 65504.0,
     torch.bfloat16: 3.3895313892515355e38,
+    torch.float8_e4m3fn: 448.0,
+    torch.float8_e5m2: 57344.0,
+}
+# csrc/include/dmdr_fast/dtype.h; the FP8 codes are output types only (quantize_fp8's q).
+_DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float64: 3,
+    torch.float8_e4m3fn: 4,
+    torch.float8_e5m2: 5,
 }
 # The elementwise Triton kernels' launch shape on a GPU (:func:`triton_grid`): elements per
 # program and iteration, the iteration count up to which programs are added before iterating more,
@@ -58,7 +74,6 @@ OUT_MAX = {
 TRITON_BLOCK = 1024
 TRITON_MAX_ITERS = 16
 TRITON_MAX_PARTIALS = 4096
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
 def is_number(x: object) -> TypeGuard[float]:

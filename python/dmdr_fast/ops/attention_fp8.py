@@ -33,7 +33,7 @@ from dmdr_fast.ops._attention_common import (
     triton_size_check,
     validate,
 )
-from dmdr_fast.ops._common import FUSED_DTYPES, cuda_capability_check, device_context
+from dmdr_fast.ops._common import FUSED_DTYPES, OUT_MAX, cuda_capability_check, device_context
 from dmdr_fast.ops.reference import _attention_probs
 
 __all__ = [
@@ -48,7 +48,7 @@ __all__ = [
 OP = "attention_fp8"
 Tensor = torch.Tensor
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3fn value
+FP8_MAX = OUT_MAX[FP8_DTYPE]  # 448, the largest finite e4m3fn value
 P_SCALE_FP8 = 256.0  # the kernels quantise 256·P (a power of two: exact) so small P avoid subnormals
 # Triton's e4m3 tl.dot needs a reduction dimension of at least 32 (16-bit: 16), so head dims <= 16
 # run in a 32-wide head-dim tile: the extra columns load as 0 and are never stored (the result is
@@ -66,6 +66,10 @@ def quantize_fp8_per_head(x: Tensor) -> tuple[Tensor, Tensor]:
 
     ``descale = amax_{L, D}|x| / 448`` and ``x8 = saturate(x / descale)`` in ``torch.float8_e4m3fn``,
     so ``x ≈ x8.float() · descale`` (a head of zeros gets descale 1).
+
+    Not :func:`dmdr_fast.ops.quantize_fp8` (row-wise): one scale per head over (L, D), a division
+    by the scale rather than a multiply by its reciprocal, descale 1 for a zero head and NaN/Inf
+    entries inside the amax, so calling it would change this op's numbers.
 
     Args:
         x: (B, H, L, D) floating tensor.

@@ -18,6 +18,7 @@ __all__ = [
     "attention_bwd_ref",
     "attention_ref",
     "dmd_loss_ref",
+    "quantize_fp8_ref",
     "real_velocity_ref",
     "reward_grad_combine_ref",
 ]
@@ -271,3 +272,45 @@ def attention_bwd_ref(
     dq = (ds @ k_) * scale
     dk = (ds.transpose(-1, -2) @ q_) * scale
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def quantize_fp8_ref(
+    x: torch.Tensor,
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    eps: float = 1e-12,
+    amax_ub: float = math.inf,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise (per-token) dynamic FP8 quantisation, written out literally.
+
+    Per row r of the last dimension, in float32 (inputs are rounded to float32 first)::
+
+        amax_r  = max_k |x[r, k]| over the finite entries (NaN and ±Inf count as 0)
+        scale_r = max(min(amax_r, amax_ub), eps) / fp8_max        fp8_max = 448 (e4m3fn), 57344 (e5m2)
+        q[r, k] = fp8(clamp(x[r, k] · (1 / scale_r), −fp8_max, fp8_max))   round to nearest even
+
+    so ``x ≈ q.float() · scale`` (the dequantisation scale, as ``torch._scaled_mm`` takes it).
+    Non-finite input is defined: NaN stays NaN in q (both formats have NaN), ±Inf saturates to
+    ±fp8_max, and neither changes the row's scale; an all-zero row gets ``scale = eps / fp8_max``
+    and q = 0. ``1 / scale_r`` is one IEEE division per row and the scaled value a single multiply,
+    so every backend computes the same float32 value and the cast the same code.
+
+    Args:
+        x: (..., K) floating tensor, K >= 1.
+        fp8_dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
+        eps: floor of the row amax (> 0), so that a zero row has a finite, non-zero scale.
+        amax_ub: cap of the row amax (``math.inf``: none); entries beyond it saturate.
+
+    Returns:
+        ``(q, scale)``: q (..., K) in ``fp8_dtype``; scale (..., 1) float32.
+    """
+    fp8_max = torch.finfo(fp8_dtype).max
+    xf = x.detach().float()
+    a = xf.abs()
+    amax = torch.where(torch.isfinite(a), a, 0.0).amax(dim=-1, keepdim=True)
+    amax = amax.clamp(max=amax_ub).clamp(min=eps)
+    # Divide by a tensor, not a Python number: for a scalar divisor CUDA multiplies by its
+    # (inexact) reciprocal, which would differ from the kernels' division in the last bit.
+    scale = amax / torch.full_like(amax, fp8_max)
+    inv = torch.reciprocal(scale)
+    q = (xf * inv).clamp(-fp8_max, fp8_max).to(fp8_dtype)
+    return q, scale

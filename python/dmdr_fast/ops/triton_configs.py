@@ -75,7 +75,7 @@ class Launch:
 
 
 #: Constexprs that size blocks or loops (checked against the selection functions, not the spy).
-SIZE_CONSTEXPRS = frozenset({"BLOCK_SIZE", "ITERS", "NBLK_P2", "BLOCK_M", "BLOCK_N", "BLOCK_D"})
+SIZE_CONSTEXPRS = frozenset({"BLOCK_SIZE", "ITERS", "NBLK_P2", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_K"})
 #: SMs of the GPU the representative shapes are sized for (H100 SXM and H200: 132).
 REFERENCE_SM_COUNT = 132
 #: (batch, elements per sample) run through :func:`gpu_triton_grid` for the elementwise kernels:
@@ -93,6 +93,7 @@ def _short(dtype: torch.dtype) -> str:
         torch.float16: "fp16",
         torch.bfloat16: "bf16",
         torch.float8_e4m3fn: "fp8e4m3",
+        torch.float8_e5m2: "fp8e5m2",
         torch.uint8: "u8",
     }[dtype]
 
@@ -337,11 +338,36 @@ def _attention(full: bool) -> list[Launch]:
     return list({(x.kernel, x.label): x for x in out}.values())
 
 
+#: Row lengths K for ``quantize_fp8``: one tile per row (small, odd and the largest), and the
+#: two-pass path past 8192 elements; the launcher's block choice depends on K only.
+QUANTIZE_FP8_ROW_LENGTHS = (64, 1536, 3073, 8192, 16384)
+
+
+def _quantize_fp8(full: bool) -> list[Launch]:
+    """``ops/quantize_fp8.py::quantize_fp8_fwd_triton`` on a GPU (hardware FP8 cast, ``q`` in the
+    FP8 dtype; the CPU interpreter path writes integer codes instead and is not compiled here),
+    with the launcher's own block choice, every input dtype and both FP8 formats."""
+    from dmdr_fast.ops._common import FP8_DTYPES
+    from dmdr_fast.ops.quantize_fp8 import OUT_MAX, _triton_blocks
+
+    out = []
+    for dt, fp8, K in itertools.product(_triton_dtypes("quantize_fp8"), FP8_DTYPES, QUANTIZE_FP8_ROW_LENGTHS):
+        block_m, block_k, one_pass = _triton_blocks(4096, K, torch.device("cuda"))
+        args = (Ptr(dt), Ptr(fp8), Ptr(torch.float32), 4096, K, 1e-12, float("inf"), OUT_MAX[fp8])
+        kw = {"BLOCK_M": block_m, "BLOCK_K": block_k, "ONE_PASS": one_pass}
+        kw |= {"E4M3": fp8 == torch.float8_e4m3fn, "HW_CAST": True}
+        label = f"{_short(dt)}->{_short(fp8)} K={K} BLOCK_M={block_m} BLOCK_K={block_k}"
+        ci = full or dt == torch.bfloat16 or K in (1536, 16384)  # the rest: same code, other sizes
+        out.append(Launch("quantize_fp8", "quantize_fp8_kernel", label, args, kw, min_arch=89, ci=ci))
+    return out
+
+
 #: Kernel module of ``dmdr_fast.kernels`` → its launches (argument ``full``: the whole product).
 REGISTRY: Mapping[str, Callable[[bool], list[Launch]]] = {
     "attention": _attention,
     "dmd_loss": _dmd_loss,
     "reward_grad": _reward_grad,
+    "quantize_fp8": _quantize_fp8,
 }
 SCOPES = ("ci", "all", "full")
 
