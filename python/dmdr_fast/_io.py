@@ -1,18 +1,31 @@
-"""Atomic file writes shared by checkpoints, cached teachers and classifiers, and the progress
-record that lets sharded builds (prompt cache, ODE pairs) continue after an interruption."""
+"""Atomic file writes shared by checkpoints, cached teachers and classifiers, the progress record
+that lets sharded builds (prompt cache, ODE pairs) continue after an interruption, and the one
+reader of torch (pickle) files, which never runs code found in them, with the check that keeps
+a shared model folder's Python files from being imported."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["PROGRESS_NAME", "atomic_save", "atomic_write_text", "read_progress", "write_progress"]
+__all__ = [
+    "PROGRESS_NAME",
+    "UnsafeFileError",
+    "atomic_save",
+    "atomic_write_text",
+    "check_no_code",
+    "load_torch_file",
+    "read_progress",
+    "write_progress",
+]
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
@@ -84,3 +97,90 @@ def read_progress(folder: Path, identity: dict[str, Any]) -> dict[str, Any] | No
     if state.get("identity") != identity or not all((folder / s["file"]).is_file() for s in shards):
         return None
     return state
+
+
+class UnsafeFileError(ValueError):
+    """A torch file that holds more than plain data, refused unread (see :func:`load_torch_file`)."""
+
+
+#: What ``weights_only`` unpickling builds, for the refusal message.
+SAFE_CONTENT = "tensors, numbers, strings, None, lists, tuples and dicts"
+#: The usual way out for a weights file that :func:`load_torch_file` refuses.
+RESAVE_TENSORS = (
+    "If you trust its author, convert it once in a separate Python session: torch.load it with "
+    "weights_only=False there, keep only its tensors and save them with safetensors.torch.save_file "
+    "(or torch.save a dict of tensors), then use the new file."
+)
+_REASON = re.compile(r"WeightsUnpickler error:\s*(.+)")
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _refused_object(message: str) -> str:
+    """What torch's ``weights_only`` refusal names: ``the global numpy.dtype``, or its first line."""
+    found = _REASON.search(message)
+    if found is None:
+        return "objects of other types"
+    name = _GLOBAL.match(found.group(1))
+    return f"the global {name.group(1)}" if name else found.group(1).strip().rstrip(".")
+
+
+def load_torch_file(path: str | os.PathLike[str], *, map_location: Any = "cpu", convert: str = "") -> Any:
+    """``torch.load(path, weights_only=True)``: a file from someone else can never run code here.
+
+    Students, checkpoints and reward weights are shared between people, and a full unpickling
+    runs whatever callable the file's author put in it; the restricted unpickler builds only plain
+    data and tensors, which is all the files this library writes hold. Every torch file the package
+    reads goes through this function, so one place decides what a file may contain.
+
+    Args:
+        path: The file.
+        map_location: Where the tensors go (``torch.load``'s argument).
+        convert: How to turn such a file into one that loads, for the message (a sentence or two).
+
+    Returns:
+        The loaded object.
+
+    Raises:
+        UnsafeFileError: If the file holds other Python objects (none of them was built or
+            called); the message names the file, the refused object and how to convert the file.
+        pickle.UnpicklingError: If the file is not a torch file at all (the message names it).
+    """
+    try:
+        return torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "Weights only load failed" not in text:  # not a refusal: a damaged or foreign file
+            raise pickle.UnpicklingError(f"{os.fspath(path)}: {text}") from err
+        # `from None`: torch's own message is long and advises weights_only=False, the very thing
+        # refused here; the refused object is all of it that matters.
+        raise UnsafeFileError(
+            f"refused to load {os.fspath(path)}: it holds Python objects other than {SAFE_CONTENT} "
+            f"({_refused_object(text)}), and unpickling them would run whatever code the file's "
+            f"author chose. Nothing in it was run: dmdr_fast reads torch files with weights_only=True "
+            f"only (README, 'Loading files from others'). {convert}".rstrip()
+        ) from None
+
+
+def check_no_code(folder: str | os.PathLike[str], what: str = "model folder") -> None:
+    """Refuse a local diffusers/transformers folder that ships Python files.
+
+    diffusers imports a pipeline's or a component's own ``.py`` file when ``model_index.json``
+    names it (recent versions only with ``trust_remote_code=True``, which dmdr_fast never passes,
+    older ones without asking); the families this library supports need no such file, so a folder
+    that has one is refused before anything reads it. A hub id (not a local folder) is left to
+    the libraries' own ``trust_remote_code`` rule.
+
+    Raises:
+        UnsafeFileError: If ``folder`` or one of its subfolders holds a ``.py`` file.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return
+    found = sorted(p.relative_to(root).as_posix() for p in [*root.glob("*.py"), *root.glob("*/*.py")])
+    if found:
+        raise UnsafeFileError(
+            f"refused to load {what} {root}: it ships Python code ({', '.join(found[:5])}), which "
+            "diffusers would import and run; dmdr_fast loads only folders of configs and weights. "
+            "If you trust its author and need that code, load the pipeline yourself and pass the "
+            "objects in (e.g. TextToImageAdapter.from_pipeline)."
+        )

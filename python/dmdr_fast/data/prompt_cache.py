@@ -87,6 +87,28 @@ def _class_ref(cls: type) -> dict[str, str]:
     return {"module": cls.__module__, "qualname": cls.__qualname__}
 
 
+def _condition_class(path: Path, ref: dict[str, str]) -> type:
+    """The condition dataclass ``cache.json`` names, imported only from dmdr_fast itself.
+
+    The name comes from a file that may have been shared: importing any module it named would run
+    that module's code, and calling any callable it named with the stored tensors could do
+    anything. The adapters' condition classes all live in ``dmdr_fast.models``.
+    """
+    module, qualname = str(ref.get("module", "")), str(ref.get("qualname", ""))
+    if module.split(".")[0] != "dmdr_fast":
+        raise ValueError(
+            f"refused to open prompt cache {path}: its {_META} names the condition class "
+            f"{module}.{qualname}, outside dmdr_fast; importing it would run that module's code. "
+            f"Open it with the adapter it was built for (PromptCache.open(path, adapter)). {_REBUILD}"
+        )
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and dataclasses.is_dataclass(obj)):
+        raise ValueError(f"prompt cache {path}: {module}.{qualname} is not a condition dataclass. {_REBUILD}")
+    return obj
+
+
 def _mismatch(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: stored X vs model Y`` for every key whose value differs (or is missing on one side)."""
     pairs = {k: (stored.get(k, "<absent>"), current.get(k, "<absent>")) for k in set(stored) | set(current)}
@@ -296,11 +318,7 @@ class PromptCache:
         if meta.get("format") != "dmdr_fast.prompt_cache" or meta.get("version") != CACHE_FORMAT_VERSION:
             raise ValueError(f"{path} has an unsupported prompt cache format/version. {_REBUILD}")
         if adapter is None:
-            ref = meta["condition_class"]
-            obj: Any = importlib.import_module(ref["module"])
-            for part in ref["qualname"].split("."):
-                obj = getattr(obj, part)
-            return cls(path, meta, obj)
+            return cls(path, meta, _condition_class(path, meta["condition_class"]))
         cache = cls(path, meta, adapter.condition_class)
         cache.check(adapter, model_id=model_id)
         return cache
