@@ -22,7 +22,9 @@ __all__ = [
     "atomic_save",
     "atomic_write_text",
     "check_no_code",
+    "load_safetensors",
     "load_torch_file",
+    "open_safetensors",
     "read_progress",
     "write_progress",
 ]
@@ -107,21 +109,28 @@ class UnsafeFileError(ValueError):
 SAFE_CONTENT = "tensors, numbers, strings, None, lists, tuples and dicts"
 #: The usual way out for a weights file that :func:`load_torch_file` refuses.
 RESAVE_TENSORS = (
-    "If you trust its author, convert it once in a separate Python session: torch.load it with "
-    "weights_only=False there, keep only its tensors and save them with safetensors.torch.save_file "
+    "If you trust its author, convert it once in a separate Python session: load it there with a "
+    "full (not weights-only) torch.load, keep only its tensors, save them with safetensors.torch.save_file "
     "(or torch.save a dict of tensors), then use the new file."
 )
 _REASON = re.compile(r"WeightsUnpickler error:\s*(.+)")
 _GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
-def _refused_object(message: str) -> str:
-    """What torch's ``weights_only`` refusal names: ``the global numpy.dtype``, or its first line."""
+def _refusal(message: str) -> str:
+    """Why torch's ``weights_only`` unpickler stopped, as the middle of our message."""
     found = _REASON.search(message)
-    if found is None:
-        return "objects of other types"
-    name = _GLOBAL.match(found.group(1))
-    return f"the global {name.group(1)}" if name else found.group(1).strip().rstrip(".")
+    reason = found.group(1).strip().rstrip(".") if found else "an unsupported pickle instruction"
+    name = _GLOBAL.match(reason)
+    if name:
+        return (
+            f"it holds Python objects other than {SAFE_CONTENT} (the global {name.group(1)}), and "
+            "unpickling them would run whatever code the file's author chose"
+        )
+    return (
+        f"it is not a file of {SAFE_CONTENT} that torch.load(weights_only=True) can read ({reason}); "
+        "a full unpickling of it could run code, so it is not attempted"
+    )
 
 
 def load_torch_file(path: str | os.PathLike[str], *, map_location: Any = "cpu", convert: str = "") -> Any:
@@ -141,24 +150,24 @@ def load_torch_file(path: str | os.PathLike[str], *, map_location: Any = "cpu", 
         The loaded object.
 
     Raises:
-        UnsafeFileError: If the file holds other Python objects (none of them was built or
-            called); the message names the file, the refused object and how to convert the file.
-        pickle.UnpicklingError: If the file is not a torch file at all (the message names it).
+        UnsafeFileError: If the file holds other Python objects or pickle instructions (none of
+            them was run); the message names the file, what was refused and how to convert it.
+        ValueError: If the file is damaged or of another format (the message names it).
     """
     try:
         return torch.load(os.fspath(path), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        text = str(err)
-        if "Weights only load failed" not in text:  # not a refusal: a damaged or foreign file
-            raise pickle.UnpicklingError(f"{os.fspath(path)}: {text}") from err
-        # `from None`: torch's own message is long and advises weights_only=False, the very thing
-        # refused here; the refused object is all of it that matters.
+        # `from None`: torch's own message is long and advises turning weights_only off, the very thing
+        # refused here; what it refused is all of it that matters.
         raise UnsafeFileError(
-            f"refused to load {os.fspath(path)}: it holds Python objects other than {SAFE_CONTENT} "
-            f"({_refused_object(text)}), and unpickling them would run whatever code the file's "
-            f"author chose. Nothing in it was run: dmdr_fast reads torch files with weights_only=True "
-            f"only (README, 'Loading files from others'). {convert}".rstrip()
+            f"refused to load {os.fspath(path)}: {_refusal(str(err))}. Nothing in it was run: "
+            f"dmdr_fast reads torch files with weights_only=True only (README, 'Loading files from "
+            f"others'). {convert}".rstrip()
         ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError) as err:  # truncated zip, text, ...
+        raise ValueError(
+            f"{os.fspath(path)} is not a readable torch file ({type(err).__name__}: {err})"
+        ) from err
 
 
 def check_no_code(folder: str | os.PathLike[str], what: str = "model folder") -> None:
@@ -184,3 +193,33 @@ def check_no_code(folder: str | os.PathLike[str], what: str = "model folder") ->
             "If you trust its author and need that code, load the pipeline yourself and pass the "
             "objects in (e.g. TextToImageAdapter.from_pipeline)."
         )
+
+
+def open_safetensors(path: str | os.PathLike[str], device: str = "cpu") -> Any:
+    """``safetensors.safe_open`` (memory-mapped, lazy), naming the file when it is not one.
+
+    A safetensors file is a JSON header and raw tensor bytes: reading it can run no code. A file
+    of another format put in its place (a renamed pickle) fails the header check; the error then
+    says which file it was.
+
+    Raises:
+        ValueError: If ``path`` is not a safetensors file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(os.fspath(path), framework="pt", device=device)
+    except SafetensorError as err:
+        raise ValueError(
+            f"{os.fspath(path)} is not a safetensors file ({err}); nothing in it was run"
+        ) from err
+
+
+def load_safetensors(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (see :func:`open_safetensors`), by name.
+
+    Raises:
+        ValueError: If ``path`` is not a safetensors file.
+    """
+    with open_safetensors(path, device) as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)

@@ -33,10 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from dmdr_fast._io import PROGRESS_NAME, atomic_write_text, read_progress, write_progress
+from dmdr_fast._io import (
+    PROGRESS_NAME,
+    atomic_write_text,
+    load_safetensors,
+    open_safetensors,
+    read_progress,
+    write_progress,
+)
 from dmdr_fast.conditions import map_tensors
 from dmdr_fast.data.prompts import PromptBatch
 
@@ -342,9 +348,7 @@ class PromptCache:
 
     def _slice(self, shard: int, field: str) -> Any:
         if shard not in self._slices:
-            handle = safe_open(
-                str(self.path / self.meta["shards"][shard]["file"]), framework="pt", device="cpu"
-            )
+            handle = open_safetensors(self.path / self.meta["shards"][shard]["file"])
             self._slices[shard] = {k: handle.get_slice(k) for k, s in self.fields.items() if s is not None}
         return self._slices[shard][field]
 
@@ -374,7 +378,7 @@ class PromptCache:
 
     def null_condition(self) -> Any:
         """The stored batch-1 null (empty-prompt) condition, on the CPU in the stored dtype."""
-        tensors = load_file(str(self.path / _NULL))
+        tensors = load_safetensors(self.path / _NULL)
         return self.condition_class(**{name: tensors.get(name) for name in self.fields})
 
 

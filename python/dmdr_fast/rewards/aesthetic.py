@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dmdr_fast._io import RESAVE_TENSORS, load_torch_file
+from dmdr_fast._io import RESAVE_TENSORS, load_safetensors, load_torch_file
 from dmdr_fast.rewards.base import Reward, RewardCondition, check_condition, check_images
 from dmdr_fast.rewards.clip import (
     CLIP_HUB_ID,
@@ -82,9 +82,7 @@ class AestheticMLP(nn.Module):
                 f"with internet and copy it there"
             )
         if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(p))
+            state: Any = load_safetensors(p)
         else:
             state = load_torch_file(p, map_location="cpu", convert=RESAVE_TENSORS)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
