@@ -18,6 +18,7 @@ import torch
 
 __all__ = [
     "PROGRESS_NAME",
+    "RESAVE_TENSORS",
     "UnsafeFileError",
     "atomic_save",
     "atomic_write_text",
@@ -106,7 +107,7 @@ class UnsafeFileError(ValueError):
 
 
 #: What ``weights_only`` unpickling builds, for the refusal message.
-SAFE_CONTENT = "tensors, numbers, strings, None, lists, tuples and dicts"
+_SAFE_CONTENT = "tensors, numbers, strings, None, lists, tuples and dicts"
 #: The usual way out for a weights file that :func:`load_torch_file` refuses.
 RESAVE_TENSORS = (
     "If you trust its author, convert it once in a separate Python session: load it there with a "
@@ -124,11 +125,11 @@ def _refusal(message: str) -> str:
     name = _GLOBAL.match(reason)
     if name:
         return (
-            f"it holds Python objects other than {SAFE_CONTENT} (the global {name.group(1)}), and "
+            f"it holds Python objects other than {_SAFE_CONTENT} (the global {name.group(1)}), and "
             "unpickling them would run whatever code the file's author chose"
         )
     return (
-        f"it is not a file of {SAFE_CONTENT} that torch.load(weights_only=True) can read ({reason}); "
+        f"it is not a file of {_SAFE_CONTENT} that torch.load(weights_only=True) can read ({reason}); "
         "a full unpickling of it could run code, so it is not attempted"
     )
 
@@ -152,7 +153,7 @@ def load_torch_file(path: str | os.PathLike[str], *, map_location: Any = "cpu", 
     Raises:
         UnsafeFileError: If the file holds other Python objects or pickle instructions (none of
             them was run); the message names the file, what was refused and how to convert it.
-        ValueError: If the file is damaged or of another format (the message names it).
+        ValueError: If torch cannot read it otherwise (damaged, another format; the message names it).
     """
     try:
         return torch.load(os.fspath(path), map_location=map_location, weights_only=True)
@@ -166,7 +167,7 @@ def load_torch_file(path: str | os.PathLike[str], *, map_location: Any = "cpu", 
         ) from None
     except (RuntimeError, EOFError, KeyError, ValueError) as err:  # truncated zip, text, ...
         raise ValueError(
-            f"{os.fspath(path)} is not a readable torch file ({type(err).__name__}: {err})"
+            f"could not read {os.fspath(path)} as a torch file ({type(err).__name__}: {err})"
         ) from err
 
 
