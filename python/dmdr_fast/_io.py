@@ -176,7 +176,7 @@ def check_no_code(folder: str | os.PathLike[str], what: str = "model folder") ->
 
     diffusers imports a pipeline's or a component's own ``.py`` file when ``model_index.json``
     names it (recent versions only with ``trust_remote_code=True``, which dmdr_fast never passes,
-    older ones without asking); the families this library supports need no such file, so a folder
+    older ones may not ask); the families this library supports need no such file, so a folder
     that has one is refused before anything reads it. A hub id (not a local folder) is left to
     the libraries' own ``trust_remote_code`` rule.
 
