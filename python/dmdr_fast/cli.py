@@ -124,13 +124,12 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 def _load_trainer(checkpoint: str, cache_dir: str | None):
     """A Trainer for a digits checkpoint (its config is stored inside)."""
-    import torch
-
     from dmdr_fast.config import DMDRTrainerConfig
     from dmdr_fast.recipes import digits
+    from dmdr_fast.train.checkpoint import load_checkpoint
     from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
 
-    sd = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    sd = load_checkpoint(checkpoint)  # weights_only: a downloaded checkpoint runs no code
     # Sampling/evaluating a checkpoint: its weights come from the checkpoint (no student.init to
     # read again) and nothing is worth compiling.
     overrides = ["train.device=cpu", "student.init=null", "train.compile=false"]
@@ -743,7 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code (2 for configuration errors)."""
+    """Run the CLI; returns the process exit code (2 for configuration errors and refused files)."""
+    from dmdr_fast._io import UnsafeFileError
     from dmdr_fast.config import ConfigError
 
     args = build_parser().parse_args(argv)
@@ -751,6 +751,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"dmdr-fast: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except UnsafeFileError as exc:  # a file that only code execution could read: say so, no traceback
+        print(f"dmdr-fast: {exc}", file=sys.stderr)
         return 2
 
 

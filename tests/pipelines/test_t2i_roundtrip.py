@@ -165,7 +165,7 @@ def test_a_new_run_starts_from_an_export(tmp_path: Path, case: str):
     sets = [*COMMON, f"student.kind={kind}", f"student.num_steps={steps}", *extra]
     config = load_preset(preset, [*sets, f"model.path={teacher_dir}", f"student.init={export}"])
     trainer = bench_trainer(config, num_prompts=2)
-    trained = torch.load(ckpt.latest_checkpoint(tmp_path / "run"), map_location="cpu", weights_only=False)
+    trained = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))
     state = trainer.student.network.state_dict()
     for name, value in trained["student"].items():  # what the first run trained, bit for bit
         torch.testing.assert_close(state[name], value.to(state[name].dtype), rtol=0, atol=0)
@@ -179,7 +179,7 @@ def _trained_student(run: Path, family: str, teacher_dir: Path, extra: list[str]
     from dmdr_fast.train import checkpoint as ckpt
     from dmdr_fast.train.components import lora_config
 
-    sd = torch.load(ckpt.latest_checkpoint(run), map_location="cpu", weights_only=False)
+    sd = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
     config = DMDRTrainerConfig.from_dict(sd["config"])
     teacher = adapter_class(family).from_pretrained(teacher_dir, resolution=16, **_adapter_kwargs(extra))
     s = config.student
@@ -250,8 +250,8 @@ def test_two_stages_with_a_clip_reward_monitor_and_exact_resume(tmp_path: Path):
     train(tmp_path / "resumed", 3, resume=True)
     from dmdr_fast.train import checkpoint as ckpt
 
-    a = torch.load(ckpt.latest_checkpoint(tmp_path / "straight"), weights_only=False)
-    b = torch.load(ckpt.latest_checkpoint(tmp_path / "resumed"), weights_only=False)
+    a = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "straight"))
+    b = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "resumed"))
     assert a["state"]["gen_step"] == b["state"]["gen_step"] == 3
     # Bit-exact with the CLIP text cache off (text_cache_size 0 above). With it on, the last bit
     # can differ: an embedding computed inside a batch of other prompts differs from one computed

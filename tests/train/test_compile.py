@@ -64,7 +64,7 @@ def test_graph_capture_is_exact_and_does_not_recompile_every_step(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
     # Checkpoints and the export see plain module names; the exported copy is not compiled.
     path = tr.save()
-    names = set(torch.load(path, map_location="cpu", weights_only=False)["student"])
+    names = set(ckpt.load_checkpoint(path)["student"])
     assert names == set(ckpt.trainable_state(tr.student.network)) and not any("_orig_mod" in n for n in names)
     exported = tr.export_student()
     assert exported._compiled_call_impl is None

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from dmdr_fast._dtypes import load_dtype_kwargs, torch_dtype
+from dmdr_fast._io import check_no_code
 from dmdr_fast.benchmarks.harness import machine_info, report
 from dmdr_fast.models.families import family_of_pipeline, get_family
 
@@ -64,6 +65,7 @@ def run(
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = torch_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     family = family or family_of_pipeline(pipeline)
+    check_no_code(pipeline, "pipeline folder")
     pipe = DiffusionPipeline.from_pretrained(str(pipeline), **load_dtype_kwargs(dt)).to(dev)
     pipe.set_progress_bar_config(disable=True)
     spec = get_family(family)

@@ -33,10 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from dmdr_fast._io import PROGRESS_NAME, atomic_write_text, read_progress, write_progress
+from dmdr_fast._io import (
+    PROGRESS_NAME,
+    atomic_write_text,
+    load_safetensors,
+    open_safetensors,
+    read_progress,
+    write_progress,
+)
 from dmdr_fast.conditions import map_tensors
 from dmdr_fast.data.prompts import PromptBatch
 
@@ -85,6 +91,28 @@ def _jsonable(obj: Any) -> Any:
 
 def _class_ref(cls: type) -> dict[str, str]:
     return {"module": cls.__module__, "qualname": cls.__qualname__}
+
+
+def _condition_class(path: Path, ref: dict[str, str]) -> type:
+    """The condition dataclass ``cache.json`` names, imported only from dmdr_fast itself.
+
+    The name comes from a file that may have been shared: importing any module it named would run
+    that module's code, and calling any callable it named with the stored tensors could do
+    anything. The adapters' condition classes all live in ``dmdr_fast.models``.
+    """
+    module, qualname = str(ref.get("module", "")), str(ref.get("qualname", ""))
+    if module.split(".")[0] != "dmdr_fast":
+        raise ValueError(
+            f"refused to open prompt cache {path}: its {_META} names the condition class "
+            f"{module}.{qualname}, outside dmdr_fast; importing it would run that module's code. "
+            f"Open it with the adapter it was built for (PromptCache.open(path, adapter)). {_REBUILD}"
+        )
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and dataclasses.is_dataclass(obj)):
+        raise ValueError(f"prompt cache {path}: {module}.{qualname} is not a condition dataclass. {_REBUILD}")
+    return obj
 
 
 def _mismatch(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -296,11 +324,7 @@ class PromptCache:
         if meta.get("format") != "dmdr_fast.prompt_cache" or meta.get("version") != CACHE_FORMAT_VERSION:
             raise ValueError(f"{path} has an unsupported prompt cache format/version. {_REBUILD}")
         if adapter is None:
-            ref = meta["condition_class"]
-            obj: Any = importlib.import_module(ref["module"])
-            for part in ref["qualname"].split("."):
-                obj = getattr(obj, part)
-            return cls(path, meta, obj)
+            return cls(path, meta, _condition_class(path, meta["condition_class"]))
         cache = cls(path, meta, adapter.condition_class)
         cache.check(adapter, model_id=model_id)
         return cache
@@ -324,9 +348,7 @@ class PromptCache:
 
     def _slice(self, shard: int, field: str) -> Any:
         if shard not in self._slices:
-            handle = safe_open(
-                str(self.path / self.meta["shards"][shard]["file"]), framework="pt", device="cpu"
-            )
+            handle = open_safetensors(self.path / self.meta["shards"][shard]["file"])
             self._slices[shard] = {k: handle.get_slice(k) for k, s in self.fields.items() if s is not None}
         return self._slices[shard][field]
 
@@ -356,7 +378,7 @@ class PromptCache:
 
     def null_condition(self) -> Any:
         """The stored batch-1 null (empty-prompt) condition, on the CPU in the stored dtype."""
-        tensors = load_file(str(self.path / _NULL))
+        tensors = load_safetensors(self.path / _NULL)
         return self.condition_class(**{name: tensors.get(name) for name in self.fields})
 
 

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from dmdr_fast._io import open_safetensors
 from dmdr_fast.models.lora import LoraLayer, _attach, _freeze_non_lora, lora_layers
 
 __all__ = [
@@ -157,7 +157,7 @@ def _read(path: Path, prefix: str | None) -> tuple[dict[str, dict[str, torch.Ten
     file = path / LORA_WEIGHTS_NAME if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no LoRA weights at {file}")
-    with safe_open(str(file), framework="pt") as handle:
+    with open_safetensors(file) as handle:
         header = handle.metadata() or {}
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
     config: dict[str, Any] | None = None

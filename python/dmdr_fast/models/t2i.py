@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from dmdr_fast._dtypes import load_dtype_kwargs
+from dmdr_fast._io import check_no_code
 from dmdr_fast.conditions import map_tensors
 from dmdr_fast.models.protocol import Condition, check_time
 
@@ -150,6 +151,7 @@ class TextToImageAdapter(nn.Module):
         """
         extra = {**cls.default_pipeline_kwargs, **(pipeline_kwargs or {})}
         extra.update(load_dtype_kwargs(torch_dtype))
+        check_no_code(path, "pipeline folder")  # a shared folder's .py files are never imported
         pipe = cls.pipeline_class.from_pretrained(str(path), **extra)
         return cls.from_pipeline(pipe, device=device, **kwargs)
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dmdr_fast._io import RESAVE_TENSORS, load_safetensors, load_torch_file
+
 __all__ = ["load_network_weights", "read_state_dict"]
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -32,11 +34,9 @@ _WRAPPER_KEYS = ("state_dict", "model", "module")
 
 def _read_file(file: Path) -> dict[str, torch.Tensor]:
     if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(file))
+        return load_safetensors(file)
     if file.suffix in _PICKLE_SUFFIXES:
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
+        state = load_torch_file(file, map_location="cpu", convert=RESAVE_TENSORS)
         for key in _WRAPPER_KEYS:  # training checkpoints often nest the weights one level down
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]

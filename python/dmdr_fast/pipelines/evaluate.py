@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from dmdr_fast._dtypes import load_dtype_kwargs
+from dmdr_fast._io import check_no_code
 from dmdr_fast.pipelines.export import load_exported, read_export_info, sample_exported
 
 __all__ = ["evaluate_exported"]
@@ -128,6 +129,7 @@ def evaluate_exported(
     expanded = [p for p in prompts for _ in range(per_prompt)]
     bar = tqdm(total=2 * len(expanded), desc="eval", unit="img", disable=not progress)
 
+    check_no_code(teacher, "pipeline folder")
     pipe = DiffusionPipeline.from_pretrained(str(teacher), **load_dtype_kwargs(dtype)).to(device)
     pipe.set_progress_bar_config(disable=True)
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from dmdr_fast._dtypes import load_dtype_kwargs, torch_dtype
-from dmdr_fast._io import atomic_write_text
+from dmdr_fast._io import atomic_write_text, check_no_code
 
 if TYPE_CHECKING:
     from diffusers import ModelMixin
@@ -187,6 +187,7 @@ def _assemble(
 
         cls = DiffusionPipeline
     overrides = {student.network_attr: network, "scheduler": scheduler}
+    check_no_code(base_path, "pipeline folder")
     return cls.from_pretrained(base_path, **load_dtype_kwargs(dtype), **overrides)
 
 
@@ -222,16 +223,24 @@ def load_exported(
     from diffusers import DiffusionPipeline
 
     if pipe is None:
+        check_no_code(pipeline, "pipeline folder")  # a shared folder's .py files are never imported
         pipe = DiffusionPipeline.from_pretrained(str(pipeline), **load_dtype_kwargs(torch_dtype))
     info = read_export_info(pipeline) or {}
     if lora is not None:
+        check_no_code(lora, "LoRA folder")
         lora_info = read_export_info(lora) or {}
         pipe.load_lora_weights(str(lora))
         if (Path(lora) / "scheduler").is_dir():
             import diffusers
 
             name = lora_info.get("scheduler_class")
-            cls = getattr(diffusers, name) if name else type(pipe.scheduler)
+            cls: Any = getattr(diffusers, name, None) if name else type(pipe.scheduler)
+            # The name comes from the shared folder's JSON: only a diffusers scheduler is built.
+            is_scheduler = inspect.isclass(cls) and issubclass(cls, diffusers.SchedulerMixin)
+            if not is_scheduler:
+                raise ValueError(
+                    f"{lora}: {EXPORT_INFO_NAME} names {name!r}, not a diffusers scheduler class"
+                )
             pipe.scheduler = cls.from_pretrained(str(lora), subfolder="scheduler")
         info = lora_info or info
     return pipe.to(device), info

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dmdr_fast._io import RESAVE_TENSORS, load_safetensors, load_torch_file
 from dmdr_fast.rewards.base import Reward, RewardCondition, check_condition, check_images
 from dmdr_fast.rewards.clip import (
     CLIP_HUB_ID,
@@ -81,11 +82,9 @@ class AestheticMLP(nn.Module):
                 f"with internet and copy it there"
             )
         if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(p))
+            state: Any = load_safetensors(p)
         else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
+            state = load_torch_file(p, map_location="cpu", convert=RESAVE_TENSORS)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]  # a training checkpoint wrapping the weights
         if not isinstance(state, dict) or not isinstance(state.get("layers.0.weight"), Tensor):

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from dmdr_fast._io import RESAVE_TENSORS, load_torch_file
 from dmdr_fast.rewards.base import Reward, RewardCondition, check_condition, check_images
 from dmdr_fast.rewards.loading import MissingWeightsError, as_dtype, hub_file, optional_import, resolve_local
 from dmdr_fast.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
@@ -351,7 +352,7 @@ def load_open_clip_state_dict(checkpoint: str | os.PathLike[str]) -> dict[str, T
 
     Loaded with ``weights_only=True`` on CPU; a ``"module."`` prefix is stripped.
     """
-    obj = torch.load(os.fspath(checkpoint), map_location="cpu", weights_only=True)
+    obj = load_torch_file(checkpoint, map_location="cpu", convert=RESAVE_TENSORS)
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from dmdr_fast._io import RESAVE_TENSORS, load_torch_file
 from dmdr_fast.rewards.base import Reward, RewardCondition, check_condition, check_images
 from dmdr_fast.rewards.loading import MissingWeightsError, as_dtype, hub_file, optional_import, resolve_local
 from dmdr_fast.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
@@ -505,7 +506,7 @@ class ImageReward(Reward):
         if isinstance(checkpoint, Mapping):
             sd = dict(checkpoint)
         else:
-            sd = torch.load(os.fspath(checkpoint), map_location="cpu", weights_only=True)
+            sd = load_torch_file(checkpoint, map_location="cpu", convert=RESAVE_TENSORS)
         med: Mapping[str, Any] = (
             med_config if isinstance(med_config, Mapping) else json.loads(Path(med_config).read_text())
         )

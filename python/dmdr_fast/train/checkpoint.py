@@ -4,10 +4,17 @@ A checkpoint is written to a temporary file in the target folder and moved into 
 ``os.replace`` (atomic on POSIX), then the ``latest`` pointer is replaced the same way. A kill at
 any moment therefore leaves either the previous or the new checkpoint as the latest — never a
 partial file.
+
+A checkpoint holds only tensors and plain data (numbers, strings, None, lists, dicts: what
+``Trainer.state_dict`` builds, the RNG states being byte tensors), so :func:`load_checkpoint` reads
+it with ``weights_only=True`` (:func:`dmdr_fast._io.load_torch_file`): loading a checkpoint from
+someone else never runs code. Every checkpoint this library has written has had that form, so
+none needs converting.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -15,13 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from dmdr_fast._io import atomic_save, atomic_write_text
+from dmdr_fast._io import atomic_save, atomic_write_text, load_torch_file
 
 __all__ = [
     "FORMAT",
     "atomic_save",
     "check_format",
     "latest_checkpoint",
+    "load_checkpoint",
     "load_trainable_state",
     "save_checkpoint",
     "trainable_state",
@@ -58,11 +66,32 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def check_format(sd: dict[str, Any]) -> None:
-    """Raise unless ``sd`` is a dmdr_fast checkpoint of a known format."""
+def check_format(sd: dict[str, Any], path: str | os.PathLike[str] | None = None) -> None:
+    """Raise unless ``sd`` is a dmdr_fast checkpoint of a known format (``path`` names it)."""
     if not isinstance(sd, dict) or sd.get("format") != FORMAT:
         got = sd.get("format") if isinstance(sd, dict) else type(sd).__name__
-        raise ValueError(f"not a dmdr_fast checkpoint (format {got!r}, expected {FORMAT!r})")
+        where = "" if path is None else f"{path} is "
+        raise ValueError(f"{where}not a dmdr_fast checkpoint (format {got!r}, expected {FORMAT!r})")
+
+
+#: How to get a loadable file, for the refusal message of :func:`load_checkpoint`.
+_CONVERT = (
+    "Checkpoints written by dmdr_fast hold only these types and load as they are, so this file was "
+    "written or changed by other code; if you trust its author, load it in a separate Python session, "
+    "turn every value into one of these types and torch.save the result, then load that file."
+)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a checkpoint onto the CPU without running code, and check its format.
+
+    Raises:
+        dmdr_fast._io.UnsafeFileError: If the file holds objects beyond tensors and plain data.
+        ValueError: If it is not a dmdr_fast checkpoint of a known format.
+    """
+    sd = load_torch_file(path, map_location="cpu", convert=_CONVERT)
+    check_format(sd, path)
+    return sd
 
 
 def trainable_state(network: nn.Module) -> dict[str, torch.Tensor]:

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dmdr_fast._io import PROGRESS_NAME, atomic_write_text, read_progress, write_progress
+from dmdr_fast._io import PROGRESS_NAME, atomic_write_text, load_safetensors, read_progress, write_progress
 from dmdr_fast.conditions import to_device
 from dmdr_fast.config import OptimConfig
 
@@ -270,9 +270,7 @@ class ODEPairs:
 
     def _shard(self, i: int) -> dict[str, torch.Tensor]:
         if i not in self._loaded:
-            from safetensors.torch import load_file
-
-            self._loaded[i] = load_file(str(self.path / self.meta["shards"][i]["file"]))
+            self._loaded[i] = load_safetensors(self.path / self.meta["shards"][i]["file"])
         return self._loaded[i]
 
     def batch(self, positions: torch.Tensor, adapter: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:

@@ -782,7 +782,7 @@ class Trainer:
             path = found
         # Onto the CPU, not the training device: the RNG states must be CPU tensors, and a full
         # fine-tune's weights + Adam moments + EMA would otherwise sit on the GPU twice while copied.
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        self.load_state_dict(ckpt.load_checkpoint(path))  # weights_only: a shared file runs no code
         self.logger.note(f"resumed from {path} at generator step {self.state.gen_step}")
         return True
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmdr_fast._io import atomic_save
+from dmdr_fast._io import RESAVE_TENSORS, atomic_save, load_torch_file
 
 __all__ = [
     "DigitClassifier",
@@ -333,7 +333,7 @@ def load_classifier(
     Raises:
         ValueError: If the file is not a classifier file of this format.
     """
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    payload = load_torch_file(path, map_location=map_location, convert=RESAVE_TENSORS)
     if not isinstance(payload, Mapping) or payload.get("format") != _FORMAT:
         raise ValueError(f"{os.fspath(path)} is not a {_FORMAT} file")
     model = DigitClassifier(DigitClassifierConfig(**payload["config"]))

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dmdr_fast._io import atomic_save
+from dmdr_fast._io import atomic_save, load_torch_file
 from dmdr_fast.algo.flow import renoise, velocity_target
 from dmdr_fast.recipes.digits.classifier import DigitClassifier, DigitClassifierConfig, train_classifier
 
@@ -348,7 +348,7 @@ def _try_load(path: Path, fmt: str, config: Mapping[str, Any]) -> dict[str, Any]
     if not path.exists():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_torch_file(path, map_location="cpu")  # a refused file is retrained too
     except Exception as exc:  # truncated / corrupt file: retrain and overwrite
         warnings.warn(f"ignoring unreadable cache file {path} ({type(exc).__name__}: {exc})", stacklevel=3)
         return None
