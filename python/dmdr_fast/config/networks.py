@@ -93,12 +93,40 @@ class ModelConfig(ConfigBase):
             "help": "Value range of decoded samples, mapped linearly to [0, 1] for rewards and images."
         },
     )
-    weights_dtype: Literal["fp32", "bf16", "fp16"] = field(
+    weights_dtype: Literal["fp32", "bf16", "fp16", "fp8"] = field(
         default="fp32",
         metadata={
             "help": "Dtype the pipeline is loaded in (text-to-image families). Frozen parts (teacher, VAE, "
             "text encoders) stay in it; trainable weights are kept in fp32 (a full student/critic is cast "
-            "to fp32, LoRA factors are fp32). 'bf16' halves the frozen parts' memory (paper: bf16)."
+            "to fp32, LoRA factors are fp32). 'bf16' halves the frozen parts' memory (paper: bf16). 'fp8': "
+            "loaded in bf16, then the frozen transformer linears of the teacher/guidance network (and a "
+            "LoRA student's shared base) are stored as e4m3 with per-output-channel scales and run as FP8 "
+            "GEMMs (docs/fp8.md); a full student or critic stays fp32."
+        },
+    )
+    fp8_backward: Literal["bf16", "fp8"] = field(
+        default="bf16",
+        metadata={
+            "help": "weights_dtype fp8: the GEMM of an FP8 linear's input gradient (the critic LoRA and "
+            "the layers upstream need it; weights get none): 'bf16' (dequantised per channel, exact "
+            "weights) or 'fp8' (the gradient quantised row-wise to e4m3, one FP8 GEMM)."
+        },
+    )
+    fp8_exclude: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "weights_dtype fp8: module-name patterns (fnmatch) kept in their dtype. null = the "
+            "default list (embeddings, AdaLN modulation/norm linears, final projection; "
+            "dmdr_fast.models.fp8.DEFAULT_FP8_EXCLUDE); a list replaces it ([] quantises every "
+            "eligible linear)."
+        },
+    )
+    fp8_attention: bool = field(
+        default=True,
+        metadata={
+            "help": "weights_dtype fp8: the guidance network's no-grad passes (the real/fake scores of the "
+            "generator step) compute attention with dmdr_fast.ops.attention_fp8; passes that need a "
+            "gradient (the critic update) keep the regular attention."
         },
     )
     gradient_checkpointing: bool = field(
@@ -129,6 +157,14 @@ class ModelConfig(ConfigBase):
         check_range(self, "timestep_scale", gt=0)
         lo, hi = self.pixel_range
         require(self, "pixel_range", lo < hi, "[low, high] with low < high")
+        if self.fp8_exclude is not None:
+            require(self, "fp8_exclude", all(p.strip() for p in self.fp8_exclude), "non-empty patterns")
+
+    @property
+    def load_dtype(self) -> str:
+        """The dtype name the weights are loaded in: ``weights_dtype``, except bf16 for ``fp8``
+        (quantised after loading)."""
+        return "bf16" if self.weights_dtype == "fp8" else self.weights_dtype
 
 
 @dataclass(frozen=True)

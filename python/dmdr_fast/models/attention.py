@@ -84,6 +84,7 @@ from torch import nn
 
 from dmdr_fast import ops as backends  # the op registry (backends.get_backends(op), docs/architecture.md §5)
 from dmdr_fast.ops.attention import attention as _attention_op
+from dmdr_fast.ops.attention_fp8 import attention_fp8 as _attention_fp8_op
 
 try:  # Flux's processor class exists from diffusers 0.35 (before: FluxAttnProcessor2_0, not covered)
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
@@ -105,6 +106,7 @@ __all__ = [
     "restore_attention",
     "to_key_padding_mask",
     "use_attention",
+    "use_fp8_attention",
 ]
 
 #: Backend name meaning "diffusers' own processors" (no :func:`dmdr_fast.ops.attention`).
@@ -186,11 +188,14 @@ class OpProcessor:
     Attributes:
         original: The diffusers processor replaced (restored by :func:`restore_attention`).
         backend: Backend of :func:`dmdr_fast.ops.attention`; ``None`` = automatic.
+        fp8_no_grad: Calls made with gradient mode off use :func:`dmdr_fast.ops.attention_fp8`
+            (automatic backend) instead; set by :func:`use_fp8_attention`.
     """
 
     def __init__(self, original: Any, backend: str | None) -> None:
         self.original = original
         self.backend = backend
+        self.fp8_no_grad = False
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """``(B, H, Lq, D)`` attention of ``(B, H, L, D)`` inputs, a diffusers mask converted."""
@@ -204,6 +209,8 @@ class OpProcessor:
         else:
             dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
         q, k, v = (x if x.dtype == dtype else x.to(dtype) for x in (q, k, v))
+        if self.fp8_no_grad and not torch.is_grad_enabled():  # a score pass: nothing to backprop
+            return _attention_fp8_op(q, k, v, key_padding_mask=pad)
         return _attention_op(q, k, v, key_padding_mask=pad, backend=self.backend)
 
     def __repr__(self) -> str:
@@ -510,6 +517,34 @@ def use_attention(model: ModelT, backend: str | None, *, strict: bool = True) ->
             replacement = replacements[id(native)] = _REPLACEMENTS[type(native)](native, backend)
         module.set_processor(replacement)
     return model
+
+
+def use_fp8_attention(model: ModelT, enabled: bool = True) -> int:
+    """Make ``model``'s no-grad attention calls FP8 (:func:`dmdr_fast.ops.attention_fp8`), in place.
+
+    Modules still on diffusers' processors are first routed through :func:`use_attention` with
+    the automatic backend (``strict=False``: unsupported processors stay native and full
+    precision). Calls with gradient mode on are unchanged, so a pass that trains through the
+    network (a critic update) keeps the regular attention and its backward.
+
+    Returns:
+        The number of attention modules whose no-grad calls are now FP8.
+    """
+    if enabled and any(not isinstance(m.processor, OpProcessor) for _, m in _attention_modules(model)):
+        # Our processors on the native modules only: the others keep the backend chosen before.
+        done = {
+            id(m): m.processor for _, m in _attention_modules(model) if isinstance(m.processor, OpProcessor)
+        }
+        use_attention(model, None, strict=False)
+        for _, module in _attention_modules(model):
+            if id(module) in done:
+                module.set_processor(done[id(module)])
+    count = 0
+    for _, module in _attention_modules(model):
+        if isinstance(module.processor, OpProcessor):
+            module.processor.fp8_no_grad = enabled
+            count += 1
+    return count
 
 
 def restore_attention(model: ModelT) -> ModelT:

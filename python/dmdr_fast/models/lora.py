@@ -497,6 +497,18 @@ def _merge_scales(layer: LoraLayer, scale: float | Mapping[str, float]) -> dict[
     return dict.fromkeys(layer.lora_A, float(scale))
 
 
+def _require_plain_bases(model: nn.Module, what: str) -> None:
+    """Merging writes into ``base_layer.weight``: refuse bases that are not plain Linear/Conv2d
+    (an FP8 base's ``weight`` is a dequantised copy, so a merge into it would vanish)."""
+    odd = [f"{n} ({type(layer.base_layer).__name__})" for n, layer in lora_layers(model)
+           if type(layer.base_layer) not in _SUPPORTED_TYPES]  # fmt: skip
+    if odd:
+        raise TypeError(
+            f"{what}: LoRA base layers {odd[:3]} are not nn.Linear/nn.Conv2d; FP8 bases: call "
+            "dmdr_fast.models.fp8.dequantize_linears(model) first (the FP8 rounding stays)"
+        )
+
+
 def merged_state_dict(model: nn.Module, scale: float | Mapping[str, float] = 1.0) -> dict[str, torch.Tensor]:
     """The state dict of the equivalent plain model: LoRA folded into the base weights.
 
@@ -512,6 +524,7 @@ def merged_state_dict(model: nn.Module, scale: float | Mapping[str, float] = 1.0
     Returns:
         A new state dict; merged weights keep the base weights' dtype (the sum is done in fp32).
     """
+    _require_plain_bases(model, "merged_state_dict")
     state = model.state_dict()
     for name, layer in lora_layers(model):
         prefix = f"{name}." if name else ""
@@ -538,6 +551,7 @@ def merge_and_unload(model: nn.Module, scale: float | Mapping[str, float] = 1.0)
     Returns:
         ``model``, now free of LoRA layers.
     """
+    _require_plain_bases(model, "merge_and_unload")
     for name, layer in list(lora_layers(model)):
         base = layer.base_layer
         with torch.no_grad():

@@ -18,6 +18,7 @@ __all__ = [
     "attention_bwd_ref",
     "attention_ref",
     "dmd_loss_ref",
+    "fp8_linear_ref",
     "quantize_fp8_ref",
     "real_velocity_ref",
     "reward_grad_combine_ref",
@@ -314,3 +315,33 @@ def quantize_fp8_ref(
     inv = torch.reciprocal(scale)
     q = (xf * inv).clamp(-fp8_max, fp8_max).to(fp8_dtype)
     return q, scale
+
+
+def fp8_linear_ref(
+    x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The FP8 linear of :mod:`dmdr_fast.models.fp8`, written out in float64.
+
+    ``x`` is quantised row-wise to e4m3 (:func:`quantize_fp8_ref`), both operands are dequantised
+    exactly (an e4m3 value times a float32 scale is exact in float64) and multiplied in float64::
+
+        y = (q_x · s_x) @ (W_q · s_w)ᵀ + b
+
+    so the only difference to a float32 ``torch._scaled_mm`` is its accumulation rounding.
+
+    Args:
+        x: (..., K) input.
+        weight_fp8: (N, K) e4m3 weight.
+        weight_scale: (N, 1) float32 per-output-channel scale.
+        bias: optional (N,) bias.
+
+    Returns:
+        (..., N) float64.
+    """
+    q, s = quantize_fp8_ref(x.reshape(-1, x.shape[-1]), torch.float8_e4m3fn)
+    xd = q.double() * s.double()
+    wd = weight_fp8.double() * weight_scale.double()
+    y = xd @ wd.t()
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], weight_fp8.shape[0])

@@ -71,7 +71,7 @@ def export_student(
     n, shift = config.student.num_steps, config.student.shift
     scheduler = student.export_scheduler(n, shift)
     base_path = base_path if base_path is not None else config.model.path
-    dtype = torch_dtype(config.model.weights_dtype)
+    dtype = torch_dtype(config.model.load_dtype)
     if config.student.kind == "lora":
         with trainer.ema_weights():
             save_lora(student.network, out, adapter="student", prefix=student.lora_prefix)

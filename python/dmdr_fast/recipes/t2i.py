@@ -109,7 +109,7 @@ def build_adapter(model: ModelConfig, *, device: torch.device | str | None = Non
         )
     cls = adapter_class(model.family)
     adapter = cls.from_pretrained(
-        model.path, device=device, torch_dtype=torch_dtype(model.weights_dtype), **model.kwargs
+        model.path, device=device, torch_dtype=torch_dtype(model.load_dtype), **model.kwargs
     )
     adapter.enable_memory_savers(
         gradient_checkpointing=model.gradient_checkpointing,

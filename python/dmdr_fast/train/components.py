@@ -8,11 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dmdr_fast.algo import DynaDG, DynaRS, GuidanceScale
-from dmdr_fast.config import ConfigError, DMDRConfig, LoraSpec
-from dmdr_fast.models.lora import LoraConfig
+from torch import nn
 
-__all__ = ["guidance_scale", "lora_config", "real_score_schedule", "renoise_schedule"]
+from dmdr_fast.algo import DynaDG, DynaRS, GuidanceScale
+from dmdr_fast.config import ConfigError, DMDRConfig, LoraSpec, ModelConfig
+from dmdr_fast.models.fp8 import DEFAULT_FP8_EXCLUDE, Fp8Linear, Fp8Report, quantize_linears
+from dmdr_fast.models.lora import LoraConfig
+from dmdr_fast.models.protocol import FlowModelAdapter
+
+__all__ = [
+    "frozen_fp8",
+    "guidance_scale",
+    "load_student_init",
+    "lora_config",
+    "real_score_schedule",
+    "renoise_schedule",
+]
 
 
 def renoise_schedule(dmdr: DMDRConfig) -> DynaRS:
@@ -55,3 +66,44 @@ def lora_config(spec: LoraSpec, adapter: str = "default", default_targets: Seque
             owner=type(spec).__name__,
         )
     return LoraConfig(targets=targets, rank=spec.rank, alpha=spec.alpha, init=spec.init, adapter=adapter)
+
+
+def frozen_fp8(model: ModelConfig, guidance: nn.Module, lora_student: nn.Module | None) -> Fp8Report | None:
+    """``model.weights_dtype: fp8``: the frozen linears of the guidance network in FP8 (docs/fp8.md).
+
+    Args:
+        model: The config's model section (``fp8_exclude``, ``fp8_backward``, ``fp8_attention``).
+        guidance: The teacher/guidance network (its critic LoRA, if any, already injected).
+        lora_student: A LoRA student's network, whose frozen base tensors are the teacher's: it
+            gets the same FP8 copies (one copy of the frozen weights, not two). ``None`` for a full
+            student, which trains every weight and stays in fp32.
+
+    Returns:
+        What was quantised, or ``None`` when ``weights_dtype`` is not ``fp8``.
+    """
+    if model.weights_dtype != "fp8":
+        return None
+    exclude = DEFAULT_FP8_EXCLUDE if model.fp8_exclude is None else model.fp8_exclude
+    shared: dict[int, Fp8Linear] = {}
+    report = quantize_linears(guidance, exclude=exclude, backward=model.fp8_backward, shared=shared)
+    if lora_student is not None:
+        quantize_linears(lora_student, exclude=exclude, backward=model.fp8_backward, shared=shared)
+    if model.fp8_attention:
+        from dmdr_fast.models.attention import use_fp8_attention
+
+        use_fp8_attention(guidance)
+    return report
+
+
+def load_student_init(student: FlowModelAdapter, kind: str, path: str) -> None:
+    """``student.init``: the student's starting weights (full state dict or LoRA, by ``kind``), read
+    before the optimisers, the EMA copy and DDP's broadcast see them; a resume overwrites them."""
+    if kind == "lora":
+        from dmdr_fast.models.lora_io import load_lora
+
+        prefix = getattr(student, "lora_prefix", "transformer")  # stripped only if present
+        load_lora(student.network, path, adapter="student", prefix=prefix)
+    else:
+        from dmdr_fast.models.weights import load_network_weights
+
+        load_network_weights(student.network, path, subfolder=getattr(student, "network_attr", None))

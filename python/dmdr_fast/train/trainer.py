@@ -64,7 +64,14 @@ from dmdr_fast.models.lora import lora_scale
 from dmdr_fast.models.protocol import FlowModelAdapter
 from dmdr_fast.models.roles import make_guidance, make_student
 from dmdr_fast.train import checkpoint as ckpt
-from dmdr_fast.train.components import guidance_scale, lora_config, real_score_schedule, renoise_schedule
+from dmdr_fast.train.components import (
+    frozen_fp8,
+    guidance_scale,
+    load_student_init,
+    lora_config,
+    real_score_schedule,
+    renoise_schedule,
+)
 from dmdr_fast.train.logging import RunLogger
 from dmdr_fast.train.monitor import RewardHackingMonitor
 from dmdr_fast.train.runtime import (
@@ -176,7 +183,7 @@ class Trainer:
         if s.kind == "full":
             self.student.network.float()  # fp32 master weights even when the teacher is bf16
         if s.init is not None and load_init:  # False when a checkpoint will replace it (resume)
-            self._load_student_init(s.init)
+            load_student_init(self.student, s.kind, s.init)
         if s.noise_timestep is not None:
             cast("SDXLAdapter", self.student).set_noise_timestep(s.noise_timestep)  # config: SDXL only
         if c.kind == "lora":
@@ -187,7 +194,9 @@ class Trainer:
             self.guidance = teacher
             self.critic = make_student(teacher)
             self.critic.network.float()
-        self._use_attention()
+        self._use_attention()  # then FP8 (its attention flag lives on the processors chosen here)
+        lora_student = self.student.network if s.kind == "lora" else None
+        self.fp8 = frozen_fp8(config.model, self.guidance.network, lora_student)
         if config.train.compile:
             compile_networks(self._networks(), config.train)
         self._student_net = self._wrap_ddp(self.student)
@@ -232,25 +241,12 @@ class Trainer:
         self.logger = RunLogger(
             self.out_dir if self.rank == 0 else None, tensorboard=config.train.tensorboard
         )
+        if self.fp8 is not None:
+            self.logger.note(self.fp8.summary())
         self._stage2_applied = False
         self._critic_losses: list[float | torch.Tensor] = []  # read out once per generator step
 
     # ------------------------------------------------------------------------------ helpers
-
-    def _load_student_init(self, path: str) -> None:
-        """``student.init``: the student's starting weights (full state dict or LoRA), before the
-        optimisers, the EMA copy and DDP's broadcast see them; a resume overwrites them later."""
-        if self.config.student.kind == "lora":
-            from dmdr_fast.models.lora_io import load_lora
-
-            prefix = getattr(self.student, "lora_prefix", "transformer")  # stripped only if present
-            load_lora(self.student.network, path, adapter="student", prefix=prefix)
-        else:
-            from dmdr_fast.models.weights import load_network_weights
-
-            load_network_weights(
-                self.student.network, path, subfolder=getattr(self.student, "network_attr", None)
-            )
 
     def _use_attention(self) -> None:
         """Route the attention of all networks (teacher/guidance, student, full critic) through
@@ -789,7 +785,9 @@ class Trainer:
     def export_student(self) -> nn.Module:
         """A standalone copy of the student network (EMA weights when EMA is on)."""
         from dmdr_fast.models.attention import restore_attention
+        from dmdr_fast.models.fp8 import dequantize_linears
 
         with self.ema_weights():
             # The copy gets the models' own attention back: it must not depend on dmdr_fast to run.
-            return restore_attention(copy.deepcopy(self.student.network)).eval()
+            # ... and plain linears: an export never holds FP8 tensors (docs/fp8.md).
+            return dequantize_linears(restore_attention(copy.deepcopy(self.student.network))).eval()
