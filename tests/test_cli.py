@@ -128,6 +128,19 @@ def test_bench_step_compiled_has_an_eager_row(capsys, tmp_path):
     assert result["compile"] == "aot_eager/default"
 
 
+def test_bench_step_fp8_times_the_unquantised_twin(capsys, tmp_path):
+    out = tmp_path / "step.json"
+    rc = main(["bench", "step", "--cycles", "1", "--warmup", "0", "--set", "train.batch_size=4",
+               "--set", "train.device=cpu", "--set", "dmdr.ratio_update=2",
+               "--set", "model.weights_dtype=fp8", "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    assert "FP8 frozen weights vs fp32" in capsys.readouterr().out  # the digits teacher is fp32
+    result = json.loads(out.read_text())
+    assert {"ours_cycle", "paper_cycle", "ours_fp32_cycle"} <= set(result["median_ms"])
+    before, after = result["fp8_frozen_bytes"]
+    assert result["weights_dtype"] == "fp8" and 0 < after < before / 3  # fp32 -> e4m3 + scales
+
+
 def test_bench_step_decoupled(capsys):
     rc = main(["bench", "step", "--cycles", "1", "--warmup", "0", "--set", "train.batch_size=2",
                "--set", "train.device=cpu", "--set", "dmdr.ratio_update=1", "--set", "dmdr.guidance=2",

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dmdr_fast.train.trainer import Trainer
 
 __all__ = ["main"]
 
@@ -437,35 +441,40 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from dmdr_fast.benchmarks import bench_sample
 
         return bench_sample.main(args)
-    if args.what == "step" and args.pipeline is not None:
+    if args.what == "step":
         from dmdr_fast.benchmarks import bench_step
+
+        trainer = _step_trainer(args, [])
+        # FP8 frozen weights: the same step with the weights in their load dtype, timed alongside.
+        twin = (
+            _step_trainer(args, [f"model.weights_dtype={trainer.config.model.load_dtype}"])
+            if trainer.fp8
+            else None
+        )
+        return bench_step.main(args, trainer, twin=twin)
+    raise SystemExit(f"unknown benchmark {args.what!r}")
+
+
+def _step_trainer(args: argparse.Namespace, extra: list[str]) -> Trainer:
+    """``bench step``'s Trainer: the preset without rewards (the paper baseline has none; a reward
+    adds the same to both) on a random teacher of the preset's size (timing ignores the weights)."""
+    from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
+
+    fixed = ["rewards=[]", "dmdr.cold_start_steps=0", "train.tensorboard=false"]
+    if args.pipeline is not None:
         from dmdr_fast.recipes import t2i
 
         args.config = None
-        config = _t2i_config(args).with_overrides(
-            ["rewards=[]", "dmdr.cold_start_steps=0", "train.tensorboard=false", "monitor.every=0"]
-        )
-        return bench_step.main(args, t2i.bench_trainer(config))
-    if args.what == "step":
-        from dmdr_fast.benchmarks import bench_step
-        from dmdr_fast.configs import load_preset
-        from dmdr_fast.models import DiTAdapter, dit_from_config
-        from dmdr_fast.recipes.digits.teacher import DEFAULT_DIGITS_TEACHER_CONFIG, resolve_config
-        from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
+        return t2i.bench_trainer(_t2i_config(args).with_overrides([*fixed, "monitor.every=0", *extra]))
+    from dmdr_fast.configs import load_preset
+    from dmdr_fast.models import DiTAdapter, dit_from_config
+    from dmdr_fast.recipes.digits.teacher import DEFAULT_DIGITS_TEACHER_CONFIG, resolve_config
 
-        # The step without rewards (the paper baseline has none); the reward adds the same to both.
-        config = load_preset(
-            args.preset or "digits",
-            ["rewards=[]", "dmdr.cold_start_steps=0", "train.tensorboard=false", *(args.set or [])],
-        )
-        # Timing does not depend on the weights: a randomly initialised teacher of the preset's size.
-        arch = resolve_config(config.model.kwargs.get("teacher"), DEFAULT_DIGITS_TEACHER_CONFIG, "teacher")[
-            "model"
-        ]
-        teacher = DiTAdapter(dit_from_config(arch, seed=0))
-        trainer = Trainer(config, teacher, data=ClassLabelSampler(10))
-        return bench_step.main(args, trainer)
-    raise SystemExit(f"unknown benchmark {args.what!r}")
+    config = load_preset(args.preset or "digits", [*fixed, *(args.set or []), *extra])
+    arch = resolve_config(config.model.kwargs.get("teacher"), DEFAULT_DIGITS_TEACHER_CONFIG, "teacher")[
+        "model"
+    ]
+    return Trainer(config, DiTAdapter(dit_from_config(arch, seed=0)), data=ClassLabelSampler(10))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -156,6 +156,17 @@ def test_bench_step_on_a_tiny_pipeline(sd3_dir: Path, tmp_path: Path):
     assert result["student_steps"] == 4 and result["speedup_cycle"] > 0  # sd3-medium-4step's student
 
 
+def test_bench_step_fp8_on_a_tiny_pipeline(sd3_dir: Path, tmp_path: Path):
+    out = tmp_path / "step.json"
+    argv = ["bench", "step", "--pipeline", str(sd3_dir), *TINY, "--set", "train.batch_size=2"]
+    argv += ["--set", "model.weights_dtype=fp8", "--set", "model.fp8_exclude=[]"]  # 16-wide: all eligible
+    assert main([*argv, "--cycles", "1", "--warmup", "0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["fp8_vs"] == "bf16" and result["fp8_speedup_cycle"] > 0  # loaded in bf16, then FP8
+    before, after = result["fp8_frozen_bytes"]
+    assert 0 < after < before
+
+
 def test_sample_pipeline_writes_a_grid(sd3_dir: Path, tmp_path: Path):
     out = tmp_path / "grid.png"
     argv = [

@@ -137,47 +137,62 @@ def _time_cycles(fn, tr: Trainer, cycles: int) -> tuple[list[float], list[float]
     return cycle_ms, gen_ms
 
 
-def _runs(trainer: Trainer) -> list[tuple[str, Any, bool]]:
-    """(name, iteration, force eager) of each timed row: the paper's scripts do not compile, so
-    their row runs eager; with ``train.compile`` our step is also timed eager (the compile gain)."""
+def _runs(trainer: Trainer, twin: Trainer | None) -> list[tuple[str, Any, bool, Trainer]]:
+    """(name, iteration, force eager, trainer) of each timed row: the paper's scripts do not
+    compile, so their row runs eager; with ``train.compile`` our step is also timed eager (the
+    compile gain); with FP8 frozen weights, ``twin`` is the same run with them in their load dtype."""
     ours = lambda tr: tr.step()  # noqa: E731
-    rows = [("ours", ours, False), ("paper", paper_iteration, True)]
+    rows = [("ours", ours, False, trainer), ("paper", paper_iteration, True, trainer)]
     if trainer.config.train.compile:
-        rows.insert(1, ("ours_eager", ours, True))
+        rows.insert(1, ("ours_eager", ours, True, trainer))
+    if twin is not None:
+        rows.append(("ours_" + _weights_dtype(twin), ours, False, twin))
     return rows
+
+
+def _weights_dtype(tr: Trainer) -> str:
+    """The dtype the guidance network's weights really have (the digits teacher ignores
+    ``model.weights_dtype``, a text-to-image pipeline is loaded in it)."""
+    dtype = next(p.dtype for p in tr.guidance.network.parameters() if not p.requires_grad)
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
 def _stance(eager: bool):
     return torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
 
 
-def run(trainer: Trainer, *, cycles: int = 10, warmup: int = 2) -> dict[str, Any]:
-    """Alternate ours and the paper's iteration on ``trainer`` and report medians and ratios."""
+def run(
+    trainer: Trainer, *, cycles: int = 10, warmup: int = 2, twin: Trainer | None = None
+) -> dict[str, Any]:
+    """Alternate ours and the paper's iteration on ``trainer`` (and ours on ``twin``) and report
+    medians and ratios."""
     import statistics
 
-    rows = _runs(trainer)
-    for _, fn, eager in rows:  # with compile: the warm-up cycles also pay the compilation
+    rows = _runs(trainer, twin)
+    for _, fn, eager, tr in rows:  # with compile: the warm-up cycles also pay the compilation
         with _stance(eager):
-            _time_cycles(fn, trainer, warmup)
-    results: dict[str, list[float]] = {f"{n}_{k}": [] for n, _, _ in rows for k in ("cycle", "gen")}
+            _time_cycles(fn, tr, warmup)
+    results: dict[str, list[float]] = {f"{n}_{k}": [] for n, _, _, _ in rows for k in ("cycle", "gen")}
     for _ in range(cycles):  # interleaved so that drifting machine load hits every row alike
-        for name, fn, eager in rows:
+        for name, fn, eager, tr in rows:
             with _stance(eager):
-                c, g = _time_cycles(fn, trainer, 1)
+                c, g = _time_cycles(fn, tr, 1)
             results[f"{name}_cycle"] += c
             results[f"{name}_gen"] += g
     med = {k: statistics.median(v) for k, v in results.items()}
-    peak: dict[str, float | None] = {name: None for name, _, _ in rows}
+    peak: dict[str, float | None] = {name: None for name, _, _, _ in rows}
     if trainer.device.type == "cuda":  # one more cycle each, alone, for its allocator peak
-        for name, fn, eager in rows:
+        for name, fn, eager, tr in rows:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(trainer.device)
             with _stance(eager):
-                _time_cycles(fn, trainer, 1)
+                _time_cycles(fn, tr, 1)
             peak[name] = torch.cuda.max_memory_allocated(trainer.device) / 2**20
     cfg = trainer.config
     compiled = "ours_eager" in peak
     ours, paper = peak["ours"], peak["paper"]  # both None off CUDA
+    hp = f"ours_{_weights_dtype(twin)}" if twin is not None else None
+    fp8 = trainer.fp8
     return {
         "benchmark": "step",
         "batch_size": cfg.train.batch_size,
@@ -186,11 +201,16 @@ def run(trainer: Trainer, *, cycles: int = 10, warmup: int = 2) -> dict[str, Any
         "guidance": cfg.dmdr.guidance,
         "decoupled": cfg.dmdr.ca_renoise if cfg.dmdr.decoupled else None,
         "compile": f"{cfg.train.compile_backend}/{cfg.train.compile_mode}" if compiled else None,
+        "weights_dtype": cfg.model.weights_dtype,
         "machine": machine_info(trainer.device),
         "median_ms": med,
         "speedup_cycle": med["paper_cycle"] / med["ours_cycle"],
         "speedup_gen_iter": med["paper_gen"] / med["ours_gen"],
         "compile_speedup_cycle": med["ours_eager_cycle"] / med["ours_cycle"] if compiled else None,
+        "fp8_vs": hp[len("ours_") :] if hp else None,
+        "fp8_speedup_cycle": med[f"{hp}_cycle"] / med["ours_cycle"] if hp else None,
+        "fp8_frozen_bytes": (fp8.bytes_before, fp8.bytes_after) if fp8 is not None else None,
+        "fp8_memory_ratio": peak["ours"] / peak[hp] if hp and peak["ours"] and peak[hp] else None,
         "peak_mem_mib": peak,
         "memory_ratio": ours / paper if ours and paper is not None else None,
         "cycles": cycles,
@@ -213,6 +233,15 @@ def format_result(r: dict[str, Any]) -> str:
             else ""
         )
         + (
+            f"  FP8 frozen weights vs {r['fp8_vs']}:            ours {m['ours_cycle']:.1f} ms, "
+            f"{r['fp8_vs']} {m['ours_' + r['fp8_vs'] + '_cycle']:.1f} ms  → ×{r['fp8_speedup_cycle']:.2f} per cycle; "
+            f"quantised linears {r['fp8_frozen_bytes'][0] / 2**20:.2f} → {r['fp8_frozen_bytes'][1] / 2**20:.2f} MiB"
+            + (f"; peak ×{r['fp8_memory_ratio']:.2f}" if r.get("fp8_memory_ratio") else "")
+            + "\n"
+            if r.get("fp8_vs")
+            else ""
+        )
+        + (
             f"  peak memory (one cycle):                    ours {p['ours']:.0f} MiB, "
             f"paper {p['paper']:.0f} MiB  → ×{r['memory_ratio']:.2f}"
             if (p := r["peak_mem_mib"])["ours"] is not None
@@ -221,10 +250,10 @@ def format_result(r: dict[str, Any]) -> str:
     )
 
 
-def main(args, trainer: Trainer) -> int:
+def main(args, trainer: Trainer, twin: Trainer | None = None) -> int:
     from dmdr_fast.train.runtime import deterministic_algorithms
 
     # Every row under the same train.deterministic setting (our step would otherwise set it alone).
     with deterministic_algorithms(trainer.config.train.deterministic):
-        result = run(trainer, cycles=args.cycles, warmup=args.warmup)
+        result = run(trainer, cycles=args.cycles, warmup=args.warmup, twin=twin)
     return report(result, format_result(result), args.json)
