@@ -106,6 +106,12 @@ def test_digits_preset_end_to_end(tmp_path):
     data = np.load(npz)
     assert data["images"].shape == (6, 1, 8, 8) and data["images"].min() >= 0 and data["images"].max() <= 1
     assert (data["labels"] == 3).all()
+    # FP8 sampling (linears + attention): the same samples up to FP8 noise.
+    npz8 = tmp_path / "s8.npz"
+    assert main(["sample", "--checkpoint", str(ckpt), "--num", "6", "--label", "3", "--steps", "2",
+                 "--out", str(npz8), "--cache-dir", str(cache), "--fp8"]) == 0  # fmt: skip
+    diff = np.abs(np.load(npz8)["images"] - data["images"])
+    assert 0 < diff.mean() < 0.05  # pixels in [0, 1]: FP8 moved them, by little
     assert main(["eval", "--checkpoint", str(ckpt), "--num", "20", "--cache-dir", str(cache)]) == 0
 
 

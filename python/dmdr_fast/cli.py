@@ -173,6 +173,10 @@ def _cmd_sample_pipeline(args: argparse.Namespace) -> int:
     pipe, info = load_exported(args.pipeline, lora=args.lora, device=device)
     if not info:
         print("note: no dmdr_export.json found; sampling with the pipeline's own defaults")
+    if args.fp8:
+        from dmdr_fast.pipelines.fp8 import quantize_pipeline
+
+        print(quantize_pipeline(pipe).summary())
     images = sample_exported(
         pipe, info, prompts, steps=args.steps, seed=args.seed, height=args.height, width=args.width
     )
@@ -320,6 +324,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             "give --checkpoint FILE (digits) or --pipeline DIR (an exported text-to-image student)"
         )
     trainer, _ = _load_trainer(args.checkpoint, args.cache_dir)
+    if args.fp8:
+        from dmdr_fast.models.fp8 import quantize_for_inference
+
+        print(quantize_for_inference(trainer.student.network).summary())
     labels = torch.full((args.num,), args.label) if args.label is not None else torch.arange(args.num) % 10
     x = trainer.sample(labels, num_steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
     images = trainer.student.decode(x).clamp(0, 1).cpu()
@@ -553,6 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="file.png (grid) or file.npz (images (M,C,H,W) in [0,1], labels)"
     )
     sample.add_argument("--cache-dir", default=None)
+    sample.add_argument(
+        "--fp8", action="store_true", help="the student's linears and attention in FP8 (docs/fp8.md)"
+    )
     sample.set_defaults(func=_cmd_sample)
 
     cache = sub.add_parser(
@@ -745,6 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA"
     )
     bs.add_argument("--device", default="auto")
+    bs.add_argument("--fp8", action="store_true", help="also time the student with FP8 linears and attention")
     add_timing_args(bs, 5, 1)
     bench.set_defaults(func=_cmd_bench)
     return parser

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -337,3 +338,69 @@ def test_ode_pairs_then_train_with_ode_init(sd3_dir: Path, tmp_path: Path):
                 "--quiet",
             ]
         )
+
+
+# FP8 sampling vs the unquantised student on the tiny SD3, in pixel space ([0, 1], so the mean carries
+# most of the signal): 56 dB measured (torch 2.13, CPU); 45 dB leaves 11 dB for other versions. The
+# second check (much nearer the student than the teacher is) is the one that needs no such margin.
+FP8_IMAGE_SQNR_DB = 45.0
+
+
+def _sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    return 10 * math.log10(ref.pow(2).sum().item() / max((ref - out).pow(2).sum().item(), 1e-300))
+
+
+def _loud_lora(pipe) -> None:
+    """Give the (one-step, near-zero) exported LoRA a visible effect, the same on every load."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def test_fp8_sampling_of_an_exported_lora(sd3_dir: Path, sd3_lora_export: Path, tmp_path: Path):
+    """`sample --fp8` fuses the student LoRA, then quantises: its images stay near the unquantised
+    student's, and much nearer to them than the bare teacher's (the LoRA was fused, not dropped)."""
+    from dmdr_fast.pipelines.export import load_exported, sample_exported
+    from dmdr_fast.pipelines.fp8 import quantize_pipeline
+
+    prompts = ["a cat", "a dog"]
+    pipe, info = load_exported(sd3_dir, lora=sd3_lora_export)
+    _loud_lora(pipe)
+    student = sample_exported(pipe, info, prompts, seed=0)
+    pipe.unload_lora_weights()
+    teacher = sample_exported(pipe, info, prompts, seed=0)  # the same few-step call, no LoRA
+    pipe, info = load_exported(sd3_dir, lora=sd3_lora_export)
+    _loud_lora(pipe)
+    report = quantize_pipeline(pipe)
+    assert report.quantized and not any(pipe.get_list_adapters().values())
+    fp8 = sample_exported(pipe, info, prompts, seed=0)
+    print(
+        f"image SQNR fp8 vs student {_sqnr_db(student, fp8):.1f} dB, teacher vs student {_sqnr_db(student, teacher):.1f} dB"
+    )
+    assert _sqnr_db(student, fp8) > FP8_IMAGE_SQNR_DB
+    assert (fp8 - student).abs().mean() < 0.25 * (teacher - student).abs().mean()
+    out = tmp_path / "grid.png"
+    argv = [
+        "sample",
+        "--pipeline",
+        str(sd3_dir),
+        "--lora",
+        str(sd3_lora_export),
+        "--prompt",
+        "a cat",
+        "--fp8",
+    ]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert Image.open(out).size[0] > 0
+
+
+def test_bench_sample_fp8_side(sd3_dir: Path, tmp_path: Path):
+    out = tmp_path / "sample.json"
+    argv = ["bench", "sample", "--pipeline", str(sd3_dir), "--steps", "2", "--baseline-steps", "2", "--fp8"]
+    assert main([*argv, "--reps", "1", "--warmup", "0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["fp8_linears"] > 0 and result["fp8_speedup"] > 0
+    assert set(result["images_per_s"]) == {"baseline", "student", "student_fp8"}

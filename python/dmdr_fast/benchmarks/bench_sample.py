@@ -15,6 +15,7 @@ encoding and VAE decoding (what a user waits for).
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from typing import Any
@@ -25,6 +26,8 @@ from dmdr_fast._dtypes import load_dtype_kwargs, torch_dtype
 from dmdr_fast._io import check_no_code
 from dmdr_fast.benchmarks.harness import machine_info, report
 from dmdr_fast.models.families import family_of_pipeline, get_family
+from dmdr_fast.models.fp8 import quantize_for_inference
+from dmdr_fast.pipelines.fp8 import denoiser_of
 
 __all__ = ["main", "run"]
 
@@ -58,8 +61,12 @@ def run(
     device: str = "auto",
     reps: int = 5,
     warmup: int = 1,
+    fp8: bool = False,
 ) -> dict[str, Any]:
-    """Time both sides (interleaved per repetition) and return images/s, ratios and peak memory."""
+    """Time both sides (interleaved per repetition) and return images/s, ratios and peak memory.
+
+    With ``fp8`` a third side, ``student_fp8``, runs the student's call on a copy of the denoiser
+    with FP8 linears and attention (:func:`dmdr_fast.pipelines.fp8.quantize_pipeline`'s layers)."""
     from diffusers import DiffusionPipeline
 
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -80,24 +87,34 @@ def run(
     few = adapter.export_scheduler(
         steps, shift if shift is not None else float(getattr(adapter, "shift", 1.0))
     )
+    attr, net = denoiser_of(pipe)
+    student_kwargs = {**common, **adapter.pipeline_call_kwargs(steps)}
     sides = {
-        "baseline": (original, {**common, "num_inference_steps": base_steps, "guidance_scale": base_w}),
-        "student": (few, {**common, **adapter.pipeline_call_kwargs(steps)}),
+        "baseline": (original, {**common, "num_inference_steps": base_steps, "guidance_scale": base_w}, net),
+        "student": (few, student_kwargs, net),
     }
+    fp8_report = None
+    if fp8:
+        net_fp8 = copy.deepcopy(net)
+        fp8_report = quantize_for_inference(net_fp8)
+        sides["student_fp8"] = (few, student_kwargs, net_fp8)
     times: dict[str, list[float]] = {k: [] for k in sides}
     peak: dict[str, float | None] = {k: None for k in sides}
-    for name, (scheduler, kwargs) in sides.items():  # warm-up (and the CUDA peak, measured alone)
+    for name, (scheduler, kwargs, denoiser) in sides.items():  # warm-up (and the CUDA peak, alone)
         pipe.scheduler = scheduler
+        setattr(pipe, attr, denoiser)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         _time_calls(pipe, kwargs, 0, max(warmup, 1), dev)
         if dev.type == "cuda":
             peak[name] = torch.cuda.max_memory_allocated(dev) / 2**20
-    for _ in range(reps):  # interleaved so that drifting load hits both alike
-        for name, (scheduler, kwargs) in sides.items():
+    for _ in range(reps):  # interleaved so that drifting load hits every side alike
+        for name, (scheduler, kwargs, denoiser) in sides.items():
             pipe.scheduler = scheduler
+            setattr(pipe, attr, denoiser)
             times[name] += _time_calls(pipe, kwargs, 1, 0, dev)
     pipe.scheduler = original
+    setattr(pipe, attr, net)
     med = {k: statistics.median(v) for k, v in times.items()}
     ips = {k: batch / v for k, v in med.items()}
     return {
@@ -115,6 +132,8 @@ def run(
         "median_s": med,
         "images_per_s": ips,
         "speedup": ips["student"] / ips["baseline"],
+        "fp8_speedup": ips["student_fp8"] / ips["student"] if fp8 else None,
+        "fp8_linears": len(fp8_report.quantized) if fp8_report is not None else None,
         "peak_mem_mib": peak,
         "reps": reps,
     }
@@ -134,7 +153,14 @@ def format_result(r: dict[str, Any]) -> str:
         f"  baseline {r['baseline_steps']} steps, CFG {r['baseline_guidance']:g}: {m['baseline'] * 1e3:.1f} ms/call, "
         f"{ips['baseline']:.3g} images/s\n"
         f"  student  {r['student_steps']} steps, no CFG:  {m['student'] * 1e3:.1f} ms/call, "
-        f"{ips['student']:.3g} images/s  → ×{r['speedup']:.1f}" + mem
+        f"{ips['student']:.3g} images/s  → ×{r['speedup']:.1f}"
+        + (
+            f"\n  student  FP8 ({r['fp8_linears']} linears + attention): {m['student_fp8'] * 1e3:.1f} ms/call, "
+            f"{ips['student_fp8']:.3g} images/s  → ×{r['fp8_speedup']:.2f} vs the student"
+            if r.get("fp8_speedup")
+            else ""
+        )
+        + mem
     )
 
 
@@ -152,5 +178,6 @@ def main(args: Any) -> int:
         device=args.device,
         reps=args.reps,
         warmup=args.warmup,
+        fp8=args.fp8,
     )
     return report(result, format_result(result), args.json)

@@ -46,6 +46,7 @@ __all__ = [
     "Fp8Report",
     "dequantize_linears",
     "fp8_linear",
+    "quantize_for_inference",
     "quantize_linears",
 ]
 
@@ -331,3 +332,21 @@ def dequantize_linears(model: nn.Module) -> nn.Module:
         if isinstance(module, Fp8Linear):
             model.set_submodule(name, module.to_linear())
     return model
+
+
+def quantize_for_inference(
+    network: nn.Module, *, exclude: Sequence[str] = DEFAULT_FP8_EXCLUDE, attention: bool = True
+) -> Fp8Report:
+    """FP8 sampling: freeze ``network``, quantise its linears and (``attention``) make its no-grad
+    attention FP8 (:func:`dmdr_fast.models.attention.use_fp8_attention`). In place.
+
+    Returns:
+        The :class:`Fp8Report` of the linears.
+    """
+    from dmdr_fast.models.attention import use_fp8_attention
+
+    network.requires_grad_(False)
+    report = quantize_linears(network, exclude=exclude)
+    if attention:
+        use_fp8_attention(network)
+    return report
