@@ -210,7 +210,7 @@ def run(
         "fp8_vs": hp[len("ours_") :] if hp else None,
         "fp8_speedup_cycle": med[f"{hp}_cycle"] / med["ours_cycle"] if hp else None,
         "fp8_frozen_bytes": (fp8.bytes_before, fp8.bytes_after) if fp8 is not None else None,
-        "fp8_memory_ratio": peak["ours"] / peak[hp] if hp and peak["ours"] and peak[hp] else None,
+        "fp8_memory_ratio": ours / hp_peak if ours and (hp_peak := peak.get(hp or "")) else None,
         "peak_mem_mib": peak,
         "memory_ratio": ours / paper if ours and paper is not None else None,
         "cycles": cycles,
