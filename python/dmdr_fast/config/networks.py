@@ -112,6 +112,14 @@ class ModelConfig(ConfigBase):
             "weights) or 'fp8' (the gradient quantised row-wise to e4m3, one FP8 GEMM)."
         },
     )
+    fp8_activations: bool = field(
+        default=True,
+        metadata={
+            "help": "weights_dtype fp8: quantise the linears' inputs too and run FP8 GEMMs (W8A8: memory and "
+            "speed). false = weight-only (W8A16): the same memory, GEMMs in the compute dtype, and a DMD "
+            "direction as accurate as bf16 when the fake/real scores are close (no CFG; docs/fp8.md)."
+        },
+    )
     fp8_exclude: tuple[str, ...] | None = field(
         default=None,
         metadata={

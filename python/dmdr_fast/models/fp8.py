@@ -10,11 +10,16 @@ gradient, so they can be stored once in FP8 (half the bytes of bf16) and multipl
 
 and its backward returns only the input gradient (``fp8_backward``):
 
-- ``"bf16"``: ``dx = (dy · swᵀ) @ Wq`` in bf16 — the per-channel scales are folded into ``dy``,
-  so the weight is never dequantised in full;
+- ``"bf16"``: ``dx = (dy · swᵀ) @ Wq`` in bf16 — the per-channel scales are folded into ``dy``
+  and ``Wq`` converts to bf16 exactly (e4m3 ⊂ bf16), one layer at a time, for this GEMM only;
 - ``"fp8"``: the same product with ``dy · swᵀ`` quantised row-wise to e4m3 and one
   ``torch._scaled_mm``. e4m3 rather than e5m2 for the gradient: per-row scales already cover the
   gradient's dynamic range, and e4m3 keeps one more mantissa bit.
+
+With ``activations=False`` (``model.fp8_activations: false``) the layer is weight-only (W8A16):
+``y = (x @ Wqᵀ) · swᵀ`` in ``x``'s dtype — the same memory, no FP8 GEMM, and score differences
+(the DMD direction without CFG, a small fake − real difference) as accurate as bf16, because
+quantising the two passes' slightly different activations is what decorrelates their errors.
 
 ``torch._scaled_mm`` runs on the CPU too (torch ≥ 2.10), so the real path is what the tests run.
 CUDA needs both weight dimensions divisible by 16 (its FP8 kernels' alignment), so such layers are
@@ -92,11 +97,15 @@ class _Fp8LinearFn(torch.autograd.Function):
         bias: Tensor | None,
         out_dtype: torch.dtype,
         backward: str,
+        activations: bool,
     ) -> Tensor:
         K, N = weight_fp8.shape[1], weight_fp8.shape[0]
         x2 = x.reshape(-1, K)
-        xq, sx = quantize_fp8(x2.detach(), _E4M3)
-        y = _scaled_mm(xq, sx, weight_fp8.t(), weight_scale.view(1, N), out_dtype)
+        if activations:
+            xq, sx = quantize_fp8(x2.detach(), _E4M3)
+            y = _scaled_mm(xq, sx, weight_fp8.t(), weight_scale.view(1, N), out_dtype)
+        else:  # weight-only: e4m3 values are exact in bf16/fp16/fp32, the scale goes on the output
+            y = (x2.to(out_dtype) @ weight_fp8.to(out_dtype).t()) * weight_scale.view(1, N).to(out_dtype)
         if bias is not None:
             y = y + bias.to(out_dtype)
         ctx.save_for_backward(weight_fp8, weight_scale)
@@ -119,7 +128,7 @@ class _Fp8LinearFn(torch.autograd.Function):
         else:
             grad_x = g.to(torch.bfloat16) @ weight_fp8.to(torch.bfloat16)
         grad_x = grad_x.to(ctx.x_dtype).reshape(*grad_y.shape[:-1], K)  # type: ignore[attr-defined]
-        return grad_x, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None
 
 
 def fp8_linear(
@@ -129,6 +138,7 @@ def fp8_linear(
     bias: Tensor | None = None,
     *,
     backward: Fp8Backward = "bf16",
+    activations: bool = True,
 ) -> Tensor:
     """``x @ (weight_fp8 · weight_scale)ᵀ + bias`` with ``x`` quantised row-wise to e4m3.
 
@@ -139,6 +149,9 @@ def fp8_linear(
         weight_scale: (N, 1) float32 dequantisation scale per output channel.
         bias: optional (N,) bias (any float dtype; added in the output dtype).
         backward: how the input gradient is computed, ``"bf16"`` or ``"fp8"`` (module docstring).
+        activations: quantise ``x`` too and run an FP8 GEMM (W8A8, the fast path); False: weight
+            only (W8A16) — ``x`` stays in its dtype and meets the e4m3 weight in a regular GEMM,
+            saving memory but no compute, with a DMD direction as accurate as bf16 (docs/fp8.md).
 
     Returns:
         (..., N) tensor.
@@ -151,7 +164,7 @@ def fp8_linear(
     out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     # Autocast must not re-cast inside: the GEMM's dtypes are chosen here.
     with torch.autocast(device, enabled=False):
-        y: Tensor = _Fp8LinearFn.apply(x, weight_fp8, weight_scale, bias, out_dtype, backward)
+        y: Tensor = _Fp8LinearFn.apply(x, weight_fp8, weight_scale, bias, out_dtype, backward, activations)
     return y
 
 
@@ -164,6 +177,7 @@ class Fp8Linear(nn.Module):
         bias: (out,) buffer in the original dtype, or None.
         dtype: The original weight dtype (what :attr:`weight` dequantises to).
         backward_mode: ``"bf16"`` or ``"fp8"`` (see :func:`fp8_linear`).
+        activations: W8A8 (True) or weight-only W8A16 (False), see :func:`fp8_linear`.
     """
 
     weight_fp8: Tensor
@@ -189,6 +203,7 @@ class Fp8Linear(nn.Module):
         self.register_buffer("bias", bias)
         self.dtype = dtype
         self.backward_mode = backward
+        self.activations = True
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, backward: Fp8Backward = "bf16") -> Fp8Linear:
@@ -208,7 +223,14 @@ class Fp8Linear(nn.Module):
         return (self.weight_fp8.float() * self.weight_scale).to(self.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return fp8_linear(x, self.weight_fp8, self.weight_scale, self.bias, backward=self.backward_mode)
+        return fp8_linear(
+            x,
+            self.weight_fp8,
+            self.weight_scale,
+            self.bias,
+            backward=self.backward_mode,
+            activations=self.activations,
+        )
 
     def to_linear(self) -> nn.Linear:
         """A plain frozen ``nn.Linear`` with the dequantised weight (the FP8 rounding stays)."""
@@ -223,7 +245,7 @@ class Fp8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, dtype={self.dtype}, backward={self.backward_mode!r}"
+            f"bias={self.bias is not None}, dtype={self.dtype}, backward={self.backward_mode!r}, activations={self.activations}"
         )
 
 
@@ -269,6 +291,7 @@ def quantize_linears(
     *,
     exclude: Sequence[str] = DEFAULT_FP8_EXCLUDE,
     backward: Fp8Backward = "bf16",
+    activations: bool = True,
     shared: dict[int, Fp8Linear] | None = None,
 ) -> Fp8Report:
     """Replace the frozen ``nn.Linear`` layers of ``model`` (also LoRA base layers) by :class:`Fp8Linear`.
@@ -281,6 +304,7 @@ def quantize_linears(
         model: Modified in place.
         exclude: fnmatch patterns of module names to keep (default :data:`DEFAULT_FP8_EXCLUDE`).
         backward: the layers' input-gradient GEMM, ``"bf16"`` or ``"fp8"``.
+        activations: W8A8 FP8 GEMMs (True) or weight-only (False), see :func:`fp8_linear`.
         shared: Cache keyed by ``id`` of an original weight tensor. Networks whose modules share
             one weight tensor (a LoRA student's base is the teacher's) pass the same dict, so they
             share one FP8 copy too instead of quantising it twice.
@@ -312,6 +336,7 @@ def quantize_linears(
         fp8 = shared.get(id(base.weight))
         if fp8 is None or fp8.backward_mode != backward:
             fp8 = shared[id(base.weight)] = Fp8Linear.from_linear(base, backward)
+        fp8.activations = activations
         report.quantized.append(name)
         report.bytes_before += base.weight.numel() * base.weight.element_size()
         report.bytes_after += fp8.weight_fp8.numel() + fp8.weight_scale.numel() * 4

@@ -85,9 +85,19 @@ def frozen_fp8(model: ModelConfig, guidance: nn.Module, lora_student: nn.Module 
         return None
     exclude = DEFAULT_FP8_EXCLUDE if model.fp8_exclude is None else model.fp8_exclude
     shared: dict[int, Fp8Linear] = {}
-    report = quantize_linears(guidance, exclude=exclude, backward=model.fp8_backward, shared=shared)
+
+    def quantize(network: nn.Module) -> Fp8Report:
+        return quantize_linears(
+            network,
+            exclude=exclude,
+            backward=model.fp8_backward,
+            activations=model.fp8_activations,
+            shared=shared,
+        )
+
+    report = quantize(guidance)
     if lora_student is not None:
-        quantize_linears(lora_student, exclude=exclude, backward=model.fp8_backward, shared=shared)
+        quantize(lora_student)
     if model.fp8_attention:
         from dmdr_fast.models.attention import use_fp8_attention
 
