@@ -205,4 +205,6 @@ def test_ddp_two_process_gloo_with_fp8_guidance(tmp_path):
     p0, p1 = (torch.load(tmp_path / f"params_rank{r}.pt") for r in range(2))
     assert torch.equal(p0, p1)
     init = _trainer(_config(student=LORA_STUDENT)).student.network
-    assert not torch.equal(p0, torch.cat([p.detach().flatten() for p in init.parameters() if p.requires_grad]))
+    assert not torch.equal(
+        p0, torch.cat([p.detach().flatten() for p in init.parameters() if p.requires_grad])
+    )
