@@ -24,6 +24,7 @@ from dmdr_fast.models.fp8 import (
     Fp8Linear,
     dequantize_linears,
     fp8_linear,
+    fp8_plan,
     quantize_linears,
 )
 from dmdr_fast.models.lora import merge_and_unload, merged_state_dict
@@ -146,7 +147,7 @@ def test_per_layer_sqnr_tiny_dit():
     g = torch.Generator().manual_seed(0)
     x, t, y = torch.randn(6, 1, 8, 8, generator=g), torch.rand(6, generator=g), torch.arange(6)
     values = _per_layer_sqnr(model, lambda _m: adapter.velocity(x, t, y))
-    assert len(values) == 12 and min(values.values()) > SQNR_DB, values
+    assert len(values) == 14 and min(values.values()) > SQNR_DB, values  # 2 blocks × (6 + AdaLN)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -190,14 +191,19 @@ def test_conversion_rules():
     model.add_module("odd", _linear(32, 24))  # 24 not divisible by 16 (CUDA alignment)
     model.add_module("time_embedding", _linear(32, 32))
     model.add_module("trained", nn.Linear(32, 32))  # requires grad
+    model.add_module("norm1", nn.Sequential(_linear(32, 192)))  # AdaLN modulation
     report = quantize_linears(model)
-    assert report.quantized == ["blocks.0", "blocks.1"]
+    assert report.quantized == ["blocks.0", "blocks.1", "norm1.0"] and report.weight_only == ["norm1.0"]
+    assert model.blocks[0].activations and not model.norm1[0].activations
     assert report.skipped["odd"].startswith("24x32 not divisible")
     assert report.skipped["time_embedding"] == "excluded by '*embed*'"
     assert report.skipped["trained"] == "trainable"
     assert type(model.trained) is nn.Linear and model.trained.weight.requires_grad
-    assert report.bytes_before == 2 * 32 * 64 * 4 and report.bytes_after == 2 * 32 * 64 + (64 + 32) * 4
-    assert "2 linears quantised" in report.summary()
+    assert report.bytes_before == (2 * 32 * 64 + 32 * 192) * 4
+    assert report.bytes_after == 2 * 32 * 64 + 32 * 192 + (64 + 32 + 192) * 4
+    assert "3 linears quantised (1 weight-only" in report.summary()
+    plan = fp8_plan(nn.Sequential(_linear(32, 64)).to("meta"))  # the same count, nothing allocated
+    assert plan.quantized == ["0"] and plan.bytes_after == 32 * 64 + 64 * 4
     # An empty list quantises every eligible layer, the default list included.
     assert "*embed*" in DEFAULT_FP8_EXCLUDE
     emb = nn.ModuleDict({"pos_embed": _linear(32, 32)})
@@ -241,8 +247,11 @@ def test_lora_on_fp8_base_keeps_per_sample_scales():
     with lora_scale(teacher.network, 1.5):
         v1 = teacher.velocity(x, t, y)
     # Row-wise quantisation: each sample's tokens are quantised on their own, so batching changes
-    # nothing but the GEMM's blocking.
-    torch.testing.assert_close(both, torch.cat([v0, v1]), rtol=1e-5, atol=1e-5)
+    # only float32 rounding (GEMM blocking) — which can flip an activation to its neighbouring e4m3
+    # value downstream: a few elements move by ~one e4m3 step, the rest agree to 1e-5.
+    ref = torch.cat([v0, v1])
+    diff = (both - ref).abs()
+    assert (diff > 1e-5).float().mean() < 0.1 and diff.max() < 2**-4 * ref.abs().max()
     with lora_scale(teacher.network, 1.5):
         teacher.velocity(x, t, y).square().mean().backward()
     grads = [p.grad for p in lora_parameters(teacher.network)]

@@ -48,14 +48,15 @@ def _fp8_layers(net: nn.Module) -> list[Fp8Linear]:
 
 def test_guidance_is_fp8_full_student_is_not_and_checkpoints_hold_no_fp8(tmp_path):
     tr = _trainer(_config(), tmp_path)
-    assert tr.fp8 is not None and len(tr.fp8.quantized) == 6  # 1 block: q, k, v, out, ff in/out
-    assert len(_fp8_layers(tr.guidance.network)) == 6 and not _fp8_layers(tr.student.network)
+    # 1 block: q, k, v, out, ff in/out (W8A8) and the AdaLN modulation (weight-only)
+    assert tr.fp8 is not None and len(tr.fp8.quantized) == 7 and len(tr.fp8.weight_only) == 1
+    assert len(_fp8_layers(tr.guidance.network)) == 7 and not _fp8_layers(tr.student.network)
     tr.fit(progress=False)
     sd = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
     tensors = [v for part in (sd["student"], sd["critic"]) for v in part.values()]
     assert tensors and all(t.dtype == torch.float32 for t in tensors)
     assert not _fp8_layers(tr.export_student())
-    assert "fp8: 6 linears quantised" in (tmp_path / "notes.txt").read_text()
+    assert "fp8: 7 linears quantised" in (tmp_path / "notes.txt").read_text()
 
 
 def test_lora_student_shares_the_fp8_base_and_resumes_exactly(tmp_path):
@@ -169,7 +170,7 @@ def test_dmd_direction_with_fp8_guidance_matches_fp32_and_bf16(guidance, activat
 def test_w8a8_is_not_weight_only():
     """The two modes are different computations (guards the option's plumbing)."""
     tr = _trainer(_config(model={"fp8_activations": False}))
-    layer = _fp8_layers(tr.guidance.network)[0]
+    layer = next(m for m in _fp8_layers(tr.guidance.network) if m.in_features == m.out_features)
     assert layer.activations is False
     x = torch.randn(5, layer.in_features)
     weight_only = layer(x)

@@ -124,9 +124,17 @@ class ModelConfig(ConfigBase):
         default=None,
         metadata={
             "help": "weights_dtype fp8: module-name patterns (fnmatch) kept in their dtype. null = the "
-            "default list (embeddings, AdaLN modulation/norm linears, final projection; "
+            "default list (embeddings, the final norm and projection; "
             "dmdr_fast.models.fp8.DEFAULT_FP8_EXCLUDE); a list replaces it ([] quantises every "
             "eligible linear)."
+        },
+    )
+    fp8_weight_only: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "weights_dtype fp8: patterns of linears stored in FP8 but run weight-only. null = the "
+            "AdaLN modulation linears (dmdr_fast.models.fp8.DEFAULT_FP8_WEIGHT_ONLY: ~30 % of an MM-DiT's "
+            "weights, one row per sample); [] runs them W8A8 too."
         },
     )
     fp8_attention: bool = field(
@@ -165,8 +173,9 @@ class ModelConfig(ConfigBase):
         check_range(self, "timestep_scale", gt=0)
         lo, hi = self.pixel_range
         require(self, "pixel_range", lo < hi, "[low, high] with low < high")
-        if self.fp8_exclude is not None:
-            require(self, "fp8_exclude", all(p.strip() for p in self.fp8_exclude), "non-empty patterns")
+        for name in ("fp8_exclude", "fp8_weight_only"):
+            patterns = getattr(self, name)
+            require(self, name, patterns is None or all(p.strip() for p in patterns), "non-empty patterns")
 
     @property
     def load_dtype(self) -> str:

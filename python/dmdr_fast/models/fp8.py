@@ -34,7 +34,7 @@ top (their factors stay in their own dtype; the per-sample scale is untouched), 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -46,11 +46,13 @@ from dmdr_fast.ops.quantize_fp8 import quantize_fp8
 
 __all__ = [
     "DEFAULT_FP8_EXCLUDE",
+    "DEFAULT_FP8_WEIGHT_ONLY",
     "Fp8Backward",
     "Fp8Linear",
     "Fp8Report",
     "dequantize_linears",
     "fp8_linear",
+    "fp8_plan",
     "quantize_for_inference",
     "quantize_linears",
 ]
@@ -62,19 +64,17 @@ _E4M3 = torch.float8_e4m3fn
 #: quantises exactly the layers a GPU run would.
 _ALIGN = 16
 
-#: Module-name patterns (fnmatch, ``*`` also matches dots) never quantised by default. Embeddings
-#: (timestep, text, patch, guidance), the AdaLN modulation linears inside norms and the final
-#: projection: together a few per cent of the weights, run on few rows (one per sample for the
-#: conditioning), and their error reaches every token of every block or the output directly.
-DEFAULT_FP8_EXCLUDE: tuple[str, ...] = (
-    "*embed*",
-    "*norm*",
-    "*adaLN*",
-    "*modulation*",
-    "*final*",
-    "proj_out",
-    "proj_out_*",
-)
+#: Module-name patterns (fnmatch, ``*`` also matches dots) never quantised by default: the
+#: embeddings (timestep, text, patch, guidance) and the output end (the final norm's modulation and
+#: projection). They are ~1-2 % of an MM-DiT's weights, and their error reaches every token of every
+#: block (embeddings) or the predicted velocity directly (output end).
+DEFAULT_FP8_EXCLUDE: tuple[str, ...] = ("*embed*", "*final*", "norm_out*", "proj_out", "proj_out_*")
+#: Patterns of linears stored in FP8 but run weight-only (their input is not quantised): the AdaLN
+#: modulation linears inside the blocks' norms. They are large (6·d × d per stream per block: about
+#: 30 % of SD3.5's and Flux's weights, so the memory saving needs them) but see one row per sample
+#: (the conditioning vector), where an FP8 GEMM gains nothing and per-row activation noise would go
+#: straight into the shift/scale/gate of every token.
+DEFAULT_FP8_WEIGHT_ONLY: tuple[str, ...] = ("*norm*", "*adaLN*", "*modulation*")
 
 
 def _scaled_mm(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -255,12 +255,14 @@ class Fp8Report:
 
     Attributes:
         quantized: Names of the layers now in FP8 (LoRA-wrapped ones by the wrapper's name).
+        weight_only: Those of ``quantized`` that run weight-only (their input not quantised).
         skipped: Name → reason for every frozen linear left as it was.
         bytes_before: Bytes of the quantised layers' weights before (parameters only).
         bytes_after: Bytes of their FP8 weights plus scales.
     """
 
     quantized: list[str] = field(default_factory=list)
+    weight_only: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     bytes_before: int = 0
     bytes_after: int = 0
@@ -269,7 +271,7 @@ class Fp8Report:
         """One line for logs."""
         saved = 1.0 - self.bytes_after / self.bytes_before if self.bytes_before else 0.0
         return (
-            f"fp8: {len(self.quantized)} linears quantised ({self.bytes_before / 2**20:.1f} MiB -> "
+            f"fp8: {len(self.quantized)} linears quantised ({len(self.weight_only)} weight-only; {self.bytes_before / 2**20:.1f} MiB -> "
             f"{self.bytes_after / 2**20:.1f} MiB, -{100 * saved:.0f} %), {len(self.skipped)} kept"
         )
 
@@ -290,6 +292,7 @@ def quantize_linears(
     model: nn.Module,
     *,
     exclude: Sequence[str] = DEFAULT_FP8_EXCLUDE,
+    weight_only: Sequence[str] = DEFAULT_FP8_WEIGHT_ONLY,
     backward: Fp8Backward = "bf16",
     activations: bool = True,
     shared: dict[int, Fp8Linear] | None = None,
@@ -303,8 +306,11 @@ def quantize_linears(
     Args:
         model: Modified in place.
         exclude: fnmatch patterns of module names to keep (default :data:`DEFAULT_FP8_EXCLUDE`).
+        weight_only: patterns of layers quantised but run weight-only (default
+            :data:`DEFAULT_FP8_WEIGHT_ONLY`); ``exclude`` wins where both match.
         backward: the layers' input-gradient GEMM, ``"bf16"`` or ``"fp8"``.
-        activations: W8A8 FP8 GEMMs (True) or weight-only (False), see :func:`fp8_linear`.
+        activations: W8A8 FP8 GEMMs (True) or weight-only for every layer (False), see
+            :func:`fp8_linear`.
         shared: Cache keyed by ``id`` of an original weight tensor. Networks whose modules share
             one weight tensor (a LoRA student's base is the teacher's) pass the same dict, so they
             share one FP8 copy too instead of quantising it twice.
@@ -314,11 +320,33 @@ def quantize_linears(
     """
     shared = {} if shared is None else shared
     report = Fp8Report()
+    for name, base, owner, reason in _candidates(model, exclude):
+        if reason is not None:
+            report.skipped[name] = reason
+            continue
+        fp8 = shared.get(id(base.weight))
+        if fp8 is None or fp8.backward_mode != backward:
+            fp8 = shared[id(base.weight)] = Fp8Linear.from_linear(base, backward)
+        fp8.activations = activations and _excluded(name, weight_only) is None
+        _count(report, name, base)
+        if not fp8.activations:
+            report.weight_only.append(name)
+        if owner is not None:
+            owner.base_layer = fp8  # type: ignore[assignment]  # LoraLayer types its base as Linear|Conv2d
+        else:
+            model.set_submodule(name, fp8)
+    return report
+
+
+def _candidates(
+    model: nn.Module, exclude: Sequence[str]
+) -> Iterator[tuple[str, nn.Linear, LoraLayer | None, str | None]]:
+    """``(name, linear, LoRA wrapper or None, reason to keep it or None)`` per frozen-linear candidate."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
-            base, owner, attr = module.base_layer, module, "base_layer"
+            base, owner = module.base_layer, module
         elif type(module) is nn.Linear and not _inside_lora(name):
-            base, owner, attr = module, None, name
+            base, owner = module, None
         else:
             continue
         if type(base) is not nn.Linear:
@@ -330,20 +358,33 @@ def quantize_linears(
             reason = f"excluded by {pattern!r}"
         elif base.in_features % _ALIGN or base.out_features % _ALIGN:
             reason = f"{base.out_features}x{base.in_features} not divisible by {_ALIGN}"
-        if reason is not None:
-            report.skipped[name] = reason
-            continue
-        fp8 = shared.get(id(base.weight))
-        if fp8 is None or fp8.backward_mode != backward:
-            fp8 = shared[id(base.weight)] = Fp8Linear.from_linear(base, backward)
-        fp8.activations = activations
-        report.quantized.append(name)
-        report.bytes_before += base.weight.numel() * base.weight.element_size()
-        report.bytes_after += fp8.weight_fp8.numel() + fp8.weight_scale.numel() * 4
-        if owner is not None:
-            setattr(owner, attr, fp8)
+        yield name, base, owner, reason
+
+
+def _count(report: Fp8Report, name: str, base: nn.Linear) -> None:
+    report.quantized.append(name)
+    report.bytes_before += base.weight.numel() * base.weight.element_size()
+    report.bytes_after += base.weight.numel() + base.out_features * 4  # e4m3 + one fp32 scale per row
+
+
+def fp8_plan(
+    model: nn.Module,
+    *,
+    exclude: Sequence[str] = DEFAULT_FP8_EXCLUDE,
+    weight_only: Sequence[str] = DEFAULT_FP8_WEIGHT_ONLY,
+) -> Fp8Report:
+    """What :func:`quantize_linears` would do, without doing it (works on the meta device).
+
+    Counts a frozen model's linears as they are (set ``requires_grad_(False)`` first on a freshly
+    built one): the bytes of their weights now and in FP8 + scales."""
+    report = Fp8Report()
+    for name, base, _, reason in _candidates(model, exclude):
+        if reason is None:
+            _count(report, name, base)
+            if _excluded(name, weight_only) is not None:
+                report.weight_only.append(name)
         else:
-            model.set_submodule(name, fp8)
+            report.skipped[name] = reason
     return report
 
 
