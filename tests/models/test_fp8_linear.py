@@ -179,6 +179,8 @@ def test_per_layer_sqnr_tiny_text_to_image(family, tmp_path):
             "guidance": torch.tensor([3.5, 3.5]) if cfg.guidance_embeds else None,
         }
     values = _per_layer_sqnr(net, lambda m: m(**kwargs, return_dict=False))
+    w8a8 = sorted(v for n, v in values.items() if "norm" not in n)
+    print(f"{family}: {len(values)} layers, W8A8 SQNR min {w8a8[0]:.1f} dB, median {w8a8[len(w8a8) // 2]:.1f} dB")
     assert values and min(values.values()) > SQNR_DB, values
     assert not any(
         n.startswith(("time_text_embed", "context_embedder", "norm_out", "proj_out")) for n in values
