@@ -22,9 +22,10 @@ import torch
 
 from dmdr_fast.benchmarks.harness import (
     copy_bandwidth,
+    fill_ratios,
     format_bandwidth_table,
     machine_info,
-    peak_extra_bytes,
+    peak_extra_mb,
     report,
     time_fn,
 )
@@ -108,25 +109,10 @@ def run(
             row.gbps = nbytes / (timing.median_ms * 1e-3) / 1e9
             row.vs_copy = row.gbps / copy_gbps
             del q, scale
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats(dev)
-                base = torch.cuda.memory_allocated(dev)
-                fn()
-                torch.cuda.synchronize()
-                row.peak_extra_mb = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
-            else:
-                row.peak_extra_mb = peak_extra_bytes(fn) / 2**20
+            row.peak_extra_mb = peak_extra_mb(fn, dev)
         except Exception as exc:  # report, keep benchmarking the others
             row.status = f"error: {type(exc).__name__}: {exc}"[:300]
-    by = {r.provider: r for r in rows if r.status == "ok"}
-    for r in rows:
-        if r.status != "ok":
-            continue
-        if "eager" in by:
-            r.vs_eager = by["eager"].median_ms / r.median_ms
-        if "compile" in by:
-            r.vs_compile = by["compile"].median_ms / r.median_ms
+    fill_ratios(rows)
     return {
         "benchmark": "quantize-fp8",
         "shape": list(shape),

@@ -20,7 +20,16 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["PeakMemoryTracker", "Timing", "copy_bandwidth", "machine_info", "peak_extra_bytes", "time_fn"]
+__all__ = [
+    "PeakMemoryTracker",
+    "Timing",
+    "copy_bandwidth",
+    "fill_ratios",
+    "machine_info",
+    "peak_extra_bytes",
+    "peak_extra_mb",
+    "time_fn",
+]
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,32 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
         result = fn()
         del result
     return tracker.peak
+
+
+def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """MiB one call of ``fn`` allocates above what is already allocated: the CUDA allocator's peak
+    on GPUs, :func:`peak_extra_bytes` (the CPU allocations torch reports) elsewhere."""
+    if device.type != "cuda":
+        return peak_extra_bytes(fn) / 2**20
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def fill_ratios(rows: list) -> None:
+    """Set ``vs_eager`` / ``vs_compile`` of every successful row (speed relative to the ``eager``
+    and ``compile`` providers of the same run, when they succeeded)."""
+    by = {r.provider: r for r in rows if r.status == "ok"}
+    for r in rows:
+        if r.status != "ok":
+            continue
+        if "eager" in by:
+            r.vs_eager = by["eager"].median_ms / r.median_ms
+        if "compile" in by:
+            r.vs_compile = by["compile"].median_ms / r.median_ms
 
 
 def format_bandwidth_table(result: dict, title: str) -> str:
