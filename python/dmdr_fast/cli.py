@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -72,11 +73,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from dmdr_fast.train import run_dir
     from dmdr_fast.train.runtime import deterministic_algorithms
 
     config = _config_from_args(args)
+    rank = int(os.environ.get("RANK", "0"))
     # train.deterministic covers the whole run here (teacher samples, evaluation, export too).
-    with deterministic_algorithms(config.train.deterministic):
+    with (
+        run_dir.claim(args.out, resume=args.resume, overwrite=args.overwrite, rank=rank),
+        deterministic_algorithms(config.train.deterministic),
+    ):
         return _run_training(args, config)
 
 
@@ -519,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default=None, help="a YAML config file")
     train.add_argument("--out", required=True, help="output folder (logs, checkpoints, samples, report)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.add_argument("--overwrite", action="store_true", help="delete the run already in --out, start over")
     add_config_args(train)
     train.set_defaults(func=_cmd_train)
 
@@ -752,6 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code (2 for configuration errors and refused files)."""
+    from dmdr_fast._errors import UserError
     from dmdr_fast._io import UnsafeFileError
     from dmdr_fast.config import ConfigError
 
@@ -761,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dmdr-fast: configuration error: {exc}", file=sys.stderr)
         return 2
-    except UnsafeFileError as exc:  # a file that only code execution could read: say so, no traceback
+    except (UnsafeFileError, UserError) as exc:  # e.g. a file only code execution could read, a bad --out
         print(f"dmdr-fast: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,163 @@
+"""One run per folder, one process per run (train/run_dir.py), through the API and the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from tests.test_cli import TINY
+
+from dmdr_fast.train import run_dir
+
+# One thread per process: these tests start several Python processes on a small shared machine.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``dmdr-fast ARGS`` in a fresh process (what a user runs), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "dmdr_fast.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+    )
+
+
+def tiny_train(out: Path, cache: Path, *extra: str) -> list[str]:
+    """The arguments of a seconds-long digits run (tiny teacher and classifiers, 4 steps)."""
+    sets = [a for kv in TINY for a in ("--set", kv)]
+    return [
+        "train",
+        "--preset",
+        "digits",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        "--quiet",
+        *sets,
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(run folder, cache) of one finished tiny digits run."""
+    root = tmp_path_factory.mktemp("run_dir")
+    out, cache = root / "run", root / "cache"
+    proc = cli(*tiny_train(out, cache))
+    assert proc.returncode == 0, proc.stderr
+    return out, cache
+
+
+def test_a_folder_with_a_run_is_refused_without_resume_or_overwrite(trained):
+    out, cache = trained
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    jsonl = (out / "metrics.jsonl").read_text()
+    proc = cli(*tiny_train(out, cache))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "holds a run" in lines[0] and "--resume" in lines[0] and "--overwrite" in lines[0]
+    assert "step_0000004.pt" in lines[0]  # says which checkpoint it would lose
+    # Nothing was touched, nothing was started.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert (out / "metrics.jsonl").read_text() == jsonl
+    assert not (out / run_dir.LOCK_NAME).exists()
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path):
+    proc = cli("train", "--preset", "digits", "--out", str(tmp_path / "x"), "--resume", "--overwrite")
+    assert proc.returncode == 2 and "--resume and --overwrite" in proc.stderr
+
+
+def test_overwrite_removes_the_run_it_names_and_keeps_other_files(tmp_path):
+    folder = tmp_path / "run"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "step_0000002.pt").write_bytes(b"x")
+    (folder / "metrics.jsonl").write_text("{}\n")
+    (folder / "my_notes.md").write_text("mine")
+    said = []
+    with run_dir.claim(folder, overwrite=True, say=said.append):
+        assert (folder / run_dir.LOCK_NAME).is_file()
+    assert not (folder / "checkpoints").exists() and not (folder / "metrics.jsonl").exists()
+    assert (folder / "my_notes.md").read_text() == "mine"
+    assert len(said) == 1 and "checkpoints/" in said[0] and "metrics.jsonl" in said[0]
+    assert not (folder / run_dir.LOCK_NAME).exists()  # released at the end of the block
+
+
+def test_overwrite_through_the_cli_starts_over(trained, tmp_path):
+    out, cache = trained
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    (copy / "checkpoints" / "step_0000099.pt").write_bytes(b"old")  # a checkpoint of the old run
+    proc = cli(*tiny_train(copy, cache, "--overwrite"))
+    assert proc.returncode == 0, proc.stderr
+    assert "--overwrite: removed the previous run" in proc.stdout
+    assert not (copy / "checkpoints" / "step_0000099.pt").exists()
+    assert (copy / "checkpoints" / "latest").read_text().strip() == "step_0000004.pt"
+    steps = [line for line in (copy / "metrics.jsonl").read_text().splitlines() if '"step": 1,' in line]
+    assert len(steps) == 1  # a fresh log, not the old one appended to
+
+
+HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from dmdr_fast.train.run_dir import RunLock
+    lock = RunLock(sys.argv[1]).acquire()
+    print("locked", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, env=ENV
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_live_lock_refuses_with_the_pid_and_a_dead_one_is_taken_over(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    holder = _holder(folder)
+    try:
+        proc = cli("train", "--preset", "digits", "--out", str(folder), "--set", "train.device=cpu")
+        assert proc.returncode == 2
+        assert f"in use by process {holder.pid}" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        with pytest.raises(run_dir.RunDirError, match=str(holder.pid)):
+            run_dir.RunLock(folder).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # SIGKILL: the holder could not clean up; its lock file (and pid) stay, the lock does not.
+    assert (folder / run_dir.LOCK_NAME).read_text().strip() == str(holder.pid)
+    said = []
+    with run_dir.claim(folder, say=said.append):
+        assert (folder / run_dir.LOCK_NAME).read_text().strip() == str(os.getpid())
+    assert said == [f"note: took over the lock of process {holder.pid}, which is no longer running"]
+
+
+def test_other_ranks_do_not_take_the_lock(tmp_path):
+    folder = tmp_path / "run"
+    with run_dir.claim(folder), run_dir.claim(folder, rank=1):  # rank 1 of the same run
+        pass
+
+
+@pytest.mark.parametrize("bad", ["", "file"])
+def test_out_must_be_a_folder(tmp_path, bad):
+    target = "" if bad == "" else str(tmp_path / "f.txt")
+    (tmp_path / "f.txt").write_text("not a folder")
+    proc = cli("train", "--preset", "digits", "--out", target, "--set", "train.device=cpu")
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert ("empty path" if bad == "" else "is a file, not a folder") in proc.stderr
+    assert (tmp_path / "f.txt").read_text() == "not a folder"
