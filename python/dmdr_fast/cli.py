@@ -762,10 +762,19 @@ def main(argv: list[str] | None = None) -> int:
     from dmdr_fast._errors import UserError
     from dmdr_fast._io import UnsafeFileError
     from dmdr_fast.config import ConfigError
+    from dmdr_fast.train.interrupt import EXIT_CODE, TrainingInterrupted, resume_command
 
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except TrainingInterrupted as exc:  # a signal: the checkpoint is written, say how to go on
+        how = f"\nresume with: {resume_command(argv)}" if args.command == "train" else ""
+        print(f"dmdr-fast: {exc}{how}", file=sys.stderr)
+        return EXIT_CODE
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second signal: nothing saved now
+        print("dmdr-fast: interrupted", file=sys.stderr)
+        return EXIT_CODE
     except ConfigError as exc:
         print(f"dmdr-fast: configuration error: {exc}", file=sys.stderr)
         return 2
