@@ -74,9 +74,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from dmdr_fast.train import run_dir
-    from dmdr_fast.train.runtime import deterministic_algorithms
+    from dmdr_fast.train.runtime import check_runnable, deterministic_algorithms
 
     config = _config_from_args(args)
+    check_runnable(config.train)  # CUDA, attention and kernel backends: before any slow work
     rank = int(os.environ.get("RANK", "0"))
     # train.deterministic covers the whole run here (teacher samples, evaluation, export too).
     with (
@@ -136,10 +137,10 @@ def _load_trainer(checkpoint: str, cache_dir: str | None):
     """A Trainer for a digits checkpoint (its config is stored inside)."""
     from dmdr_fast.config import DMDRTrainerConfig
     from dmdr_fast.recipes import digits
-    from dmdr_fast.train.checkpoint import load_checkpoint
+    from dmdr_fast.train.checkpoint import open_checkpoint
     from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
 
-    sd = load_checkpoint(checkpoint)  # weights_only: a downloaded checkpoint runs no code
+    sd = open_checkpoint(checkpoint)  # weights_only: a downloaded checkpoint runs no code
     # Sampling/evaluating a checkpoint: its weights come from the checkpoint (no student.init to
     # read again) and nothing is worth compiling.
     overrides = ["train.device=cpu", "student.init=null", "train.compile=false"]
@@ -317,6 +318,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from dmdr_fast._errors import check_writable_file
     from dmdr_fast.eval.plots import save_image_grid
 
     if args.pipeline is not None:
@@ -325,6 +327,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise SystemExit(
             "give --checkpoint FILE (digits) or --pipeline DIR (an exported text-to-image student)"
         )
+    check_writable_file(args.out, "--out", (".png", ".npz"))  # before the slow load, not after
     trainer, _ = _load_trainer(args.checkpoint, args.cache_dir)
     labels = torch.full((args.num,), args.label) if args.label is not None else torch.arange(args.num) % 10
     x = trainer.sample(labels, num_steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
@@ -485,7 +488,9 @@ def _step_trainer(args: argparse.Namespace, extra: list[str]) -> Trainer:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of ``dmdr-fast``."""
-    parser = argparse.ArgumentParser(prog="dmdr-fast", description=__doc__)
+    from dmdr_fast._errors import OneLineParser, int_in
+
+    parser = OneLineParser(prog="dmdr-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     env = sub.add_parser("env", help="show build info and the ops × backends availability table")
@@ -552,9 +557,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--width", type=int, default=None)
     sample.add_argument("--nrow", type=int, default=None)
     sample.add_argument("--device", default="auto")
-    sample.add_argument("--steps", type=int, default=None, help="sampling steps (default: the student's)")
-    sample.add_argument("--num", type=int, default=100, help="digits: number of samples")
-    sample.add_argument("--label", type=int, default=None, help="one class for all samples (default: cycle)")
+    sample.add_argument(
+        "--steps", type=int_in(1), default=None, help="sampling steps (default: the student's)"
+    )
+    sample.add_argument("--num", type=int_in(1), default=100, help="digits: number of samples")
+    sample.add_argument(
+        "--label", type=int_in(0, 9), default=None, help="one class for all samples (default: cycle)"
+    )
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument(
         "--out", required=True, help="file.png (grid) or file.npz (images (M,C,H,W) in [0,1], labels)"
@@ -632,8 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
         "exported text-to-image student vs its teacher (--pipeline)",
     )
     ev.add_argument("--checkpoint", default=None, help="a digits training checkpoint")
-    ev.add_argument("--steps", type=int, default=None, help="student steps (default: the student's)")
-    ev.add_argument("--num", type=int, default=1000, help="digits: number of samples")
+    ev.add_argument("--steps", type=int_in(1), default=None, help="student steps (default: the student's)")
+    ev.add_argument("--num", type=int_in(1), default=1000, help="digits: number of samples")
     ev.add_argument("--cache-dir", default=None)
     ev.add_argument("--pipeline", default=None, help="text-to-image: the teacher's pipeline folder")
     ev.add_argument("--student", default=None, help="an exported full-student pipeline folder")
@@ -754,11 +763,14 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--device", default="auto")
     add_timing_args(bs, 5, 1)
     bench.set_defaults(func=_cmd_bench)
+    for p in [parser, *sub.choices.values(), *bench_sub.choices.values()]:  # before or after the command
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks of bugs")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code (2 for configuration errors and refused files)."""
+    """Run the CLI; returns the process exit code: 2 for a user's mistake (one line naming it), 130
+    after a signal, 1 for a bug (one line; the traceback with ``--debug``)."""
     from dmdr_fast._errors import UserError
     from dmdr_fast._io import UnsafeFileError
     from dmdr_fast.config import ConfigError
@@ -768,19 +780,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except TrainingInterrupted as exc:  # a signal: the checkpoint is written, say how to go on
-        how = f"\nresume with: {resume_command(argv)}" if args.command == "train" else ""
-        print(f"dmdr-fast: {exc}{how}", file=sys.stderr)
-        return EXIT_CODE
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second signal: nothing saved now
-        print("dmdr-fast: interrupted", file=sys.stderr)
-        return EXIT_CODE
     except ConfigError as exc:
         print(f"dmdr-fast: configuration error: {exc}", file=sys.stderr)
         return 2
     except (UnsafeFileError, UserError) as exc:  # e.g. a file only code execution could read, a bad --out
         print(f"dmdr-fast: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:  # a signal: the checkpoint is written, say how to go on
+        how = f"\nresume with: {resume_command(argv)}" if args.command == "train" else ""
+        print(f"dmdr-fast: {exc}{how}", file=sys.stderr)
+        return EXIT_CODE
+    except (KeyboardInterrupt, Exception) as exc:  # Ctrl-C outside the loop / a second signal; a bug
+        if getattr(args, "debug", False):
+            raise
+        if isinstance(exc, KeyboardInterrupt):
+            print("dmdr-fast: interrupted", file=sys.stderr)
+            return EXIT_CODE
+        what = (str(exc).strip().splitlines() or [""])[0]  # the traceback helps only its fixer
+        print(f"dmdr-fast: unexpected error: {type(exc).__name__}: {what}\nthis is a bug: rerun with "
+              "--debug for the traceback; report the command, the traceback and `dmdr-fast env`", file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

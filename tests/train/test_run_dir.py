@@ -150,14 +150,3 @@ def test_other_ranks_do_not_take_the_lock(tmp_path):
     folder = tmp_path / "run"
     with run_dir.claim(folder), run_dir.claim(folder, rank=1):  # rank 1 of the same run
         pass
-
-
-@pytest.mark.parametrize("bad", ["", "file"])
-def test_out_must_be_a_folder(tmp_path, bad):
-    target = "" if bad == "" else str(tmp_path / "f.txt")
-    (tmp_path / "f.txt").write_text("not a folder")
-    proc = cli("train", "--preset", "digits", "--out", target, "--set", "train.device=cpu")
-    assert proc.returncode == 2, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    assert ("empty path" if bad == "" else "is a file, not a folder") in proc.stderr
-    assert (tmp_path / "f.txt").read_text() == "not a folder"

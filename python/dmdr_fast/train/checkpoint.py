@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dmdr_fast._io import atomic_save, atomic_write_text, load_torch_file
+from dmdr_fast._errors import UserError
+from dmdr_fast._io import UnsafeFileError, atomic_save, atomic_write_text, load_torch_file
 
 __all__ = [
     "FORMAT",
@@ -31,6 +32,7 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "load_trainable_state",
+    "open_checkpoint",
     "save_checkpoint",
     "trainable_state",
 ]
@@ -92,6 +94,43 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     sd = load_torch_file(path, map_location="cpu", convert=_CONVERT)
     check_format(sd, path)
     return sd
+
+
+def open_checkpoint(path: str | os.PathLike[str], what: str = "--checkpoint") -> dict[str, Any]:
+    """:func:`load_checkpoint` of a path a user gave: each way it can be wrong is one line.
+
+    Args:
+        path: The checkpoint file.
+        what: The argument that named it, for the message.
+
+    Raises:
+        UserError: Missing, a folder (the message names the latest checkpoint under it, if any),
+            empty, unreadable, truncated or damaged, or not a dmdr_fast checkpoint.
+        dmdr_fast._io.UnsafeFileError: As :func:`load_checkpoint`.
+    """
+    file = Path(path)
+    if not file.exists():
+        raise UserError(f"{what} {file}: no such file")
+    if file.is_dir():
+        # A run folder or its checkpoints/ folder: point at the file that was probably meant.
+        inner = latest_checkpoint(file) or (
+            latest_checkpoint(file.parent) if file.name == "checkpoints" else None
+        )
+        hint = f"; its latest checkpoint is {inner}" if inner is not None else ""
+        raise UserError(f"{what} {file}: is a folder, not a checkpoint file{hint}")
+    if file.stat().st_size == 0:
+        raise UserError(f"{what} {file}: is empty (0 bytes), not a checkpoint")
+    try:
+        return load_checkpoint(file)
+    except UnsafeFileError:
+        raise
+    except OSError as err:
+        raise UserError(f"{what} {file}: cannot read it ({err.strerror or err})") from None
+    except ValueError as err:  # torch's reasons can span lines: the first says enough
+        reason = str(err).strip().splitlines()[0]
+        if "not a dmdr_fast checkpoint" not in reason:
+            reason = f"not a complete torch file (truncated or damaged?): {reason}"
+        raise UserError(f"{what} {file}: {reason}") from None
 
 
 def trainable_state(network: nn.Module) -> dict[str, torch.Tensor]:
