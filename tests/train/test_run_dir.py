@@ -150,3 +150,75 @@ def test_other_ranks_do_not_take_the_lock(tmp_path):
     folder = tmp_path / "run"
     with run_dir.claim(folder), run_dir.claim(folder, rank=1):  # rank 1 of the same run
         pass
+
+
+# ------------------------------------------------------------ partial checkpoint files (item 6)
+
+FAILING_WRITE = textwrap.dedent(
+    """
+    import resource, signal, sys
+    from pathlib import Path
+    import torch
+    from dmdr_fast.train import checkpoint as ckpt
+
+    out = Path(sys.argv[1])
+    ckpt.save_checkpoint(out, 1, {"w": torch.zeros(1000)}, keep=3)
+    # A real failing write, as on a full disk: past RLIMIT_FSIZE the kernel refuses the write
+    # (EFBIG) once SIGXFSZ, which would kill the process instead, is ignored.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+    try:
+        ckpt.save_checkpoint(out, 2, {"w": torch.zeros(1 << 20)}, keep=3)  # 4 MiB > 1 MiB
+    except Exception as exc:
+        print("write failed:", type(exc).__name__)
+    """
+)
+
+
+def test_a_failed_checkpoint_write_leaves_no_partial_file(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", FAILING_WRITE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "write failed" in proc.stdout, proc.stderr
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_0000001.pt"]
+    assert (folder / "latest").read_text().strip() == "step_0000001.pt"
+
+
+def _leave_partials(folder: Path) -> list[Path]:
+    """What a run killed while writing leaves: a partial checkpoint and a partial pointer."""
+    partial = [folder / ".step_0000006.pt.k2j4x9.tmp", folder / ".latest.a8d7f.tmp"]
+    for path in partial:
+        path.write_bytes(b"\0" * 1000)
+    return partial
+
+
+def test_claim_removes_partial_checkpoint_files_only(tmp_path):
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    partial = _leave_partials(folder)
+    keep = [folder / "step_0000004.pt", folder / "latest", folder / ".step_notes.tmp", folder / "x.tmp"]
+    for path in keep:
+        path.write_text("x")
+    said = []
+    with run_dir.claim(folder.parent, resume=True, say=said.append):
+        pass
+    assert not any(p.exists() for p in partial)
+    assert all(p.exists() for p in keep)
+    assert said == [f"note: removed 2 partial checkpoint file(s) left by an interrupted write in {folder}"]
+
+
+def test_the_next_start_removes_partial_checkpoint_files(trained, tmp_path):
+    out, cache = trained
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    partial = _leave_partials(copy / "checkpoints")
+    proc = cli(*tiny_train(copy, cache, "--resume"))  # at max_steps already: resumes, saves, reports
+    assert proc.returncode == 0, proc.stderr
+    assert "removed 2 partial checkpoint file(s)" in proc.stdout
+    assert not any(p.exists() for p in partial)
+    assert (copy / "checkpoints" / "latest").read_text().strip() == "step_0000004.pt"
