@@ -103,6 +103,12 @@ def test_sample_missing_checkpoint(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+def test_eval_missing_checkpoint(tmp_path):
+    proc = run("eval", "--checkpoint", str(tmp_path / "nope.pt"), "--cache-dir", str(tmp_path / "cache"))
+    one_line_error(proc, "--checkpoint", "no such file")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_sample_empty_checkpoint(tmp_path):
     (tmp_path / "e.pt").write_bytes(b"")
     one_line_error(sample(tmp_path, tmp_path / "e.pt"), "--checkpoint", "is empty (0 bytes)")

@@ -13,6 +13,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 __all__ = [
     "OneLineParser",
@@ -114,5 +115,5 @@ class OneLineParser(argparse.ArgumentParser):
     above the one that says what is wrong.
     """
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
