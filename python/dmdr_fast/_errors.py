@@ -13,11 +13,12 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 __all__ = [
     "OneLineParser",
     "UserError",
+    "bug_report",
     "check_writable_file",
     "check_writable_folder",
     "int_in",
@@ -108,12 +109,32 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def bug_report(exc: BaseException, prog: str = "dmdr-fast") -> str:
+    """What the CLI prints for an unexpected error: its first line, and how to report it."""
+    what = (str(exc).strip().splitlines() or [""])[0]
+    return (
+        f"{prog}: unexpected error: {type(exc).__name__}: {what}\nthis is a bug: rerun with --debug for "
+        f"the traceback; report the command, the traceback and the output of `{prog} env`"
+    )
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse with a one-line error (``prog: error: message (see prog --help)``), exit 2.
+    """argparse with a one-line error (``prog: error: message (see prog --help)``), exit 2, and
+    a ``--debug`` flag on every command (subcommands are built with the parser's class).
 
     argparse's own error prints the whole usage first, which for ``sample`` is a dozen lines
     above the one that says what is wrong.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: a subcommand's unset flag must not overwrite the one given before it.
+        self.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show the traceback of an unexpected error",
+        )
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

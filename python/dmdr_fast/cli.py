@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import TYPE_CHECKING
+
+from dmdr_fast._errors import OneLineParser, UserError, bug_report, check_writable_file, int_in
 
 if TYPE_CHECKING:
     from dmdr_fast.train.trainer import Trainer
@@ -78,10 +79,9 @@ def _train(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args)
     check_runnable(config.train)  # CUDA, attention and kernel backends: before any slow work
-    rank = int(os.environ.get("RANK", "0"))
     # train.deterministic covers the whole run here (teacher samples, evaluation, export too).
     with (
-        run_dir.claim(args.out, resume=args.resume, overwrite=args.overwrite, rank=rank),
+        run_dir.claim(args.out, resume=args.resume, overwrite=args.overwrite),
         deterministic_algorithms(config.train.deterministic),
     ):
         return _run_training(args, config)
@@ -318,7 +318,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from dmdr_fast._errors import check_writable_file
     from dmdr_fast.eval.plots import save_image_grid
 
     if args.pipeline is not None:
@@ -488,8 +487,6 @@ def _step_trainer(args: argparse.Namespace, extra: list[str]) -> Trainer:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of ``dmdr-fast``."""
-    from dmdr_fast._errors import OneLineParser, int_in
-
     parser = OneLineParser(prog="dmdr-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -557,13 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--width", type=int, default=None)
     sample.add_argument("--nrow", type=int, default=None)
     sample.add_argument("--device", default="auto")
-    sample.add_argument(
-        "--steps", type=int_in(1), default=None, help="sampling steps (default: the student's)"
-    )
+    sample.add_argument("--steps", type=int_in(1), default=None, help="steps (default: the student's)")
     sample.add_argument("--num", type=int_in(1), default=100, help="digits: number of samples")
-    sample.add_argument(
-        "--label", type=int_in(0, 9), default=None, help="one class for all samples (default: cycle)"
-    )
+    sample.add_argument("--label", type=int_in(0, 9), default=None, help="one class for all (default: cycle)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument(
         "--out", required=True, help="file.png (grid) or file.npz (images (M,C,H,W) in [0,1], labels)"
@@ -763,15 +756,12 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--device", default="auto")
     add_timing_args(bs, 5, 1)
     bench.set_defaults(func=_cmd_bench)
-    for p in [parser, *sub.choices.values(), *bench_sub.choices.values()]:  # before or after the command
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks of bugs")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code: 2 for a user's mistake (one line naming it), 130
     after a signal, 1 for a bug (one line; the traceback with ``--debug``)."""
-    from dmdr_fast._errors import UserError
     from dmdr_fast._io import UnsafeFileError
     from dmdr_fast.config import ConfigError
     from dmdr_fast.train.interrupt import EXIT_CODE, TrainingInterrupted, resume_command
@@ -796,9 +786,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, KeyboardInterrupt):
             print("dmdr-fast: interrupted", file=sys.stderr)
             return EXIT_CODE
-        what = (str(exc).strip().splitlines() or [""])[0]  # the traceback helps only its fixer
-        print(f"dmdr-fast: unexpected error: {type(exc).__name__}: {what}\nthis is a bug: rerun with "
-              "--debug for the traceback; report the command, the traceback and `dmdr-fast env`", file=sys.stderr)  # fmt: skip
+        print(bug_report(exc), file=sys.stderr)  # the traceback helps only its fixer: --debug
         return 1
 
 

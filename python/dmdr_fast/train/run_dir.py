@@ -172,7 +172,7 @@ def claim(
     *,
     resume: bool = False,
     overwrite: bool = False,
-    rank: int = 0,
+    rank: int | None = None,
     say: Callable[[str], None] = print,
 ) -> Iterator[Path]:
     """Hold ``out`` as the folder of one training run for the duration of the block.
@@ -181,8 +181,9 @@ def claim(
         out: The ``--out`` folder (created if missing).
         resume: ``--resume``: a run in the folder is to be continued.
         overwrite: ``--overwrite``: the run in the folder is deleted first (its outputs only).
-        rank: The process's rank under torchrun; only rank 0 checks and locks (the other ranks of
-            the same run write nothing there and must not be refused by rank 0's lock).
+        rank: The process's rank under torchrun (default: ``$RANK``, else 0); only rank 0 checks
+            and locks (the other ranks of the same run write nothing there and must not be
+            refused by rank 0's lock).
         say: Where the notes go (what was taken over or removed).
 
     Yields:
@@ -198,7 +199,7 @@ def claim(
             "--resume and --overwrite: give one (continue the run, or delete it and start over)"
         )
     folder = check_writable_folder(out, "--out")
-    if rank != 0:
+    if (int(os.environ.get("RANK", "0")) if rank is None else rank) != 0:
         yield folder
         return
     with RunLock(folder) as lock:
