@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.train.test_run_dir import tiny_train
 
 from dmdr_fast.train import checkpoint as ckpt
 
@@ -79,6 +80,40 @@ def test_out_must_be_a_folder(tmp_path, bad):
     one_line_error(proc, "--out", "empty path" if bad == "empty" else "is a file, not a folder")
     assert (tmp_path / "f.txt").read_text() == "not a folder"
     assert not (tmp_path / "cache").exists()
+
+
+def test_read_only_out(tmp_path):
+    target = _read_only_folder(tmp_path) / "run"
+    proc = run("train", "--preset", "digits", "--out", str(target), "--cache-dir", str(tmp_path / "cache"),
+               "--set", "train.device=cpu")  # fmt: skip
+    one_line_error(proc, f"--out {target}: cannot")  # create the folder / write in it
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (a disk that fills up for real); skipped where mounting is not allowed."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_disk_full_during_a_checkpoint(tmp_path, small_disk):
+    """The tiny run's checkpoints are ~0.65 MB: step 2's fits on 1 MiB, step 4's does not."""
+    out = small_disk / "run"
+    proc = run(*tiny_train(out, tmp_path / "cache", "--set", "train.sample_every=0"))
+    line = one_line_error(proc, f"no space left on {out / 'checkpoints'} writing step_0000004.pt")
+    assert "needs about" in line and "latest is still step_0000002.pt" in line
+    folder = out / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_0000002.pt"]  # no partial file
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(out))["state"]["gen_step"] == 2
 
 
 # ------------------------------------------------------------------------------------- sample

@@ -14,8 +14,10 @@ none needs converting.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from dmdr_fast._io import UnsafeFileError, atomic_save, atomic_write_text, load_
 
 __all__ = [
     "FORMAT",
+    "CheckpointSpaceError",
     "atomic_save",
     "check_format",
     "latest_checkpoint",
@@ -41,11 +44,75 @@ FORMAT = "dmdr_fast.checkpoint.v1"
 _NAME = re.compile(r"^step_(\d{7,})\.pt$")
 
 
+class CheckpointSpaceError(UserError):
+    """A checkpoint did not fit (disk full, quota, file size limit); the previous one is intact.
+
+    Attributes:
+        errno: ``ENOSPC``, ``EDQUOT`` or ``EFBIG``.
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+#: errno → what ran out, for :class:`CheckpointSpaceError`.
+_SPACE_ERRORS = {
+    errno.ENOSPC: "no space left on",
+    errno.EDQUOT: "disk quota exceeded on",
+    errno.EFBIG: "file size limit (ulimit -f) reached on",
+}
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _space_error(exc: BaseException) -> int | None:
+    """The errno of a full disk somewhere in ``exc``'s chain (torch wraps it in a RuntimeError
+    "unexpected pos" that says nothing), else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _SPACE_ERRORS:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def save_checkpoint(out_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``out_dir/checkpoints/step_XXXXXXX.pt``, point ``latest`` at it, keep the newest ``keep``."""
+    """Write ``out_dir/checkpoints/step_XXXXXXX.pt``, point ``latest`` at it, keep the newest ``keep``.
+
+    Raises:
+        CheckpointSpaceError: The disk (quota, file size limit) is full: the message says where,
+            how much the checkpoint needs and how much is free; the partial file is removed and
+            ``latest`` still names the previous checkpoint.
+    """
     folder = Path(out_dir) / "checkpoints"
-    path = atomic_save(state, folder / f"step_{step:07d}.pt")
-    atomic_write_text(folder / "latest", path.name + "\n")
+    try:
+        path = atomic_save(state, folder / f"step_{step:07d}.pt")
+        atomic_write_text(folder / "latest", path.name + "\n")
+    except Exception as exc:
+        code = _space_error(exc)
+        if code is None:
+            raise
+        previous = latest_checkpoint(out_dir)
+        kept = f"latest is still {previous.name}" if previous is not None else "no earlier checkpoint"
+        raise CheckpointSpaceError(
+            code,
+            f"{_SPACE_ERRORS[code]} {folder} writing step_{step:07d}.pt: it needs about "
+            f"{_mib(_tensor_bytes(state))}, {_mib(shutil.disk_usage(folder).free)} free ({kept}); free "
+            "space there (or lower train.keep_checkpoints) and resume with --resume",
+        ) from exc
     if keep > 0:
         found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)))
         for _, old in found[:-keep]:
