@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "python" / "dmdr_fast"
 #: Top-level units of ``dmdr_fast`` from the bottom up; a unit may import only units of lower
 #: layers (its own included). The package's ``__init__`` is the public facade above them all.
 LAYERS: list[set[str]] = [
-    {"_io", "_dtypes", "_native", "_device", "kernels"},
+    {"_io", "_errors", "_dtypes", "_native", "_device", "kernels"},
     {"conditions"},
     {"backends"},
     {"ops"},

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from dmdr_fast._errors import OneLineParser, UserError, bug_report, check_writable_file, int_in
+
 if TYPE_CHECKING:
     from dmdr_fast.train.trainer import Trainer
 
@@ -72,11 +74,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dmdr_fast.train.runtime import deterministic_algorithms
+    from dmdr_fast.train import run_dir
+    from dmdr_fast.train.runtime import check_runnable, deterministic_algorithms
 
     config = _config_from_args(args)
+    check_runnable(config.train)  # CUDA, attention and kernel backends: before any slow work
     # train.deterministic covers the whole run here (teacher samples, evaluation, export too).
-    with deterministic_algorithms(config.train.deterministic):
+    with (
+        run_dir.claim(args.out, resume=args.resume, overwrite=args.overwrite),
+        deterministic_algorithms(config.train.deterministic),
+    ):
         return _run_training(args, config)
 
 
@@ -130,10 +137,10 @@ def _load_trainer(checkpoint: str, cache_dir: str | None):
     """A Trainer for a digits checkpoint (its config is stored inside)."""
     from dmdr_fast.config import DMDRTrainerConfig
     from dmdr_fast.recipes import digits
-    from dmdr_fast.train.checkpoint import load_checkpoint
+    from dmdr_fast.train.checkpoint import open_checkpoint
     from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
 
-    sd = load_checkpoint(checkpoint)  # weights_only: a downloaded checkpoint runs no code
+    sd = open_checkpoint(checkpoint)  # weights_only: a downloaded checkpoint runs no code
     # Sampling/evaluating a checkpoint: its weights come from the checkpoint (no student.init to
     # read again) and nothing is worth compiling.
     overrides = ["train.device=cpu", "student.init=null", "train.compile=false"]
@@ -323,6 +330,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise SystemExit(
             "give --checkpoint FILE (digits) or --pipeline DIR (an exported text-to-image student)"
         )
+    check_writable_file(args.out, "--out", (".png", ".npz"))  # before the slow load, not after
     trainer, _ = _load_trainer(args.checkpoint, args.cache_dir)
     if args.fp8:
         from dmdr_fast.models.fp8 import quantize_for_inference
@@ -487,7 +495,7 @@ def _step_trainer(args: argparse.Namespace, extra: list[str]) -> Trainer:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of ``dmdr-fast``."""
-    parser = argparse.ArgumentParser(prog="dmdr-fast", description=__doc__)
+    parser = OneLineParser(prog="dmdr-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     env = sub.add_parser("env", help="show build info and the ops × backends availability table")
@@ -527,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default=None, help="a YAML config file")
     train.add_argument("--out", required=True, help="output folder (logs, checkpoints, samples, report)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.add_argument("--overwrite", action="store_true", help="delete the run already in --out, start over")
     add_config_args(train)
     train.set_defaults(func=_cmd_train)
 
@@ -553,9 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--width", type=int, default=None)
     sample.add_argument("--nrow", type=int, default=None)
     sample.add_argument("--device", default="auto")
-    sample.add_argument("--steps", type=int, default=None, help="sampling steps (default: the student's)")
-    sample.add_argument("--num", type=int, default=100, help="digits: number of samples")
-    sample.add_argument("--label", type=int, default=None, help="one class for all samples (default: cycle)")
+    sample.add_argument("--steps", type=int_in(1), default=None, help="steps (default: the student's)")
+    sample.add_argument("--num", type=int_in(1), default=100, help="digits: number of samples")
+    sample.add_argument("--label", type=int_in(0, 9), default=None, help="one class for all (default: cycle)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument(
         "--out", required=True, help="file.png (grid) or file.npz (images (M,C,H,W) in [0,1], labels)"
@@ -636,8 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
         "exported text-to-image student vs its teacher (--pipeline)",
     )
     ev.add_argument("--checkpoint", default=None, help="a digits training checkpoint")
-    ev.add_argument("--steps", type=int, default=None, help="student steps (default: the student's)")
-    ev.add_argument("--num", type=int, default=1000, help="digits: number of samples")
+    ev.add_argument("--steps", type=int_in(1), default=None, help="student steps (default: the student's)")
+    ev.add_argument("--num", type=int_in(1), default=1000, help="digits: number of samples")
     ev.add_argument("--cache-dir", default=None)
     ev.add_argument("--pipeline", default=None, help="text-to-image: the teacher's pipeline folder")
     ev.add_argument("--student", default=None, help="an exported full-student pipeline folder")
@@ -763,19 +772,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code (2 for configuration errors and refused files)."""
+    """Run the CLI; returns the process exit code: 2 for a user's mistake (one line naming it), 130
+    after a signal, 1 for a bug (one line; the traceback with ``--debug``)."""
     from dmdr_fast._io import UnsafeFileError
     from dmdr_fast.config import ConfigError
+    from dmdr_fast.train.interrupt import EXIT_CODE, TrainingInterrupted, resume_command
 
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"dmdr-fast: configuration error: {exc}", file=sys.stderr)
         return 2
-    except UnsafeFileError as exc:  # a file that only code execution could read: say so, no traceback
+    except (UnsafeFileError, UserError) as exc:  # e.g. a file only code execution could read, a bad --out
         print(f"dmdr-fast: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:  # a signal: the checkpoint is written, say how to go on
+        how = f"\nresume with: {resume_command(argv)}" if args.command == "train" else ""
+        print(f"dmdr-fast: {exc}{how}", file=sys.stderr)
+        return EXIT_CODE
+    except (KeyboardInterrupt, Exception) as exc:  # Ctrl-C outside the loop / a second signal; a bug
+        if getattr(args, "debug", False):
+            raise
+        if isinstance(exc, KeyboardInterrupt):
+            print("dmdr-fast: interrupted", file=sys.stderr)
+            return EXIT_CODE
+        print(bug_report(exc), file=sys.stderr)  # the traceback helps only its fixer: --debug
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ config option with a comment (tested), so a preset file is also the documentatio
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from pathlib import Path
 
-from dmdr_fast.config import DMDRTrainerConfig
+from dmdr_fast.config import ConfigError, DMDRTrainerConfig
 
 __all__ = ["CONFIG_DIR", "load_preset", "preset_names"]
 
@@ -24,8 +25,14 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str, overrides: Sequence[str] = ()) -> DMDRTrainerConfig:
-    """A named preset from ``dmdr_fast/configs/<name>.yaml`` with ``--set``-style overrides."""
+    """A named preset from ``dmdr_fast/configs/<name>.yaml`` with ``--set``-style overrides.
+
+    Raises:
+        ConfigError: Unknown name (the message suggests the closest preset), or a bad override.
+    """
     path = CONFIG_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise ValueError(f"unknown preset {name!r}; presets: {preset_names()}")
+        close = difflib.get_close_matches(name, preset_names(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint}; presets: {', '.join(preset_names())}")
     return DMDRTrainerConfig.load_yaml(path, overrides=list(overrides))

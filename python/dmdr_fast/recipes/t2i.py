@@ -34,6 +34,7 @@ from dmdr_fast.data.prompt_cache import model_identity
 from dmdr_fast.data.prompts import PromptBatch
 from dmdr_fast.models.families import T2I_FAMILIES, family_of_pipeline, get_family
 from dmdr_fast.train import checkpoint as ckpt
+from dmdr_fast.train import interrupt
 from dmdr_fast.train.trainer import Trainer, resolve_device
 
 if TYPE_CHECKING:
@@ -230,7 +231,7 @@ def run_t2i(
     if resume:
         trainer.resume()
     t_setup = time.perf_counter() - t0
-    trainer.fit(progress=progress)
+    interrupt.fit(trainer, progress=progress)  # a signal: checkpoint, then TrainingInterrupted
     t_train = time.perf_counter() - t0 - t_setup
     if trainer.rank != 0:  # multi-GPU: rank 0 exports, evaluates and reports
         return {"rank": trainer.rank}

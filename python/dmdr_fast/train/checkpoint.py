@@ -14,23 +14,28 @@ none needs converting.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dmdr_fast._io import atomic_save, atomic_write_text, load_torch_file
+from dmdr_fast._errors import UserError
+from dmdr_fast._io import UnsafeFileError, atomic_save, atomic_write_text, load_torch_file
 
 __all__ = [
     "FORMAT",
+    "CheckpointSpaceError",
     "atomic_save",
     "check_format",
     "latest_checkpoint",
     "load_checkpoint",
     "load_trainable_state",
+    "open_checkpoint",
     "save_checkpoint",
     "trainable_state",
 ]
@@ -39,11 +44,75 @@ FORMAT = "dmdr_fast.checkpoint.v1"
 _NAME = re.compile(r"^step_(\d{7,})\.pt$")
 
 
+class CheckpointSpaceError(UserError):
+    """A checkpoint did not fit (disk full, quota, file size limit); the previous one is intact.
+
+    Attributes:
+        errno: ``ENOSPC``, ``EDQUOT`` or ``EFBIG``.
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+#: errno → what ran out, for :class:`CheckpointSpaceError`.
+_SPACE_ERRORS = {
+    errno.ENOSPC: "no space left on",
+    errno.EDQUOT: "disk quota exceeded on",
+    errno.EFBIG: "file size limit (ulimit -f) reached on",
+}
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _space_error(exc: BaseException) -> int | None:
+    """The errno of a full disk somewhere in ``exc``'s chain (torch wraps it in a RuntimeError
+    "unexpected pos" that says nothing), else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _SPACE_ERRORS:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def save_checkpoint(out_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``out_dir/checkpoints/step_XXXXXXX.pt``, point ``latest`` at it, keep the newest ``keep``."""
+    """Write ``out_dir/checkpoints/step_XXXXXXX.pt``, point ``latest`` at it, keep the newest ``keep``.
+
+    Raises:
+        CheckpointSpaceError: The disk (quota, file size limit) is full: the message says where,
+            how much the checkpoint needs and how much is free; the partial file is removed and
+            ``latest`` still names the previous checkpoint.
+    """
     folder = Path(out_dir) / "checkpoints"
-    path = atomic_save(state, folder / f"step_{step:07d}.pt")
-    atomic_write_text(folder / "latest", path.name + "\n")
+    try:
+        path = atomic_save(state, folder / f"step_{step:07d}.pt")
+        atomic_write_text(folder / "latest", path.name + "\n")
+    except Exception as exc:
+        code = _space_error(exc)
+        if code is None:
+            raise
+        previous = latest_checkpoint(out_dir)
+        kept = f"latest is still {previous.name}" if previous is not None else "no earlier checkpoint"
+        raise CheckpointSpaceError(
+            code,
+            f"{_SPACE_ERRORS[code]} {folder} writing step_{step:07d}.pt: it needs about "
+            f"{_mib(_tensor_bytes(state))}, {_mib(shutil.disk_usage(folder).free)} free ({kept}); free "
+            "space there (or lower train.keep_checkpoints) and resume with --resume",
+        ) from exc
     if keep > 0:
         found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)))
         for _, old in found[:-keep]:
@@ -92,6 +161,43 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     sd = load_torch_file(path, map_location="cpu", convert=_CONVERT)
     check_format(sd, path)
     return sd
+
+
+def open_checkpoint(path: str | os.PathLike[str], what: str = "--checkpoint") -> dict[str, Any]:
+    """:func:`load_checkpoint` of a path a user gave: each way it can be wrong is one line.
+
+    Args:
+        path: The checkpoint file.
+        what: The argument that named it, for the message.
+
+    Raises:
+        UserError: Missing, a folder (the message names the latest checkpoint under it, if any),
+            empty, unreadable, truncated or damaged, or not a dmdr_fast checkpoint.
+        dmdr_fast._io.UnsafeFileError: As :func:`load_checkpoint`.
+    """
+    file = Path(path)
+    if not file.exists():
+        raise UserError(f"{what} {file}: no such file")
+    if file.is_dir():
+        # A run folder or its checkpoints/ folder: point at the file that was probably meant.
+        inner = latest_checkpoint(file) or (
+            latest_checkpoint(file.parent) if file.name == "checkpoints" else None
+        )
+        hint = f"; its latest checkpoint is {inner}" if inner is not None else ""
+        raise UserError(f"{what} {file}: is a folder, not a checkpoint file{hint}")
+    if file.stat().st_size == 0:
+        raise UserError(f"{what} {file}: is empty (0 bytes), not a checkpoint")
+    try:
+        return load_checkpoint(file)
+    except UnsafeFileError:
+        raise
+    except OSError as err:
+        raise UserError(f"{what} {file}: cannot read it ({err.strerror or err})") from None
+    except ValueError as err:  # torch's reasons can span lines: the first says enough
+        reason = str(err).strip().splitlines()[0]
+        if "not a dmdr_fast checkpoint" not in reason:
+            reason = f"not a complete torch file (truncated or damaged?): {reason}"
+        raise UserError(f"{what} {file}: {reason}") from None
 
 
 def trainable_state(network: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from dmdr_fast.config import TrainConfig
+from dmdr_fast.config import ConfigError, TrainConfig
 from dmdr_fast.train.distributed import local_device
 
-__all__ = ["compile_networks", "deterministic_algorithms", "resolve_device"]
+__all__ = ["check_runnable", "compile_networks", "deterministic_algorithms", "resolve_device"]
 
 _RECOMPILE_LIMIT = 64  # see compile_networks
 
@@ -22,6 +22,57 @@ def resolve_device(name: str) -> torch.device:
     """``train.device`` → a device (``"auto"``: CUDA if available, else CPU; under torchrun each
     process its ``cuda:LOCAL_RANK``)."""
     return local_device(name)
+
+
+def check_runnable(train: TrainConfig) -> None:
+    """Refuse, before any slow work, the ``train.*`` settings this machine cannot run.
+
+    The config's own checks see only the values; whether CUDA is there or a backend can run is a
+    property of the machine, found otherwise only once the teacher is trained or loaded.
+
+    Raises:
+        ConfigError: ``train.device`` names CUDA (or a CUDA index) that is not there;
+            ``train.attention`` / ``train.kernel_backend`` is not a backend of its op, or cannot
+            run on the run's device type.
+    """
+    from dmdr_fast import ops
+
+    device = train.device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = "torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ConfigError(
+                f"{device!r}: CUDA is not available ({why}); use 'cpu' or 'auto'", field="train.device"
+            )
+        index = device.partition(":")[2]
+        if index and int(index) >= torch.cuda.device_count():
+            raise ConfigError(
+                f"{device!r}: there are {torch.cuda.device_count()} CUDA devices (0-based)",
+                field="train.device",
+            )
+    device_type = resolve_device(device).type
+    checks = [("attention", "attention", train.attention not in ("auto", "native"))]
+    checks += [
+        ("kernel_backend", op, train.kernel_backend is not None) for op in ("dmd_loss", "reward_grad_combine")
+    ]
+    for field, op, requested in checks:
+        if not requested:
+            continue
+        name, table = getattr(train, field), ops.OPS[op]
+        extra = ", 'auto' or 'native'" if op == "attention" else " or null (automatic)"
+        if name not in table.impls:
+            raise ConfigError(
+                f"{name!r} is not a backend of {op}; choose one of {table.names()}{extra}",
+                field=f"train.{field}",
+            )
+        impl = table.impls[name]
+        why = (
+            f"runs on {sorted(impl.devices)}, and this run is on {device_type} (train.device={device!r})"
+            if device_type not in impl.devices
+            else impl.availability(device_type)
+        )
+        if why:
+            raise ConfigError(f"{name!r} cannot run {op} here: {why}", field=f"train.{field}")
 
 
 @contextlib.contextmanager

@@ -72,6 +72,7 @@ from dmdr_fast.train.components import (
     real_score_schedule,
     renoise_schedule,
 )
+from dmdr_fast.train.interrupt import stop_requested
 from dmdr_fast.train.logging import RunLogger
 from dmdr_fast.train.monitor import RewardHackingMonitor
 from dmdr_fast.train.runtime import (
@@ -592,6 +593,8 @@ class Trainer:
                     self.evaluate()
                 if cfg.checkpoint_every and self.out_dir is not None and s % cfg.checkpoint_every == 0:
                     self.save()
+                if stop_requested():  # SIGINT/SIGTERM (train/interrupt.py): the save below, then out
+                    break
         finally:
             if bar is not None:
                 bar.close()

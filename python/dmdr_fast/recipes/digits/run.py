@@ -30,6 +30,7 @@ from dmdr_fast.algo import euler_sample, uses_cfg
 from dmdr_fast.config import DMDRTrainerConfig, RewardConfig
 from dmdr_fast.eval.metrics import RealReference, compute_features, evaluate_features
 from dmdr_fast.train import checkpoint as ckpt
+from dmdr_fast.train import interrupt
 from dmdr_fast.train.monitor import RewardHackingMonitor
 from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
 
@@ -239,7 +240,7 @@ def train_student(
     )
     if resume:
         trainer.resume()
-    trainer.fit(progress=progress)
+    interrupt.fit(trainer, progress=progress)  # a signal: checkpoint, then TrainingInterrupted
     return trainer
 
 
