@@ -474,8 +474,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _step_trainer(args: argparse.Namespace, extra: list[str]) -> Trainer:
     """``bench step``'s Trainer: the preset without rewards (the paper baseline has none; a reward
     adds the same to both) on a random teacher of the preset's size (timing ignores the weights)."""
-    from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
-
     fixed = ["rewards=[]", "dmdr.cold_start_steps=0", "train.tensorboard=false"]
     if args.pipeline is not None:
         from dmdr_fast.recipes import t2i
@@ -483,14 +481,9 @@ def _step_trainer(args: argparse.Namespace, extra: list[str]) -> Trainer:
         args.config = None
         return t2i.bench_trainer(_t2i_config(args).with_overrides([*fixed, "monitor.every=0", *extra]))
     from dmdr_fast.configs import load_preset
-    from dmdr_fast.models import DiTAdapter, dit_from_config
-    from dmdr_fast.recipes.digits.teacher import DEFAULT_DIGITS_TEACHER_CONFIG, resolve_config
+    from dmdr_fast.recipes.digits.run import bench_trainer
 
-    config = load_preset(args.preset or "digits", [*fixed, *(args.set or []), *extra])
-    arch = resolve_config(config.model.kwargs.get("teacher"), DEFAULT_DIGITS_TEACHER_CONFIG, "teacher")[
-        "model"
-    ]
-    return Trainer(config, DiTAdapter(dit_from_config(arch, seed=0)), data=ClassLabelSampler(10))
+    return bench_trainer(load_preset(args.preset or "digits", [*fixed, *(args.set or []), *extra]))
 
 
 def build_parser() -> argparse.ArgumentParser:

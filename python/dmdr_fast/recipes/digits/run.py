@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DigitsAssets",
+    "bench_trainer",
     "default_cache_dir",
     "evaluate_images",
     "make_evaluator",
@@ -216,6 +217,18 @@ def teacher_samples(
 
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def bench_trainer(config: DMDRTrainerConfig) -> Trainer:
+    """A Trainer on a randomly initialised teacher of the preset's size (``bench step``: timing does
+    not depend on the weights, so no teacher is trained or read from the cache)."""
+    from dmdr_fast.models import DiTAdapter, dit_from_config
+    from dmdr_fast.recipes.digits.teacher import DEFAULT_DIGITS_TEACHER_CONFIG, resolve_config
+
+    arch = resolve_config(config.model.kwargs.get("teacher"), DEFAULT_DIGITS_TEACHER_CONFIG, "teacher")[
+        "model"
+    ]
+    return Trainer(config, DiTAdapter(dit_from_config(arch, seed=0)), data=ClassLabelSampler(NUM_CLASSES))
 
 
 def train_student(
