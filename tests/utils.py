@@ -1,4 +1,4 @@
-"""Helpers shared by the op tests."""
+"""Helpers shared by the tests."""
 
 from __future__ import annotations
 
@@ -33,3 +33,19 @@ def assert_close_rel_to_torch(
     assert err <= bound, (
         f"{name}: max error {err:.3e} > {factor}×PyTorch error {pt_err:.3e} + atol {atol:.1e}"
     )
+
+
+def assert_resume_is_exact(make_trainer, cfg, out_dir) -> None:
+    """A run interrupted after 2 generator steps and resumed from ``out_dir`` ends with exactly the
+    student of the uninterrupted run (``make_trainer(cfg, out_dir=None)`` builds a Trainer)."""
+    full = make_trainer(cfg)
+    full.fit(progress=False)
+    part = make_trainer(cfg, out_dir)
+    part.fit(max_steps=2, progress=False)
+    resumed = make_trainer(cfg, out_dir)
+    assert resumed.resume()
+    resumed.fit(progress=False)
+    for (n, a), b in zip(
+        full.student.network.named_parameters(), resumed.student.network.parameters(), strict=True
+    ):
+        assert torch.equal(a, b), f"student {n} differs after resume"

@@ -12,10 +12,9 @@ error is the GEMM's own accumulation and output rounding, held to 2 ulps of the 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from tests.utils import sqnr_db as sqnr
 from torch import nn
 
 from dmdr_fast.models import DiTAdapter, LoraConfig, inject_lora, lora_parameters, lora_scale, tiny_dit
@@ -32,12 +31,6 @@ from dmdr_fast.ops.reference import fp8_linear_ref, quantize_fp8_ref
 
 SQNR_DB = 25.0
 ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
-
-
-def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """Signal-to-quantisation-noise ratio of ``out`` against ``ref`` in dB."""
-    ref, out = ref.double(), out.double()
-    return 10 * math.log10(ref.pow(2).sum().item() / max((ref - out).pow(2).sum().item(), 1e-300))
 
 
 def _linear(k: int, n: int, bias: bool = True, seed: int = 0) -> nn.Linear:
@@ -180,7 +173,9 @@ def test_per_layer_sqnr_tiny_text_to_image(family, tmp_path):
         }
     values = _per_layer_sqnr(net, lambda m: m(**kwargs, return_dict=False))
     w8a8 = sorted(v for n, v in values.items() if "norm" not in n)
-    print(f"{family}: {len(values)} layers, W8A8 SQNR min {w8a8[0]:.1f} dB, median {w8a8[len(w8a8) // 2]:.1f} dB")
+    print(
+        f"{family}: {len(values)} layers, W8A8 SQNR min {w8a8[0]:.1f} dB, median {w8a8[len(w8a8) // 2]:.1f} dB"
+    )
     assert values and min(values.values()) > SQNR_DB, values
     assert not any(
         n.startswith(("time_text_embed", "context_embedder", "norm_out", "proj_out")) for n in values

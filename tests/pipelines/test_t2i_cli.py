@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from tests.utils import sqnr_db
 
 from dmdr_fast.cli import main
 from dmdr_fast.config import ConfigError, DMDRTrainerConfig
@@ -348,11 +348,6 @@ def test_ode_pairs_then_train_with_ode_init(sd3_dir: Path, tmp_path: Path):
 FP8_IMAGE_SQNR_DB = 45.0
 
 
-def _sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.double(), out.double()
-    return 10 * math.log10(ref.pow(2).sum().item() / max((ref - out).pow(2).sum().item(), 1e-300))
-
-
 def _loud_lora(pipe) -> None:
     """Give the (one-step, near-zero) exported LoRA a visible effect, the same on every load."""
     g = torch.Generator().manual_seed(0)
@@ -380,9 +375,9 @@ def test_fp8_sampling_of_an_exported_lora(sd3_dir: Path, sd3_lora_export: Path, 
     assert report.quantized and not any(pipe.get_list_adapters().values())
     fp8 = sample_exported(pipe, info, prompts, seed=0)
     print(
-        f"image SQNR fp8 vs student {_sqnr_db(student, fp8):.1f} dB, teacher vs student {_sqnr_db(student, teacher):.1f} dB"
+        f"image SQNR fp8 vs student {sqnr_db(student, fp8):.1f} dB, teacher vs student {sqnr_db(student, teacher):.1f} dB"
     )
-    assert _sqnr_db(student, fp8) > FP8_IMAGE_SQNR_DB
+    assert sqnr_db(student, fp8) > FP8_IMAGE_SQNR_DB
     assert (fp8 - student).abs().mean() < 0.25 * (teacher - student).abs().mean()
     out = tmp_path / "grid.png"
     argv = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.utils import assert_resume_is_exact
 
 import dmdr_fast.algo.generator as generator_mod
 from dmdr_fast.algo import noise_like, renoise
@@ -215,16 +216,7 @@ def test_trains_and_logs_both_terms(tmp_path, critic, ca_renoise):
 
 @pytest.mark.parametrize("ca_renoise", ["independent", "shared", "above_input"])
 def test_resume_is_exact(tmp_path, ca_renoise):
-    cfg = _config(ca_renoise=ca_renoise)
-    full = _trainer(cfg)
-    full.fit(progress=False)
-    part = _trainer(cfg, tmp_path)
-    part.fit(max_steps=2, progress=False)
-    resumed = _trainer(cfg, tmp_path)
-    assert resumed.resume()
-    resumed.fit(progress=False)
-    for (n, a), b in zip(full.student.network.named_parameters(), resumed.student.network.parameters()):
-        assert torch.equal(a, b), f"student {n} differs after resume"
+    assert_resume_is_exact(_trainer, _config(ca_renoise=ca_renoise), tmp_path)
 
 
 @pytest.mark.parametrize(
