@@ -112,6 +112,11 @@ def test_digits_preset_end_to_end(tmp_path):
                  "--out", str(npz8), "--cache-dir", str(cache), "--fp8"]) == 0  # fmt: skip
     diff = np.abs(np.load(npz8)["images"] - data["images"])
     assert 0 < diff.mean() < 0.05  # pixels in [0, 1]: FP8 moved them, by little
+    bench = tmp_path / "bench_sample.json"
+    assert main(["bench", "sample", "--checkpoint", str(ckpt), "--batch", "10", "--reps", "1", "--warmup", "0",
+                 "--fp8", "--cache-dir", str(cache), "--json", str(bench)]) == 0  # fmt: skip
+    sides = json.loads(bench.read_text())["images_per_s"]
+    assert set(sides) == {"teacher-50-cfg1", "student", "student-fp8"} and min(sides.values()) > 0
     assert main(["eval", "--checkpoint", str(ckpt), "--num", "20", "--cache-dir", str(cache)]) == 0
 
 

@@ -29,7 +29,7 @@ from dmdr_fast.models.families import family_of_pipeline, get_family
 from dmdr_fast.models.fp8 import quantize_for_inference
 from dmdr_fast.pipelines.fp8 import denoiser_of
 
-__all__ = ["main", "run"]
+__all__ = ["format_sides", "main", "run", "run_sides"]
 
 
 def _time_calls(
@@ -139,6 +139,51 @@ def run(
     }
 
 
+def run_sides(
+    sides: dict[str, Any], *, batch: int, device: torch.device, reps: int = 5, warmup: int = 1, **info: Any
+) -> dict[str, Any]:
+    """Time callables that each make ``batch`` images (interleaved per repetition, so that drifting
+    load hits every side alike) and return images/s; the first side is the baseline of the ratios.
+
+    ``info`` is copied into the result (what the sides are, for the report)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for i in range(warmup + reps):
+        for name, fn in sides.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ips = {k: batch / v for k, v in med.items()}
+    base = next(iter(sides))
+    return {
+        "benchmark": "sample",
+        **info,
+        "batch": batch,
+        "machine": machine_info(device),
+        "median_s": med,
+        "images_per_s": ips,
+        "vs_" + base: {k: v / ips[base] for k, v in ips.items()},
+        "reps": reps,
+    }
+
+
+def format_sides(r: dict[str, Any]) -> str:
+    """The report of :func:`run_sides`: one line per side with its ratio to the first."""
+    base = next(iter(r["median_s"]))
+    lines = [
+        f"bench sample: {r.get('what', '')}, batch {r['batch']}  ({r['machine'].get('gpu', r['machine']['cpu'])}, {r['machine']['date']})"
+    ]
+    for name, m in r["median_s"].items():
+        lines.append(
+            f"  {name:<12} {m * 1e3:9.1f} ms/call, {r['images_per_s'][name]:8.3g} images/s  → ×{r['vs_' + base][name]:.2f} vs {base}"
+        )
+    return "\n".join(lines)
+
+
 def format_result(r: dict[str, Any]) -> str:
     m, ips, peak = r["median_s"], r["images_per_s"], r["peak_mem_mib"]
     mem = (
@@ -168,7 +213,7 @@ def main(args: Any) -> int:
     result = run(
         args.pipeline,
         family=args.family,
-        steps=args.steps,
+        steps=args.steps if args.steps is not None else 4,
         shift=args.shift,
         baseline_steps=args.baseline_steps,
         baseline_guidance=args.baseline_guidance,

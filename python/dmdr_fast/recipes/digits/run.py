@@ -47,6 +47,7 @@ __all__ = [
     "make_reward",
     "prepare_assets",
     "run_digits",
+    "sampling_sides",
     "train_student",
 ]
 
@@ -213,6 +214,46 @@ def teacher_samples(
     null = teacher.null_condition(labels.numel()) if uses_cfg(guidance) else None
     x = euler_sample(teacher.velocity, noise, labels, num_steps=steps, guidance=guidance, null_cond=null)
     return teacher.decode(x)
+
+
+def sampling_sides(
+    trainer: Trainer, assets: DigitsAssets, *, batch: int, steps: int | None = None, fp8: bool = False
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """``bench sample --checkpoint``: callables that each sample ``batch`` digits — the teacher
+    (50 Euler steps at the report's CFG), the student (its N steps) and, with ``fp8``, a copy of
+    the student with FP8 linears and attention (:func:`dmdr_fast.models.fp8.quantize_for_inference`)."""
+    from dmdr_fast.models.fp8 import quantize_for_inference
+
+    labels = balanced_labels(batch)
+    w = float(trainer.config.model.kwargs.get("teacher_eval_guidance", 1.0))
+    teacher = assets.fresh_teacher()  # built once: the copy is not part of what is timed
+    null = teacher.null_condition(batch) if uses_cfg(w) else None
+
+    @torch.no_grad()
+    def sample_teacher() -> torch.Tensor:
+        noise = torch.randn((batch, *teacher.sample_shape), generator=torch.Generator().manual_seed(0))
+        return euler_sample(teacher.velocity, noise, labels, num_steps=50, guidance=w, null_cond=null)
+
+    sides: dict[str, Callable[[], torch.Tensor]] = {
+        f"teacher-50-cfg{w:g}": sample_teacher,
+        "student": lambda: trainer.sample(labels, num_steps=steps),
+    }
+    if fp8:
+        with trainer.ema_weights():  # the weights trainer.sample uses
+            student8 = copy.deepcopy(trainer.student)
+        quantize_for_inference(student8.network)
+
+        def sample_fp8() -> torch.Tensor:
+            original, trainer.student = trainer.student, student8
+            try:
+                return trainer.sample(
+                    labels, num_steps=steps, use_ema=False
+                )  # the copy holds the EMA weights
+            finally:
+                trainer.student = original
+
+        sides["student-fp8"] = sample_fp8
+    return sides
 
 
 def write_json(path: Path, obj: Any) -> None:
