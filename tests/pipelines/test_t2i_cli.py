@@ -338,6 +338,7 @@ def test_ode_pairs_then_train_with_ode_init(sd3_dir: Path, tmp_path: Path):
                 "--out",
                 str(tmp_path / "r2"),
                 "--quiet",
+                "--debug",  # the error itself, not main()'s one-line report of it
             ]
         )
 
