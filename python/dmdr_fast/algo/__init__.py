@@ -16,6 +16,7 @@ Modules:
 """
 
 from dmdr_fast.algo._utils import rand, randn
+from dmdr_fast.algo.advantages import AdvantageMode, group_advantages
 from dmdr_fast.algo.flow import VelocityFn, noise_like, predict_x0, renoise, velocity_target, x0_from_velocity
 from dmdr_fast.algo.guidance import (
     GuidanceBatch,
@@ -26,6 +27,7 @@ from dmdr_fast.algo.guidance import (
     uses_cfg,
 )
 from dmdr_fast.algo.losses import DecoupledDMDLoss, critic_loss, decoupled_dmd_loss, generator_dmd_loss
+from dmdr_fast.algo.policy import PolicyRollout, gaussian_logprob, policy_logprobs, policy_rollout
 from dmdr_fast.algo.sampling import (
     BackwardSimulation,
     FewStepTrajectory,
@@ -46,6 +48,7 @@ from dmdr_fast.algo.schedules import (
 from dmdr_fast.conditions import Cond, cat_conds, cond_batch_size, expand_cond, index_cond, map_tensors
 
 __all__ = [
+    "AdvantageMode",
     "BackwardSimulation",
     "Cond",
     "DecoupledDMDLoss",
@@ -55,6 +58,7 @@ __all__ = [
     "GuidanceBatch",
     "GuidanceQuery",
     "GuidanceScale",
+    "PolicyRollout",
     "VelocityFn",
     "backward_simulation",
     "cat_conds",
@@ -69,10 +73,14 @@ __all__ = [
     "expand_cond",
     "few_step_sample",
     "few_step_timesteps",
+    "gaussian_logprob",
     "generator_dmd_loss",
+    "group_advantages",
     "index_cond",
     "map_tensors",
     "noise_like",
+    "policy_logprobs",
+    "policy_rollout",
     "predict_x0",
     "rand",
     "randn",
