@@ -56,6 +56,7 @@ from dmdr_fast.rewards.clip import (
 )
 from dmdr_fast.rewards.hps import HPSReward
 from dmdr_fast.rewards.image_reward import ImageReward
+from dmdr_fast.rewards.jpeg import JpegReward
 from dmdr_fast.rewards.loading import MissingWeightsError
 from dmdr_fast.rewards.registry import (
     REWARD_KINDS,
@@ -65,6 +66,7 @@ from dmdr_fast.rewards.registry import (
     reward_from_config,
     rewards_from_config,
 )
+from dmdr_fast.rewards.scoring import ScoreReport, score_robustly
 from dmdr_fast.rewards.spec import RewardSpec
 
 __all__ = [
@@ -84,6 +86,7 @@ __all__ = [
     "CompositeReward",
     "HPSReward",
     "ImageReward",
+    "JpegReward",
     "LossForm",
     "MissingWeightsError",
     "PickScoreReward",
@@ -91,6 +94,7 @@ __all__ = [
     "RewardCondition",
     "RewardOutput",
     "RewardSpec",
+    "ScoreReport",
     "available_reward_kinds",
     "build_reward",
     "check_condition",
@@ -99,4 +103,5 @@ __all__ = [
     "reward_from_config",
     "reward_loss",
     "rewards_from_config",
+    "score_robustly",
 ]

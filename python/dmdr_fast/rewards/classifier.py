@@ -19,9 +19,9 @@ from dmdr_fast.rewards.spec import RewardSpec
 
 __all__ = ["CLASSIFIER_MODES", "ClassifierReward"]
 
-ClassifierMode = Literal["ce", "logprob", "prob"]
+ClassifierMode = Literal["ce", "logprob", "prob", "correct"]
 #: Score definitions of :class:`ClassifierReward`.
-CLASSIFIER_MODES: tuple[str, ...] = ("ce", "logprob", "prob")
+CLASSIFIER_MODES: tuple[str, ...] = ("ce", "logprob", "prob", "correct")
 
 
 class ClassifierReward(Reward):
@@ -34,7 +34,10 @@ class ClassifierReward(Reward):
       bit;
     * ``"logprob"``: the same quantity as ``log_softmax(logits)[label]`` (equal up to rounding);
     * ``"prob"``: ``p(label | image)`` in ``[0, 1]`` — bounded, which suits a hinge
-      (``RewardSpec(loss_form="hinge", margin=0.9)``).
+      (``RewardSpec(loss_form="hinge", margin=0.9)``);
+    * ``"correct"``: ``1.0`` if the classifier's top class is the label, else ``0.0`` — a verdict
+      with no gradient (``differentiable`` is False), for group-relative policy optimisation
+      (docs/method.md §12).
 
     The classifier is frozen *in place* (``requires_grad_(False)``, eval mode) when the reward is
     built; gradients still flow to the images. Logits are computed in the classifier's precision and
@@ -72,6 +75,7 @@ class ClassifierReward(Reward):
             raise ValueError(f"mode must be one of {CLASSIFIER_MODES}, got {mode!r}")
         self.classifier = classifier.requires_grad_(False)
         self.mode: ClassifierMode = mode
+        self.differentiable = mode != "correct"
         self.num_classes = (
             num_classes if num_classes is not None else getattr(classifier, "num_classes", None)
         )
@@ -113,5 +117,7 @@ class ClassifierReward(Reward):
         logits = logits.float()
         if self.mode == "ce":
             return -F.cross_entropy(logits, labels, reduction="none")
+        if self.mode == "correct":
+            return (logits.argmax(dim=1) == labels).float().detach()
         logp = torch.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
         return logp if self.mode == "logprob" else logp.exp()
