@@ -48,7 +48,10 @@ def mean_score(images: Tensor, cond) -> Tensor:
 
 
 def test_builtin_kinds_and_unknown_kind():
-    assert REWARD_KINDS == ("clip", "pickscore", "aesthetic", "callable", "hps", "image_reward")
+    assert REWARD_KINDS == ("clip", "pickscore", "aesthetic", "callable", "hps", "image_reward", "jpeg")
+    jpeg = build_reward("jpeg", direction="incompressibility", weight=0.5)
+    assert jpeg.name == "jpeg" and jpeg.spec.weight == 0.5 and jpeg.direction == "incompressibility"
+    assert not jpeg.differentiable
     with pytest.raises(
         ValueError, match=r"unknown reward kind 'hpsv3'.*clip, pickscore, aesthetic, callable, hps"
     ):

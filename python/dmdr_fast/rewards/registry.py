@@ -37,6 +37,7 @@ from dmdr_fast.rewards.clip import (
 )
 from dmdr_fast.rewards.hps import HPS_SOURCE, HPS_TOKENIZER_SOURCE, build_hps
 from dmdr_fast.rewards.image_reward import BERT_TOKENIZER_SOURCE, IMAGE_REWARD_SOURCE, build_image_reward
+from dmdr_fast.rewards.jpeg import JpegReward
 from dmdr_fast.rewards.loading import MissingWeightsError, as_dtype
 from dmdr_fast.rewards.spec import RewardSpec, spec_fields
 
@@ -132,6 +133,21 @@ def _build_callable(
     return reward if device is None else reward.to(device)
 
 
+def _build_jpeg(
+    *,
+    path: PathLike | None,
+    spec: RewardSpec,
+    device: Any,
+    dtype: Any,
+    direction: str = "compressibility",
+    quality: int = 95,
+) -> Reward:
+    """JPEG compressibility / incompressibility (no weights, no gradient; docs/method.md §12)."""
+    if path is not None:
+        raise ValueError("reward kind 'jpeg' takes no path")
+    return JpegReward(direction, quality=quality, spec=spec)  # type: ignore[arg-type]
+
+
 _BUILDERS: dict[str, RewardBuilder] = {
     "clip": _build_clip,
     "pickscore": _build_pickscore,
@@ -139,6 +155,7 @@ _BUILDERS: dict[str, RewardBuilder] = {
     "callable": _build_callable,
     "hps": build_hps,
     "image_reward": build_image_reward,
+    "jpeg": _build_jpeg,
 }
 # Kinds that need weights: where to get them, for the error when ``path`` is missing.
 _SOURCES: dict[str, str] = {
