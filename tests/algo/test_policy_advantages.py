@@ -129,3 +129,61 @@ def test_clipping_and_argument_errors():
         group_advantages(r, torch.zeros(100, dtype=torch.int64), mode="max")
     with pytest.raises(ValueError, match="weights"):
         group_advantages(r, torch.zeros(100, dtype=torch.int64), weights=[1.0, 2.0])
+
+
+def _decoupled_inputs(B=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, 2, 3, 3)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x0 = r(*shape).requires_grad_(True)
+    return x0, {
+        "dm_x_t": r(*shape), "dm_t": torch.rand(B, generator=g) * 0.8 + 0.1, "v_fake": r(*shape),
+        "dm_v_cond": r(*shape), "ca_x_t": r(*shape), "ca_t": torch.rand(B, generator=g) * 0.8 + 0.1,
+        "ca_v_cond": r(*shape), "ca_v_uncond": r(*shape), "guidance": 3.0,
+    }  # fmt: skip
+
+
+def _grad(x0, kw, **extra):
+    from dmdr_fast.algo.losses import decoupled_dmd_loss
+
+    out = decoupled_dmd_loss(x0, **kw, backend="torch", **extra)
+    (g,) = torch.autograd.grad(out.loss, x0)
+    return g, out
+
+
+def test_ca_sample_weights_scale_each_samples_cfg_term_only():
+    x0, kw = _decoupled_inputs()
+    g_plain, plain = _grad(x0, kw)
+    g_ones, ones = _grad(x0, kw, ca_sample_weight=torch.ones(4))
+    torch.testing.assert_close(g_ones, g_plain, rtol=1e-5, atol=1e-7)  # weight 1 = plain Decoupled DMD
+    torch.testing.assert_close(ones.loss, plain.loss, rtol=1e-5, atol=1e-7)
+    g_dm, _ = _grad(x0, kw, ca_weight=0.0)
+    g_ca = g_plain - g_dm
+    w = torch.tensor([0.0, 0.5, 1.0, 2.5])
+    g_w, out = _grad(x0, kw, ca_sample_weight=w, ca_weight=0.7, dm_weight=1.3)
+    expected = 1.3 * g_dm + 0.7 * w.view(-1, 1, 1, 1) * g_ca
+    torch.testing.assert_close(g_w, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_w[0], 1.3 * g_dm[0], rtol=1e-5, atol=1e-7)  # w = 0: no CA push
+    d_ca = g_ca * x0.numel()  # the CA direction: loss = ½·mean(d²), gradient d / numel
+    torch.testing.assert_close(ones.ca_loss, plain.ca_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        out.ca_loss, 0.5 * (w.view(-1, 1, 1, 1) * d_ca**2).mean(), rtol=1e-4, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="ca_sample_weight"):
+        _grad(x0, kw, ca_sample_weight=torch.tensor([1.0, -1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="ca_sample_weight"):
+        _grad(x0, kw, ca_sample_weight=torch.ones(3))
+
+
+def test_ca_weights_from_advantages():
+    from dmdr_fast.algo.advantages import ca_weights
+
+    adv = torch.tensor([-2.0, -0.5, 0.0, 1.5, 0.7])
+    valid = torch.tensor([True, True, True, True, False])
+    w = ca_weights(adv, valid, scale=1.0)
+    torch.testing.assert_close(w, torch.tensor([0.0, 0.5, 1.0, 2.5, 1.0]))  # floor at 0; dropped → 1
+    torch.testing.assert_close(ca_weights(adv, valid, scale=0.0), torch.ones(5))
+    # A group's advantages average to 0, so its weights average to 1 while none hits the floor.
+    r = torch.tensor([1.0, 2.0, 4.0, 3.0])
+    a, v = group_advantages(r, torch.zeros(4, dtype=torch.int64))
+    assert abs(float(ca_weights(a, v, scale=0.5).mean()) - 1.0) < 1e-5

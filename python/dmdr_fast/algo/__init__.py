@@ -16,7 +16,7 @@ Modules:
 """
 
 from dmdr_fast.algo._utils import rand, randn
-from dmdr_fast.algo.advantages import AdvantageMode, group_advantages
+from dmdr_fast.algo.advantages import AdvantageMode, ca_weights, group_advantages
 from dmdr_fast.algo.flow import VelocityFn, noise_like, predict_x0, renoise, velocity_target, x0_from_velocity
 from dmdr_fast.algo.guidance import (
     GuidanceBatch,
@@ -61,6 +61,7 @@ __all__ = [
     "PolicyRollout",
     "VelocityFn",
     "backward_simulation",
+    "ca_weights",
     "cat_conds",
     "concat_guidance_queries",
     "cond_batch_size",

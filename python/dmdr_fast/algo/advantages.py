@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["AdvantageMode", "group_advantages"]
+__all__ = ["AdvantageMode", "ca_weights", "group_advantages"]
 
 AdvantageMode = Literal["sum", "per_reward"]
 
@@ -103,3 +103,26 @@ def group_advantages(
         for j in range(R):
             adv = adv + w[j] * _normalise(r[:, j], groups, valid, G, eps)
     return adv.clamp(-clip, clip), valid
+
+
+def ca_weights(advantages: Tensor, valid: Tensor, *, scale: float = 1.0) -> Tensor:
+    """Per-sample weights of Decoupled DMD's CA term from group advantages (docs/method.md §12).
+
+    ``w = max(0, 1 + scale·A)``: a group's weights average to 1 before the floor (its advantages
+    average to 0), so the CA term keeps its overall strength and leans toward the samples the
+    reward prefers; the floor keeps every weight ≥ 0 (a negative weight would push a sample *away*
+    from the CFG direction). A dropped sample (``valid`` False: no score) gets weight 1, plain
+    Decoupled DMD. Extreme advantages are bounded by :func:`group_advantages`' ``clip``.
+
+    Args:
+        advantages: (B,) from :func:`group_advantages`.
+        valid: (B,) bool from :func:`group_advantages`.
+        scale: how strongly the advantage moves the weight (0: plain Decoupled DMD).
+
+    Returns:
+        (B,) float32 weights ≥ 0.
+    """
+    if not scale >= 0:
+        raise ValueError(f"scale must be >= 0, got {scale}")
+    w = (1.0 + scale * advantages.float()).clamp(min=0.0)
+    return torch.where(valid, w, torch.ones_like(w))

@@ -315,6 +315,7 @@ def dmd_direction(
     ca_weight: float,
     eps: float,
     backend: str | None = None,
+    ca_sample_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The DMD part of the generator's gradient on ``x0`` (docs/method.md §5.4 and §8).
 
@@ -325,6 +326,8 @@ def dmd_direction(
         ca_weight: weight of Decoupled DMD's CA term.
         eps: added to the per-sample normalisers.
         backend: the fused op's backend (None: automatic).
+        ca_sample_weight: Decoupled DMD only: (B,) weights of the CA term per sample (advantage
+            weighting, docs/method.md §12; :func:`dmdr_fast.algo.advantages.ca_weights`).
 
     Returns:
         ``(g, metrics)``: g (B, ...) the gradient of ``dmd_weight·L_DMD`` (Decoupled:
@@ -337,9 +340,14 @@ def dmd_direction(
             x0, dm_x_t=inputs.x_t, dm_t=inputs.t, v_fake=inputs.v_fake, dm_v_cond=inputs.v_cond,
             ca_x_t=ca.x_t, ca_t=ca.t, ca_v_cond=ca.v_cond, ca_v_uncond=ca.v_uncond,
             guidance=inputs.guidance, dm_weight=dmd_weight, ca_weight=ca_weight, eps=eps, backend=backend,
+            ca_sample_weight=ca_sample_weight,
         )  # fmt: skip
         (g,) = torch.autograd.grad(out.loss, x0)
         return g, {"loss_dmd": out.loss.item(), "loss_dm": out.dm_loss.item(), "loss_ca": out.ca_loss.item()}
+    if ca_sample_weight is not None:
+        raise ValueError(
+            "ca_sample_weight needs Decoupled DMD (dmdr.decoupled: true): plain DMD has no CA term"
+        )
     if dmd_weight > 0:
         loss = generator_dmd_loss(
             x0, inputs.x_t, inputs.t, inputs.v_fake, inputs.v_cond, inputs.v_uncond, inputs.guidance,

@@ -148,6 +148,7 @@ def decoupled_dmd_loss(
     eps: float = 1e-8,
     backend: str | None = None,
     return_direction: bool = False,
+    ca_sample_weight: torch.Tensor | None = None,
 ) -> DecoupledDMDLoss:
     """Decoupled DMD: the real-score term split into its two mechanisms, each at its own time.
 
@@ -181,6 +182,10 @@ def decoupled_dmd_loss(
         eps: added to both normalisers.
         backend: op backend.
         return_direction: also return the combined direction.
+        ca_sample_weight: optional (B,) non-negative weight of each sample's CA term
+            (advantage-weighted Decoupled DMD, docs/method.md §12): the gradient becomes
+            ``dm_weight·g_dm + ca_weight·w_b·g_ca`` per sample, and ``ca_loss`` reports
+            ``½·mean(w_b·g_ca²)``. The DM term is never weighted.
 
     Returns:
         :class:`DecoupledDMDLoss`.
@@ -194,6 +199,12 @@ def decoupled_dmd_loss(
     eps = check_finite("eps", eps, minimum=0.0)
     if uses_cfg(w) and ca_v_uncond is None:
         raise ValueError(f"ca_v_uncond is required when guidance > 1 (got guidance={w})")
+    if ca_sample_weight is not None:
+        cw = ca_sample_weight
+        if not isinstance(cw, torch.Tensor) or cw.shape != (x0.shape[0],) or not cw.is_floating_point():
+            raise ValueError(f"ca_sample_weight must be a float ({x0.shape[0]},) tensor")
+        if not (torch.isfinite(cw).all() and (cw >= 0).all()):
+            raise ValueError("ca_sample_weight must be finite and >= 0")
 
     def term(
         x_t: torch.Tensor,
@@ -221,7 +232,18 @@ def decoupled_dmd_loss(
     dm_loss, g_dm = term(dm_x_t, dm_t, v_fake, dm_v_cond, None, 1.0)
     loss = dm_weight * dm_loss
     direction = dm_weight * g_dm if g_dm is not None else None
-    if uses_cfg(w):
+    if uses_cfg(w) and ca_sample_weight is not None:
+        # The op's loss is ½·mean(g²) with ∂/∂x0 = g/numel; a per-sample weight needs g itself:
+        # a surrogate with value ½·mean(w·g²) and gradient w·g/numel.
+        _, g_ca = dmd_loss(x0, ca_x_t, ca_t, ca_v_cond, ca_v_cond, ca_v_uncond, w, eps, backend=backend,
+                           return_direction=True)  # fmt: skip
+        wg = (ca_sample_weight.view(-1, *[1] * (x0.dim() - 1)).to(g_ca.dtype) * g_ca).detach()
+        ca_loss = 0.5 * (wg * g_ca.detach()).float().mean()
+        surrogate = (x0 * wg).sum() / x0.numel()
+        loss = loss + ca_weight * (ca_loss + surrogate - surrogate.detach())
+        if direction is not None:
+            direction = direction + ca_weight * wg
+    elif uses_cfg(w):
         ca_loss, g_ca = term(ca_x_t, ca_t, ca_v_cond, ca_v_cond, ca_v_uncond, w)
         loss = loss + ca_weight * ca_loss
         if direction is not None and g_ca is not None:
