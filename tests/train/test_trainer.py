@@ -278,3 +278,19 @@ def test_deterministic_mode_is_scoped_to_the_trainer(monkeypatch):
     tr.fit(progress=False)
     assert seen and all(seen)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_ema_tracks_the_student_and_swaps_in_and_back():
+    base = small_config().to_dict()
+    base["student"] = {**base["student"], "ema_decay": 0.5}
+    tr = make_trainer(DMDRTrainerConfig.from_dict(base))
+    start = {n: p.detach().clone() for n, p in tr.student.network.named_parameters()}
+    tr.fit(max_steps=1, progress=False)
+    params = dict(tr.student.network.named_parameters())
+    live = {n: p.detach().clone() for n, p in params.items()}
+    for n, e in tr.ema.items():  # one update of decay 0.5: halfway between the start and now
+        torch.testing.assert_close(e, 0.5 * start[n] + 0.5 * live[n])
+    with pytest.raises(RuntimeError, match="inside"), tr.ema_weights():
+        assert all(torch.equal(params[n], e) for n, e in tr.ema.items())
+        raise RuntimeError("inside")
+    assert all(torch.equal(p, live[n]) for n, p in params.items())  # restored, also after an error

@@ -13,7 +13,14 @@ from torch import nn
 from dmdr_fast.config import ConfigError, TrainConfig
 from dmdr_fast.train.distributed import local_device
 
-__all__ = ["check_runnable", "compile_networks", "deterministic_algorithms", "resolve_device"]
+__all__ = [
+    "check_runnable",
+    "compile_networks",
+    "deterministic_algorithms",
+    "ema_update",
+    "resolve_device",
+    "swapped_weights",
+]
 
 _RECOMPILE_LIMIT = 64  # see compile_networks
 
@@ -134,3 +141,31 @@ def grad_norm(params: list[nn.Parameter], clip: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(params, clip).detach()
     grads = [p.grad.detach().norm() for p in params if p.grad is not None]
     return torch.stack(grads).norm() if grads else torch.zeros(())
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], network: nn.Module, decay: float) -> None:
+    """``ema ← decay·ema + (1 − decay)·θ`` for every parameter of ``network`` named in ``ema``."""
+    for n, p in network.named_parameters():
+        if n in ema:
+            ema[n].lerp_(p.detach(), 1 - decay)
+
+
+@contextlib.contextmanager
+def swapped_weights(network: nn.Module, weights: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """Temporarily copy ``weights`` (name → tensor) into ``network``'s parameters; the originals
+    come back on exit, also when the block raises. ``None``: a no-op."""
+    if weights is None:
+        yield
+        return
+    params = dict(network.named_parameters())
+    backup = {n: params[n].detach().clone() for n in weights}
+    with torch.no_grad():
+        for n, v in weights.items():
+            params[n].copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, v in backup.items():
+                params[n].copy_(v)

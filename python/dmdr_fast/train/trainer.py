@@ -28,7 +28,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -78,8 +78,10 @@ from dmdr_fast.train.monitor import RewardHackingMonitor
 from dmdr_fast.train.runtime import (
     compile_networks,
     deterministic_algorithms,
+    ema_update,
     grad_norm,
     resolve_device,
+    swapped_weights,
     trainable,
 )
 
@@ -519,31 +521,12 @@ class Trainer:
         return metrics
 
     def _update_ema(self) -> None:
-        if self.ema is None:
-            return
-        d = self.config.student.ema_decay
-        with torch.no_grad():
-            for n, p in self.student.network.named_parameters():
-                if n in self.ema:
-                    self.ema[n].lerp_(p.detach(), 1 - d)
+        if self.ema is not None:
+            ema_update(self.ema, self.student.network, self.config.student.ema_decay)
 
-    @contextlib.contextmanager
-    def ema_weights(self) -> Iterator[None]:
+    def ema_weights(self) -> contextlib.AbstractContextManager[None]:
         """Temporarily load the EMA weights into the student (no-op without EMA)."""
-        if self.ema is None:
-            yield
-            return
-        params = dict(self.student.network.named_parameters())
-        backup = {n: params[n].detach().clone() for n in self.ema}
-        with torch.no_grad():
-            for n, v in self.ema.items():
-                params[n].copy_(v)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, v in backup.items():
-                    params[n].copy_(v)
+        return swapped_weights(self.student.network, self.ema)
 
     # ------------------------------------------------------------------------------ the loop
 
