@@ -723,5 +723,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The ``dmdr-fast`` executable: :func:`main`, then exit with its code.
+
+    After a signal (exit code 130) the process ends with ``os._exit`` once stdout/stderr are
+    flushed: CPython 3.11 re-raises SIGINT on itself at exit when a KeyboardInterrupt went through
+    a nested ``PyRun_*`` call (C-level code running Python during an import), even though
+    :func:`main` handled it — the shell would see "killed by SIGINT" instead of 130. Everything a
+    run writes is on disk by then (checkpoints and JSONL lines closed, the TensorBoard writer
+    flushed by ``Trainer.fit``)."""
+    import os
+
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

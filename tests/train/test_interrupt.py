@@ -136,6 +136,6 @@ def test_ctrl_c_before_training_is_one_line_and_frees_the_folder(tmp_path):
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == interrupt.EXIT_CODE
+    assert proc.returncode == interrupt.EXIT_CODE, stderr[-2000:]
     assert stderr.strip() == "dmdr-fast: interrupted"
     assert not (out / LOCK_NAME).exists()
