@@ -11,6 +11,9 @@ Modules:
     sampling: few-step sampler, backward simulation, multi-step Euler sampler for the teacher.
     guidance: CFG scale with jitter, the batched fake/cond/uncond guidance query and its split.
     losses: critic flow-matching loss, generator DMD loss, Decoupled DMD.
+    policy: the few-step sampler as a stochastic policy with exact transition log-probabilities.
+    advantages: group-relative advantages of scored rewards, the CA weights of mode 2.
+    grpo: GRPO's clipped policy-gradient loss and the KL baseline (docs/method.md §12).
     flow: the convention's formulas (renoise, x̂0 from a velocity, velocity target, seeded noise) and
         the ``VelocityFn`` type. Condition helpers come from :mod:`dmdr_fast.conditions`.
 """
@@ -18,6 +21,7 @@ Modules:
 from dmdr_fast.algo._utils import rand, randn
 from dmdr_fast.algo.advantages import AdvantageMode, ca_weights, group_advantages
 from dmdr_fast.algo.flow import VelocityFn, noise_like, predict_x0, renoise, velocity_target, x0_from_velocity
+from dmdr_fast.algo.grpo import clipped_policy_loss, transition_kl
 from dmdr_fast.algo.guidance import (
     GuidanceBatch,
     GuidanceQuery,
@@ -27,7 +31,15 @@ from dmdr_fast.algo.guidance import (
     uses_cfg,
 )
 from dmdr_fast.algo.losses import DecoupledDMDLoss, critic_loss, decoupled_dmd_loss, generator_dmd_loss
-from dmdr_fast.algo.policy import PolicyRollout, gaussian_logprob, policy_logprobs, policy_rollout
+from dmdr_fast.algo.policy import (
+    PolicyRollout,
+    gaussian_logprob,
+    policy_logprobs,
+    policy_means,
+    policy_rollout,
+    transition_logprobs,
+    transition_stds,
+)
 from dmdr_fast.algo.sampling import (
     BackwardSimulation,
     FewStepTrajectory,
@@ -63,6 +75,7 @@ __all__ = [
     "backward_simulation",
     "ca_weights",
     "cat_conds",
+    "clipped_policy_loss",
     "concat_guidance_queries",
     "cond_batch_size",
     "cosine_progress",
@@ -81,6 +94,7 @@ __all__ = [
     "map_tensors",
     "noise_like",
     "policy_logprobs",
+    "policy_means",
     "policy_rollout",
     "predict_x0",
     "rand",
@@ -89,6 +103,9 @@ __all__ = [
     "renoise",
     "sample_beta",
     "sample_gamma",
+    "transition_kl",
+    "transition_logprobs",
+    "transition_stds",
     "uses_cfg",
     "velocity_target",
     "x0_from_velocity",

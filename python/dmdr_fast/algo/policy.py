@@ -28,8 +28,17 @@ import torch
 from torch import Tensor
 
 from dmdr_fast.algo.flow import VelocityFn
+from dmdr_fast.conditions import index_cond
 
-__all__ = ["PolicyRollout", "gaussian_logprob", "policy_logprobs", "policy_rollout"]
+__all__ = [
+    "PolicyRollout",
+    "gaussian_logprob",
+    "policy_logprobs",
+    "policy_means",
+    "policy_rollout",
+    "transition_logprobs",
+    "transition_stds",
+]
 
 
 def gaussian_logprob(x: Tensor, mean: Tensor, std: float | Tensor) -> Tensor:
@@ -81,7 +90,8 @@ def _means(velocity_fn: VelocityFn, x: Tensor, k: int, grid: Tensor, cond: Any) 
     return x0, x0 if last else (1 - grid[k + 1]) * x0
 
 
-def _stds(grid: Tensor, out_std: float) -> list[float]:
+def transition_stds(grid: Tensor, out_std: float) -> list[float]:
+    """The N transition standard deviations: t_1 .. t_{N−1}, then ``out_std``."""
     n = grid.numel() - 1
     return [float(grid[k + 1]) for k in range(n - 1)] + [float(out_std)]
 
@@ -111,7 +121,7 @@ def policy_rollout(
     if not out_std > 0:
         raise ValueError(f"out_std (rl.sde_noise) must be > 0, got {out_std}")
     n = grid.numel() - 1
-    stds = _stds(grid, out_std)
+    stds = transition_stds(grid, out_std)
     x, states, logps = noise, [], []
     mean_out = noise
     for k in range(n):
@@ -126,13 +136,37 @@ def policy_rollout(
     return PolicyRollout(torch.stack(states), x, mean_out, torch.stack(logps), grid)
 
 
+def policy_means(velocity_fn: VelocityFn, rollout: PolicyRollout, cond: Any) -> tuple[Tensor, Tensor]:
+    """The student's predictions at every recorded state, with gradients, in ONE batched forward.
+
+    All N steps' states go through ``velocity_fn`` as one (N·B) batch (the condition repeated per
+    step): one graph for the backward, which DDP needs (one forward per backward), and one large
+    call instead of N small ones.
+
+    Returns:
+        ``(x0s, means)``: (N, B, ...) the clean estimates x̂0(x_k) and the action means
+        ``(1 − t_{k+1})·x̂0`` (the last step's mean is x̂0 itself).
+    """
+    n, b = rollout.states.shape[:2]
+    x = rollout.states.flatten(0, 1)
+    t = rollout.grid[:-1].to(x.device).repeat_interleave(b)
+    big_cond = index_cond(cond, torch.arange(b).repeat(n)) if cond is not None else None
+    v = velocity_fn(x, t, big_cond).to(x.dtype)
+    x0s = (x - t.view(-1, *[1] * (x.dim() - 1)) * v).unflatten(0, (n, b))
+    scale = torch.ones(n, dtype=x0s.dtype, device=x0s.device)
+    scale[:-1] = (1 - rollout.grid[1:-1]).to(scale)
+    return x0s, x0s * scale.view(n, *[1] * (x0s.dim() - 1))
+
+
 def policy_logprobs(velocity_fn: VelocityFn, rollout: PolicyRollout, cond: Any, *, out_std: float) -> Tensor:
     """(N, B) log π(action_k | state_k) under the current ``velocity_fn``, with its gradient —
     the numerator of GRPO's probability ratio ``exp(log π_θ − log π_old)``."""
+    _, means = policy_means(velocity_fn, rollout, cond)
+    return transition_logprobs(rollout, means, out_std=out_std)
+
+
+def transition_logprobs(rollout: PolicyRollout, means: Tensor, *, out_std: float) -> Tensor:
+    """(N, B) log-density of each recorded action under the Gaussians with ``means`` (N, B, ...)."""
     actions = rollout.actions()
-    stds = _stds(rollout.grid, out_std)
-    out = []
-    for k in range(rollout.grid.numel() - 1):
-        _, mean = _means(velocity_fn, rollout.states[k], k, rollout.grid, cond)
-        out.append(gaussian_logprob(actions[k], mean, stds[k]))
-    return torch.stack(out)
+    stds = transition_stds(rollout.grid, out_std)
+    return torch.stack([gaussian_logprob(actions[k], means[k], stds[k]) for k in range(len(stds))])

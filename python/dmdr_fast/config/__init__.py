@@ -10,6 +10,7 @@ The root is :class:`DMDRTrainerConfig`::
     dmdr     DMDRConfig     the method: CFG of the real score, DynaDG/DynaRS, R, stages, weights
     optim    OptimConfig    the two AdamW optimisers (generator and critic), stage-2 LRs, clipping
     rewards  tuple[RewardConfig, ...]  reward models, weights and how they combine with DMD
+    rl       RLConfig       rewards without gradients: GRPO or advantage-weighted Decoupled DMD
     monitor  MonitorConfig  the reward-hacking monitor (held-out score, diversity, cosine)
     train    TrainConfig    steps, batch, seed, precision, logging/eval/checkpoint cadence, device
 
@@ -53,6 +54,7 @@ from dmdr_fast.config.networks import (
     ModelConfig,
     StudentConfig,
 )
+from dmdr_fast.config.rl import RLConfig
 from dmdr_fast.config.run import DMDRTrainerConfig, TrainConfig
 
 __all__ = [
@@ -67,6 +69,7 @@ __all__ = [
     "ModelConfig",
     "MonitorConfig",
     "OptimConfig",
+    "RLConfig",
     "RewardConfig",
     "StudentConfig",
     "TrainConfig",

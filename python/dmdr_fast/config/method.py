@@ -195,13 +195,26 @@ class OptimConfig(ConfigBase):
 class RewardConfig(ConfigBase):
     """One frozen, differentiable reward on decoded samples, applied from stage 2 on."""
 
-    kind: Literal["none", "classifier", "clip", "pickscore", "hps", "image_reward", "aesthetic"] = field(
+    kind: Literal[
+        "none",
+        "classifier",
+        "clip",
+        "pickscore",
+        "hps",
+        "image_reward",
+        "aesthetic",
+        "jpeg",
+        "ink",
+        "callable",
+    ] = field(
         default="classifier",
         metadata={
             "help": "'classifier': a frozen classifier, r = log p(c | decode(x0)) (ReFL; paper SiT: DINOv2-L "
             "linear head); 'clip' / 'pickscore' / 'hps' / 'image_reward' / 'aesthetic': text-image reward "
-            "models loaded from `path` (dmdr_fast.rewards.build_reward); 'none': a disabled entry (its "
-            "weight must be 0)."
+            "models loaded from `path` (dmdr_fast.rewards.build_reward); 'jpeg' (kwargs.direction: "
+            "compressibility | incompressibility) and 'ink' (fraction of bright pixels): scores without "
+            "gradients for rl.algorithm; 'callable': kwargs.fn = 'module:function' returning (B,) scores; "
+            "'none': a disabled entry (its weight must be 0)."
         },
     )
     weight: float = field(

@@ -10,6 +10,7 @@ from dmdr_fast.config.base import ConfigBase
 from dmdr_fast.config.engine import NAME_PATTERN, ConfigError, check_range, require
 from dmdr_fast.config.method import DMDRConfig, MonitorConfig, OptimConfig, RewardConfig
 from dmdr_fast.config.networks import CriticConfig, DataConfig, ModelConfig, StudentConfig
+from dmdr_fast.config.rl import RLConfig
 
 __all__ = ["DMDRTrainerConfig", "TrainConfig"]
 
@@ -158,6 +159,10 @@ class DMDRTrainerConfig(ConfigBase):
             "pure DMD. Add one from the CLI with --set rewards.0.kind=classifier."
         },
     )
+    rl: RLConfig = field(
+        default_factory=RLConfig,
+        metadata={"help": "Rewards without gradients: GRPO or advantage-weighted Decoupled DMD."},
+    )
     monitor: MonitorConfig = field(
         default_factory=MonitorConfig, metadata={"help": "The reward-hacking monitor."}
     )
@@ -232,10 +237,38 @@ class DMDRTrainerConfig(ConfigBase):
                     "'balanced' scales the reward gradient to the DMD gradient, which is zero with "
                     "dmdr.dmd_weight = 0; use combine='fixed' for the reward-only baseline",
                 )
+        self._check_rl()
         names = [r.name for r in self.rewards if r.name is not None]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             self._fail("rewards", f"reward names must be unique, got duplicates {duplicates}")
+
+    def _check_rl(self) -> None:
+        rl, dmdr = self.rl, self.dmdr
+        if not rl.enabled:
+            return
+        if not self.active_rewards:
+            self._fail("rl.algorithm", f"{rl.algorithm!r} needs an active reward (rewards.0.kind=...)")
+        if rl.group_size < 2:
+            self._fail("rl.group_size", "must be >= 2: a group of one has no relative advantage")
+        if self.train.batch_size % rl.group_size:
+            self._fail(
+                "rl.group_size",
+                f"({rl.group_size}) must divide train.batch_size ({self.train.batch_size}): every batch "
+                "holds whole groups",
+            )
+        if rl.algorithm == "advantage_weighted" and not dmdr.decoupled:
+            self._fail(
+                "rl.algorithm",
+                "'advantage_weighted' weights Decoupled DMD's CA term: set dmdr.decoupled = true (and "
+                "dmdr.guidance > 1), or use rl.algorithm = grpo",
+            )
+        if rl.algorithm == "grpo" and rl.regularizer in ("dmd", "dm") and dmdr.dmd_weight == 0:
+            self._fail(
+                "rl.regularizer",
+                f"{rl.regularizer!r} is the DMD loss, which dmdr.dmd_weight = 0 turns off; set "
+                "rl.regularizer = none for the unregularised baseline",
+            )
 
     @property
     def active_rewards(self) -> tuple[RewardConfig, ...]:

@@ -17,6 +17,10 @@
   checkpoints converted to transformers' ``CLIPModel``; paper: prompt prefix "Realistic photo ").
 - :mod:`~dmdr_fast.rewards.image_reward` — :class:`ImageReward`: ImageReward (BLIP + MLP head,
   upstream ``ImageReward.pt`` converted to transformers' BLIP modules).
+- :mod:`~dmdr_fast.rewards.jpeg` / :mod:`~dmdr_fast.rewards.ink` — :class:`JpegReward` (DDPO's
+  JPEG (in)compressibility) and :class:`InkReward` (ink coverage): scores without gradients, for
+  the group-relative modes (``rl.algorithm``); :mod:`~dmdr_fast.rewards.scoring` —
+  :func:`score_robustly`, scoring in chunks where a failing or NaN sample is dropped, not fatal.
 - :mod:`~dmdr_fast.rewards.callable` — :class:`CallableReward`: any ``fn(images, cond) -> (B,)``.
 - :mod:`~dmdr_fast.rewards.registry` — :func:`build_reward` by kind name (:data:`REWARD_KINDS`),
   :func:`register_reward_kind` to add kinds, :func:`rewards_from_config` for a config's
@@ -56,6 +60,7 @@ from dmdr_fast.rewards.clip import (
 )
 from dmdr_fast.rewards.hps import HPSReward
 from dmdr_fast.rewards.image_reward import ImageReward
+from dmdr_fast.rewards.ink import InkReward
 from dmdr_fast.rewards.jpeg import JpegReward
 from dmdr_fast.rewards.loading import MissingWeightsError
 from dmdr_fast.rewards.registry import (
@@ -86,6 +91,7 @@ __all__ = [
     "CompositeReward",
     "HPSReward",
     "ImageReward",
+    "InkReward",
     "JpegReward",
     "LossForm",
     "MissingWeightsError",

@@ -20,11 +20,11 @@ of the reward: it is configuration, read by the Trainer (docs/method.md §7).
 :class:`CompositeReward` sums several such terms into one per-sample loss and reports the mean
 score and loss of each for logging.
 
-Non-differentiable rewards (OCR, detectors, VLM judges; a later issue) subclass :class:`Reward`
+Non-differentiable rewards (OCR, detectors, VLM judges, JPEG size) subclass :class:`Reward`
 with ``differentiable = False``. They are scored (under ``no_grad``) and logged by
-:class:`CompositeReward` but never enter its differentiable loss; a group-relative policy-gradient
-branch will consume their ``scores`` (e.g. advantages ``(r − mean_group) / std_group``) without any
-change to the classes here.
+:class:`CompositeReward` but never enter its differentiable loss; the group-relative modes
+(``rl.algorithm``, :mod:`dmdr_fast.train.rl`) call every reward as a black box instead and turn
+the scores into group advantages (docs/method.md §12).
 """
 
 from __future__ import annotations

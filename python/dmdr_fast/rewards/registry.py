@@ -37,6 +37,7 @@ from dmdr_fast.rewards.clip import (
 )
 from dmdr_fast.rewards.hps import HPS_SOURCE, HPS_TOKENIZER_SOURCE, build_hps
 from dmdr_fast.rewards.image_reward import BERT_TOKENIZER_SOURCE, IMAGE_REWARD_SOURCE, build_image_reward
+from dmdr_fast.rewards.ink import InkReward
 from dmdr_fast.rewards.jpeg import JpegReward
 from dmdr_fast.rewards.loading import MissingWeightsError, as_dtype
 from dmdr_fast.rewards.spec import RewardSpec, spec_fields
@@ -49,6 +50,7 @@ __all__ = [
     "build_reward",
     "register_reward_kind",
     "require_path",
+    "resolve_callable",
     "reward_from_config",
     "rewards_from_config",
 ]
@@ -120,9 +122,12 @@ def _build_callable(
     fn: Any = None,
     **kwargs: Any,
 ) -> Reward:
-    """``fn``: the scorer (required); ``kwargs``: :class:`CallableReward` arguments (``spec``, ...)."""
+    """``fn``: the scorer (required), or ``"module:function"`` (from YAML); ``kwargs``:
+    :class:`CallableReward` arguments (``spec``, ...)."""
     if fn is None:
         raise ValueError("reward kind 'callable' needs fn=, a function fn(images, cond) -> (B,)")
+    if isinstance(fn, str):
+        fn = resolve_callable(fn)
     if path is not None:
         raise ValueError("reward kind 'callable' takes no path (it wraps fn)")
     if dtype is not None and not isinstance(fn, nn.Module):
@@ -148,6 +153,40 @@ def _build_jpeg(
     return JpegReward(direction, quality=quality, spec=spec)  # type: ignore[arg-type]
 
 
+def resolve_callable(target: str) -> Callable[..., Any]:
+    """The object named by ``"package.module:attribute"`` (imports the module: it is the user's code).
+
+    Raises:
+        ValueError: ``target`` is not ``module:attribute``, the module or attribute does not exist,
+            or the object is not callable.
+    """
+    import importlib
+
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"a callable reward's fn must be 'module:function', got {target!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {module_name!r} of reward fn {target!r}: {exc}") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {module_name!r} has no attribute {attr!r} (reward fn {target!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"reward fn {target!r} is not callable")
+    return obj
+
+
+def _build_ink(
+    *, path: PathLike | None, spec: RewardSpec, device: Any, dtype: Any, threshold: float = 0.5
+) -> Reward:
+    """Ink coverage (fraction of pixels brighter than ``threshold``; no weights, no gradient)."""
+    if path is not None:
+        raise ValueError("reward kind 'ink' takes no path")
+    return InkReward(threshold, spec=spec)
+
+
 _BUILDERS: dict[str, RewardBuilder] = {
     "clip": _build_clip,
     "pickscore": _build_pickscore,
@@ -156,6 +195,7 @@ _BUILDERS: dict[str, RewardBuilder] = {
     "hps": build_hps,
     "image_reward": build_image_reward,
     "jpeg": _build_jpeg,
+    "ink": _build_ink,
 }
 # Kinds that need weights: where to get them, for the error when ``path`` is missing.
 _SOURCES: dict[str, str] = {

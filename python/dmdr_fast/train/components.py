@@ -1,4 +1,5 @@
-"""Config sections → the library objects a run uses: schedules, the CFG scale, LoRA configs.
+"""Config sections → the library objects a run uses: schedules, the CFG scale, LoRA configs, FP8,
+the reward policies.
 
 The config (:mod:`dmdr_fast.config`) is data and validation only; this is the one place where its
 numbers become :mod:`dmdr_fast.algo` and :mod:`dmdr_fast.models` objects.
@@ -7,14 +8,19 @@ numbers become :mod:`dmdr_fast.algo` and :mod:`dmdr_fast.models` objects.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from dmdr_fast.algo import DynaDG, DynaRS, GuidanceScale
-from dmdr_fast.config import ConfigError, DMDRConfig, LoraSpec, ModelConfig
+from dmdr_fast.algo.generator import RewardPolicy
+from dmdr_fast.config import ConfigError, DMDRConfig, DMDRTrainerConfig, LoraSpec, ModelConfig
 from dmdr_fast.models.fp8 import DEFAULT_FP8_EXCLUDE, Fp8Linear, Fp8Report, quantize_linears
 from dmdr_fast.models.lora import LoraConfig
 from dmdr_fast.models.protocol import FlowModelAdapter
+
+if TYPE_CHECKING:
+    from dmdr_fast.rewards import CompositeReward
 
 __all__ = [
     "frozen_fp8",
@@ -23,6 +29,7 @@ __all__ = [
     "lora_config",
     "real_score_schedule",
     "renoise_schedule",
+    "reward_policies",
 ]
 
 
@@ -117,3 +124,32 @@ def load_student_init(student: FlowModelAdapter, kind: str, path: str) -> None:
         from dmdr_fast.models.weights import load_network_weights
 
         load_network_weights(student.network, path, subfolder=getattr(student, "network_attr", None))
+
+
+def reward_policies(config: DMDRTrainerConfig, reward: CompositeReward | None) -> list[RewardPolicy]:
+    """How each differentiable reward joins the DMD gradient (docs/method.md §7): its
+    ``config.rewards`` entry (matched by name, ``name`` or else ``kind``); a reward the config
+    does not list is ``fixed`` at its own ``spec.weight``.
+
+    Raises:
+        ValueError: A ``fixed`` entry's ``weight`` is not the reward's ``spec.weight`` (the
+            logged ``loss_reward`` would then differ from what trains).
+    """
+    if reward is None:
+        return []
+    entries = {r.name or r.kind: r for r in config.active_rewards}
+    policies = []
+    for module in reward.differentiable_rewards:
+        spec = module.spec
+        entry = entries.get(spec.name)
+        if entry is None:
+            policies.append(RewardPolicy(spec.name, "fixed", spec.weight))
+            continue
+        if entry.combine == "fixed" and entry.weight != spec.weight:
+            raise ValueError(
+                f"reward {spec.name!r}: config.rewards weight {entry.weight} differs from the reward "
+                f"module's spec.weight {spec.weight}; build the reward from its config entry "
+                "(RewardSpec.from_config) or make the two equal"
+            )
+        policies.append(RewardPolicy(spec.name, entry.combine, entry.weight, entry.ratio, entry.max_weight))
+    return policies

@@ -48,7 +48,6 @@ from dmdr_fast.algo import (
 )
 from dmdr_fast.algo.generator import (
     DMDInputs,
-    RewardPolicy,
     ScoreNetworks,
     add_reward_gradients,
     dmd_direction,
@@ -71,10 +70,12 @@ from dmdr_fast.train.components import (
     lora_config,
     real_score_schedule,
     renoise_schedule,
+    reward_policies,
 )
 from dmdr_fast.train.interrupt import stop_requested
 from dmdr_fast.train.logging import RunLogger
 from dmdr_fast.train.monitor import RewardHackingMonitor
+from dmdr_fast.train.rl import GroupRL
 from dmdr_fast.train.runtime import (
     compile_networks,
     deterministic_algorithms,
@@ -238,7 +239,8 @@ class Trainer:
             fake_scale=c.fake_scale,
             critic=self._critic_velocity if self.critic is not None else None,
         )
-        self.reward_policies = self._policies()
+        self.reward_policies = reward_policies(config, reward) if not config.rl.enabled else []
+        self.rl = GroupRL(self) if config.rl.enabled else None  # rewards as black boxes (train/rl.py)
         self.gen = torch.Generator().manual_seed(config.train.seed + self.rank)
         self.state = TrainerState()
         self.logger = RunLogger(
@@ -343,36 +345,6 @@ class Trainer:
         with self.autocast():
             return self.critic.velocity(x, t, cond)
 
-    def _policies(self) -> list[RewardPolicy]:
-        """How each differentiable reward joins the DMD gradient (docs/method.md §7): its
-        ``config.rewards`` entry (matched by name, ``name`` or else ``kind``); a reward the config
-        does not list is ``fixed`` at its own ``spec.weight``.
-
-        Raises:
-            ValueError: A ``fixed`` entry's ``weight`` is not the reward's ``spec.weight`` (the
-                logged ``loss_reward`` would then differ from what trains).
-        """
-        if self.reward is None:
-            return []
-        entries = {r.name or r.kind: r for r in self.config.active_rewards}
-        policies = []
-        for module in self.reward.differentiable_rewards:
-            spec = module.spec
-            entry = entries.get(spec.name)
-            if entry is None:
-                policies.append(RewardPolicy(spec.name, "fixed", spec.weight))
-                continue
-            if entry.combine == "fixed" and entry.weight != spec.weight:
-                raise ValueError(
-                    f"reward {spec.name!r}: config.rewards weight {entry.weight} differs from the reward "
-                    f"module's spec.weight {spec.weight}; build the reward from its config entry "
-                    "(RewardSpec.from_config) or make the two equal"
-                )
-            policies.append(
-                RewardPolicy(spec.name, entry.combine, entry.weight, entry.ratio, entry.max_weight)
-            )
-        return policies
-
     # ------------------------------------------------------------------------------ one iteration
 
     @_deterministic_scope
@@ -383,9 +355,12 @@ class Trainer:
         if stage == 2 and not self._stage2_applied:
             self._enter_stage2()
         B = cfg.train.batch_size
-        raw, cond = self.encode(self.data.sample(B, self.gen))
+        rl = self.rl if stage == 2 else None  # groups of K per condition, scored rewards
+        raw, cond = rl.sample(self, B) if rl is not None else self.encode(self.data.sample(B, self.gen))
 
         gen_update = (st.step + 1) % cfg.dmdr.ratio_update == 0
+        if rl is not None and rl.grpo and gen_update:  # rollout, critic, scores, policy steps
+            return rl.grpo_iteration(self, raw, cond, stage)
         # In a generator-update iteration the generator's own forward x0 = x_in − t_k·G(x_in)
         # (with grad) equals the rollout's x̂0 at step k — G has not changed in between — so the
         # rollout skips that evaluation and the critic trains on x0.detach() (trajectory mode).
@@ -419,14 +394,26 @@ class Trainer:
         self.opt_g.step()
         self._update_ema()
         st.gen_step += 1
+        return self._finish_generator_step(metrics, stage, gn_c, inputs, s, t0)
+
+    def _finish_generator_step(
+        self,
+        metrics: dict[str, float],
+        stage: int,
+        gn_c: torch.Tensor,
+        inputs: DMDInputs | None,
+        s: int,
+        t0: float,
+    ) -> dict[str, float]:
+        """The metrics every generator step logs (``inputs`` None: a step without DMD inputs)."""
         beta_a, beta_b = self.dynars.beta_params(s)
         metrics.update(
-            step=st.gen_step,
+            step=self.state.gen_step,
             stage=stage,
             loss_critic=sum(float(v) for v in self._critic_losses) / len(self._critic_losses),
             grad_norm_c=float(gn_c),
-            lambda_r=inputs.real_scale,
-            guidance=inputs.guidance,
+            lambda_r=inputs.real_scale if inputs is not None else self.dynadg.real_scale(s),
+            guidance=inputs.guidance if inputs is not None else 1.0,
             dynars_alpha=beta_a,
             dynars_beta=beta_b,
             lr_g=self.opt_g.param_groups[0]["lr"],
@@ -505,6 +492,10 @@ class Trainer:
         d = self.config.dmdr
         backend = self.config.train.kernel_backend
         xd = x0.detach().requires_grad_(True)
+        if self.rl is not None and stage == 2:  # advantage-weighted Decoupled DMD (train/rl.py)
+            g, metrics = self.rl.weighted_direction(self, xd, inputs, raw)
+            x0.backward(g.to(x0.dtype))
+            return metrics
         g, metrics = dmd_direction(
             xd, inputs, dmd_weight=d.dmd_weight, ca_weight=d.ca_weight, eps=d.eps, backend=backend
         )
@@ -714,6 +705,7 @@ class Trainer:
             "critic_losses": [float(v) for v in self._critic_losses],
             "monitor": self.monitor.state_dict() if self.monitor is not None else None,
             "cosines": list(self._cosines),
+            "rl": self.rl.state_dict() if self.rl is not None else None,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -739,6 +731,8 @@ class Trainer:
         if self.monitor is not None and sd.get("monitor") is not None:
             self.monitor.load_state_dict(sd["monitor"])
         self._cosines = list(sd.get("cosines", []))
+        if self.rl is not None:
+            self.rl.load_state_dict(sd.get("rl"))
         self._stage2_applied = False  # re-applied (explicitly) on the next step if in stage 2
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path | None:
