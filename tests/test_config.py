@@ -91,6 +91,7 @@ def test_to_dict_is_plain_data():
         "dmdr",
         "optim",
         "rewards",
+        "rl",
         "monitor",
         "train",
     ]

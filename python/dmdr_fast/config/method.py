@@ -312,8 +312,8 @@ class MonitorConfig(ConfigBase):
     conditions and records the training reward, a held-out score (a model the student is not
     trained on) and sample diversity. While the reward is being optimised (stage 2), an evaluation
     is *suspicious* when the training reward rose by more than ``reward_tol`` while the held-out
-    score fell by more than ``heldout_tol`` or diversity fell by more than ``diversity_tol``
-    (relative) since the previous one; ``patience`` suspicious evaluations in a row raise a warning.
+    score fell by more than ``heldout_tol``, diversity fell by more than ``diversity_tol``
+    (relative) or the DMD loss rose by more than ``dmd_tol`` (relative) since the previous one; ``patience`` suspicious evaluations in a row raise a warning.
     """
 
     every: int = field(
@@ -339,6 +339,13 @@ class MonitorConfig(ConfigBase):
         default=0.01,
         metadata={"help": "Minimum relative fall of diversity that counts as a fall (0.01 = 1 %)."},
     )
+    dmd_tol: float = field(
+        default=0.5,
+        metadata={
+            "help": "Minimum relative rise of the mean DMD loss between evaluations that counts as drift "
+            "(0.5 = +50 %; the per-step loss is noisy)."
+        },
+    )
     seed: int = field(default=2024, metadata={"help": "Seed of the monitor's fixed noise."})
 
     def __post_init__(self) -> None:
@@ -346,5 +353,5 @@ class MonitorConfig(ConfigBase):
         check_range(self, "every", ge=0)
         check_range(self, "samples_per_condition", ge=2)
         check_range(self, "patience", ge=1)
-        for name in ("reward_tol", "heldout_tol", "diversity_tol"):
+        for name in ("reward_tol", "heldout_tol", "diversity_tol", "dmd_tol"):
             check_range(self, name, ge=0)

@@ -11,13 +11,16 @@ conditions so that successive evaluations differ only by the student's weights:
 * ``heldout``: the mean score of the held-out judge;
 * ``diversity``: the mean pairwise distance, in a feature space, between the
   ``samples_per_condition`` samples drawn for each condition (different noise, same condition);
+* ``dmd_loss``: the mean DMD loss of the generator steps since the previous evaluation: a student
+  drifting away from the teacher's distribution makes it grow (absent when no DMD term is on);
 * ``cosine``: the mean cosine between the DMD and reward directions on x0 over the generator steps
   since the previous evaluation (from :func:`dmdr_fast.ops.reward_grad_combine`): a reward that
   pulls against distribution matching shows a negative cosine.
 
 While the reward is being optimised, an evaluation is *suspicious* when the training reward rose
-(by more than ``reward_tol``) and the held-out score fell (by more than ``heldout_tol``) or the
-diversity fell (by more than ``diversity_tol``, relative) since the previous evaluation;
+(by more than ``reward_tol``) and the held-out score fell (by more than ``heldout_tol``), the
+diversity fell (by more than ``diversity_tol``, relative) or the DMD loss rose (by more than
+``dmd_tol``, relative) since the previous evaluation;
 ``patience`` suspicious evaluations in a row give a warning. The rule is deliberately simple and
 its thresholds are in :class:`~dmdr_fast.config.MonitorConfig`.
 """
@@ -59,6 +62,20 @@ def repeat_conditions(conditions: Any, k: int) -> Any:
             condition=index_cond(conditions.condition, index),
         )
     return [c for c in conditions for _ in range(k)]
+
+
+def _scored_reward(reward: Any, images: Tensor, cond: Any) -> float:
+    """``Σ_k weight_k · mean(score_k)`` with every reward called as a black box (failures skipped)."""
+    from dmdr_fast.rewards.scoring import score_robustly
+
+    members = reward.members
+    report = score_robustly([(m.spec.name, m) for m in members], images, cond)
+    total = 0.0
+    for j, m in enumerate(members):
+        col = report.scores[:, j]
+        ok = torch.isfinite(col)
+        total += m.spec.weight * (float(col[ok].mean()) if ok.any() else math.nan)
+    return total
 
 
 class MonitoredRun(Protocol):
@@ -128,7 +145,9 @@ class RewardHackingMonitor:
             raw = list(raw.prompts)  # rewards and judges score against the prompt text
         raw_dev = raw.to(images.device) if isinstance(raw, Tensor) else raw
         out: dict[str, float] = {}
-        if trainer.reward is not None:
+        if trainer.reward is not None and trainer.config.rl.enabled:  # scored rewards (train/rl.py)
+            out["train_reward"] = _scored_reward(trainer.reward, images, raw_dev)
+        elif trainer.reward is not None:
             r = trainer.reward(images, raw_dev)
             terms = list(r.terms.values())
             out["train_reward"] = float(-sum(t.mean() for t in terms)) if terms else math.nan
@@ -151,6 +170,8 @@ class RewardHackingMonitor:
             reasons.append(f"held-out score {prev['heldout']:.4g}→{cur['heldout']:.4g}")
         if cur["diversity"] < prev["diversity"] * (1 - c.diversity_tol):
             reasons.append(f"diversity {prev['diversity']:.4g}→{cur['diversity']:.4g}")
+        if "dmd_loss" in cur and "dmd_loss" in prev and cur["dmd_loss"] > prev["dmd_loss"] * (1 + c.dmd_tol):
+            reasons.append(f"DMD loss {prev['dmd_loss']:.4g}→{cur['dmd_loss']:.4g}")
         return reasons
 
     def update(self, step: int, values: dict[str, float], *, active: bool = True) -> str | None:

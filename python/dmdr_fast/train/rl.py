@@ -24,7 +24,7 @@ little state the modes need (the KL reference weights, checkpointed).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -46,8 +46,9 @@ from dmdr_fast.rewards.scoring import score_robustly
 from dmdr_fast.train.monitor import repeat_conditions
 from dmdr_fast.train.runtime import grad_norm, swapped_weights, trainable
 
-if TYPE_CHECKING:
-    from dmdr_fast.train.trainer import Trainer
+#: The :class:`~dmdr_fast.train.trainer.Trainer` these steps run for (not imported: it imports this
+#: module; the steps use its networks, optimisers, RNG and helpers).
+Trainer = Any
 
 __all__ = ["GroupRL"]
 
@@ -154,10 +155,10 @@ class GroupRL:
             }
         with trainer.autocast():
             rollout = policy_rollout(
-                student.velocity, trainer._randn((B, *student.sample_shape)), cond, trainer.grid,
+                student.velocity, trainer.draw_noise((B, *student.sample_shape)), cond, trainer.grid,
                 out_std=cfg.sde_noise, generator=trainer.gen,
             )  # fmt: skip
-        gn_c = trainer._critic_update(rollout.mean_output.float(), cond, s)
+        gn_c = trainer.critic_update(rollout.mean_output.float(), cond, s)
         st.step += 1
         adv, valid, metrics = self.score(trainer, rollout.output, raw)
         stds = transition_stds(rollout.grid, cfg.sde_noise)
@@ -171,7 +172,7 @@ class GroupRL:
         for _ in range(cfg.passes):
             trainer.opt_g.zero_grad(set_to_none=True)
             with trainer.autocast():
-                x0s, means = policy_means(trainer._student_net, rollout, cond)
+                x0s, means = policy_means(trainer.student_forward, rollout, cond)
             x0s, means = x0s.float(), means.float()
             logp = transition_logprobs(rollout, means, out_std=cfg.sde_noise)
             pg, m = clipped_policy_loss(logp, rollout.logprobs, adv, valid, clip=cfg.clip, dims=dims)
@@ -194,9 +195,9 @@ class GroupRL:
             metrics[key] = passes[0][key]
             if len(passes) > 1 and key in ("ratio", "clip_frac", "approx_kl"):
                 metrics[f"{key}_last"] = passes[-1][key]
-        trainer._update_ema()
+        trainer.update_ema()
         st.gen_step += 1
-        return trainer._finish_generator_step(metrics, stage, gn_c, inputs, s, t0)
+        return trainer.finish_generator_step(metrics, stage, gn_c, inputs, s, t0)
 
     def _dmd_regulariser(
         self, trainer: Trainer, x0s: torch.Tensor, grid: torch.Tensor, cond: Cond, s: int

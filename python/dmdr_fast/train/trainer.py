@@ -177,6 +177,7 @@ class Trainer:
         if monitor is not None and isinstance(monitor.heldout, nn.Module):
             monitor.heldout.to(self.device).eval()
         self._cosines: list[float] = []  # reward_cos/* since the last monitor evaluation
+        self._dmd_losses: list[float] = []  # loss_dmd since the last monitor evaluation
         self.out_dir = Path(out_dir) if out_dir is not None else None
 
         s, c = config.student, config.critic
@@ -203,7 +204,7 @@ class Trainer:
         self.fp8 = frozen_fp8(config.model, self.guidance.network, lora_student)
         if config.train.compile:
             compile_networks(self._networks(), config.train)
-        self._student_net = self._wrap_ddp(self.student)
+        self.student_forward = self._wrap_ddp(self.student)
         critic_owner = self.critic if self.critic is not None else self.guidance
         self._critic_net = self._wrap_ddp(critic_owner)
 
@@ -312,7 +313,8 @@ class Trainer:
         raw = host_to_device(raw, self.device) if isinstance(raw, torch.Tensor) else raw
         return raw, to_device(cond, self.device)
 
-    def _randn(self, shape: tuple[int, ...]) -> torch.Tensor:
+    def draw_noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Standard normal noise of ``shape`` on the device from the run's RNG."""
         return randn(shape, generator=self.gen, device=self.device)  # CPU draw, async copy
 
     @property
@@ -375,7 +377,7 @@ class Trainer:
         x0 = self._generator_x0(sim, cond) if reuse else None
 
         # 2. Critic update: flow matching of the fake score on the student's samples.
-        gn_c = self._critic_update(x0.detach() if x0 is not None else _rollout_x0(sim), cond, s)
+        gn_c = self.critic_update(x0.detach() if x0 is not None else _rollout_x0(sim), cond, s)
         st.step += 1
         if not gen_update:
             return None
@@ -392,11 +394,11 @@ class Trainer:
         metrics = self.generator_backward(x0, inputs, raw, stage)
         metrics["grad_norm_g"] = float(grad_norm(trainable(self.student.network), cfg.optim.grad_clip))
         self.opt_g.step()
-        self._update_ema()
+        self.update_ema()
         st.gen_step += 1
-        return self._finish_generator_step(metrics, stage, gn_c, inputs, s, t0)
+        return self.finish_generator_step(metrics, stage, gn_c, inputs, s, t0)
 
-    def _finish_generator_step(
+    def finish_generator_step(
         self,
         metrics: dict[str, float],
         stage: int,
@@ -427,7 +429,7 @@ class Trainer:
         with self.autocast():
             return backward_simulation(
                 self.student.velocity,
-                self._randn((B, *self.student.sample_shape)),
+                self.draw_noise((B, *self.student.sample_shape)),
                 cond,
                 self.grid,
                 mode=self.config.student.backward_sim,
@@ -439,10 +441,10 @@ class Trainer:
         """The generator's output ``x0 = x_in − t_k·G(x_in, t_k, c)`` with grad (optimiser zeroed)."""
         self.opt_g.zero_grad(set_to_none=True)
         with self.autocast():
-            v_g = self._student_net(sim.x_in, sim.t_in, cond)
+            v_g = self.student_forward(sim.x_in, sim.t_in, cond)
         return sim.x_in - sim.t_in.view(-1, *[1] * (sim.x_in.dim() - 1)) * v_g.float()
 
-    def _critic_update(self, x0_sel: torch.Tensor, cond: Cond, s: int) -> torch.Tensor:
+    def critic_update(self, x0_sel: torch.Tensor, cond: Cond, s: int) -> torch.Tensor:
         """One AdamW step of the critic: flow matching of the fake score at DynaRS times (its loss is
         kept for the next generator step's log); returns the gradient norm (0-dim)."""
         cfg = self.config
@@ -511,7 +513,8 @@ class Trainer:
         x0.backward(g.to(x0.dtype))
         return metrics
 
-    def _update_ema(self) -> None:
+    def update_ema(self) -> None:
+        """One EMA step of the student's trainable weights (no-op without EMA)."""
         if self.ema is not None:
             ema_update(self.ema, self.student.network, self.config.student.ema_decay)
 
@@ -553,6 +556,7 @@ class Trainer:
                     self.save_sample_grid()
                 if self.monitor is not None:  # mean cosine since the last monitor evaluation
                     self._cosines += [v for k, v in metrics.items() if k.startswith("reward_cos/")]
+                    self._dmd_losses += [metrics["loss_dmd"]] if "loss_dmd" in metrics else []
                 if (
                     self.monitor is not None
                     and self.config.monitor.every
@@ -588,7 +592,7 @@ class Trainer:
         assert s.ode_init is not None  # fit() calls this only when it is set
         pairs = ODEPairs.open(s.ode_init, self.student, model_id=model_identity(self.config.model.path))
         losses = ode_regression(
-            self._student_net, trainable(self.student.network), pairs, self.student, t0=self.grid[0],
+            self.student_forward, trainable(self.student.network), pairs, self.student, t0=self.grid[0],
             steps=s.ode_steps, lr=s.ode_lr, optim=self.config.optim, batch_size=self.config.train.batch_size,
             generator=self.gen, device=self.device, autocast=self.autocast, log=self.logger.log,
             log_every=self.config.train.log_every, progress=progress and self.rank == 0,
@@ -623,7 +627,9 @@ class Trainer:
         values = self.monitor.measure(self)
         if self._cosines:
             values["cosine"] = sum(self._cosines) / len(self._cosines)
-        self._cosines = []
+        if self._dmd_losses:
+            values["dmd_loss"] = sum(self._dmd_losses) / len(self._dmd_losses)
+        self._cosines, self._dmd_losses = [], []
         # Judged only while the reward acts on the generator (stage 2): stage-1 changes are DMD's own.
         active = self.reward is not None and self.config.stage(max(self.state.gen_step - 1, 0)) == 2
         warning = self.monitor.update(self.state.gen_step, values, active=active)
@@ -705,6 +711,7 @@ class Trainer:
             "critic_losses": [float(v) for v in self._critic_losses],
             "monitor": self.monitor.state_dict() if self.monitor is not None else None,
             "cosines": list(self._cosines),
+            "dmd_losses": list(self._dmd_losses),
             "rl": self.rl.state_dict() if self.rl is not None else None,
         }
 
@@ -731,6 +738,7 @@ class Trainer:
         if self.monitor is not None and sd.get("monitor") is not None:
             self.monitor.load_state_dict(sd["monitor"])
         self._cosines = list(sd.get("cosines", []))
+        self._dmd_losses = list(sd.get("dmd_losses", []))
         if self.rl is not None:
             self.rl.load_state_dict(sd.get("rl"))
         self._stage2_applied = False  # re-applied (explicitly) on the next step if in stage 2
