@@ -94,3 +94,24 @@ def test_slow_scorer_runs_in_chunks_with_progress(capsys):
     assert seen == [4, 4, 2] and not rep.summary()
     with pytest.raises(ValueError, match="chunk_size"):
         score_robustly([("slow", slow)], torch.rand(1, 1, 2, 2), None, chunk_size=0)
+
+
+def test_ink_counts_bright_pixels_and_builds_from_a_config():
+    from dmdr_fast.config import RewardConfig
+    from dmdr_fast.rewards import InkReward, reward_from_config
+
+    images = torch.zeros(2, 1, 4, 4)
+    images[0, 0, :2] = 1.0  # half the canvas inked
+    images[1, 0, 0, 0] = 0.5  # exactly the threshold: not ink
+    assert InkReward()(images, None).tolist() == [0.5, 0.0]
+    rgb = torch.zeros(1, 3, 2, 2)
+    rgb[0, :, 0, 0] = torch.tensor([1.0, 1.0, 0.0])  # channel mean 2/3 > 0.5
+    assert InkReward()(rgb, None).tolist() == [0.25]
+    ink = reward_from_config(RewardConfig(kind="ink", weight=1.0, kwargs={"threshold": 0.25}))
+    assert isinstance(ink, InkReward) and ink.threshold == 0.25 and not ink.differentiable
+    jpeg = reward_from_config(
+        RewardConfig(kind="jpeg", weight=1.0, kwargs={"direction": "incompressibility"})
+    )
+    assert jpeg.direction == "incompressibility"
+    with pytest.raises(ValueError, match="threshold"):
+        InkReward(1.5)

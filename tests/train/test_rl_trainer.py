@@ -217,3 +217,22 @@ def test_a_scorer_that_always_fails_leaves_only_the_regulariser(tmp_path):
 def test_resume_is_exact(tmp_path, algorithm, rl):
     cfg = _config(algorithm, rl=rl, dmdr={"cold_start_steps": 1})
     assert_resume_is_exact(lambda c, out_dir=None: _trainer(c, out_dir), cfg, tmp_path)
+
+
+def test_a_yaml_scorer_by_module_and_function_trains():
+    """The README's custom-scorer example: ``kind: callable`` with ``kwargs.fn: "module:function"``."""
+    from dmdr_fast.rewards import rewards_from_config
+    from dmdr_fast.rewards.registry import resolve_callable
+
+    cfg = _config(max_steps=1).with_overrides(
+        ["rewards=[{kind: callable, name: bright, weight: 1.0, "
+         "kwargs: {fn: 'tests.train.test_rl_trainer:brightness', differentiable: false}}]"]
+    )  # fmt: skip
+    reward = rewards_from_config(cfg.rewards)
+    tr = Trainer(cfg, DiTAdapter(tiny_dit(num_layers=1, seed=0)), reward=reward, data=ClassLabelSampler(10))
+    tr.fit(progress=False)
+    assert tr.state.gen_step == 1
+    for bad, match in [("nocolon", "module:function"), ("no_such_mod_x:f", "cannot import"),
+                       ("tests.train.test_rl_trainer:nope", "no attribute")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            resolve_callable(bad)

@@ -122,26 +122,31 @@ def prepare_assets(
 
 
 def make_reward(assets: DigitsAssets, configs: Sequence[RewardConfig]):
-    """The CompositeReward for the config's rewards (the digits reward classifier), or None.
+    """The CompositeReward for the config's rewards, or None.
 
-    Each entry's loss definition becomes the reward's ``RewardSpec`` (``RewardSpec.from_config``);
-    its combination policy stays in the config, where the Trainer reads it.
+    ``classifier`` entries wrap the digits reward classifier (``kwargs.mode``: ``ce`` — the ReFL
+    default —, ``logprob``, ``prob`` or ``correct``, the 0/1 verdict for ``rl.algorithm``); every
+    other kind (``ink``, ``jpeg``, ``callable``, ...) is built from its entry by the registry. Each
+    entry's loss definition becomes the reward's ``RewardSpec`` (``RewardSpec.from_config``); its
+    combination policy stays in the config, where the Trainer reads it.
     """
-    from dmdr_fast.rewards import ClassifierReward, CompositeReward, RewardSpec
+    from dmdr_fast.rewards import ClassifierReward, CompositeReward, RewardSpec, reward_from_config
 
     active = [r for r in configs if r.active]
     if not active:
         return None
     rewards = []
-    for i, r in enumerate(active):
+    for r in active:
         if r.kind != "classifier":
-            raise ValueError(f"rewards.{i}.kind={r.kind!r}: the digits preset provides only 'classifier'")
+            rewards.append(reward_from_config(r))
+            continue
         rewards.append(
             ClassifierReward(
                 copy.deepcopy(assets.reward_classifier),
                 spec=RewardSpec.from_config(r),
                 num_classes=NUM_CLASSES,
                 in_channels=1,
+                **dict(r.kwargs),
             )
         )
     return CompositeReward(rewards)
@@ -176,8 +181,9 @@ def balanced_labels(num: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_images(assets: DigitsAssets, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Metrics of generated images in [0, 1]: FD/precision/recall/accuracy/diversity on the
-    evaluation network, and the training reward (mean log-probability of the label under the
-    reward classifier) with the reward classifier's accuracy."""
+    evaluation network, the training reward (mean log-probability of the label under the reward
+    classifier) with the reward classifier's accuracy, and the ink coverage (fraction of pixels
+    > 0.5: the reward of the digits-grpo preset)."""
     images = images.clamp(0, 1).cpu()
     feats = compute_features(images, assets.eval_network.features)
     logits = compute_features(images, assets.eval_network)
@@ -186,6 +192,7 @@ def evaluate_images(assets: DigitsAssets, images: torch.Tensor, labels: torch.Te
     logp = torch.log_softmax(r_logits, dim=1).gather(1, labels.view(-1, 1)).squeeze(1)
     out["reward"] = float(logp.mean())
     out["reward_accuracy"] = float((r_logits.argmax(1) == labels).double().mean())
+    out["ink"] = float((images.mean(1) > 0.5).flatten(1).float().mean())  # the digits-grpo reward
     return out
 
 
@@ -278,10 +285,17 @@ def train_student(
     out_dir: Path,
     *,
     resume: bool = False,
+    start_from: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> Trainer:
-    """One DMDR run of the digits preset (logs, checkpoints, sample grids under ``out_dir``)."""
-    resuming = resume and ckpt.latest_checkpoint(Path(out_dir)) is not None
+    """One DMDR run of the digits preset (logs, checkpoints, sample grids under ``out_dir``).
+
+    ``resume``: continue from ``out_dir``'s latest checkpoint if there is one. ``start_from``: else
+    start from this checkpoint of another run with the same networks (the experiments branch their
+    rows from one shared stage 1); its weights, optimisers, RNG and step counter are taken.
+    """
+    own = ckpt.latest_checkpoint(Path(out_dir)) if resume else None
+    resuming = own is not None or start_from is not None
     trainer = Trainer(
         config,
         assets.fresh_teacher(),
@@ -292,8 +306,10 @@ def train_student(
         monitor=make_monitor(assets, config),
         load_init=not resuming,  # the checkpoint holds the student
     )
-    if resume:
-        trainer.resume()
+    if own is not None:
+        trainer.resume(own)
+    elif start_from is not None:
+        trainer.resume(start_from)
     interrupt.fit(trainer, progress=progress)  # a signal: checkpoint, then TrainingInterrupted
     return trainer
 
