@@ -39,26 +39,25 @@ from dmdr_fast.recipes.digits.run import (
 )
 from dmdr_fast.train import checkpoint as ckpt
 
-__all__ = ["GRPO_ROWS", "run_grpo_experiment"]
+__all__ = ["grpo_rows", "run_grpo_experiment"]
 
-#: Row name → overrides of the digits-grpo preset for stage 2.
-GRPO_ROWS: dict[str, list[str]] = {
-    "DMD only": ["rewards=[]", "rl.algorithm=none"],
-    "GRPO + DMD": ["rl.regularizer=dmd"],
-    "GRPO + KL": ["rl.regularizer=kl", "rl.regularizer_weight={kl_weight}"],
-    "GRPO, no regulariser": ["rl.regularizer=none"],
-    "Decoupled DMD (CFG {cfg})": [
-        "rewards=[]",
-        "rl.algorithm=none",
-        "dmdr.decoupled=true",
-        "dmdr.guidance={cfg}",
-    ],
-    "advantage-weighted DDMD (CFG {cfg})": [
-        "rl.algorithm=advantage_weighted",
-        "dmdr.decoupled=true",
-        "dmdr.guidance={cfg}",
-    ],
-}
+
+def grpo_rows(base: DMDRTrainerConfig) -> dict[str, list[str]]:
+    """Row name → overrides of the digits-grpo preset for stage 2 (``model.kwargs``:
+    ``experiment_cfg`` — CFG of the decoupled rows — and ``experiment_kl_weights``)."""
+    cfg = f"{float(base.model.kwargs.get('experiment_cfg', 2.0)):g}"
+    rows: dict[str, list[str]] = {
+        "DMD only": ["rewards=[]", "rl.algorithm=none"],
+        "GRPO + DMD": ["rl.regularizer=dmd"],
+    }
+    for beta in base.model.kwargs.get("experiment_kl_weights", [1.0]):
+        rows[f"GRPO + KL (β {float(beta):g})"] = ["rl.regularizer=kl", f"rl.regularizer_weight={float(beta)}"]
+    rows["GRPO, no regulariser"] = ["rl.regularizer=none"]
+    decoupled = ["dmdr.decoupled=true", f"dmdr.guidance={cfg}"]
+    rows[f"Decoupled DMD (CFG {cfg})"] = ["rewards=[]", "rl.algorithm=none", *decoupled]
+    rows[f"advantage-weighted DDMD (CFG {cfg})"] = ["rl.algorithm=advantage_weighted", *decoupled]
+    return rows
+
 
 METRICS = ("ink", "fd", "precision", "recall", "diversity_ratio", "accuracy")
 
@@ -91,16 +90,15 @@ def run_grpo_experiment(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train every row of :data:`GRPO_ROWS` (or ``rows``) for every seed and tabulate them.
+    """Train every row of :func:`grpo_rows` (or ``rows``) for every seed and tabulate them.
 
     Args:
         out_dir: where each run, ``table.md``, ``curves.png``, ``samples.png`` and
             ``experiment.json`` go.
         base: the digits-grpo preset (with any overrides); its ``dmdr.cold_start_steps`` is the
-            shared stage 1, its ``model.kwargs.experiment_cfg`` the CFG of the decoupled rows and
-            ``model.kwargs.experiment_kl_weight`` the KL row's weight.
+            shared stage 1 (see :func:`grpo_rows` for the rows' ``model.kwargs``).
         seeds: one shared stage 1 and one run per row for each.
-        rows: row name → overrides (default :data:`GRPO_ROWS`).
+        rows: row name → overrides (default :func:`grpo_rows`).
     """
     from dmdr_fast.eval.plots import plot_metric_curves, save_comparison_grid
 
@@ -114,11 +112,7 @@ def run_grpo_experiment(
         base.model.kwargs.get("classifiers"),
         progress=progress,
     )
-    fmt = {
-        "cfg": f"{float(base.model.kwargs.get('experiment_cfg', 2.0)):g}",
-        "kl_weight": f"{float(base.model.kwargs.get('experiment_kl_weight', 1.0)):g}",
-    }
-    table_rows = {k.format(**fmt): [o.format(**fmt) for o in v] for k, v in (rows or GRPO_ROWS).items()}
+    table_rows = rows if rows is not None else grpo_rows(base)
     n = base.train.num_eval_samples
     labels = balanced_labels(n)
     results: dict[str, list[dict[str, float]]] = {
