@@ -65,7 +65,14 @@ def test_experiment_digits_grpo_tabulates_every_row(tmp_path, capsys):
     ]
     assert main([*argv, *_sets(["train.eval_every=0", "monitor.every=1"])]) == 0
     table = (out / "table.md").read_text()
-    for name in ("DMD only", "GRPO + DMD", "GRPO + KL (β 0.1)", "GRPO + KL (β 1)", "GRPO, no regulariser", "advantage-weighted DDMD"):
+    for name in (
+        "DMD only",
+        "GRPO + DMD",
+        "GRPO + KL (β 0.1)",
+        "GRPO + KL (β 1)",
+        "GRPO, no regulariser",
+        "advantage-weighted DDMD",
+    ):
         assert f"| {name}" in table, name
     assert (out / "samples.png").is_file() and (out / "curves.png").is_file()
     summary = json.loads((out / "experiment.json").read_text())

@@ -65,8 +65,8 @@ def _student_params(tr: Trainer) -> list[torch.Tensor]:
 
 
 def test_config_checks():
-    with pytest.raises(ConfigError, match="divide train"):
-        _config(rl={"group_size": 3})
+    with pytest.raises(ValueError, match="divide the world batch"):
+        _trainer(_config(rl={"group_size": 3}))
     with pytest.raises(ConfigError, match="group_size"):
         _config(rl={"group_size": 1})
     with pytest.raises(ConfigError, match="decoupled"):
@@ -236,3 +236,58 @@ def test_a_yaml_scorer_by_module_and_function_trains():
                        ("tests.train.test_rl_trainer:nope", "no attribute")]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
             resolve_callable(bad)
+
+
+def _rl_ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import os
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    try:
+        torch.set_num_threads(1)
+        # 2 samples per rank, groups of 4: every group spans both ranks.
+        tr = _trainer(_config(rl={"group_size": 4}, batch_size=2, max_steps=2, checkpoint_every=0))
+        seen = []
+        orig = tr.rl.score
+
+        def spy(trainer, x, raw):
+            adv, valid, m = orig(trainer, x, raw)
+            seen.append({"x": x.detach().clone(), "raw": raw.clone(), "groups": tr.rl.groups.clone(),
+                         "adv": adv.clone(), "step": trainer.state.step})  # fmt: skip
+            return adv, valid, m
+
+        tr.rl.score = spy
+        tr.fit(progress=False)
+        flat = torch.cat([p.detach().flatten() for p in tr.student.network.parameters()])
+        torch.save({"seen": seen, "params": flat}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_groups_span_ranks_with_exact_statistics(tmp_path):
+    """Two gloo processes, groups of 4 over 2 + 2 samples: each rank's advantages are those of the
+    whole world batch computed in one process; the conditions are those one process with the world
+    batch draws; the ranks' students stay identical."""
+    import torch.multiprocessing as mp
+
+    from dmdr_fast.algo import group_advantages
+
+    mp.spawn(_rl_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(r0["params"], r1["params"])
+    assert len(r0["seen"]) == 2
+    single = _trainer(_config(rl={"group_size": 4}, batch_size=4))
+    for a, b in zip(r0["seen"], r1["seen"], strict=True):
+        assert torch.equal(torch.cat([a["groups"], b["groups"]]), torch.tensor([0, 0, 0, 0]))
+        # The shared condition draw depends on the iteration only; scoring comes after the critic
+        # update, which counted the iteration.
+        single.state.step = a["step"] - 1
+        raw_world, _ = single.rl.sample(single, 4)
+        assert torch.equal(torch.cat([a["raw"], b["raw"]]), raw_world)
+        x = torch.cat([a["x"], b["x"]])
+        scores = brightness(single.student.decode(x), None)
+        adv, _ = group_advantages(scores, torch.zeros(4, dtype=torch.int64), clip=5.0)
+        torch.testing.assert_close(torch.cat([a["adv"], b["adv"]]), adv)
+        assert adv.abs().sum() > 0

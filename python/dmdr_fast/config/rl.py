@@ -34,8 +34,8 @@ class RLConfig(ConfigBase):
     group_size: int = field(
         default=8,
         metadata={
-            "help": "K samples per condition (a group); train.batch_size must be a multiple of it "
-            "(Flow-GRPO: 16–24 on SD3.5)."
+            "help": "K samples per condition (a group); it must divide the world batch train.batch_size × "
+            "world size, and a group may span ranks under torchrun (Flow-GRPO: 16–24 on SD3.5)."
         },
     )
     advantage: Literal["sum", "per_reward"] = field(

@@ -251,12 +251,6 @@ class DMDRTrainerConfig(ConfigBase):
             self._fail("rl.algorithm", f"{rl.algorithm!r} needs an active reward (rewards.0.kind=...)")
         if rl.group_size < 2:
             self._fail("rl.group_size", "must be >= 2: a group of one has no relative advantage")
-        if self.train.batch_size % rl.group_size:
-            self._fail(
-                "rl.group_size",
-                f"({rl.group_size}) must divide train.batch_size ({self.train.batch_size}): every batch "
-                "holds whole groups",
-            )
         if rl.algorithm == "advantage_weighted" and not dmdr.decoupled:
             self._fail(
                 "rl.algorithm",

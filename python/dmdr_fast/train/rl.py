@@ -41,7 +41,8 @@ from dmdr_fast.algo import (
 )
 from dmdr_fast.algo._utils import randint
 from dmdr_fast.algo.generator import dmd_direction, dmd_inputs
-from dmdr_fast.conditions import Cond
+from dmdr_fast.conditions import Cond, slice_cond
+from dmdr_fast.data.prompts import PromptBatch
 from dmdr_fast.rewards.scoring import score_robustly
 from dmdr_fast.train.monitor import repeat_conditions
 from dmdr_fast.train.runtime import grad_norm, swapped_weights, trainable
@@ -67,6 +68,12 @@ class GroupRL:
         if trainer.reward is None:
             raise ValueError(f"rl.algorithm={trainer.config.rl.algorithm!r} needs a reward")
         self.config = trainer.config.rl
+        k, b, world = self.config.group_size, trainer.config.train.batch_size, trainer.world
+        if (b * world) % k:
+            raise ValueError(
+                f"rl.group_size ({k}) must divide the world batch train.batch_size × world size "
+                f"({b} × {world} = {b * world}): every batch holds whole groups"
+            )
         members = trainer.reward.members
         self.scorers = [(m.spec.name, m) for m in members]
         self.weights = [float(m.spec.weight) for m in members]
@@ -81,11 +88,21 @@ class GroupRL:
     # ------------------------------------------------------------------ groups and scores
 
     def sample(self, trainer: Trainer, batch_size: int) -> tuple[Any, Cond]:
-        """``B / K`` conditions, each repeated K times in a row, encoded; sets :attr:`groups`."""
-        k = self.config.group_size
-        raw = repeat_conditions(trainer.data.sample(batch_size // k, trainer.gen), k)
-        self.groups = torch.arange(batch_size // k).repeat_interleave(k)
-        return trainer.encode(raw)
+        """This process's part of the world batch of groups, encoded; sets :attr:`groups`.
+
+        The world batch (``batch_size × world`` samples) holds ``batch_size·world / K``
+        conditions, each K times in a row, drawn with a generator seeded by the run's seed and
+        the iteration — the same on every rank, so a group may span ranks; rank r takes samples
+        ``[r·B, (r + 1)·B)``. :attr:`groups` holds world-wide group indices.
+        """
+        k, world, rank = self.config.group_size, trainer.world, trainer.rank
+        total = batch_size * world
+        seed = (trainer.config.train.seed * 1_000_003 + trainer.state.step) % (2**63)
+        gen = torch.Generator().manual_seed(seed)  # shared by the ranks; a function of the step
+        raw = repeat_conditions(trainer.data.sample(total // k, gen), k)
+        lo, hi = rank * batch_size, (rank + 1) * batch_size
+        self.groups = torch.arange(total // k).repeat_interleave(k)[lo:hi]
+        return trainer.encode(_rows(raw, lo, hi))
 
     @torch.no_grad()
     def score(self, trainer: Trainer, x: torch.Tensor, raw: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -110,9 +127,18 @@ class GroupRL:
             trainer.logger.note(
                 f"step {trainer.state.gen_step}: scorer problems ({report.summary()}); samples dropped"
             )
+        scores, groups = report.scores, self.groups
+        if trainer.world > 1:  # a group may span ranks: its statistics need every member's score
+            scores, groups = _all_gather(scores, trainer.device), _all_gather(groups, trainer.device)
         adv, valid = group_advantages(
-            report.scores, self.groups, weights=self.weights, mode=cfg.advantage, clip=cfg.advantage_clip
+            scores, groups, weights=self.weights, mode=cfg.advantage, clip=cfg.advantage_clip
         )
+        if trainer.world > 1:
+            B = x.shape[0]
+            adv, valid = (
+                adv[trainer.rank * B : (trainer.rank + 1) * B],
+                valid[trainer.rank * B : (trainer.rank + 1) * B],
+            )
         metrics: dict[str, float] = {
             "adv_abs": float(adv.abs().mean()),
             "valid_frac": float(valid.float().mean()),
@@ -232,3 +258,21 @@ class GroupRL:
     def load_state_dict(self, sd: dict[str, Any] | None) -> None:
         ref = (sd or {}).get("reference")
         self.reference = None if ref is None else {k: v.clone() for k, v in ref.items()}
+
+
+def _rows(raw: Any, lo: int, hi: int) -> Any:
+    """Samples ``[lo, hi)`` of raw conditions (labels, prompt strings or a PromptBatch)."""
+    if isinstance(raw, PromptBatch):
+        return PromptBatch(prompts=list(raw.prompts[lo:hi]), condition=slice_cond(raw.condition, lo, hi))
+    return raw[lo:hi]
+
+
+def _all_gather(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Concatenation over the ranks, in rank order (the ranks hold equal-sized parts)."""
+    import torch.distributed as dist
+
+    # NCCL gathers device tensors only; gloo any. The result comes back on the CPU like ``t``.
+    src = t.to(device) if dist.get_backend() == "nccl" else t
+    parts = [torch.empty_like(src) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, src.contiguous())
+    return torch.cat(parts).to(t.device)
