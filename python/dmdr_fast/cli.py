@@ -491,17 +491,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _step_trainer(args: argparse.Namespace, extra: list[str]) -> Trainer:
     """``bench step``'s Trainer: the preset without rewards (the paper baseline has none; a reward
-    adds the same to both) on a random teacher of the preset's size (timing ignores the weights)."""
-    fixed = ["rewards=[]", "dmdr.cold_start_steps=0", "train.tensorboard=false"]
+    adds the same to both) on a random teacher of the preset's size (timing ignores the weights).
+    With ``rl.algorithm`` set the rewards are kept: the group-relative modes score them (both sides)."""
+    fixed = ["dmdr.cold_start_steps=0", "train.tensorboard=false"]
     if args.pipeline is not None:
         from dmdr_fast.recipes import t2i
 
         args.config = None
-        return t2i.bench_trainer(_t2i_config(args).with_overrides([*fixed, "monitor.every=0", *extra]))
+        config = _t2i_config(args)
+        no_rewards = [] if config.rl.enabled else ["rewards=[]"]
+        return t2i.bench_trainer(config.with_overrides([*no_rewards, *fixed, "monitor.every=0", *extra]))
     from dmdr_fast.configs import load_preset
     from dmdr_fast.recipes.digits.run import bench_trainer
 
-    return bench_trainer(load_preset(args.preset or "digits", [*fixed, *(args.set or []), *extra]))
+    overrides = [*fixed, *(args.set or []), *extra]
+    config = load_preset(args.preset or "digits", overrides)
+    if not config.rl.enabled:
+        config = load_preset(args.preset or "digits", ["rewards=[]", *overrides])
+    return bench_trainer(config)
 
 
 def build_parser() -> argparse.ArgumentParser:

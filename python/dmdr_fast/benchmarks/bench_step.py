@@ -28,11 +28,12 @@ from dmdr_fast.benchmarks.harness import machine_info, report
 from dmdr_fast.models.lora import lora_scale
 from dmdr_fast.train.trainer import Trainer
 
-__all__ = ["paper_dmd_loss", "paper_iteration", "run"]
+__all__ = ["paper_dmd_loss", "paper_generator_loss", "paper_iteration", "run"]
 
 
-def paper_dmd_loss(x0, x_t, t, v_fake, v_cond, v_uncond, w):
-    """The DMD loss as the paper's scripts write it (docs/method.md §5.4 and §11)."""
+def paper_dmd_loss(x0, x_t, t, v_fake, v_cond, v_uncond, w, sample_weight=None):
+    """The DMD loss as the paper's scripts write it (docs/method.md §5.4 and §11); ``sample_weight``
+    (B,): each sample's term weighted (the advantage-weighted CA term, written eagerly)."""
     tt = t.view(-1, *[1] * (x0.dim() - 1))
     v_real = v_uncond + w * (v_cond - v_uncond) if v_uncond is not None else v_cond
     x0_real = x_t - tt * v_real
@@ -41,14 +42,73 @@ def paper_dmd_loss(x0, x_t, t, v_fake, v_cond, v_uncond, w):
     normalizer = torch.abs(p_real).mean(dim=list(range(1, x0.dim())), keepdim=True)
     grad = (x0_fake - x0_real) / (normalizer + 1e-8)
     grad = torch.nan_to_num(grad)
-    return 0.5 * F.mse_loss(x0.float(), (x0 - grad).detach().float(), reduction="mean")
+    if sample_weight is None:
+        return 0.5 * F.mse_loss(x0.float(), (x0 - grad).detach().float(), reduction="mean")
+    sq = F.mse_loss(x0.float(), (x0 - grad).detach().float(), reduction="none").flatten(1).mean(1)
+    return 0.5 * (sample_weight.to(sq) * sq).mean()
 
 
-def paper_iteration(tr: Trainer) -> None:
-    """One iteration the paper's way on ``tr``'s networks, optimisers and RNG (LoRA critic)."""
+def paper_generator_loss(
+    tr: Trainer,
+    x0,
+    t_in,
+    cond,
+    s: int,
+    *,
+    guidance: bool = True,
+    decoupled: bool | None = None,
+    ca_sample_weight=None,
+):
+    """The DMD loss on ``x0`` (with grad) the paper's way: a renoised ``sg(x0)``, then **separate**
+    guidance forwards (fake, cond, uncond; Decoupled: cond and uncond at the CA sample too) and
+    the loss in eager PyTorch. ``guidance=False``: the real score without CFG (GRPO's ``dm``
+    regulariser); ``decoupled`` None: ``dmdr.decoupled``; ``t_in`` (B,): x0's input times."""
+    cfg = tr.config
+    B = x0.shape[0]
+    tau2 = tr.dynars.sample(B, s, generator=tr.gen).to(tr.device)
+    x_tau = renoise(x0.detach(), tau2, noise_like(x0, tr.gen))
+    w = tr.cfg_scale.sample(tr.gen) if guidance else 1.0
+    cfg_on = guidance and tr.cfg_scale.enabled
+    lam_r = tr.dynadg.real_scale(s)
+    # Decoupled DMD written the same way: its CFG-augmentation term at its own renoised sample.
+    decoupled = cfg.dmdr.decoupled if decoupled is None else decoupled
+    # The CA sample is drawn as the Trainer draws it (what is timed here is the forwards and the loss).
+    ca_x, ca_t = (x_tau, tau2)
+    if decoupled:
+        ca_x, ca_t = ca_sample(
+            x0.detach(), x_tau, tau2, t_in,
+            mode=cfg.dmdr.ca_renoise, renoise_times=tr.dynars, step=s, generator=tr.gen,
+        )  # fmt: skip
+    with torch.no_grad(), tr.autocast():
+        with lora_scale(tr.guidance.network, cfg.critic.fake_scale):
+            v_fake = tr.guidance.velocity(x_tau, tau2, cond)
+        with lora_scale(tr.guidance.network, lam_r):
+            v_cond = tr.guidance.velocity(x_tau, tau2, cond)
+            ca_cond = tr.guidance.velocity(ca_x, ca_t, cond) if ca_x is not x_tau else v_cond
+            v_uncond = tr.guidance.velocity(ca_x, ca_t, tr.student.null_condition(B)) if cfg_on else None
+    v_uncond = v_uncond.float() if v_uncond is not None else None
+    if decoupled:  # DM: v_cond vs v_fake; CA: the CFG'd real score vs v_cond in the fake slot
+        loss = cfg.dmdr.dmd_weight * paper_dmd_loss(
+            x0, x_tau, tau2, v_fake.float(), v_cond.float(), None, 1.0
+        )
+        if uses_cfg(w):  # a jittered scale at or below 1 has no CFG term (as decoupled_dmd_loss)
+            ca = paper_dmd_loss(
+                x0, ca_x, ca_t, ca_cond.float(), ca_cond.float(), v_uncond, w, ca_sample_weight
+            )
+            loss = loss + cfg.dmdr.ca_weight * ca
+        return loss
+    return cfg.dmdr.dmd_weight * paper_dmd_loss(x0, x_tau, tau2, v_fake.float(), v_cond.float(), v_uncond, w)
+
+
+def paper_iteration(tr: Trainer, *, batch: tuple[Any, Any] | None = None, ca_weight_fn=None) -> None:
+    """One iteration the paper's way on ``tr``'s networks, optimisers and RNG (LoRA critic).
+
+    ``batch``: ``(raw, cond)`` already sampled (the group-relative modes: K samples per condition);
+    ``ca_weight_fn(x0, raw) -> (B,)``: per-sample weights of the Decoupled CA term (mode 2's
+    baseline scores the batch there)."""
     cfg, st = tr.config, tr.state
     s, B = st.gen_step, cfg.train.batch_size
-    _, cond = tr.encode(tr.data.sample(B, tr.gen))
+    raw, cond = batch if batch is not None else tr.encode(tr.data.sample(B, tr.gen))
     with torch.no_grad(), tr.autocast():
         sim = backward_simulation(
             tr.student.velocity,
@@ -77,40 +137,8 @@ def paper_iteration(tr: Trainer) -> None:
     with tr.autocast():
         v_g = tr.student.velocity(sim.x_in, sim.t_in, cond)
     x0 = sim.x_in - sim.t_in.view(-1, *[1] * (sim.x_in.dim() - 1)) * v_g.float()
-    tau2 = tr.dynars.sample(B, s, generator=tr.gen).to(tr.device)
-    x_tau = renoise(x0.detach(), tau2, noise_like(x0, tr.gen))
-    w = tr.cfg_scale.sample(tr.gen)
-    lam_r = tr.dynadg.real_scale(s)
-    # Decoupled DMD written the same way: its CFG-augmentation term at its own renoised sample.
-    decoupled = cfg.dmdr.decoupled
-    # The CA sample is drawn as the Trainer draws it (what is timed here is the forwards and the loss).
-    ca_x, ca_t = (x_tau, tau2)
-    if decoupled:
-        ca_x, ca_t = ca_sample(
-            x0.detach(), x_tau, tau2, sim.t_in,
-            mode=cfg.dmdr.ca_renoise, renoise_times=tr.dynars, step=s, generator=tr.gen,
-        )  # fmt: skip
-    with torch.no_grad(), tr.autocast():
-        with lora_scale(tr.guidance.network, cfg.critic.fake_scale):
-            v_fake = tr.guidance.velocity(x_tau, tau2, cond)
-        with lora_scale(tr.guidance.network, lam_r):
-            v_cond = tr.guidance.velocity(x_tau, tau2, cond)
-            ca_cond = tr.guidance.velocity(ca_x, ca_t, cond) if ca_x is not x_tau else v_cond
-            v_uncond = (
-                tr.guidance.velocity(ca_x, ca_t, tr.student.null_condition(B))
-                if tr.cfg_scale.enabled
-                else None
-            )
-    v_uncond = v_uncond.float() if v_uncond is not None else None
-    if decoupled:  # DM: v_cond vs v_fake; CA: the CFG'd real score vs v_cond in the fake slot
-        loss = cfg.dmdr.dmd_weight * paper_dmd_loss(
-            x0, x_tau, tau2, v_fake.float(), v_cond.float(), None, 1.0
-        )
-        if uses_cfg(w):  # a jittered scale at or below 1 has no CFG term (as decoupled_dmd_loss)
-            ca = paper_dmd_loss(x0, ca_x, ca_t, ca_cond.float(), ca_cond.float(), v_uncond, w)
-            loss = loss + cfg.dmdr.ca_weight * ca
-    else:
-        loss = paper_dmd_loss(x0, x_tau, tau2, v_fake.float(), v_cond.float(), v_uncond, w)
+    ca_w = ca_weight_fn(x0.detach(), raw) if ca_weight_fn is not None else None
+    loss = paper_generator_loss(tr, x0, sim.t_in, cond, s, ca_sample_weight=ca_w)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in tr.student.network.parameters() if p.requires_grad], 1.0)
     tr.opt_g.step()
@@ -141,8 +169,10 @@ def _runs(trainer: Trainer, twin: Trainer | None) -> list[tuple[str, Any, bool, 
     """(name, iteration, force eager, trainer) of each timed row: the paper's scripts do not
     compile, so their row runs eager; with ``train.compile`` our step is also timed eager (the
     compile gain); with FP8 frozen weights, ``twin`` is the same run with them in their load dtype."""
+    from dmdr_fast.benchmarks.bench_step_rl import baseline_iteration  # imports this module
+
     ours = lambda tr: tr.step()  # noqa: E731
-    rows = [("ours", ours, False, trainer), ("paper", paper_iteration, True, trainer)]
+    rows = [("ours", ours, False, trainer), ("paper", baseline_iteration(trainer.config), True, trainer)]
     if trainer.config.train.compile:
         rows.insert(1, ("ours_eager", ours, True, trainer))
     if twin is not None:
@@ -193,8 +223,12 @@ def run(
     ours, paper = peak["ours"], peak["paper"]  # both None off CUDA
     hp = f"ours_{_weights_dtype(twin)}" if twin is not None else None
     fp8 = trainer.fp8
+    from dmdr_fast.benchmarks.bench_step_rl import baseline_name, rl_summary
+
     return {
         "benchmark": "step",
+        "baseline": baseline_name(cfg),  # the "paper" row: the paper's step, or the RL modes' eager baseline
+        "rl": rl_summary(cfg),
         "batch_size": cfg.train.batch_size,
         "student_steps": cfg.student.num_steps,
         "ratio_update": cfg.dmdr.ratio_update,
@@ -219,13 +253,15 @@ def run(
 
 def format_result(r: dict[str, Any]) -> str:
     m = r["median_ms"]
+    base = r.get("baseline", "paper")
     return (
         f"bench step: batch {r['batch_size']}, {r['student_steps']}-step student, R={r['ratio_update']}, "
         f"CFG {r['guidance']}{', Decoupled DMD (' + r['decoupled'] + ')' if r.get('decoupled') else ''}  ({r['machine'].get('gpu', r['machine']['cpu'])}, {r['machine']['date']})\n"
-        f"  cycle (R iterations = 1 generator update): ours {m['ours_cycle']:.1f} ms, "
-        f"paper {m['paper_cycle']:.1f} ms  → ×{r['speedup_cycle']:.2f}\n"
+        + (f"  {r['rl']}; baseline: {base}\n" if r.get("rl") else "")
+        + f"  cycle (R iterations = 1 generator update): ours {m['ours_cycle']:.1f} ms, "
+        f"{base} {m['paper_cycle']:.1f} ms  → ×{r['speedup_cycle']:.2f}\n"
         f"  generator-update iteration only:            ours {m['ours_gen']:.1f} ms, "
-        f"paper {m['paper_gen']:.1f} ms  → ×{r['speedup_gen_iter']:.2f}\n"
+        f"{base} {m['paper_gen']:.1f} ms  → ×{r['speedup_gen_iter']:.2f}\n"
         + (
             f"  compiled ({r['compile']}) vs our step eager:  ours {m['ours_cycle']:.1f} ms, "
             f"eager {m['ours_eager_cycle']:.1f} ms  → ×{r['compile_speedup_cycle']:.2f} per cycle\n"
@@ -243,7 +279,7 @@ def format_result(r: dict[str, Any]) -> str:
         )
         + (
             f"  peak memory (one cycle):                    ours {p['ours']:.0f} MiB, "
-            f"paper {p['paper']:.0f} MiB  → ×{r['memory_ratio']:.2f}"
+            f"{base} {p['paper']:.0f} MiB  → ×{r['memory_ratio']:.2f}"
             if (p := r["peak_mem_mib"])["ours"] is not None
             else "  peak memory: measured on CUDA only"
         )

@@ -269,14 +269,20 @@ def write_json(path: Path, obj: Any) -> None:
 
 def bench_trainer(config: DMDRTrainerConfig) -> Trainer:
     """A Trainer on a randomly initialised teacher of the preset's size (``bench step``: timing does
-    not depend on the weights, so no teacher is trained or read from the cache)."""
+    not depend on the weights, so no teacher is trained or read from the cache). With
+    ``rl.algorithm`` set it gets the config's rewards (kinds built from the config alone, e.g. ``ink``;
+    the ``classifier`` kind needs the trained assets and is refused by the registry)."""
     from dmdr_fast.models import DiTAdapter, dit_from_config
     from dmdr_fast.recipes.digits.teacher import DEFAULT_DIGITS_TEACHER_CONFIG, resolve_config
+    from dmdr_fast.rewards import rewards_from_config
 
     arch = resolve_config(config.model.kwargs.get("teacher"), DEFAULT_DIGITS_TEACHER_CONFIG, "teacher")[
         "model"
     ]
-    return Trainer(config, DiTAdapter(dit_from_config(arch, seed=0)), data=ClassLabelSampler(NUM_CLASSES))
+    reward = rewards_from_config(config.rewards) if config.rl.enabled else None
+    return Trainer(
+        config, DiTAdapter(dit_from_config(arch, seed=0)), reward=reward, data=ClassLabelSampler(NUM_CLASSES)
+    )
 
 
 def train_student(
