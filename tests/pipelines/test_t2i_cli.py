@@ -163,6 +163,16 @@ def test_bench_step_on_a_tiny_pipeline(sd3_dir: Path, tmp_path: Path):
     assert result["student_steps"] == 4 and result["speedup_cycle"] > 0  # sd3-medium-4step's student
 
 
+def test_bench_step_grpo_on_a_tiny_pipeline(sd3_dir: Path, tmp_path: Path):
+    """``bench step`` in a group-relative mode keeps the (scored) reward on both sides."""
+    out = tmp_path / "step.json"
+    argv = ["bench", "step", "--pipeline", str(sd3_dir), *TINY, "--set", "train.batch_size=2"]
+    argv += ["--set", "rl.algorithm=grpo", "--set", "rl.group_size=2", "--set", "student.num_steps=2"]
+    argv += ["--set", "rewards=[{kind: jpeg, weight: 1.0}]"]
+    assert main([*argv, "--cycles", "1", "--warmup", "0", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["speedup_cycle"] > 0
+
+
 def test_bench_step_fp8_on_a_tiny_pipeline(sd3_dir: Path, tmp_path: Path):
     out = tmp_path / "step.json"
     argv = ["bench", "step", "--pipeline", str(sd3_dir), *TINY, "--set", "train.batch_size=2"]

@@ -84,7 +84,12 @@ def bench_trainer(config: DMDRTrainerConfig, *, num_prompts: int = 64) -> Traine
     prompts = [f"a photo of object number {i}, studio light" for i in range(num_prompts)]
     batch = PromptBatch(prompts=prompts, condition=adapter.encode_condition(prompts))
     adapter.drop_text_encoders()
-    return Trainer(config, adapter, data=EncodedPromptSampler(batch))
+    # The group-relative modes need their (scored) rewards; a differentiable-reward run's bench
+    # leaves them out (the paper baseline has none).
+    from dmdr_fast.rewards import rewards_from_config
+
+    reward = rewards_from_config(config.rewards) if config.rl.enabled else None
+    return Trainer(config, adapter, reward=reward, data=EncodedPromptSampler(batch))
 
 
 def adapter_class(family: str) -> type[TextToImageAdapter]:
