@@ -108,15 +108,18 @@ def test_grpo_preset_trains_from_the_cli(
     assert f"algorithm: {mode}" in saved
 
 
-def test_grpo_through_the_trainer_api(tiny_pipes: dict[str, Path], prompt_file: Path, tmp_path: Path):
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_grpo_through_the_trainer_api(
+    family: str, tiny_pipes: dict[str, Path], prompt_file: Path, tmp_path: Path
+):
     """The recipe without the CLI: adapter, encoded prompts, the preset's rewards, Trainer.fit."""
     from dmdr_fast.data.prompts import PromptBatch
     from dmdr_fast.recipes.t2i import EncodedPromptSampler, build_adapter
     from dmdr_fast.rewards import rewards_from_config
     from dmdr_fast.train import Trainer
 
-    preset, extra = FAMILIES["sd3"]
-    config = load_preset(preset, [*TINY, *extra, f"model.path={tiny_pipes['sd3']}"])
+    preset, extra = FAMILIES[family]
+    config = load_preset(preset, [*TINY, *extra, f"model.path={tiny_pipes[family]}"])
     adapter = build_adapter(config.model, device="cpu")
     batch = PromptBatch(prompts=PROMPTS, condition=adapter.encode_condition(PROMPTS))
     reward = rewards_from_config(config.rewards, device="cpu")

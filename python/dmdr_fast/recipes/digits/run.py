@@ -370,7 +370,7 @@ def run_digits(
         plot_metric_curves(
             {config.name: history},
             out / "metrics_over_steps.png",
-            metrics=["fd", "precision", "recall", "accuracy", "diversity_ratio", "reward"],
+            metrics=["fd", "precision", "recall", "accuracy", "diversity_ratio", "reward", "ink"],
         )
     monitor_lines: list[str] = []
     if trainer.monitor is not None and trainer.monitor.history:
