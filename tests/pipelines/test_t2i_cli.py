@@ -25,7 +25,7 @@ from dmdr_fast.pipelines.random import (
 
 # Every preset but digits is a text-to-image one (the GRPO presets included); the list is read from
 # the folder so that a new preset is checked without editing this file.
-T2I_PRESETS = [name for name in preset_names() if name != "digits"]
+T2I_PRESETS = [name for name in preset_names() if not name.startswith("digits")]
 TINY = [
     "--set", "model.kwargs.resolution=16", "--set", "model.kwargs.max_sequence_length=4",
     "--set", "model.weights_dtype=fp32", "--set", "model.gradient_checkpointing=false",

@@ -48,7 +48,16 @@ def mean_score(images: Tensor, cond) -> Tensor:
 
 
 def test_builtin_kinds_and_unknown_kind():
-    assert REWARD_KINDS == ("clip", "pickscore", "aesthetic", "callable", "hps", "image_reward", "jpeg")
+    assert REWARD_KINDS == (
+        "clip",
+        "pickscore",
+        "aesthetic",
+        "callable",
+        "hps",
+        "image_reward",
+        "jpeg",
+        "ink",
+    )
     jpeg = build_reward("jpeg", direction="incompressibility", weight=0.5)
     assert jpeg.name == "jpeg" and jpeg.spec.weight == 0.5 and jpeg.direction == "incompressibility"
     assert not jpeg.differentiable

@@ -29,7 +29,7 @@ import torch
 
 from dmdr_fast.algo import critic_loss, noise_like, renoise
 from dmdr_fast.algo._utils import randint
-from dmdr_fast.benchmarks.bench_step import paper_generator_loss, paper_iteration
+from dmdr_fast.benchmarks.paper_step import paper_generator_loss, paper_iteration
 from dmdr_fast.conditions import index_cond
 from dmdr_fast.models.lora import lora_scale
 from dmdr_fast.train.runtime import swapped_weights
@@ -65,8 +65,7 @@ def _stage2(tr: Trainer) -> bool:
     """True in stage 2, with its learning rates set (as the Trainer's step sets them)."""
     if tr.stage != 2:
         return False
-    if not tr._stage2_applied:
-        tr._enter_stage2()
+    tr.apply_stage_learning_rates()
     return True
 
 
@@ -76,6 +75,7 @@ def eager_advantages(tr: Trainer, x: torch.Tensor, raw: Any) -> torch.Tensor:
     per-group statistics eagerly (population std, Flow-GRPO's per-prompt tracker); groups are the
     K consecutive samples of one condition."""
     rl = tr.config.rl
+    assert tr.reward is not None  # the Trainer refuses an RL config without one
     images = tr.student.decode(x).float()
     cols = [m(images, raw).float().to(x.device) for m in tr.reward.members]
     weights = [float(m.spec.weight) for m in tr.reward.members]
@@ -88,9 +88,9 @@ def eager_advantages(tr: Trainer, x: torch.Tensor, raw: Any) -> torch.Tensor:
         return torch.where(std > 0, a, torch.zeros_like(a)).flatten()
 
     if rl.advantage == "sum":
-        adv = norm(sum(w * c for w, c in zip(weights, cols)))
+        adv = norm(torch.stack([w * c for w, c in zip(weights, cols)]).sum(0))
     else:  # per_reward (GDPO)
-        adv = sum(w * norm(c) for w, c in zip(weights, cols))
+        adv = torch.stack([w * norm(c) for w, c in zip(weights, cols)]).sum(0)
     return adv.clamp(-rl.advantage_clip, rl.advantage_clip)
 
 
@@ -99,6 +99,7 @@ def advantage_weighted_iteration(tr: Trainer) -> None:
     the CA term weighted per sample in the eager loss."""
     if not _stage2(tr):
         return paper_iteration(tr)
+    assert tr.rl is not None  # rl.algorithm is set
     raw, cond = tr.rl.sample(tr, tr.config.train.batch_size)
     beta = tr.config.rl.ca_scale
 
@@ -133,9 +134,11 @@ def flow_grpo_iteration(tr: Trainer) -> None:
     rl, s, B = cfg.rl, st.gen_step, cfg.train.batch_size
     student, grid = tr.student, tr.grid
     n = grid.numel() - 1
-    raw, cond = tr.rl.sample(tr, B)  # B / K conditions, each K times in a row
-    if rl.regularizer == "kl" and tr.rl.reference is None:  # the student as stage 2 begins (as ours)
-        tr.rl.reference = {
+    group_rl = tr.rl
+    assert group_rl is not None  # rl.algorithm is set
+    raw, cond = group_rl.sample(tr, B)  # B / K conditions, each K times in a row
+    if rl.regularizer == "kl" and group_rl.reference is None:  # the student as stage 2 begins (as ours)
+        group_rl.reference = {
             name: p.detach().clone() for name, p in student.network.named_parameters() if p.requires_grad
         }
     stds = [float(grid[k + 1]) for k in range(n - 1)] + [float(rl.sde_noise)]
@@ -181,7 +184,7 @@ def flow_grpo_iteration(tr: Trainer) -> None:
         for k in range(n):
             t = grid[k].expand(B).to(tr.device)
             if rl.regularizer == "kl":  # first: swapping weights in place would break the graph below
-                with torch.no_grad(), swapped_weights(student.network, tr.rl.reference):
+                with torch.no_grad(), swapped_weights(student.network, group_rl.reference):
                     _, ref_mean = _step_mean(tr, states[k], k, cond)
             x0, mean = _step_mean(tr, states[k], k, cond)
             ratio = torch.exp(_logprob(actions[k], mean, stds[k]) - logp_old[k])

@@ -322,6 +322,11 @@ class Trainer:
         """1 (DMD only, cold start) or 2 (DMD + rewards)."""
         return self.config.stage(self.state.gen_step)
 
+    def apply_stage_learning_rates(self) -> None:
+        """Set stage 2's learning rates once stage 2 is reached (no-op otherwise or when set)."""
+        if self.stage == 2 and not self._stage2_applied:
+            self._enter_stage2()
+
     def _enter_stage2(self) -> None:
         """Lower learning rates for stage 2, set explicitly (also after a resume: a restored optimiser
         state must not keep stage 1's rates, docs/method.md §9)."""
@@ -354,8 +359,7 @@ class Trainer:
         """One iteration; returns the generator step's metrics when a generator update happened."""
         cfg, st = self.config, self.state
         s, stage = st.gen_step, self.stage
-        if stage == 2 and not self._stage2_applied:
-            self._enter_stage2()
+        self.apply_stage_learning_rates()
         B = cfg.train.batch_size
         rl = self.rl if stage == 2 else None  # groups of K per condition, scored rewards
         raw, cond = rl.sample(self, B) if rl is not None else self.encode(self.data.sample(B, self.gen))
