@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dmdr_fast.algo import critic_loss, noise_like, renoise
+from dmdr_fast.algo import critic_loss, noise_like, renoise, transition_stds
 from dmdr_fast.algo._utils import randint
 from dmdr_fast.benchmarks.paper_step import paper_generator_loss, paper_iteration
 from dmdr_fast.conditions import index_cond
@@ -141,7 +141,7 @@ def flow_grpo_iteration(tr: Trainer) -> None:
         group_rl.reference = {
             name: p.detach().clone() for name, p in student.network.named_parameters() if p.requires_grad
         }
-    stds = [float(grid[k + 1]) for k in range(n - 1)] + [float(rl.sde_noise)]
+    stds = transition_stds(grid, rl.sde_noise)  # the policy's own σ_k (algo.policy)
 
     # 1. Rollout: all groups' K samples in one forward per sampler step; log-probs kept.
     x = tr.draw_noise((B, *student.sample_shape))
