@@ -33,6 +33,20 @@ class TrainConfig(ConfigBase):
             "help": "Batch size per process (global = batch_size × world size). Paper SiT stage 1: 64 per GPU."
         },
     )
+    grad_accum: int = field(
+        default=1,
+        metadata={
+            "help": "Micro-batches of batch_size per optimiser step (each optimiser, critic and generator, "
+            "steps on the mean gradient of its own micro-batches); global batch = batch_size × grad_accum × world."
+        },
+    )
+    parallel: Literal["ddp", "fsdp"] = field(
+        default="ddp",
+        metadata={
+            "help": "Under torchrun: 'ddp' (a full copy of every network per process; LoRA students) or 'fsdp' "
+            "(FSDP2: student, critic, EMA and frozen teacher sharded per block; sharded checkpoints)."
+        },
+    )
     seed: int = field(default=30, metadata={"help": "Base seed; process i uses seed + i (paper: 30)."})
     precision: Literal["fp32", "bf16"] = field(
         default="fp32",
@@ -112,6 +126,7 @@ class TrainConfig(ConfigBase):
         super().__post_init__()
         check_range(self, "max_steps", ge=1)
         check_range(self, "batch_size", ge=1)
+        check_range(self, "grad_accum", ge=1)
         check_range(self, "seed", ge=0)
         for name in ("log_every", "sample_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
             check_range(self, name, ge=0)
