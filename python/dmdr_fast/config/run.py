@@ -266,6 +266,12 @@ class DMDRTrainerConfig(ConfigBase):
             self._fail("rl.algorithm", f"{rl.algorithm!r} needs an active reward (rewards.0.kind=...)")
         if rl.group_size < 2:
             self._fail("rl.group_size", "must be >= 2: a group of one has no relative advantage")
+        if self.train.grad_accum > 1:
+            self._fail(
+                "train.grad_accum",
+                "micro-batches are not supported with rl.algorithm yet (a group must be scored in one "
+                "batch): use grad_accum = 1 and a batch of whole groups",
+            )
         if rl.algorithm == "advantage_weighted" and not dmdr.decoupled:
             self._fail(
                 "rl.algorithm",

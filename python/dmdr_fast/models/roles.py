@@ -23,7 +23,7 @@ __all__ = ["make_guidance", "make_student"]
 AdapterT = TypeVar("AdapterT", bound=FlowModelAdapter)
 
 
-def make_student(teacher: AdapterT, *, lora: LoraConfig | None = None) -> AdapterT:
+def make_student(teacher: AdapterT, *, lora: LoraConfig | None = None, share_base: bool = True) -> AdapterT:
     """A student adapter initialised from the teacher (a deep copy of its network).
 
     Modules the adapter holds outside its network (e.g. a frozen VAE registered on an
@@ -34,6 +34,8 @@ def make_student(teacher: AdapterT, *, lora: LoraConfig | None = None) -> Adapte
         lora: ``None`` for a full fine-tune (every network parameter trainable), or the LoRA to
             inject into the copy (then only LoRA trains), e.g. rank 64 / alpha 128 for SD3.5. With
             a LoRA the copy's base weights are the teacher's tensors (shared, frozen), not copies.
+        share_base: With a LoRA, share the frozen base tensors with the teacher (False: copy them,
+            as FSDP needs, where one tensor cannot belong to two sharded networks).
 
     Returns:
         A new adapter of the same type.
@@ -53,7 +55,7 @@ def make_student(teacher: AdapterT, *, lora: LoraConfig | None = None) -> Adapte
         for tensor in (*teacher.parameters(), *teacher.buffers()):
             if id(tensor) not in own:
                 memo[id(tensor)] = tensor  # deepcopy reuses memo entries: shared, not copied
-    if lora is not None:
+    if lora is not None and share_base:
         # A LoRA student trains only its adapter: its frozen base weights can BE the teacher's
         # (the modules are copied, the tensors shared), which saves a whole copy of a multi-billion
         # parameter network. The teacher's base is frozen too (make_guidance / full critic).

@@ -30,6 +30,7 @@ __all__ = [
     "real_score_schedule",
     "renoise_schedule",
     "reward_policies",
+    "use_attention",
 ]
 
 
@@ -153,3 +154,15 @@ def reward_policies(config: DMDRTrainerConfig, reward: CompositeReward | None) -
             )
         policies.append(RewardPolicy(spec.name, entry.combine, entry.weight, entry.ratio, entry.max_weight))
     return policies
+
+
+def use_attention(networks: Sequence[nn.Module], name: str) -> None:
+    """``train.attention``: route the attention of ``networks`` through :func:`dmdr_fast.ops.attention`
+    with ``name`` as the backend ("native" keeps the models' own attention, "auto" lets the
+    dispatcher choose)."""
+    if name == "native":
+        return
+    from dmdr_fast.models.attention import use_attention as route
+
+    for net in networks:
+        route(net, None if name == "auto" else name)

@@ -45,7 +45,7 @@ from dmdr_fast._io import PROGRESS_NAME, atomic_write_text, load_safetensors, re
 from dmdr_fast.conditions import to_device
 from dmdr_fast.config import OptimConfig
 
-__all__ = ["ODEPairs", "generate_ode_pairs", "ode_regression"]
+__all__ = ["ODEPairs", "generate_ode_pairs", "ode_regression", "run_ode_init"]
 
 _META = "ode_pairs.json"
 _FORMAT = 1
@@ -366,3 +366,34 @@ def ode_regression(
 def _device(adapter: Any) -> torch.device:
     net = getattr(adapter, "network", adapter)
     return next((p.device for p in net.parameters()), torch.device("cpu"))
+
+
+def run_ode_init(trainer: Any, *, progress: bool = True) -> list[float]:
+    """:meth:`dmdr_fast.train.Trainer.ode_init`: regress ``trainer``'s student onto the ODE pairs of
+    ``student.ode_init``, start the EMA from the result, mark it done and checkpoint."""
+    from dmdr_fast.data.prompt_cache import model_identity
+    from dmdr_fast.train.runtime import trainable
+
+    s, cfg = trainer.config.student, trainer.config
+    assert s.ode_init is not None  # fit() calls this only when it is set
+    pairs = ODEPairs.open(s.ode_init, trainer.student, model_id=model_identity(cfg.model.path))
+    losses = ode_regression(
+        trainer.student_forward, trainable(trainer.student.network), pairs, trainer.student,
+        t0=trainer.grid[0], steps=s.ode_steps, lr=s.ode_lr, optim=cfg.optim,
+        batch_size=cfg.train.batch_size, generator=trainer.gen, device=trainer.device,
+        autocast=trainer.autocast, log=trainer.logger.log, log_every=cfg.train.log_every,
+        progress=progress and trainer.rank == 0,
+    )  # fmt: skip
+    if trainer.ema is not None:  # the EMA starts from the regressed weights
+        with torch.no_grad():
+            for n, p in trainer.student.network.named_parameters():
+                if n in trainer.ema:
+                    trainer.ema[n].copy_(p.detach())
+    trainer.state.ode_init_done = True
+    trainer.logger.note(
+        f"ODE init: {s.ode_steps} steps on {len(pairs)} pairs from {s.ode_init}, "
+        f"loss {losses[0]:.4g} → {losses[-1]:.4g}"
+    )
+    if trainer.out_dir is not None:
+        trainer.save()
+    return losses

@@ -18,6 +18,7 @@ __all__ = [
     "compile_networks",
     "deterministic_algorithms",
     "ema_update",
+    "mean_metrics",
     "resolve_device",
     "swapped_weights",
 ]
@@ -169,3 +170,11 @@ def swapped_weights(network: nn.Module, weights: dict[str, torch.Tensor] | None)
         with torch.no_grad():
             for n, v in backup.items():
                 params[n].copy_(v)
+
+
+def mean_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """The per-key mean of the metrics of k micro-batches (one micro-batch: its own dict)."""
+    if len(parts) == 1:
+        return parts[0]
+    keys = dict.fromkeys(k for part in parts for k in part)
+    return {k: sum(p[k] for p in parts if k in p) / sum(k in p for p in parts) for k in keys}

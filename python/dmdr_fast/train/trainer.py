@@ -55,7 +55,7 @@ from dmdr_fast.algo.generator import (
     reward_groups,
 )
 from dmdr_fast.algo.sampling import BackwardSimulation
-from dmdr_fast.conditions import Cond, to_device
+from dmdr_fast.conditions import Cond, index_cond, to_device
 from dmdr_fast.config import DMDRTrainerConfig
 from dmdr_fast.data.prompts import PromptBatch
 from dmdr_fast.data.samplers import ClassLabelSampler, ConditionSampler
@@ -71,16 +71,25 @@ from dmdr_fast.train.components import (
     real_score_schedule,
     renoise_schedule,
     reward_policies,
+    use_attention,
 )
 from dmdr_fast.train.interrupt import stop_requested
 from dmdr_fast.train.logging import RunLogger
 from dmdr_fast.train.monitor import RewardHackingMonitor
+from dmdr_fast.train.parallel import (
+    balanced,
+    broadcast_from_rank0,
+    collective_forwards,
+    shard_network,
+    wrap_ddp,
+)
 from dmdr_fast.train.rl import GroupRL
 from dmdr_fast.train.runtime import (
     compile_networks,
     deterministic_algorithms,
     ema_update,
     grad_norm,
+    mean_metrics,
     resolve_device,
     swapped_weights,
     trainable,
@@ -182,8 +191,13 @@ class Trainer:
 
         s, c = config.student, config.critic
         targets = getattr(teacher, "default_lora_targets", ())
+        # FSDP: one tensor cannot be in two FSDP units, so a LoRA student gets its own frozen base.
+        self.sharded = config.train.parallel == "fsdp" and torch.distributed.is_initialized()
+        self.collective = collective_forwards(config.train.parallel, self.world)  # all ranks, every forward
         self.student = make_student(
-            teacher, lora=lora_config(s.lora, "student", targets) if s.kind == "lora" else None
+            teacher,
+            lora=lora_config(s.lora, "student", targets) if s.kind == "lora" else None,
+            share_base=not self.sharded,
         )
         if s.kind == "full":
             self.student.network.float()  # fp32 master weights even when the teacher is bf16
@@ -199,9 +213,13 @@ class Trainer:
             self.guidance = teacher
             self.critic = make_student(teacher)
             self.critic.network.float()
-        self._use_attention()  # then FP8 (its attention flag lives on the processors chosen here)
+        use_attention(self._networks(), config.train.attention)  # then FP8 (its flag is on them)
         lora_student = self.student.network if s.kind == "lora" else None
         self.fp8 = frozen_fp8(config.model, self.guidance.network, lora_student)
+        if self.sharded:  # same start on every rank, then each keeps 1/N (train/parallel.py)
+            broadcast_from_rank0(self._networks())
+            for net in self._networks():
+                shard_network(net, config.train.precision, self.device)
         if config.train.compile:
             compile_networks(self._networks(), config.train)
         self.student_forward = self._wrap_ddp(self.student)
@@ -242,7 +260,11 @@ class Trainer:
         )
         self.reward_policies = reward_policies(config, reward) if not config.rl.enabled else []
         self.rl = GroupRL(self) if config.rl.enabled else None  # rewards as black boxes (train/rl.py)
-        self.gen = torch.Generator().manual_seed(config.train.seed + self.rank)
+        # One RNG stream per micro-batch slot of the world batch (rank r, micro-batch i: slot
+        # r·grad_accum + i): 1 process × 2 micro-batches draws what 2 processes × 1 draw.
+        k = config.train.grad_accum
+        self.gens = [torch.Generator().manual_seed(config.train.seed + self.rank * k + i) for i in range(k)]
+        self.gen = self.gens[0]  # the current micro-batch's stream
         self.state = TrainerState()
         self.logger = RunLogger(
             self.out_dir if self.rank == 0 else None, tensorboard=config.train.tensorboard
@@ -254,18 +276,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ helpers
 
-    def _use_attention(self) -> None:
-        """Route the attention of all networks (teacher/guidance, student, full critic) through
-        :func:`dmdr_fast.ops.attention` with ``train.attention`` as the backend ("native" keeps the
-        models' own attention, "auto" lets the dispatcher choose)."""
-        name = self.config.train.attention
-        if name == "native":
-            return
-        from dmdr_fast.models.attention import use_attention
-
-        for net in self._networks():
-            use_attention(net, None if name == "auto" else name)
-
     def _networks(self) -> list[nn.Module]:
         """The distinct big networks: teacher/guidance, student and (if any) the full critic."""
         networks = [self.guidance.network, self.student.network]
@@ -275,16 +285,8 @@ class Trainer:
 
     def _wrap_ddp(self, adapter: FlowModelAdapter) -> Callable[..., torch.Tensor]:
         """The callable used for gradient-carrying forwards (DDP-wrapped under torchrun)."""
-        if self.world > 1 and isinstance(adapter, nn.Module):
-            # Only the trained weights need syncing: frozen teacher/VAE/text-encoder tensors are
-            # identical on every rank and would only be broadcast and bucketed for nothing.
-            frozen = [n for n, p in adapter.named_parameters() if not p.requires_grad]
-            frozen += [n for n, _ in adapter.named_buffers()]
-            DDP = nn.parallel.DistributedDataParallel
-            if hasattr(DDP, "_set_params_and_buffers_to_ignore_for_model"):
-                DDP._set_params_and_buffers_to_ignore_for_model(adapter, frozen)
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            return DDP(adapter, device_ids=ids)
+        if self.world > 1 and not self.sharded and isinstance(adapter, nn.Module):
+            return wrap_ddp(adapter, self.device)
         return adapter.velocity
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -356,46 +358,57 @@ class Trainer:
 
     @_deterministic_scope
     def step(self) -> dict[str, float] | None:
-        """One iteration; returns the generator step's metrics when a generator update happened."""
+        """One iteration; returns the generator step's metrics when a generator update happened.
+
+        With ``train.grad_accum = k`` it runs k micro-batches of ``train.batch_size``, each from its
+        own RNG stream, and each optimiser steps once on the mean of its k gradients.
+        """
         cfg, st = self.config, self.state
         s, stage = st.gen_step, self.stage
         self.apply_stage_learning_rates()
-        B = cfg.train.batch_size
-        rl = self.rl if stage == 2 else None  # groups of K per condition, scored rewards
-        raw, cond = rl.sample(self, B) if rl is not None else self.encode(self.data.sample(B, self.gen))
-
+        B, k = cfg.train.batch_size, cfg.train.grad_accum
+        rl = self.rl if stage == 2 else None  # groups of K per condition, scored rewards (k = 1)
         gen_update = (st.step + 1) % cfg.dmdr.ratio_update == 0
-        if rl is not None and rl.grpo and gen_update:  # rollout, critic, scores, policy steps
-            return rl.grpo_iteration(self, raw, cond, stage)
         # In a generator-update iteration the generator's own forward x0 = x_in − t_k·G(x_in)
         # (with grad) equals the rollout's x̂0 at step k — G has not changed in between — so the
         # rollout skips that evaluation and the critic trains on x0.detach() (trajectory mode).
-        reuse = gen_update and cfg.student.backward_sim == "trajectory"
-
-        # 1. Backward simulation (no grad).
-        t0 = time.perf_counter()
-        sim = self._backward_simulation(B, cond, skip_selected=reuse)
-        # In trajectory mode the critic trains on the generator's own x0, so it comes first; else
-        # it comes after the critic update (same value: the critic does not touch G), so that the
-        # student's graph is not held in memory through the critic's forward and backward.
-        x0 = self._generator_x0(sim, cond) if reuse else None
-
-        # 2. Critic update: flow matching of the fake score on the student's samples.
-        gn_c = self.critic_update(x0.detach() if x0 is not None else _rollout_x0(sim), cond, s)
+        # Not with micro-batches: all k student graphs would be held through the critic updates.
+        reuse = gen_update and cfg.student.backward_sim == "trajectory" and k == 1
+        t0, batches = time.perf_counter(), []
+        self.opt_c.zero_grad(set_to_none=True)
+        for i in range(k):
+            self.gen = self.gens[i]
+            raw, cond = rl.sample(self, B) if rl is not None else self.encode(self.data.sample(B, self.gen))
+            if rl is not None and rl.grpo and gen_update:  # rollout, critic, scores, policy steps
+                return rl.grpo_iteration(self, raw, cond, stage)
+            # 1. Backward simulation (no grad).
+            sim = self._backward_simulation(B, cond, skip_selected=reuse)
+            # In trajectory mode the critic trains on the generator's own x0, so it comes first;
+            # else it comes after the critic update (same value: the critic does not touch G), so
+            # that the student's graph is not held in memory through the critic's forward/backward.
+            x0 = self._generator_x0(sim, cond) if reuse else None
+            # 2. Critic: flow matching of the fake score on the student's samples.
+            self.critic_backward(x0.detach() if x0 is not None else _rollout_x0(sim), cond, s, 1 / k)
+            batches.append((raw, cond, sim, x0))
+        gn_c = self.critic_step()
         st.step += 1
         if not gen_update:
             return None
-        if x0 is None:
-            x0 = self._generator_x0(sim, cond)
 
         # 3. Generator update: the scores at a renoised sg(x0), then ONE backward through G.
-        null = self.student.null_condition(B) if self.cfg_scale.enabled else None
-        inputs = dmd_inputs(
-            self.scores, x0, sim.t_in, cond, null, step=s, renoise_times=self.dynars, cfg=self.cfg_scale,
-            real_scale=self.dynadg.real_scale(s), decoupled=cfg.dmdr.decoupled,
-            ca_renoise=cfg.dmdr.ca_renoise, generator=self.gen,
-        )  # fmt: skip
-        metrics = self.generator_backward(x0, inputs, raw, stage)
+        self.opt_g.zero_grad(set_to_none=True)
+        parts = []
+        for i, (raw, cond, sim, x0) in enumerate(batches):
+            self.gen = self.gens[i]
+            x0 = x0 if x0 is not None else self._generator_x0(sim, cond)
+            null = self.student.null_condition(B) if self.cfg_scale.enabled else None
+            inputs = dmd_inputs(
+                self.scores, x0, sim.t_in, cond, null, step=s, renoise_times=self.dynars, cfg=self.cfg_scale,
+                real_scale=self.dynadg.real_scale(s), decoupled=cfg.dmdr.decoupled,
+                ca_renoise=cfg.dmdr.ca_renoise, generator=self.gen,
+            )  # fmt: skip
+            parts.append(self.generator_backward(x0, inputs, raw, stage, scale=1 / k))
+        metrics = mean_metrics(parts)
         metrics["grad_norm_g"] = float(grad_norm(trainable(self.student.network), cfg.optim.grad_clip))
         self.opt_g.step()
         self.update_ema()
@@ -429,51 +442,61 @@ class Trainer:
         return metrics
 
     def _backward_simulation(self, B: int, cond: Cond, *, skip_selected: bool) -> BackwardSimulation:
-        """The student's rollout from fresh noise over its grid (no grad), per ``student.backward_sim``."""
+        """The student's rollout from fresh noise over its grid (no grad), per ``student.backward_sim``.
+
+        Its number of network calls depends on the drawn steps; under FSDP every call is a
+        collective, so the ranks pad to the same count (:func:`~dmdr_fast.train.parallel.balanced`)."""
+        noise = self.draw_noise((B, *self.student.sample_shape))
+        mode, gen = self.config.student.backward_sim, self.gen
         with self.autocast():
-            return backward_simulation(
-                self.student.velocity,
-                self.draw_noise((B, *self.student.sample_shape)),
-                cond,
-                self.grid,
-                mode=self.config.student.backward_sim,
-                generator=self.gen,
-                skip_selected=skip_selected,
-            )
+            return balanced(
+                lambda velocity: backward_simulation(
+                    velocity, noise, cond, self.grid, mode=mode, generator=gen, skip_selected=skip_selected
+                ),
+                self.student.velocity, len(self.grid) - 1 if self.collective else None,
+                lambda: (noise[:1], self.grid[:1], index_cond(cond, torch.zeros(1, dtype=torch.long))),
+            )  # fmt: skip
 
     def _generator_x0(self, sim: BackwardSimulation, cond: Cond) -> torch.Tensor:
-        """The generator's output ``x0 = x_in − t_k·G(x_in, t_k, c)`` with grad (optimiser zeroed)."""
-        self.opt_g.zero_grad(set_to_none=True)
+        """The generator's output ``x0 = x_in − t_k·G(x_in, t_k, c)`` with grad."""
         with self.autocast():
             v_g = self.student_forward(sim.x_in, sim.t_in, cond)
         return sim.x_in - sim.t_in.view(-1, *[1] * (sim.x_in.dim() - 1)) * v_g.float()
 
     def critic_update(self, x0_sel: torch.Tensor, cond: Cond, s: int) -> torch.Tensor:
-        """One AdamW step of the critic: flow matching of the fake score at DynaRS times (its loss is
-        kept for the next generator step's log); returns the gradient norm (0-dim)."""
+        """One AdamW step of the critic on one batch (:meth:`critic_backward`, :meth:`critic_step`)."""
+        self.opt_c.zero_grad(set_to_none=True)
+        self.critic_backward(x0_sel, cond, s)
+        return self.critic_step()
+
+    def critic_backward(self, x0_sel: torch.Tensor, cond: Cond, s: int, scale: float = 1.0) -> None:
+        """Accumulate ``scale ×`` the gradient of the critic's flow-matching loss at DynaRS times
+        (the loss is kept for the next generator step's log)."""
         cfg = self.config
         tau = host_to_device(self.dynars.sample(x0_sel.shape[0], s, generator=self.gen), self.device)
         eps = noise_like(x0_sel, self.gen)
-        self.opt_c.zero_grad(set_to_none=True)
         # The backward runs inside the LoRA-scale context too: with gradient checkpointing the
         # blocks' forwards are recomputed during backward and must see the fake score's λ_f again.
-        scale = (
+        scale_ctx = (
             lora_scale(self.guidance.network, cfg.critic.fake_scale)
             if self.critic is None
             else contextlib.nullcontext()
         )
-        with scale:
+        with scale_ctx:
             with self.autocast():
                 v = self._critic_net(renoise(x0_sel, tau, eps), tau, cond)
             loss_c = critic_loss(v.float(), x0_sel, eps)
-            loss_c.backward()
-        gn_c = grad_norm(trainable((self.critic or self.guidance).network), cfg.optim.grad_clip)
-        self.opt_c.step()
+            (loss_c * scale if scale != 1.0 else loss_c).backward()
         self._critic_losses.append(loss_c.detach())
+
+    def critic_step(self) -> torch.Tensor:
+        """The critic's AdamW step on its accumulated gradient; returns the gradient norm (0-dim)."""
+        gn_c = grad_norm(trainable((self.critic or self.guidance).network), self.config.optim.grad_clip)
+        self.opt_c.step()
         return gn_c
 
     def generator_backward(
-        self, x0: torch.Tensor, inputs: DMDInputs, raw: Any, stage: int
+        self, x0: torch.Tensor, inputs: DMDInputs, raw: Any, stage: int, scale: float = 1.0
     ) -> dict[str, float]:
         """Gradient of the generator objective on x0, then ONE backward through the student.
 
@@ -482,6 +505,7 @@ class Trainer:
             inputs: the DMD inputs (:func:`~dmdr_fast.algo.generator.dmd_inputs`).
             raw: the batch's raw conditions (what rewards see).
             stage: 1 (DMD only) or 2 (DMD + rewards).
+            scale: the backward's factor (``1/k`` for one of k accumulated micro-batches).
 
         The DMD direction and each reward's gradient are taken on a detached copy of ``x0``
         (:func:`~dmdr_fast.algo.generator.dmd_direction`, and through decode + reward), joined per
@@ -514,7 +538,7 @@ class Trainer:
                 g, xd, groups, with_dmd=d.dmd_weight > 0, backend=backend
             )
             metrics.update(reward_metrics)
-        x0.backward(g.to(x0.dtype))
+        x0.backward((g * scale if scale != 1.0 else g).to(x0.dtype))
         return metrics
 
     def update_ema(self) -> None:
@@ -589,30 +613,9 @@ class Trainer:
     def ode_init(self, *, progress: bool = True) -> list[float]:
         """Regress the student onto the teacher's ODE pairs in ``student.ode_init`` (see
         :mod:`dmdr_fast.train.ode_init`), once per run: marked done and checkpointed afterwards."""
-        from dmdr_fast.data.prompt_cache import model_identity
-        from dmdr_fast.train.ode_init import ODEPairs, ode_regression
+        from dmdr_fast.train.ode_init import run_ode_init
 
-        s = self.config.student
-        assert s.ode_init is not None  # fit() calls this only when it is set
-        pairs = ODEPairs.open(s.ode_init, self.student, model_id=model_identity(self.config.model.path))
-        losses = ode_regression(
-            self.student_forward, trainable(self.student.network), pairs, self.student, t0=self.grid[0],
-            steps=s.ode_steps, lr=s.ode_lr, optim=self.config.optim, batch_size=self.config.train.batch_size,
-            generator=self.gen, device=self.device, autocast=self.autocast, log=self.logger.log,
-            log_every=self.config.train.log_every, progress=progress and self.rank == 0,
-        )  # fmt: skip
-        if self.ema is not None:  # the EMA starts from the regressed weights
-            with torch.no_grad():
-                for n, p in self.student.network.named_parameters():
-                    if n in self.ema:
-                        self.ema[n].copy_(p.detach())
-        self.state.ode_init_done = True
-        self.logger.note(
-            f"ODE init: {s.ode_steps} steps on {len(pairs)} pairs from {s.ode_init}, loss {losses[0]:.4g} → {losses[-1]:.4g}"
-        )
-        if self.out_dir is not None:
-            self.save()
-        return losses
+        return run_ode_init(self, progress=progress)
 
     @_deterministic_scope
     def evaluate(self) -> dict[str, float]:
