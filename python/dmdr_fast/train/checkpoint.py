@@ -29,9 +29,12 @@ from dmdr_fast._io import UnsafeFileError, atomic_save, atomic_write_text, load_
 
 __all__ = [
     "FORMAT",
+    "META",
+    "SHARDED_NAME",
     "CheckpointSpaceError",
     "atomic_save",
     "check_format",
+    "is_sharded_checkpoint",
     "latest_checkpoint",
     "load_checkpoint",
     "load_trainable_state",
@@ -42,6 +45,26 @@ __all__ = [
 
 FORMAT = "dmdr_fast.checkpoint.v1"
 _NAME = re.compile(r"^step_(\d{7,})\.pt$")
+#: A sharded checkpoint (train/sharded.py): a folder with DCP's files and the plain-data ``META``.
+SHARDED_NAME = re.compile(r"^step_(\d{7,})$")
+META = "trainer.pt"
+
+
+def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """A complete sharded checkpoint folder (``step_XXXXXXX/`` with DCP's metadata and ``META``)."""
+    path = Path(path)
+    return bool(SHARDED_NAME.match(path.name)) and (path / ".metadata").is_file() and (path / META).is_file()
+
+
+def _complete(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in ``folder``, files and sharded folders, sorted."""
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and p.is_file()]
+    found += [
+        (int(m.group(1)), p)
+        for p in folder.iterdir()
+        if (m := SHARDED_NAME.match(p.name)) and is_sharded_checkpoint(p)
+    ]
+    return sorted(found)
 
 
 class CheckpointSpaceError(UserError):
@@ -129,9 +152,9 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     pointer = folder / "latest"
     if pointer.is_file():
         candidate = folder / pointer.read_text().strip()
-        if _NAME.match(candidate.name) and candidate.is_file():
+        if (_NAME.match(candidate.name) and candidate.is_file()) or is_sharded_checkpoint(candidate):
             return candidate
-    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)))
+    found = _complete(folder)
     return found[-1][1] if found else None
 
 

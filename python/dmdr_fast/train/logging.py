@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunLogger", "read_jsonl"]
+__all__ = ["RunLogger", "read_jsonl", "write_sample_grid"]
 
 
 class RunLogger:
@@ -74,3 +74,22 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+def write_sample_grid(trainer: Any, path: str | Path | None = None) -> Path | None:
+    """:meth:`dmdr_fast.train.Trainer.save_sample_grid` after its rank check: sample the fixed grid
+    (labels/prompts from seed 1234, noise from ``train.seed``) and, on rank 0, write the PNG."""
+    import torch
+
+    from dmdr_fast.eval.plots import save_image_grid
+
+    n = trainer.config.train.num_grid_samples
+    raw = trainer.data.sample(n, torch.Generator().manual_seed(1234))
+    images = trainer.student.decode(trainer.sample(raw)).cpu()
+    if trainer.rank != 0:
+        return None
+    if path is None:
+        path = trainer.out_dir / "samples" / f"step_{trainer.state.gen_step:07d}.png"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_image_grid(images, path, nrow=int(math.sqrt(n)) or 1)

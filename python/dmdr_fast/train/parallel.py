@@ -161,7 +161,11 @@ def shard_network(network: nn.Module, precision: str, device: torch.device) -> n
     )
     for unit in fsdp_units(network):
         fully_shard(unit, mesh=mesh, mp_policy=policy)
-    fully_shard(network, mesh=mesh, mp_policy=policy)
+    # The root too reshards after every forward (FSDP2 keeps a root gathered until its backward by
+    # default): many forwards here are no-grad score queries with no backward to reshard them,
+    # and a root left gathered would hand its full tensors to named_parameters() — to the EMA,
+    # the weight swaps and the checkpoint — instead of the shards. Costs one small re-gather.
+    fully_shard(network, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     return network
 
 

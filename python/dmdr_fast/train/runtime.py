@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,12 +17,15 @@ from dmdr_fast.config import ConfigError, TrainConfig
 from dmdr_fast.train.distributed import local_device
 
 __all__ = [
+    "TrainerState",
     "check_runnable",
     "compile_networks",
     "deterministic_algorithms",
+    "deterministic_scope",
     "ema_update",
     "mean_metrics",
     "resolve_device",
+    "restore_streams",
     "swapped_weights",
 ]
 
@@ -178,3 +184,51 @@ def mean_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
         return parts[0]
     keys = dict.fromkeys(k for part in parts for k in part)
     return {k: sum(p[k] for p in parts if k in p) / sum(k in p for p in parts) for k in keys}
+
+
+@dataclass
+class TrainerState:
+    """Counters that, with the RNG state and the weights, fully determine the rest of a run."""
+
+    step: int = 0  # iterations (critic updates)
+    gen_step: int = 0  # generator updates: the schedules' s
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)  # evaluation results
+    ode_init_done: bool = False  # student.ode_init's regression has run (not repeated on resume)
+
+
+def deterministic_scope(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a Trainer method under ``train.deterministic`` (the flag is process-wide: the caller's
+    code keeps its own setting; the CLI wraps whole runs, evaluation and export included)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with deterministic_algorithms(self.config.train.deterministic):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def restore_streams(
+    gens: list[torch.Generator], saved: list[torch.Tensor], rank: int, seed: int
+) -> str | None:
+    """Set a rank's micro-batch RNG streams from a checkpoint's world-ordered slot states.
+
+    Slot ``r·k + i`` is rank r's micro-batch i. With as many slots as saved (same world size × grad
+    accumulation) each stream continues exactly. Otherwise (a resharded resume, or a checkpoint
+    from before the slots were saved) no saved stream can be assigned without drawing some samples
+    twice, so every slot is re-seeded from (seed, slot, the saved stream): the run continues with
+    the same distribution, not the same numbers — the returned note says so.
+    """
+    k = len(gens)
+    world_slots = k * (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+    if len(saved) == world_slots:
+        for i, g in enumerate(gens):
+            g.set_state(saved[rank * k + i])
+        return None
+    for i, g in enumerate(gens):
+        slot = rank * k + i
+        g.manual_seed(seed + 1_000_003 * (slot + 1) + int(saved[0].to(torch.int64).sum()))
+    return (
+        f"RNG: the checkpoint has {len(saved)} micro-batch stream(s), this run {world_slots}: "
+        "streams re-seeded (same distribution, not the same numbers as an uninterrupted run)"
+    )

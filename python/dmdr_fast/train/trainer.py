@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -37,6 +35,7 @@ import torch
 from torch import nn
 
 from dmdr_fast._device import host_to_device
+from dmdr_fast._errors import UserError
 from dmdr_fast.algo import (
     backward_simulation,
     critic_loss,
@@ -63,6 +62,7 @@ from dmdr_fast.models.lora import lora_scale
 from dmdr_fast.models.protocol import FlowModelAdapter
 from dmdr_fast.models.roles import make_guidance, make_student
 from dmdr_fast.train import checkpoint as ckpt
+from dmdr_fast.train import sharded
 from dmdr_fast.train.components import (
     frozen_fp8,
     guidance_scale,
@@ -74,7 +74,7 @@ from dmdr_fast.train.components import (
     use_attention,
 )
 from dmdr_fast.train.interrupt import stop_requested
-from dmdr_fast.train.logging import RunLogger
+from dmdr_fast.train.logging import RunLogger, write_sample_grid
 from dmdr_fast.train.monitor import RewardHackingMonitor
 from dmdr_fast.train.parallel import (
     balanced,
@@ -85,12 +85,15 @@ from dmdr_fast.train.parallel import (
 )
 from dmdr_fast.train.rl import GroupRL
 from dmdr_fast.train.runtime import (
+    TrainerState,
     compile_networks,
     deterministic_algorithms,
+    deterministic_scope,
     ema_update,
     grad_norm,
     mean_metrics,
     resolve_device,
+    restore_streams,
     swapped_weights,
     trainable,
 )
@@ -107,28 +110,6 @@ __all__ = [
     "deterministic_algorithms",
     "resolve_device",
 ]
-
-
-@dataclass
-class TrainerState:
-    """Counters that, with the RNG state and the weights, fully determine the rest of a run."""
-
-    step: int = 0  # iterations (critic updates)
-    gen_step: int = 0  # generator updates: the schedules' s
-    history: list[dict[str, float]] = field(default_factory=list)  # evaluation results
-    ode_init_done: bool = False  # student.ode_init's regression has run (not repeated on resume)
-
-
-def _deterministic_scope(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a Trainer method under ``train.deterministic`` (the flag is process-wide: the caller's
-    code keeps its own setting; the CLI wraps whole runs, evaluation and export included)."""
-
-    @functools.wraps(method)
-    def wrapper(self: Trainer, *args: Any, **kwargs: Any) -> Any:
-        with deterministic_algorithms(self.config.train.deterministic):
-            return method(self, *args, **kwargs)
-
-    return wrapper
 
 
 def _rollout_x0(sim: BackwardSimulation) -> torch.Tensor:
@@ -356,7 +337,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ one iteration
 
-    @_deterministic_scope
+    @deterministic_scope
     def step(self) -> dict[str, float] | None:
         """One iteration; returns the generator step's metrics when a generator update happened.
 
@@ -552,7 +533,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ the loop
 
-    @_deterministic_scope
+    @deterministic_scope
     def fit(self, max_steps: int | None = None, *, progress: bool = True) -> TrainerState:
         """Train until ``max_steps`` generator updates (default ``train.max_steps``)."""
         cfg = self.config.train
@@ -609,7 +590,7 @@ class Trainer:
         self.logger.flush()
         return self.state
 
-    @_deterministic_scope
+    @deterministic_scope
     def ode_init(self, *, progress: bool = True) -> list[float]:
         """Regress the student onto the teacher's ODE pairs in ``student.ode_init`` (see
         :mod:`dmdr_fast.train.ode_init`), once per run: marked done and checkpointed afterwards."""
@@ -617,7 +598,7 @@ class Trainer:
 
         return run_ode_init(self, progress=progress)
 
-    @_deterministic_scope
+    @deterministic_scope
     def evaluate(self) -> dict[str, float]:
         """Run the evaluator, log ``eval/*`` and append to ``state.history``."""
         assert self.evaluator is not None
@@ -627,7 +608,7 @@ class Trainer:
         self.logger.log(self.state.gen_step, {f"eval/{k}": v for k, v in results.items()})
         return results
 
-    @_deterministic_scope
+    @deterministic_scope
     def run_monitor(self) -> str | None:
         """One reward-hacking monitor evaluation (see :mod:`dmdr_fast.train.monitor`); returns its warning."""
         assert self.monitor is not None
@@ -649,7 +630,7 @@ class Trainer:
     # ------------------------------------------------------------------------------ sampling
 
     @torch.no_grad()
-    @_deterministic_scope
+    @deterministic_scope
     def sample(
         self,
         raw_cond: Any,
@@ -680,26 +661,21 @@ class Trainer:
             return x0.float()
 
     def save_sample_grid(self, path: str | os.PathLike[str] | None = None) -> Path | None:
-        """A PNG grid of student samples for fixed noise and labels (rank 0, needs out_dir)."""
-        if self.rank != 0 or (path is None and self.out_dir is None):
+        """A PNG grid of student samples for fixed noise and labels (rank 0 writes; needs out_dir).
+        Under FSDP every rank samples (each forward is a collective)."""
+        if (self.rank != 0 and not self.collective) or (path is None and self.out_dir is None):
             return None
-        from dmdr_fast.eval.plots import save_image_grid
-
-        n = self.config.train.num_grid_samples
-        raw = self.data.sample(n, torch.Generator().manual_seed(1234))
-        images = self.student.decode(self.sample(raw)).cpu()
-        if path is None:
-            assert self.out_dir is not None  # checked above
-            path = self.out_dir / "samples" / f"step_{self.state.gen_step:07d}.png"
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return save_image_grid(images, path, nrow=int(math.sqrt(n)) or 1)
+        return write_sample_grid(self, path)
 
     # ------------------------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: weights, optimisers, EMA, counters, RNG, config."""
-        critic_owner = self.critic if self.critic is not None else self.guidance
+    def _meta(self) -> dict[str, Any]:
+        """The non-tensor part of a checkpoint; gathers every rank's RNG streams (a collective)."""
+        gens = [g.get_state() for g in self.gens]
+        if self.world > 1:  # slot r·k + i: rank r's micro-batch i (docs/parallel.md)
+            per_rank: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(per_rank, gens)
+            gens = [g for rank in per_rank for g in rank]
         return {
             "format": ckpt.FORMAT,
             "config": self.config.to_dict(),
@@ -709,17 +685,29 @@ class Trainer:
                 "history": self.state.history,
                 "ode_init_done": self.state.ode_init_done,
             },
-            "student": ckpt.trainable_state(self.student.network),
-            "critic": ckpt.trainable_state(critic_owner.network),
-            "opt_g": self.opt_g.state_dict(),
-            "opt_c": self.opt_c.state_dict(),
-            "ema": self.ema,
-            "rng": {"gen": self.gen.get_state(), "torch": torch.get_rng_state()},
+            "rng": {"gen": gens[0], "gens": gens, "torch": torch.get_rng_state()},
             "critic_losses": [float(v) for v in self._critic_losses],
             "monitor": self.monitor.state_dict() if self.monitor is not None else None,
             "cosines": list(self._cosines),
             "dmd_losses": list(self._dmd_losses),
             "rl": self.rl.state_dict() if self.rl is not None else None,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: weights, optimisers, EMA, counters, RNG, config
+        (under torchrun a collective: every rank calls it). Not under FSDP (sharded: :meth:`save`)."""
+        if self.sharded:
+            raise ValueError(
+                "under FSDP the state is sharded: Trainer.save() writes it as a sharded checkpoint"
+            )
+        critic_owner = self.critic if self.critic is not None else self.guidance
+        return {
+            **self._meta(),
+            "student": ckpt.trainable_state(self.student.network),
+            "critic": ckpt.trainable_state(critic_owner.network),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_c": self.opt_c.state_dict(),
+            "ema": self.ema,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -732,8 +720,14 @@ class Trainer:
         self.opt_c.load_state_dict(sd["opt_c"])
         if self.ema is not None and sd.get("ema") is not None:
             self.ema = {k: v.to(self.device) for k, v in sd["ema"].items()}
-        self.gen.set_state(sd["rng"]["gen"])
-        torch.set_rng_state(sd["rng"]["torch"])
+        self._load_meta(sd)
+
+    def _load_meta(self, sd: dict[str, Any]) -> None:
+        rng = sd["rng"]
+        note = restore_streams(self.gens, rng.get("gens") or [rng["gen"]], self.rank, self.config.train.seed)
+        if note:
+            self.logger.note(note)
+        torch.set_rng_state(rng["torch"])
         st = sd["state"]
         self.state = TrainerState(
             step=st["step"],
@@ -751,19 +745,32 @@ class Trainer:
         self._stage2_applied = False  # re-applied (explicitly) on the next step if in stage 2
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path | None:
-        """Write a checkpoint atomically (rank 0); by default ``out_dir/checkpoints/step_XXXXXXX.pt``."""
-        if self.rank != 0:
+        """Write a checkpoint atomically; by default ``out_dir/checkpoints/step_XXXXXXX.pt`` (rank 0),
+        under FSDP the folder ``step_XXXXXXX/`` (every rank its shards). Every rank must call it."""
+        if self.sharded:
+            if path is not None or self.out_dir is None:
+                raise ValueError(
+                    "under FSDP, Trainer.save() writes sharded checkpoints under out_dir (no path)"
+                )
+            tensors, groups = sharded.live_tensors(self)
+            meta = {**self._meta(), "param_groups": groups, "sharded_keys": sorted(tensors)}
+            step, keep = self.state.gen_step, self.config.train.keep_checkpoints
+            return sharded.save_sharded(self.out_dir, step, tensors, meta if self.rank == 0 else None, keep)
+        sd = self.state_dict() if self.world > 1 or self.rank == 0 else None  # all ranks: RNG gather
+        if self.rank != 0 or sd is None:
             return None
         if path is None:
             if self.out_dir is None:
                 raise ValueError("Trainer.save needs a path or an out_dir")
             return ckpt.save_checkpoint(
-                self.out_dir, self.state.gen_step, self.state_dict(), self.config.train.keep_checkpoints
+                self.out_dir, self.state.gen_step, sd, self.config.train.keep_checkpoints
             )
-        return ckpt.atomic_save(self.state_dict(), Path(path))
+        return ckpt.atomic_save(sd, Path(path))
 
     def resume(self, path: str | os.PathLike[str] | None = None) -> bool:
-        """Load ``path`` or the latest checkpoint under ``out_dir``; False if there is none."""
+        """Load ``path`` or the latest checkpoint under ``out_dir``; False if there is none.
+
+        A sharded checkpoint (a folder) loads at any world size, with or without FSDP."""
         if path is None:
             if self.out_dir is None:
                 return False
@@ -771,9 +778,14 @@ class Trainer:
             if found is None:
                 return False
             path = found
-        # Onto the CPU, not the training device: the RNG states must be CPU tensors, and a full
-        # fine-tune's weights + Adam moments + EMA would otherwise sit on the GPU twice while copied.
-        self.load_state_dict(ckpt.load_checkpoint(path))  # weights_only: a shared file runs no code
+        if sharded.is_sharded_checkpoint(Path(path)):
+            self._load_meta(sharded.resume_into(self, Path(path)))
+        elif self.sharded:
+            raise UserError(f"{path} is a single-file checkpoint: resume it with train.parallel=ddp")
+        else:
+            # Onto the CPU, not the training device: the RNG states must be CPU tensors, and a full
+            # fine-tune's weights + Adam moments + EMA would otherwise sit on the GPU twice.
+            self.load_state_dict(ckpt.load_checkpoint(path))  # weights_only: runs no code
         self.logger.note(f"resumed from {path} at generator step {self.state.gen_step}")
         return True
 
