@@ -144,7 +144,7 @@ def _load_trainer(checkpoint: str, cache_dir: str | None):
     """A Trainer for a digits checkpoint (its config is stored inside)."""
     from dmdr_fast.config import DMDRTrainerConfig
     from dmdr_fast.recipes import digits
-    from dmdr_fast.train.checkpoint import open_checkpoint
+    from dmdr_fast.train.checkpoint import is_sharded_checkpoint, open_checkpoint
     from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
 
     sd = open_checkpoint(checkpoint)  # weights_only: a downloaded checkpoint runs no code
@@ -164,7 +164,10 @@ def _load_trainer(checkpoint: str, cache_dir: str | None):
         reward=digits.make_reward(assets, config.rewards),
         data=ClassLabelSampler(10),
     )
-    trainer.load_state_dict(sd)
+    if is_sharded_checkpoint(checkpoint):  # an FSDP run's folder: DCP reads it into 1 process
+        trainer.resume(checkpoint)
+    else:
+        trainer.load_state_dict(sd)
     return trainer, assets
 
 

@@ -195,12 +195,15 @@ def open_checkpoint(path: str | os.PathLike[str], what: str = "--checkpoint") ->
 
     Raises:
         UserError: Missing, a folder (the message names the latest checkpoint under it, if any),
-            empty, unreadable, truncated or damaged, or not a dmdr_fast checkpoint.
+            empty, unreadable, truncated or damaged, or not a dmdr_fast checkpoint. A sharded
+            checkpoint folder gives its plain-data part (load its tensors with ``Trainer.resume``).
         dmdr_fast._io.UnsafeFileError: As :func:`load_checkpoint`.
     """
     file = Path(path)
     if not file.exists():
         raise UserError(f"{what} {file}: no such file")
+    if file.is_dir() and is_sharded_checkpoint(file):  # its trainer.pt: config, counters (no tensors)
+        return load_checkpoint(file / META)
     if file.is_dir():
         # A run folder or its checkpoints/ folder: point at the file that was probably meant.
         inner = latest_checkpoint(file) or (
