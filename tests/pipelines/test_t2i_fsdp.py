@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.train.test_fsdp import full_weights
 
 from dmdr_fast.configs import load_preset
 from dmdr_fast.pipelines.random import save_random_pipeline
-from tests.train.test_fsdp import full_weights
 
 PROMPTS = ["a red cat", "a blue dog", "a green car", "an old tree", "a tall house"]
 TINY = [
