@@ -35,6 +35,7 @@ from dmdr_fast.data.prompts import PromptBatch
 from dmdr_fast.models.families import T2I_FAMILIES, family_of_pipeline, get_family
 from dmdr_fast.train import checkpoint as ckpt
 from dmdr_fast.train import interrupt
+from dmdr_fast.train.parallel import after_sharded_run
 from dmdr_fast.train.trainer import Trainer, resolve_device
 
 if TYPE_CHECKING:
@@ -238,6 +239,11 @@ def run_t2i(
     t_setup = time.perf_counter() - t0
     interrupt.fit(trainer, progress=progress)  # a signal: checkpoint, then TrainingInterrupted
     t_train = time.perf_counter() - t0 - t_setup
+    if trainer.collective:  # FSDP: no rank holds whole networks (train/parallel.py)
+        notice = after_sharded_run(trainer.rank, out_dir)
+        if notice:
+            print(notice)
+        return {"rank": trainer.rank}
     if trainer.rank != 0:  # multi-GPU: rank 0 exports, evaluates and reports
         return {"rank": trainer.rank}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def write_sample_grid(trainer: Any, path: str | Path | None = None) -> Path | None:
+def write_sample_grid(trainer: Any, path: str | os.PathLike[str] | None = None) -> Path | None:
     """:meth:`dmdr_fast.train.Trainer.save_sample_grid` after its rank check: sample the fixed grid
     (labels/prompts from seed 1234, noise from ``train.seed``) and, on rank 0, write the PNG."""
     import torch

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "after_sharded_run",
     "balanced",
     "broadcast_from_rank0",
     "collective_forwards",
@@ -182,3 +183,16 @@ def wrap_ddp(adapter: nn.Module, device: torch.device) -> Callable[..., torch.Te
         DDP._set_params_and_buffers_to_ignore_for_model(adapter, frozen)
     ids = [device.index] if device.type == "cuda" else None
     return DDP(adapter, device_ids=ids)
+
+
+def after_sharded_run(rank: int, out_dir: object) -> str | None:
+    """What rank 0 says at the end of an FSDP run (None elsewhere): the evaluation, report and export
+    need whole networks, which no single rank holds, so they run in one process from the sharded
+    checkpoint (DCP reads it into plain tensors there; ``--resume`` continues at the saved step,
+    which is already the last one, so nothing is trained again)."""
+    if rank != 0:
+        return None
+    return (
+        f"FSDP run finished; its sharded checkpoint is in {out_dir}/checkpoints. Evaluate, report and "
+        f"export in one process: rerun the same command without torchrun, with --resume --out {out_dir}"
+    )

@@ -32,6 +32,7 @@ from dmdr_fast.eval.metrics import RealReference, compute_features, evaluate_fea
 from dmdr_fast.train import checkpoint as ckpt
 from dmdr_fast.train import interrupt
 from dmdr_fast.train.monitor import RewardHackingMonitor
+from dmdr_fast.train.parallel import after_sharded_run
 from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
 
 if TYPE_CHECKING:
@@ -347,6 +348,11 @@ def run_digits(
     t_assets = time.perf_counter() - t_start
     trainer = train_student(config, assets, out, resume=resume, progress=progress)
     t_train = time.perf_counter() - t_start - t_assets
+    if trainer.collective:  # FSDP: no rank holds whole networks (train/parallel.py)
+        notice = after_sharded_run(trainer.rank, out_dir)
+        if notice:
+            print(notice)
+        return {"rank": trainer.rank}
     if trainer.rank != 0:  # multi-GPU: rank 0 evaluates and reports
         return {"rank": trainer.rank}
 
