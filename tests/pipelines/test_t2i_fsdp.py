@@ -38,7 +38,11 @@ TINY = [
 ]
 COMBOS = {
     "checkpointing": ["model.gradient_checkpointing=true"],
-    "compile": ["model.gradient_checkpointing=false", "train.compile=true", "train.compile_backend=aot_eager"],
+    "compile": [
+        "model.gradient_checkpointing=false",
+        "train.compile=true",
+        "train.compile_backend=aot_eager",
+    ],
 }
 
 
