@@ -17,10 +17,8 @@ from dmdr_fast.train import sharded
 
 def _save_sharded(tr, out_dir) -> object:
     """What ``Trainer.save`` does under FSDP, here without a process group (DCP's no-dist mode)."""
-    tensors, groups = sharded.live_tensors(tr)
-    meta = {**tr.state_dict(), "param_groups": groups, "sharded_keys": sorted(tensors)}
-    for key in ("student", "critic", "opt_g", "opt_c", "ema"):
-        meta.pop(key)
+    plain = {k: v for k, v in tr.state_dict().items() if k not in ("student", "critic", "opt_g", "opt_c", "ema")}
+    tensors, meta = sharded.checkpoint_parts(tr, plain)
     return sharded.save_sharded(out_dir, tr.state.gen_step, tensors, meta, keep=2)
 
 

@@ -38,6 +38,7 @@ from dmdr_fast.train.checkpoint import META, SHARDED_NAME, check_format, is_shar
 
 __all__ = [
     "META",
+    "checkpoint_parts",
     "check_metadata",
     "is_sharded_checkpoint",
     "live_tensors",
@@ -103,6 +104,18 @@ def live_tensors(trainer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     if trainer.ema is not None:
         tensors["ema"] = trainer.ema
     return tensors, groups
+
+
+def checkpoint_parts(trainer: Any, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(tensors for DCP, trainer.pt's content)`` of a Trainer, from its ``_meta()``-style plain
+    part: the tensors of :func:`live_tensors`, plus GRPO's KL reference weights (sharded like the
+    student's), which leave the plain part."""
+    tensors, groups = live_tensors(trainer)
+    rl = meta.get("rl")
+    if rl is not None and rl.get("reference") is not None:
+        tensors["rl_reference"] = rl["reference"]
+        meta = {**meta, "rl": {**rl, "reference": None}}
+    return tensors, {**meta, "param_groups": groups, "sharded_keys": sorted(tensors)}
 
 
 def save_sharded(
@@ -173,8 +186,13 @@ def resume_into(trainer: Any, path: Path) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     tensors, _ = live_tensors(trainer)
-    meta = load_into(path, tensors)
+    meta = load_torch_file(Path(path) / META, map_location="cpu")
     check_format(meta, path)
+    if "rl_reference" in meta.get("sharded_keys", ()):  # shaped (and sharded) like the student
+        tensors["rl_reference"] = {n: p.detach().clone() for n, p in tensors["student"].items()}
+    meta = load_into(path, tensors)
+    if "rl_reference" in tensors:
+        meta["rl"] = {**meta["rl"], "reference": tensors["rl_reference"]}
     owner = trainer.critic if trainer.critic is not None else trainer.guidance
     for key, network, opt in (
         ("student", trainer.student.network, trainer.opt_g),

@@ -752,8 +752,7 @@ class Trainer:
                 raise ValueError(
                     "under FSDP, Trainer.save() writes sharded checkpoints under out_dir (no path)"
                 )
-            tensors, groups = sharded.live_tensors(self)
-            meta = {**self._meta(), "param_groups": groups, "sharded_keys": sorted(tensors)}
+            tensors, meta = sharded.checkpoint_parts(self, self._meta())
             step, keep = self.state.gen_step, self.config.train.keep_checkpoints
             return sharded.save_sharded(self.out_dir, step, tensors, meta if self.rank == 0 else None, keep)
         sd = self.state_dict() if self.world > 1 or self.rank == 0 else None  # all ranks: RNG gather
