@@ -38,8 +38,8 @@ from dmdr_fast.train.checkpoint import META, SHARDED_NAME, check_format, is_shar
 
 __all__ = [
     "META",
-    "checkpoint_parts",
     "check_metadata",
+    "checkpoint_parts",
     "is_sharded_checkpoint",
     "live_tensors",
     "load_into",
