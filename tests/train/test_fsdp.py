@@ -191,7 +191,9 @@ def _grpo_worker(rank: int, world: int, init_file: str, out: str, job: str) -> N
     """GRPO with the KL regulariser (its reference weights are part of the state) on 2 ranks."""
     from tests.train.test_rl_trainer import _config, _trainer
 
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
     try:
         torch.set_num_threads(1)
         parallel = "ddp" if job == "ddp" else "fsdp"
@@ -248,3 +250,31 @@ def test_micro_batches_average_not_sum():
     assert two.state.step == one.state.step and two.state.gen_step == one.state.gen_step
     for n, v in full_weights(one).items():
         torch.testing.assert_close(full_weights(two)[n], v, rtol=0, atol=0, msg=n)
+
+
+def _world_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    try:
+        torch.set_num_threads(1)
+        tr = make(fsdp_config("full", parallel="fsdp", batch_size=1))
+        tr.fit(progress=False)
+        weights = full_weights(tr)
+        if rank == 0:
+            torch.save(weights, os.path.join(out, f"world{world}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_on_four_ranks_equals_one_process_with_four_micro_batches(tmp_path):
+    """4 shards per parameter; the label table has 11 rows, not divisible by 4 (FSDP pads the shards)."""
+    import torch.multiprocessing as mp
+
+    reference = make(fsdp_config("full", grad_accum=4, batch_size=1))
+    START.clear()
+    START.update(full_weights(reference))
+    reference.fit(progress=False)
+    mp.spawn(_world_worker, args=(4, str(tmp_path / "init"), str(tmp_path)), nprocs=4, join=True)
+    _close(torch.load(tmp_path / "world4.pt"), full_weights(reference), "fsdp on 4 ranks")

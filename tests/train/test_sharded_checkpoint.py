@@ -17,7 +17,9 @@ from dmdr_fast.train import sharded
 
 def _save_sharded(tr, out_dir) -> object:
     """What ``Trainer.save`` does under FSDP, here without a process group (DCP's no-dist mode)."""
-    plain = {k: v for k, v in tr.state_dict().items() if k not in ("student", "critic", "opt_g", "opt_c", "ema")}
+    plain = {
+        k: v for k, v in tr.state_dict().items() if k not in ("student", "critic", "opt_g", "opt_c", "ema")
+    }
     tensors, meta = sharded.checkpoint_parts(tr, plain)
     return sharded.save_sharded(out_dir, tr.state.gen_step, tensors, meta, keep=2)
 
