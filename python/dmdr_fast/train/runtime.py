@@ -23,6 +23,7 @@ __all__ = [
     "deterministic_algorithms",
     "deterministic_scope",
     "ema_update",
+    "gather_streams",
     "mean_metrics",
     "resolve_device",
     "restore_streams",
@@ -206,6 +207,16 @@ def deterministic_scope(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(self, *args, **kwargs)
 
     return wrapper
+
+
+def gather_streams(gens: list[torch.Generator], world: int) -> list[torch.Tensor]:
+    """Every rank's micro-batch RNG states, world-ordered (slot r·k + i); a collective if world > 1."""
+    states = [g.get_state() for g in gens]
+    if world <= 1:
+        return states
+    per_rank: list[Any] = [None] * world
+    torch.distributed.all_gather_object(per_rank, states)
+    return [state for rank in per_rank for state in rank]
 
 
 def restore_streams(

@@ -90,6 +90,7 @@ from dmdr_fast.train.runtime import (
     deterministic_algorithms,
     deterministic_scope,
     ema_update,
+    gather_streams,
     grad_norm,
     mean_metrics,
     resolve_device,
@@ -252,6 +253,8 @@ class Trainer:
         )
         if self.fp8 is not None:
             self.logger.note(self.fp8.summary())
+        if config.train.parallel == "fsdp" and not self.sharded:
+            self.logger.note("train.parallel=fsdp without torchrun: one process, nothing sharded")
         self._stage2_applied = False
         self._critic_losses: list[float | torch.Tensor] = []  # read out once per generator step
 
@@ -671,11 +674,7 @@ class Trainer:
 
     def _meta(self) -> dict[str, Any]:
         """The non-tensor part of a checkpoint; gathers every rank's RNG streams (a collective)."""
-        gens = [g.get_state() for g in self.gens]
-        if self.world > 1:  # slot r·k + i: rank r's micro-batch i (docs/parallel.md)
-            per_rank: list[Any] = [None] * self.world
-            torch.distributed.all_gather_object(per_rank, gens)
-            gens = [g for rank in per_rank for g in rank]
+        gens = gather_streams(self.gens, self.world)  # slot r·k + i: rank r's micro-batch i
         return {
             "format": ckpt.FORMAT,
             "config": self.config.to_dict(),
