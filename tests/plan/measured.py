@@ -1,0 +1,92 @@
+"""Measured peak memory of real CPU Trainer runs on tiny DiTs, and the planner's estimate of them.
+
+Used by ``test_validation.py``; run it directly to re-measure the activation constants of
+:mod:`dmdr_fast.plan.memory` (docs/plan.md §2)::
+
+    OMP_NUM_THREADS=1 python tests/plan/measured.py
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dmdr_fast.config import DMDRTrainerConfig
+from dmdr_fast.models import DiTAdapter, tiny_dit
+from dmdr_fast.plan.measure import LiveTensorBytes
+from dmdr_fast.plan.memory import per_rank
+from dmdr_fast.plan.runs import run_memory
+from dmdr_fast.train import ClassLabelSampler, Trainer
+
+TARGETS = ["*attn1.to_q", "*attn1.to_k", "*attn1.to_v", "*attn1.to_out.0", "*ff.net.0.proj", "*ff.net.2"]
+#: A DiT big enough that states and activations dwarf the rest: 64 tokens × width 128, 4 blocks.
+ARCH = {"sample_size": 16, "patch_size": 2, "num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 32}
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One run: measured peak and states, and the planner's numbers for it (bytes)."""
+
+    peak: int
+    states: int
+    estimate: int
+    estimate_states: int
+
+
+def config(batch: int, *, precision: str = "fp32", checkpointing: bool = False, student: str = "full",
+           backward_sim: str = "trajectory", ema: float = 0.0) -> DMDRTrainerConfig:
+    return DMDRTrainerConfig.from_dict({
+        "model": {"family": "dit", "gradient_checkpointing": checkpointing},
+        "train": {"max_steps": 4, "batch_size": batch, "log_every": 1, "sample_every": 0, "eval_every": 0,
+                  "checkpoint_every": 0, "tensorboard": False, "device": "cpu", "precision": precision},
+        "dmdr": {"dynamic_horizon": 4, "ratio_update": 2},
+        "critic": {"lora": {"rank": 8, "targets": TARGETS}},
+        "student": {"kind": student, "num_steps": 2, "backward_sim": backward_sim, "ema_decay": ema,
+                    "lora": {"rank": 8, "targets": TARGETS}},
+    })  # fmt: skip
+
+
+def measure(cfg: DMDRTrainerConfig, steps: int = 4) -> Measured:
+    """Build the Trainer and run ``steps`` iterations under :class:`LiveTensorBytes`."""
+    with LiveTensorBytes() as m:
+        net = tiny_dit(**ARCH, seed=0)
+        if cfg.model.gradient_checkpointing:
+            net.enable_gradient_checkpointing()
+        trainer = Trainer(cfg, DiTAdapter(net), data=ClassLabelSampler(10))
+        for _ in range(steps):
+            trainer.step()
+        states = m.sweep()
+    plan = run_memory(cfg, tiny_dit(**ARCH, seed=0))
+    est = per_rank(plan, "ddp", 1)
+    return Measured(m.peak, states, est.total, est.total - plan.activation_bytes)
+
+
+def _units(layers: int) -> tuple[int, int]:
+    from dmdr_fast.plan.architectures import tokens_and_width
+
+    blocks = tokens_and_width(tiny_dit(**{**ARCH, "num_layers": layers}, seed=0), 0, 0)
+    return sum(t * w for t, w in blocks), max(t * w for t, w in blocks)
+
+
+def calibrate() -> None:
+    """Print the activation constants fitted to measured peaks (docs/plan.md §2)."""
+    global ARCH
+    units, widest = _units(ARCH["num_layers"])
+    for prec, elem in (("fp32", 4), ("bf16", 2)):
+        for batch in (8, 32):
+            r = measure(config(batch, precision=prec))
+            # peak − states = elem·B·(2·a·U + a·W): two graphs (trajectory), one no-grad block
+            a = (r.peak - r.estimate_states) / (elem * batch * (2 * units + widest))
+            print(f"{prec} B={batch}: peak {r.peak / 2**20:.2f} MiB, states {r.states / 2**20:.2f} MiB "
+                  f"(planner {r.estimate_states / 2**20:.2f}), ACT_SAVED = {a:.2f}")  # fmt: skip
+        per_sample = []
+        for layers in (4, 16):
+            base, ARCH = ARCH, {**ARCH, "num_layers": layers}
+            r = measure(config(32, precision=prec, checkpointing=True))
+            ARCH = base
+            per_sample.append((_units(layers)[0], (r.peak - r.estimate_states) / (elem * 32)))
+        (u0, e0), (u1, e1) = per_sample
+        print(f"{prec} checkpointing, B=32, 4 -> 16 blocks: ACT_SAVED_CKPT = {(e1 - e0) / (u1 - u0):.2f}")
+
+
+if __name__ == "__main__":
+    calibrate()
