@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from dmdr_fast.config import DMDRTrainerConfig
 from dmdr_fast.models import DiTAdapter, tiny_dit
 from dmdr_fast.plan.measure import LiveTensorBytes
@@ -28,6 +30,7 @@ class Measured:
 
     peak: int
     states: int
+    objects: int
     estimate: int
     estimate_states: int
 
@@ -57,7 +60,22 @@ def measure(cfg: DMDRTrainerConfig, steps: int = 4) -> Measured:
         states = m.sweep()
     plan = run_memory(cfg, tiny_dit(**ARCH, seed=0))
     est = per_rank(plan, "ddp", 1)
-    return Measured(m.peak, states, est.total, est.total - plan.activation_bytes)
+    return Measured(m.peak, states, _state_bytes(trainer), est.total, est.total - plan.activation_bytes)
+
+
+def _state_bytes(trainer: Trainer) -> int:
+    """Bytes of the distinct storages of the networks' weights and buffers, their gradients, the
+    optimisers' states and the EMA: what the planner counts as states, read off the objects."""
+    tensors = []
+    for net in (trainer.student.network, trainer.guidance.network):
+        for p in net.parameters():
+            tensors += [p] + ([p.grad] if p.grad is not None else [])
+        tensors += list(net.buffers())
+    for opt in (trainer.opt_g, trainer.opt_c):
+        tensors += [t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    tensors += list((trainer.ema or {}).values())
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def _units(layers: int) -> tuple[int, int]:

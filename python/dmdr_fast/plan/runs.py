@@ -32,12 +32,15 @@ __all__ = ["preset_memory", "run_memory"]
 _T2I = ("sd3", "flux", "zimage", "sdxl")
 
 
-def _lora_params(network: nn.Module, spec: Any, adapter: str, default_targets: Sequence[str]) -> int:
-    """Parameters of a LoRA adapter injected as the Trainer does (on this network, in place)."""
+def _lora_params(
+    network: nn.Module, spec: Any, adapter: str, default_targets: Sequence[str]
+) -> tuple[int, int]:
+    """(parameters, tensors) of a LoRA adapter injected as the Trainer does (on this network, in place)."""
     targets = tuple(spec.targets) or tuple(default_targets)
     cfg = LoraConfig(targets=targets, rank=spec.rank, alpha=spec.alpha, init=spec.init, adapter=adapter)
     inject_lora(network, cfg, freeze_base=True)
-    return sum(p.numel() for p in lora_parameters(network, adapter))
+    factors = list(lora_parameters(network, adapter))
+    return sum(p.numel() for p in factors), len(factors)
 
 
 def _text_tokens(config: DMDRTrainerConfig) -> int:
@@ -76,27 +79,28 @@ def run_memory(
     block = largest_block_numel(teacher)
     load = dtype_bytes(config.model.load_dtype) if t2i else 4
     parts = [Part("teacher (frozen)", params, frozen_bytes(config, teacher, t2i), True)]
-    trainable = 0
+    trainable = tensors = 0  # tensors: AdamW keeps a 4-byte step count per parameter tensor
+    n_tensors = len(list(teacher.parameters()))
     if s.kind == "full":
         _, fp32 = network_bytes(teacher, 4)
         parts.append(Part("student weights (fp32)", params, fp32, True))
-        trainable += params
+        trainable, tensors = trainable + params, tensors + n_tensors
         student_block = 4 * block
     else:
-        lora = _lora_params(teacher, s.lora, "student", default_targets)
+        lora, k = _lora_params(teacher, s.lora, "student", default_targets)
         parts.append(Part("student LoRA (fp32)", lora, 4 * lora, True))
-        trainable += lora
+        trainable, tensors = trainable + lora, tensors + k
         student_block = 0
     if c.kind == "full":
         _, fp32 = network_bytes(teacher, 4)
         parts.append(Part("critic copy (fp32)", params, fp32, True))
-        trainable += params
+        trainable, tensors = trainable + params, tensors + n_tensors
     else:
-        lora = _lora_params(teacher, c.lora, "critic", default_targets)
+        lora, k = _lora_params(teacher, c.lora, "critic", default_targets)
         parts.append(Part("critic LoRA (fp32)", lora, 4 * lora, True))
-        trainable += lora
+        trainable, tensors = trainable + lora, tensors + k
     parts.append(Part("gradients (fp32)", 0, 4 * trainable, True))
-    parts.append(Part("AdamW moments (2 x fp32)", 0, 8 * trainable, True))
+    parts.append(Part("AdamW moments (2 x fp32)", 0, 8 * trainable + 4 * tensors, True))
     if s.ema_decay > 0:
         ema = params if s.kind == "full" else sum(p.numel() for p in lora_parameters(teacher, "student"))
         parts.append(Part("EMA (fp32)", ema, 4 * ema, True))
