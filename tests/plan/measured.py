@@ -21,7 +21,13 @@ from dmdr_fast.train import ClassLabelSampler, Trainer
 
 TARGETS = ["*attn1.to_q", "*attn1.to_k", "*attn1.to_v", "*attn1.to_out.0", "*ff.net.0.proj", "*ff.net.2"]
 #: A DiT big enough that states and activations dwarf the rest: 64 tokens × width 128, 4 blocks.
-ARCH = {"sample_size": 16, "patch_size": 2, "num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 32}
+ARCH = {
+    "sample_size": 16,
+    "patch_size": 2,
+    "num_layers": 4,
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+}
 
 
 @dataclass(frozen=True)
@@ -35,8 +41,15 @@ class Measured:
     estimate_states: int
 
 
-def config(batch: int, *, precision: str = "fp32", checkpointing: bool = False, student: str = "full",
-           backward_sim: str = "trajectory", ema: float = 0.0) -> DMDRTrainerConfig:
+def config(
+    batch: int,
+    *,
+    precision: str = "fp32",
+    checkpointing: bool = False,
+    student: str = "full",
+    backward_sim: str = "trajectory",
+    ema: float = 0.0,
+) -> DMDRTrainerConfig:
     return DMDRTrainerConfig.from_dict({
         "model": {"family": "dit", "gradient_checkpointing": checkpointing},
         "train": {"max_steps": 4, "batch_size": batch, "log_every": 1, "sample_every": 0, "eval_every": 0,

@@ -71,7 +71,9 @@ def test_counts_equal_the_trainer_networks(student):
     run = run_memory(cfg, meta)
     parts = {p.name: p for p in run.parts}
     assert parts["teacher (frozen)"].params == sum(p.numel() for p in tiny_dit(**ARCH).parameters())
-    trainable = [p for n in (tr.student.network, tr.guidance.network) for p in n.parameters() if p.requires_grad]
+    trainable = [
+        p for n in (tr.student.network, tr.guidance.network) for p in n.parameters() if p.requires_grad
+    ]
     assert run.trainable_params == sum(p.numel() for p in {id(p): p for p in trainable}.values())
     assert parts["EMA (fp32)"].nbytes == sum(v.numel() * v.element_size() for v in tr.ema.values())
 
@@ -84,7 +86,9 @@ def test_a_local_pipeline_folder_is_counted_from_its_configs(tmp_path):
     from diffusers import SD3Transformer2DModel
 
     real = SD3Transformer2DModel.from_pretrained(str(folder / "transformer"))
-    assert sum(p.numel() for p in pipe_parts.denoiser.parameters()) == sum(p.numel() for p in real.parameters())
+    assert sum(p.numel() for p in pipe_parts.denoiser.parameters()) == sum(
+        p.numel() for p in real.parameters()
+    )
     assert len(pipe_parts.text_encoders) >= 2 and pipe_parts.source == str(folder)
 
 
@@ -110,6 +114,11 @@ def test_parse_bytes_units():
 
 
 def test_advice_when_it_does_not_fit(capsys):
-    assert main(["plan", "--preset", "sdxl-1step", "--gpus", "1", "--gpu-memory", "24GiB", "--parallel", "ddp"]) == 0
+    assert (
+        main(["plan", "--preset", "sdxl-1step", "--gpus", "1", "--gpu-memory", "24GiB", "--parallel", "ddp"])
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "does not fit" in out and "--set student.kind=lora" in out and "--set model.weights_dtype=fp8" in out
+    assert (
+        "does not fit" in out and "--set student.kind=lora" in out and "--set model.weights_dtype=fp8" in out
+    )

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measured import config, measure  # noqa: E402
+from measured import config, measure
 
-from dmdr_fast.plan.measure import LiveTensorBytes  # noqa: E402
+from dmdr_fast.plan.measure import LiveTensorBytes
 
 
 def test_the_tracker_sees_allocations_and_frees():
@@ -45,5 +45,7 @@ def test_estimate_is_within_20_percent_of_the_measured_peak(kw):
     assert r.estimate_states == r.objects  # weights + gradients + AdamW + EMA: exact
     assert 0 <= r.states - r.objects < 256  # + a few 0-dim loss scalars the Trainer keeps to log
     error = r.estimate / r.peak - 1
-    print(f"{kw}: peak {r.peak / 2**20:.2f} MiB, estimate {r.estimate / 2**20:.2f} MiB ({100 * error:+.1f} %)")
+    print(
+        f"{kw}: peak {r.peak / 2**20:.2f} MiB, estimate {r.estimate / 2**20:.2f} MiB ({100 * error:+.1f} %)"
+    )
     assert abs(error) < 0.20

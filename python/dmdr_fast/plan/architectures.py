@@ -246,7 +246,9 @@ def tokens_and_width(network: nn.Module, resolution: int, text_tokens: int) -> l
         out: list[tuple[int, int]] = []
         layers = cfg.get("transformer_layers_per_block", 1)
         layers = layers if isinstance(layers, (list, tuple)) else [layers] * len(cfg["block_out_channels"])
-        for level, (width, kind) in enumerate(zip(cfg["block_out_channels"], cfg["down_block_types"], strict=True)):
+        for level, (width, kind) in enumerate(
+            zip(cfg["block_out_channels"], cfg["down_block_types"], strict=True)
+        ):
             pixels = (side >> level) ** 2
             depth = 1 + (layers[level] if "CrossAttn" in kind else 0)  # resnet + transformer layers
             # down path: layers_per_block, up path: layers_per_block + 1 (diffusers' UNet)

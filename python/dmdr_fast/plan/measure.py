@@ -18,9 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.multiprocessing.reductions import StorageWeakRef
 
 __all__ = ["LiveTensorBytes"]
 

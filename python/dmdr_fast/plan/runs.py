@@ -109,11 +109,11 @@ def run_memory(
         parts.append(Part(name, n, nbytes, False))
     extra = list(notes)
     for reward in config.active_rewards:
-        n = REWARD_PARAMS.get(reward.kind)
-        if n is None:
+        size = REWARD_PARAMS.get(reward.kind)
+        if size is None:
             extra.append(f"reward {reward.name!r} ({reward.kind}): not counted (size not in the table)")
-        elif n:
-            parts.append(Part(f"reward {reward.name} (bf16, table)", n, 2 * n, False))
+        elif size:
+            parts.append(Part(f"reward {reward.name} (bf16, table)", size, 2 * size, False))
     tr = config.train
     resolution = int(config.model.kwargs.get("resolution", 1024))
     act = activation_bytes(
@@ -139,7 +139,7 @@ def preset_memory(config: DMDRTrainerConfig) -> RunMemory:
         arch = {**DIGITS_DIT, **dict(teacher_kw.get("model", {}) if fam == "digits" else teacher_kw)}
         with torch.device("meta"):
             net = tiny_dit(**arch, seed=None)
-        return run_memory(config, net, notes=("digits: the reward classifier (~0.1M) is not counted",))
+        return run_memory(config, net)
     if fam not in _T2I:
         raise ValueError(f"no planner for model.family {fam!r}")
     from dmdr_fast.models.families import get_family
@@ -151,7 +151,7 @@ def preset_memory(config: DMDRTrainerConfig) -> RunMemory:
         notes.append("text encoders: dropped (data.cache + data.offload_text_encoders)")
     else:
         frozen += [(f"text encoder {i + 1} (frozen)", m) for i, m in enumerate(parts.text_encoders)]
-    if config.active_rewards:
+    if config.active_rewards and not config.rl.enabled:  # ReFL: rewards differentiated
         notes.append("stage 2 (rewards): VAE-decode and reward activations not modelled (docs/plan.md §2)")
     targets = get_family(fam).adapter.default_lora_targets
     return run_memory(config, parts.denoiser, default_targets=targets, frozen=frozen, notes=notes)
