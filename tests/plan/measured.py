@@ -98,25 +98,41 @@ def _units(layers: int) -> tuple[int, int]:
     return sum(t * w for t, w in blocks), max(t * w for t, w in blocks)
 
 
-def calibrate() -> None:
-    """Print the activation constants fitted to measured peaks (docs/plan.md §2)."""
+def _per_sample(layers: int, batch: int, elem: int, **kw: object) -> tuple[int, int, float]:
+    """(U, W, measured activation elements per sample) of one run with ``layers`` blocks."""
     global ARCH
-    units, widest = _units(ARCH["num_layers"])
+    base, ARCH = ARCH, {**ARCH, "num_layers": layers}
+    try:
+        r = measure(config(batch, **kw))  # type: ignore[arg-type]
+    finally:
+        ARCH = base
+    units, widest = _units(layers)
+    return units, widest, (r.peak - r.estimate_states) / (elem * batch)
+
+
+def _fit(elem: int, **kw: object) -> tuple[float, float]:
+    """Slope over U and intercept over W of the measured activations, 4 → 12 blocks, batch 16."""
+    u0, w, e0 = _per_sample(4, 16, elem, **kw)
+    u1, _, e1 = _per_sample(12, 16, elem, **kw)
+    slope = (e1 - e0) / (u1 - u0)
+    return slope, (e0 - slope * u0) / w
+
+
+def calibrate() -> None:
+    """Print the activation constants fitted to measured peaks (docs/plan.md §2).
+
+    ``backward_sim: final`` peaks in the generator's score passes (one graph: ``saved`` and
+    ``scores``); ``trajectory`` in the critic's backward with two graphs (2 ``saved`` and
+    ``backward``); with checkpointing the slope is ``ckpt``.
+    """
     for prec, elem in (("fp32", 4), ("bf16", 2)):
-        for batch in (8, 32):
-            r = measure(config(batch, precision=prec))
-            # peak − states = elem·B·(2·a·U + a·W): two graphs (trajectory), one no-grad block
-            a = (r.peak - r.estimate_states) / (elem * batch * (2 * units + widest))
-            print(f"{prec} B={batch}: peak {r.peak / 2**20:.2f} MiB, states {r.states / 2**20:.2f} MiB "
-                  f"(planner {r.estimate_states / 2**20:.2f}), ACT_SAVED = {a:.2f}")  # fmt: skip
-        per_sample = []
-        for layers in (4, 16):
-            base, ARCH = ARCH, {**ARCH, "num_layers": layers}
-            r = measure(config(32, precision=prec, checkpointing=True))
-            ARCH = base
-            per_sample.append((_units(layers)[0], (r.peak - r.estimate_states) / (elem * 32)))
-        (u0, e0), (u1, e1) = per_sample
-        print(f"{prec} checkpointing, B=32, 4 -> 16 blocks: ACT_SAVED_CKPT = {(e1 - e0) / (u1 - u0):.2f}")
+        saved, scores = _fit(elem, precision=prec, backward_sim="final")
+        saved2, backward = _fit(elem, precision=prec, backward_sim="trajectory")
+        ckpt, _ = _fit(elem, precision=prec, backward_sim="final", checkpointing=True)
+        print(
+            f"{prec}: saved {saved:.2f} (trajectory: {saved2 / 2:.2f} per graph), scores {scores:.1f}, "
+            f"backward {backward:.1f}, ckpt {ckpt:.2f}"
+        )
 
 
 if __name__ == "__main__":

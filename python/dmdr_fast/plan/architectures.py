@@ -232,17 +232,19 @@ def build_meta_parts(family: str, path: str | None, name: str) -> MetaParts:
     )
 
 
-def tokens_and_width(network: nn.Module, resolution: int, text_tokens: int) -> list[tuple[int, int]]:
+def tokens_and_width(
+    network: nn.Module, resolution: int, text_tokens: int, vae_factor: int = 8
+) -> list[tuple[int, int]]:
     """``(tokens, width)`` of the residual stream of every block: what the activation model scales.
 
-    Transformers: image tokens ``(resolution / 8 / patch)²`` plus the text tokens (joint / single
+    Transformers: image tokens ``(resolution / vae_factor / patch)²`` plus the text tokens (joint / single
     blocks and Z-Image's main layers carry both; its refiners one each). UNets: every resnet /
     transformer layer of each level carries ``(latent side / 2^level)²`` pixels × the level's channels.
     Digits DiT (class-conditional): ``(sample / patch)²`` tokens, no text.
     """
     cfg = dict(getattr(network, "config", {}))
     if "block_out_channels" in cfg and "down_block_types" in cfg:  # UNet
-        side = resolution // 8
+        side = resolution // vae_factor
         out: list[tuple[int, int]] = []
         layers = cfg.get("transformer_layers_per_block", 1)
         layers = layers if isinstance(layers, (list, tuple)) else [layers] * len(cfg["block_out_channels"])
@@ -255,14 +257,14 @@ def tokens_and_width(network: nn.Module, resolution: int, text_tokens: int) -> l
             out += [(pixels, width)] * depth * (2 * cfg["layers_per_block"] + 1)
         return out
     if "dim" in cfg and "n_layers" in cfg:  # Z-Image
-        img = (resolution // 8 // cfg["all_patch_size"][0]) ** 2
+        img = (resolution // vae_factor // cfg["all_patch_size"][0]) ** 2
         refiners = [(img, cfg["dim"]), (text_tokens, cfg["dim"])] * cfg["n_refiner_layers"]
         return refiners + [(img + text_tokens, cfg["dim"])] * cfg["n_layers"]
     width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     if "num_classes" in cfg or cfg.get("num_embeds_ada_norm"):  # class-conditional DiT
         return [((cfg["sample_size"] // cfg["patch_size"]) ** 2, width)] * cfg["num_layers"]
-    img = (resolution // 8 // cfg["patch_size"]) ** 2
-    if cfg.get("patch_size") == 1 and cfg.get("in_channels") == 64:  # Flux packs 2×2 latents
-        img = (resolution // 16) ** 2
+    img = (resolution // vae_factor // cfg["patch_size"]) ** 2
+    if "num_single_layers" in cfg:  # Flux packs 2×2 latents into one token
+        img = (resolution // vae_factor // 2) ** 2
     blocks = cfg["num_layers"] + cfg.get("num_single_layers", 0)
     return [(img + text_tokens, width)] * blocks

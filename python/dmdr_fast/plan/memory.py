@@ -30,8 +30,7 @@ from dmdr_fast.config import DMDRTrainerConfig
 from dmdr_fast.models.fp8 import DEFAULT_FP8_EXCLUDE, DEFAULT_FP8_WEIGHT_ONLY, fp8_plan
 
 __all__ = [
-    "ACT_SAVED",
-    "ACT_SAVED_CKPT",
+    "ACT",
     "Part",
     "RankMemory",
     "RunMemory",
@@ -41,14 +40,18 @@ __all__ = [
     "per_rank",
 ]
 
-#: Elements saved for backward per block, per sample, per (token × width) of the block's residual
-#: stream, without checkpointing, by ``train.precision`` (bf16: in 2-byte units; autocast keeps
-#: some fp32). Measured on the CPU digits-like DiT (``python tests/plan/measured.py``, docs/plan.md §2).
-ACT_SAVED = {"fp32": 17.0, "bf16": 19.0}
-#: With gradient checkpointing: elements kept per block per (token × width) (its inputs; measured,
-#: from the slope over 4 → 16 blocks); on top of them two blocks' worth of :data:`ACT_SAVED`
-#: intermediates are live (one recomputed for backward, one of a no-grad score pass).
-ACT_SAVED_CKPT = {"fp32": 0.45, "bf16": 0.83}
+#: The activation model's constants, by ``train.precision`` (bf16: counted in 2-byte elements;
+#: autocast keeps some fp32), in elements per sample per (token × width) of a block's residual
+#: stream. Measured on the CPU DiT of ``tests/plan/measured.py`` (``python tests/plan/measured.py``
+#: refits them; docs/plan.md §2): slopes over 4 → 12 blocks (``saved``: the mean of the one- and
+#: two-graph fits) and the intercepts.
+#: ``saved``: kept for backward per block without checkpointing; ``ckpt``: per block with gradient
+#: checkpointing (its inputs); ``backward``: transient of a backward pass, in blocks' widths;
+#: ``scores``: transient of the generator's no-grad score passes, in blocks' widths.
+ACT = {
+    "fp32": {"saved": 17.3, "ckpt": 0.78, "backward": 10.9, "scores": 35.4},
+    "bf16": {"saved": 18.9, "ckpt": 0.72, "backward": 16.7, "scores": 41.0},
+}
 
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
 
@@ -137,26 +140,30 @@ def activation_bytes(
 ) -> int:
     """Peak activation bytes of a training micro-batch (docs/plan.md §2).
 
+    The peak is the larger of two phases of a DMDR iteration: the critic's backward while
+    ``graphs`` trainable graphs are held, and the generator's no-grad score passes while the
+    student's graph is held. A graph keeps ``saved`` elements per block per (token × width)
+    (checkpointing: ``ckpt``, its inputs, plus one block recomputed during backward).
+
     Args:
         blocks: ``(tokens, width)`` of every block's residual stream.
         batch: samples per micro-batch.
-        checkpointing: gradient checkpointing (only block inputs saved, one block recomputed).
-        precision: ``fp32`` or ``bf16`` (the element size of saved activations).
-        graphs: how many trainable graphs are alive at once (2 in ``backward_sim: trajectory``,
-            where the student's graph is held through the critic update).
-        cfg: the no-grad score passes run a doubled batch (CFG: conditional + unconditional).
+        checkpointing: gradient checkpointing.
+        precision: ``fp32`` or ``bf16`` (the element size of activations).
+        graphs: trainable graphs alive at once in the critic update (2 in ``backward_sim:
+            trajectory``, where the student's graph is held through it).
+        cfg: the real score runs conditional + unconditional (twice the score transient; not
+            measured on the CPU, where the tests run without CFG).
     """
     elem = 2 if precision == "bf16" else 4
-    a = ACT_SAVED["bf16" if elem == 2 else "fp32"]
+    c = ACT["bf16" if elem == 2 else "fp32"]
     total = sum(t * w for t, w in blocks)
     widest = max(t * w for t, w in blocks)
-    transient = a * widest * (2 if cfg else 1)  # a no-grad score pass: one block at a time
-    if checkpointing:
-        # Measured: the block inputs of the live graph(s), one block recomputed, one transient.
-        saved = ACT_SAVED_CKPT["bf16" if elem == 2 else "fp32"] * total + a * widest + transient
-    else:
-        saved = graphs * a * total + transient
-    return int(elem * batch * saved)
+    graph = c["ckpt"] * total if checkpointing else c["saved"] * total
+    recompute = c["saved"] * widest if checkpointing else 0.0
+    critic_phase = graphs * graph + recompute + c["backward"] * widest
+    scores_phase = graph + c["scores"] * widest * (2 if cfg else 1)
+    return int(elem * batch * max(critic_phase, scores_phase))
 
 
 def per_rank(run: RunMemory, parallel: str, gpus: int) -> RankMemory:

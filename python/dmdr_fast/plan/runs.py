@@ -63,6 +63,7 @@ def run_memory(
     default_targets: Sequence[str] = (),
     frozen: Sequence[tuple[str, nn.Module]] = (),
     notes: Sequence[str] = (),
+    vae_factor: int = 8,
 ) -> RunMemory:
     """Count a run's per-rank memory (before sharding) from its teacher network.
 
@@ -72,6 +73,7 @@ def run_memory(
         default_targets: the family's LoRA targets (when a LoRA section lists none).
         frozen: other frozen networks on the GPU (VAE, text encoders), counted in the load dtype.
         notes: remarks carried to the table.
+        vae_factor: pixels per latent pixel (image tokens = (resolution / vae_factor / patch)²).
     """
     t2i = config.model.family in _T2I
     s, c = config.student, config.critic
@@ -117,7 +119,7 @@ def run_memory(
     tr = config.train
     resolution = int(config.model.kwargs.get("resolution", 1024))
     act = activation_bytes(
-        tokens_and_width(teacher, resolution, _text_tokens(config)),
+        tokens_and_width(teacher, resolution, _text_tokens(config), vae_factor),
         tr.batch_size,
         checkpointing=config.model.gradient_checkpointing,
         precision=tr.precision,
@@ -154,4 +156,8 @@ def preset_memory(config: DMDRTrainerConfig) -> RunMemory:
     if config.active_rewards and not config.rl.enabled:  # ReFL: rewards differentiated
         notes.append("stage 2 (rewards): VAE-decode and reward activations not modelled (docs/plan.md §2)")
     targets = get_family(fam).adapter.default_lora_targets
-    return run_memory(config, parts.denoiser, default_targets=targets, frozen=frozen, notes=notes)
+    vae_config: Any = getattr(parts.vae, "config", {})  # diffusers' FrozenDict
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return run_memory(
+        config, parts.denoiser, default_targets=targets, frozen=frozen, notes=notes, vae_factor=factor
+    )
