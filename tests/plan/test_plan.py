@@ -56,11 +56,7 @@ def test_digits_architecture_is_the_recipe_default():
 
 @pytest.mark.parametrize("student", ["full", "lora"])
 def test_counts_equal_the_trainer_networks(student):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from measured import ARCH, config
+    from measured import ARCH, config  # tests/plan is on sys.path (pytest's rootdir-less import)
 
     from dmdr_fast.train import ClassLabelSampler, Trainer
 

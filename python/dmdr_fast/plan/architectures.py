@@ -133,7 +133,7 @@ _TEXT_CONFIGS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class MetaParts:
     """The networks of a text-to-image run on the meta device.
 
