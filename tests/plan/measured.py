@@ -37,6 +37,8 @@ class Measured:
     peak: int
     states: int
     objects: int
+    activations: int
+    estimate_activations: int
     estimate: int
     estimate_states: int
 
@@ -63,22 +65,33 @@ def config(
 
 def measure(cfg: DMDRTrainerConfig, steps: int = 4) -> Measured:
     """Build the Trainer and run ``steps`` iterations under :class:`LiveTensorBytes`."""
-    with LiveTensorBytes() as m:
+    with LiveTensorBytes(record=True) as m:
         net = tiny_dit(**ARCH, seed=0)
         if cfg.model.gradient_checkpointing:
             net.enable_gradient_checkpointing()
         trainer = Trainer(cfg, DiTAdapter(net), data=ClassLabelSampler(10))
-        for _ in range(steps):
+        for i in range(steps):
+            if i == steps - 1:  # the peak of the last iteration (a generator step): its state
+                m.reset_peak()  # tensors are the ones still alive at the end
             trainer.step()
         states = m.sweep()
+    tensors = _state_tensors(trainer)
     plan = run_memory(cfg, tiny_dit(**ARCH, seed=0))
     est = per_rank(plan, "ddp", 1)
-    return Measured(m.peak, states, _state_bytes(trainer), est.total, est.total - plan.activation_bytes)
+    return Measured(
+        peak=m.peak,
+        states=states,
+        objects=sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}.values()),
+        activations=m.peak - m.bytes_at_peak(tensors),
+        estimate_activations=plan.activation_bytes,
+        estimate=est.total,
+        estimate_states=est.total - plan.activation_bytes,
+    )
 
 
-def _state_bytes(trainer: Trainer) -> int:
-    """Bytes of the distinct storages of the networks' weights and buffers, their gradients, the
-    optimisers' states and the EMA: what the planner counts as states, read off the objects."""
+def _state_tensors(trainer: Trainer) -> list[torch.Tensor]:
+    """The networks' weights and buffers, their gradients, the optimisers' states and the EMA:
+    what the planner counts as states, read off the objects."""
     tensors = []
     for net in (trainer.student.network, trainer.guidance.network):
         for p in net.parameters():
@@ -87,8 +100,7 @@ def _state_bytes(trainer: Trainer) -> int:
     for opt in (trainer.opt_g, trainer.opt_c):
         tensors += [t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
     tensors += list((trainer.ema or {}).values())
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
+    return tensors
 
 
 def _units(layers: int) -> tuple[int, int]:
@@ -107,7 +119,7 @@ def _per_sample(layers: int, batch: int, elem: int, **kw: object) -> tuple[int, 
     finally:
         ARCH = base
     units, widest = _units(layers)
-    return units, widest, (r.peak - r.estimate_states) / (elem * batch)
+    return units, widest, r.activations / (elem * batch)
 
 
 def _fit(elem: int, **kw: object) -> tuple[float, float]:
@@ -128,10 +140,12 @@ def calibrate() -> None:
     for prec, elem in (("fp32", 4), ("bf16", 2)):
         saved, scores = _fit(elem, precision=prec, backward_sim="final")
         saved2, backward = _fit(elem, precision=prec, backward_sim="trajectory")
-        ckpt, _ = _fit(elem, precision=prec, backward_sim="final", checkpointing=True)
+        ckpt, ckpt_peak = _fit(elem, precision=prec, backward_sim="final", checkpointing=True)
+        ckpt2, ckpt_peak2 = _fit(elem, precision=prec, backward_sim="trajectory", checkpointing=True)
         print(
             f"{prec}: saved {saved:.2f} (trajectory: {saved2 / 2:.2f} per graph), scores {scores:.1f}, "
-            f"backward {backward:.1f}, ckpt {ckpt:.2f}"
+            f"backward {backward:.1f}, ckpt {ckpt:.2f}, ckpt_peak {ckpt_peak:.1f} "
+            f"(trajectory: {ckpt2:.2f}, {ckpt_peak2:.1f})"
         )
 
 

@@ -32,13 +32,25 @@ class LiveTensorBytes(TorchDispatchMode):
         live: bytes of the storages created inside the mode that are still alive (after
             :meth:`sweep`).
         peak: the largest ``live`` seen right after an allocation.
+        at_peak: storage id → (weak reference, bytes) of what was alive at the peak (``record=True``), so that a
+            caller can split the peak into its own categories (:meth:`bytes_at_peak`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, record: bool = False) -> None:
         super().__init__()
         self._storages: dict[int, tuple[StorageWeakRef, int]] = {}
+        self._record = record
         self.live = 0
         self.peak = 0
+        self.at_peak: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def bytes_at_peak(self, tensors: list[torch.Tensor]) -> int:
+        """Bytes of the distinct storages of ``tensors`` that were alive at the peak.
+
+        A storage alive at the peak and still alive now is the same one (its address cannot have
+        been reused meanwhile), so address equality is identity for those."""
+        keys = {t.untyped_storage()._cdata for t in tensors}
+        return sum(size for key, (ref, size) in self.at_peak.items() if key in keys and not ref.expired())
 
     def sweep(self) -> int:
         """Forget the freed storages; returns the live bytes."""
@@ -50,6 +62,11 @@ class LiveTensorBytes(TorchDispatchMode):
     def reset_peak(self) -> None:
         """Start a new peak from the current live bytes (e.g. after the models are built)."""
         self.peak = self.sweep()
+        self._snapshot()
+
+    def _snapshot(self) -> None:
+        if self._record:
+            self.at_peak = dict(self._storages)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -70,6 +87,7 @@ class LiveTensorBytes(TorchDispatchMode):
             added += size
         # The peak can only rise on an allocation; sweeping then (not on every op) keeps it exact
         # and cheap: freed storages are subtracted before the comparison.
-        if added and self.live > self.peak:
-            self.peak = max(self.peak, self.sweep())
+        if added and self.live > self.peak and self.sweep() > self.peak:
+            self.peak = self.live
+            self._snapshot()
         return out

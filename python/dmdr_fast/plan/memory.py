@@ -44,13 +44,15 @@ __all__ = [
 #: autocast keeps some fp32), in elements per sample per (token × width) of a block's residual
 #: stream. Measured on the CPU DiT of ``tests/plan/measured.py`` (``python tests/plan/measured.py``
 #: refits them; docs/plan.md §2): slopes over 4 → 12 blocks (``saved``: the mean of the one- and
-#: two-graph fits) and the intercepts.
-#: ``saved``: kept for backward per block without checkpointing; ``ckpt``: per block with gradient
-#: checkpointing (its inputs); ``backward``: transient of a backward pass, in blocks' widths;
-#: ``scores``: transient of the generator's no-grad score passes, in blocks' widths.
+#: two-graph fits) and the intercepts. "Activations" there are the peak's bytes minus the state
+#: tensors (weights, gradients, AdamW, EMA) alive at that moment.
+#: ``saved``: kept for backward per block without checkpointing; ``backward``: transient of a
+#: backward pass, in blocks' widths; ``scores``: transient of the generator's no-grad score passes,
+#: in blocks' widths. With gradient checkpointing one fit (``backward_sim: final``, what the
+#: text-to-image presets use): ``ckpt`` per block (its inputs) and ``ckpt_peak`` blocks' widths.
 ACT = {
-    "fp32": {"saved": 17.3, "ckpt": 0.78, "backward": 10.9, "scores": 35.4},
-    "bf16": {"saved": 18.9, "ckpt": 0.72, "backward": 16.7, "scores": 41.0},
+    "fp32": {"saved": 19.4, "ckpt": 3.64, "ckpt_peak": 25.1, "backward": 11.2, "scores": 35.6},
+    "bf16": {"saved": 23.2, "ckpt": 6.30, "ckpt_peak": 37.0, "backward": 17.3, "scores": 39.8},
 }
 
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
@@ -140,10 +142,10 @@ def activation_bytes(
 ) -> int:
     """Peak activation bytes of a training micro-batch (docs/plan.md §2).
 
-    The peak is the larger of two phases of a DMDR iteration: the critic's backward while
-    ``graphs`` trainable graphs are held, and the generator's no-grad score passes while the
-    student's graph is held. A graph keeps ``saved`` elements per block per (token × width)
-    (checkpointing: ``ckpt``, its inputs, plus one block recomputed during backward).
+    Without checkpointing the peak is the larger of two phases of a DMDR iteration: the critic's
+    backward while ``graphs`` trainable graphs are held, and the generator's no-grad score passes
+    while the student's graph is held; a graph keeps ``saved`` elements per block per
+    (token × width). With checkpointing: ``ckpt`` per block plus ``ckpt_peak`` blocks' widths.
 
     Args:
         blocks: ``(tokens, width)`` of every block's residual stream.
@@ -159,10 +161,13 @@ def activation_bytes(
     c = ACT["bf16" if elem == 2 else "fp32"]
     total = sum(t * w for t, w in blocks)
     widest = max(t * w for t, w in blocks)
-    graph = c["ckpt"] * total if checkpointing else c["saved"] * total
-    recompute = c["saved"] * widest if checkpointing else 0.0
-    critic_phase = graphs * graph + recompute + c["backward"] * widest
-    scores_phase = graph + c["scores"] * widest * (2 if cfg else 1)
+    cfg_extra = c["scores"] * widest if cfg else 0.0  # the doubled real-score pass (not measured)
+    if checkpointing:
+        # Measured as one fit: the kept block inputs plus a few blocks' widths of transients (a
+        # recomputed block, a score pass); with so little kept, the phases hardly differ.
+        return int(elem * batch * (c["ckpt"] * total + c["ckpt_peak"] * widest + cfg_extra))
+    critic_phase = graphs * c["saved"] * total + c["backward"] * widest
+    scores_phase = c["saved"] * total + c["scores"] * widest + cfg_extra
     return int(elem * batch * max(critic_phase, scores_phase))
 
 
