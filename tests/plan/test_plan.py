@@ -95,6 +95,7 @@ def test_a_local_pipeline_folder_is_counted_from_its_configs(tmp_path):
         (["--preset", "digits", "--gpus", "0"], "--gpus"),
         (["--preset", "digits", "--gpus", "a,b"], "--gpus"),
         (["--preset", "digits", "--gpu-memory", "lots"], "--gpu-memory"),
+        (["--preset", "flux-4step", "--set", "model.path=/nonexistent"], "model.path"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(argv, needle, capsys):
@@ -118,3 +119,17 @@ def test_advice_when_it_does_not_fit(capsys):
     assert (
         "does not fit" in out and "--set student.kind=lora" in out and "--set model.weights_dtype=fp8" in out
     )
+
+
+def test_fp8_weights_and_a_prompt_cache_shrink_what_they_should():
+    def parts(*overrides):
+        return {
+            p.name: p.nbytes for p in preset_memory(load_preset("sd35-large-4step", list(overrides))).parts
+        }
+
+    base, fp8 = parts(), parts("model.weights_dtype=fp8")
+    assert 0.45 < fp8["teacher (frozen)"] / base["teacher (frozen)"] < 0.6  # e4m3 linears + bf16 rest
+    assert fp8["student LoRA (fp32)"] == base["student LoRA (fp32)"]
+    cached = parts("data.cache=/tmp/cache")
+    assert not any(name.startswith("text encoder") for name in cached)
+    assert any(name.startswith("text encoder") for name in base)

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmdr_fast._errors import UserError
+
 __all__ = [
     "DIGITS_DIT",
     "FAMILY_PARTS",
@@ -216,9 +218,14 @@ def build_meta_parts(family: str, path: str | None, name: str) -> MetaParts:
         family: ``model.family`` (sd3, flux, zimage, sdxl).
         path: ``model.path``: a local diffusers folder (its configs are read), or None for the
             published architecture (:data:`FAMILY_PARTS`).
+
+    Raises:
+        UserError: For a ``path`` that is not a diffusers pipeline folder.
         name: the run's name (SD3: ``sd35-large`` in it picks SD3.5-Large, else SD3-Medium).
     """
-    if path is not None and (Path(path) / "model_index.json").is_file():
+    if path is not None:
+        if not (Path(path) / "model_index.json").is_file():
+            raise UserError(f"model.path {path}: not a diffusers pipeline folder (no model_index.json)")
         return _from_folder(Path(path))
     key = _published_key(family, name)
     if key not in FAMILY_PARTS:
