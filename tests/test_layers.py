@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"ops"},
     {"algo", "models", "data", "eval", "rewards"},
     {"config", "configs"},
-    {"train"},
+    {"train", "plan"},
     {"pipelines"},
     {"recipes", "benchmarks"},
     {"cli"},

@@ -712,6 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parsers(bench.add_subparsers(dest="what", required=True))
     bench.set_defaults(func=_cmd_bench)
+    from dmdr_fast.plan import command as plan_command
+
+    plan_command.add_parser(sub).set_defaults(func=plan_command.run)
     return parser
 
 
