@@ -31,7 +31,11 @@ def test_fsdp_divides_the_sharded_parts_by_the_gpu_count():
     for part in run.parts:
         expected = -(-part.nbytes // 8) if part.sharded else part.nbytes
         assert fsdp[part.name] == expected, part.name
-        assert dict(ddp.rows)[part.name] == part.nbytes
+        if part.fsdp_only:  # a LoRA student's own base: under DDP it shares the teacher's
+            assert part.name not in dict(ddp.rows) and part.nbytes == run.parts[0].nbytes
+        else:
+            assert dict(ddp.rows)[part.name] == part.nbytes
+    assert any(p.fsdp_only for p in run.parts)  # sd35-large-4step has a LoRA student
     assert fsdp["FSDP gathered blocks (2)"] == 2 * run.block_bytes
     assert dict(ddp.rows)["DDP gradient buckets"] == 4 * run.trainable_params
 

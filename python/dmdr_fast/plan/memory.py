@@ -7,7 +7,8 @@ real sizes, :mod:`dmdr_fast.plan.architectures`) and the Trainer's rules (``trai
   scales, counted by :func:`dmdr_fast.models.fp8.fp8_plan`);
 - trainable weights are fp32 (a full student or critic is cast to fp32; LoRA factors are fp32):
   they are the master weights, 4 bytes, plus a 4-byte gradient and AdamW's two fp32 moments;
-- a LoRA student shares the teacher's base tensors; a full student / full critic is a copy;
+- a LoRA student shares the teacher's base tensors under DDP; under FSDP it has its own (sharded)
+  copy (train/parallel.py); a full student / full critic is a copy;
 - EMA: an fp32 copy of the student's trainable weights when ``student.ema_decay > 0``;
 - VAE and text encoders in the load dtype (text encoders dropped with ``data.cache`` +
   ``data.offload_text_encoders``), reward models from a table;
@@ -67,12 +68,15 @@ class Part:
         params: parameters it holds (0 for states).
         nbytes: bytes on one rank under DDP (replicated).
         sharded: whether FSDP shards it 1/N.
+        fsdp_only: present only under FSDP (a LoRA student's own frozen base: under DDP it shares
+            the teacher's tensors, under FSDP one tensor cannot be in two sharded networks).
     """
 
     name: str
     params: int
     nbytes: int
     sharded: bool
+    fsdp_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,8 @@ def per_rank(run: RunMemory, parallel: str, gpus: int) -> RankMemory:
     """The per-rank rows for ``parallel`` (``ddp`` | ``fsdp``) on ``gpus`` GPUs."""
     rows: list[tuple[str, int]] = []
     for part in run.parts:
+        if part.fsdp_only and (parallel != "fsdp" or gpus == 1):  # 1 process: nothing is sharded
+            continue
         nbytes = math.ceil(part.nbytes / gpus) if parallel == "fsdp" and part.sharded else part.nbytes
         rows.append((part.name, nbytes))
     if parallel == "ddp" and gpus > 1:

@@ -91,6 +91,8 @@ def run_memory(
     else:
         lora, k = _lora_params(teacher, s.lora, "student", default_targets)
         parts.append(Part("student LoRA (fp32)", lora, 4 * lora, True))
+        # FSDP: the student's own copy of the frozen base (counted before any LoRA was injected)
+        parts.append(Part("student base (frozen, FSDP copy)", params, parts[0].nbytes, True, fsdp_only=True))
         trainable, tensors = trainable + lora, tensors + k
         student_block = 0
     if c.kind == "full":
