@@ -8,7 +8,7 @@ import torch
 from dmdr_fast.cli import main
 from dmdr_fast.configs import load_preset, preset_names
 from dmdr_fast.models import DiTAdapter, tiny_dit
-from dmdr_fast.plan.architectures import DIGITS_DIT, build_meta_parts
+from dmdr_fast.plan.architectures import build_meta_parts
 from dmdr_fast.plan.command import parse_bytes
 from dmdr_fast.plan.memory import per_rank
 from dmdr_fast.plan.runs import preset_memory, run_memory
@@ -50,12 +50,6 @@ def test_published_sizes_are_the_known_parameter_counts():
     assert round(counts["f"] / 1e9, 1) == 11.9
     assert round(counts["z"] / 1e9, 2) == 6.15
     assert round(counts["s"] / 1e9, 2) == 2.57
-
-
-def test_digits_architecture_is_the_recipe_default():
-    from dmdr_fast.recipes.digits.teacher import DEFAULT_DIGITS_TEACHER_CONFIG
-
-    assert DEFAULT_DIGITS_TEACHER_CONFIG["model"] == DIGITS_DIT
 
 
 @pytest.mark.parametrize("student", ["full", "lora"])

@@ -57,17 +57,19 @@ def full_weights(tr: Trainer) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, world: int, init_file: str, out: str, kind: str, parallel: str) -> None:
+def _worker(
+    rank: int, world: int, init_file: str, out: str, kind: str, parallel: str, batch: int = 2
+) -> None:
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
     )
     try:
         torch.set_num_threads(1)
-        tr = make(fsdp_config(kind, parallel=parallel))
+        tr = make(fsdp_config(kind, parallel=parallel, batch_size=batch))
         tr.fit(progress=False)
         weights = full_weights(tr)  # a collective under FSDP: every rank gathers
         if rank == 0:
-            torch.save(weights, os.path.join(out, f"{kind}_{parallel}.pt"))
+            torch.save(weights, os.path.join(out, f"{kind}_{parallel}_{world}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -118,7 +120,7 @@ def test_fsdp_and_ddp_on_two_ranks_equal_one_process_with_two_micro_batches(tmp_
     for parallel in ("ddp", "fsdp"):
         init = tmp_path / f"init_{parallel}"
         mp.spawn(_worker, args=(2, str(init), str(tmp_path), kind, parallel), nprocs=2, join=True)
-        _close(torch.load(tmp_path / f"{kind}_{parallel}.pt"), expected, f"{kind}/{parallel}")
+        _close(torch.load(tmp_path / f"{kind}_{parallel}_2.pt"), expected, f"{kind}/{parallel}")
 
 
 def _ckpt_worker(rank: int, world: int, init_file: str, out: str, job: str) -> None:
@@ -252,21 +254,6 @@ def test_micro_batches_average_not_sum():
         torch.testing.assert_close(full_weights(two)[n], v, rtol=0, atol=0, msg=n)
 
 
-def _world_worker(rank: int, world: int, init_file: str, out: str) -> None:
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
-    )
-    try:
-        torch.set_num_threads(1)
-        tr = make(fsdp_config("full", parallel="fsdp", batch_size=1))
-        tr.fit(progress=False)
-        weights = full_weights(tr)
-        if rank == 0:
-            torch.save(weights, os.path.join(out, f"world{world}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_fsdp_on_four_ranks_equals_one_process_with_four_micro_batches(tmp_path):
     """4 shards per parameter; the label table has 11 rows, not divisible by 4 (FSDP pads the shards)."""
@@ -276,5 +263,6 @@ def test_fsdp_on_four_ranks_equals_one_process_with_four_micro_batches(tmp_path)
     START.clear()
     START.update(full_weights(reference))
     reference.fit(progress=False)
-    mp.spawn(_world_worker, args=(4, str(tmp_path / "init"), str(tmp_path)), nprocs=4, join=True)
-    _close(torch.load(tmp_path / "world4.pt"), full_weights(reference), "fsdp on 4 ranks")
+    args = (4, str(tmp_path / "init"), str(tmp_path), "full", "fsdp", 1)
+    mp.spawn(_worker, args=args, nprocs=4, join=True)
+    _close(torch.load(tmp_path / "full_fsdp_4.pt"), full_weights(reference), "fsdp on 4 ranks")

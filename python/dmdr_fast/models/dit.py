@@ -35,6 +35,7 @@ from torch import nn
 from dmdr_fast.models.protocol import Condition, check_time
 
 __all__ = [
+    "DIGITS_DIT",
     "DIT_ATTENTION_TARGETS",
     "DIT_FEEDFORWARD_TARGETS",
     "DIT_LORA_TARGETS",
@@ -42,6 +43,19 @@ __all__ = [
     "dit_from_config",
     "tiny_dit",
 ]
+
+#: The digits teacher's DiT (:func:`dit_from_config` arguments): 4 blocks of width 64 (4 heads ×
+#: 16) on 2×2 patches of 8×8 images, 10 classes. One home for the recipe and the memory planner.
+DIGITS_DIT: dict[str, Any] = {
+    "sample_size": 8,
+    "patch_size": 2,
+    "in_channels": 1,
+    "num_layers": 4,
+    "num_attention_heads": 4,
+    "attention_head_dim": 16,
+    "num_classes": 10,
+    "learned_sigma": False,
+}
 
 #: LoRA targets: self-attention q/k/v/out projections of every block.
 DIT_ATTENTION_TARGETS: tuple[str, ...] = (

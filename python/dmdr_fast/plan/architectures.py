@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dmdr_fast._errors import UserError
+from dmdr_fast.models.dit import DIGITS_DIT  # re-exported: the digits presets' DiT
 
 __all__ = [
     "DIGITS_DIT",
@@ -30,19 +31,6 @@ __all__ = [
     "build_meta_parts",
     "tokens_and_width",
 ]
-
-#: The digits teacher's DiT (``recipes/digits/teacher.py`` ``DEFAULT_DIGITS_TEACHER_CONFIG["model"]``,
-#: repeated here because ``plan`` sits below ``recipes``; a test keeps the two equal).
-DIGITS_DIT: dict[str, Any] = {
-    "sample_size": 8,
-    "patch_size": 2,
-    "in_channels": 1,
-    "num_layers": 4,
-    "num_attention_heads": 4,
-    "attention_head_dim": 16,
-    "num_classes": 10,
-    "learned_sigma": False,
-}
 
 # --- denoisers --------------------------------------------------------------------------------
 _SD3_MEDIUM = {  # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json (2.0B)

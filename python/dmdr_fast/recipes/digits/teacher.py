@@ -39,6 +39,7 @@ from torch import Tensor
 
 from dmdr_fast._io import atomic_save, load_torch_file
 from dmdr_fast.algo.flow import renoise, velocity_target
+from dmdr_fast.models.dit import DIGITS_DIT
 from dmdr_fast.recipes.digits.classifier import DigitClassifier, DigitClassifierConfig, train_classifier
 
 __all__ = [
@@ -66,16 +67,7 @@ _CLASSIFIERS_FORMAT = "dmdr_fast.digits_classifiers/1"
 #: :func:`dit_from_config` arguments, ``train`` the keyword arguments of :func:`train_flow_teacher`,
 #: ``init_seed`` the weight-initialisation seed.
 DEFAULT_DIGITS_TEACHER_CONFIG: dict[str, Any] = {
-    "model": {
-        "sample_size": 8,
-        "patch_size": 2,
-        "in_channels": 1,
-        "num_layers": 4,
-        "num_attention_heads": 4,
-        "attention_head_dim": 16,
-        "num_classes": 10,
-        "learned_sigma": False,
-    },
+    "model": dict(DIGITS_DIT),
     "init_seed": 0,
     "train": {
         "steps": 3000,
