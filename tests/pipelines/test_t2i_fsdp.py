@@ -89,3 +89,61 @@ def test_sd3_lora_under_fsdp_equals_one_process(tmp_path: Path, combo: str):
         moved = torch.cat([(expected[k] - start[k]).flatten() for k in keys]).norm()
         # as tests/train/test_fsdp.py::_close: only the order of the gradient sums differs
         assert moved > 0 and diff <= 1e-3 * moved, f"{combo} {group}: |diff| {diff:.3g}, |moved| {moved:.3g}"
+
+
+def _run_worker(rank: int, init: str, out: str, pipe: str, kind: str) -> None:
+    from dmdr_fast.recipes.t2i import run_t2i
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        run_t2i(_run_config(pipe, kind, "fsdp"), out, progress=False, teacher_steps=2)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _run_config(pipe: str, kind: str, parallel: str):
+    prompts = Path(pipe).parent / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    # monitor.every=1: the reward-hacking monitor samples on every rank under FSDP (a collective)
+    sets = [*TINY, "monitor.every=1", f"student.kind={kind}", f"train.parallel={parallel}"]
+    return load_preset("sd3-medium-4step", [*sets, f"model.path={pipe}", f"data.prompts={prompts}"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_fsdp_run_exports_and_reports_like_one_process(tmp_path: Path, kind: str):
+    """The recipe under FSDP on 2 ranks exports in-run (the student gathered onto rank 0) and writes
+    its report; the export equals, tensor for tensor, the one a single process writes after
+    resuming the same sharded checkpoint (the old way to finish an FSDP run)."""
+    import json
+    import shutil
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from dmdr_fast.recipes.t2i import run_t2i
+
+    pipe = str(save_random_pipeline("sd3", "tiny", tmp_path / "sd3"))
+    out = tmp_path / "fsdp"
+    mp.spawn(_run_worker, args=(str(tmp_path / "init"), str(out), pipe, kind), nprocs=2, join=True)
+    assert (out / "report.md").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [row["step"] for row in metrics["monitor"]] == [1, 2]  # the monitor ran under FSDP
+
+    single = tmp_path / "single"
+    shutil.copytree(out / "checkpoints", single / "checkpoints")
+    run_t2i(_run_config(pipe, kind, "ddp"), single, resume=True, progress=False, teacher_steps=2)
+    name = (
+        "pytorch_lora_weights.safetensors"
+        if kind == "lora"
+        else "transformer/diffusion_pytorch_model.safetensors"
+    )
+    got, expected = load_file(out / "export" / name), load_file(single / "export" / name)
+    assert got.keys() == expected.keys() and len(got) > 0
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    info = [json.loads((d / "export" / "dmdr_export.json").read_text()) for d in (out, single)]
+    assert info[0] == info[1]
+    # The comparison images were drawn from the same weights: the same scores, on every rank's path.
+    assert json.loads((single / "metrics.json").read_text())["comparison"] == metrics["comparison"]

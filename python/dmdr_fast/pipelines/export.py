@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from dmdr_fast._dtypes import load_dtype_kwargs, torch_dtype
+from dmdr_fast._errors import UserError
 from dmdr_fast._io import atomic_write_text, check_no_code
 
 if TYPE_CHECKING:
@@ -57,8 +58,13 @@ def export_student(
 
     Returns:
         ``out_dir``.
+
+    Under FSDP (``train.parallel: fsdp`` on several ranks) every rank calls it: the student's
+    shards are gathered once, onto rank 0's CPU (:func:`~dmdr_fast.train.parallel.gathered_weights`),
+    and rank 0 alone writes.
     """
     from dmdr_fast.models.lora_io import save_lora
+    from dmdr_fast.train.parallel import gathered_weights, is_sharded
 
     config = trainer.config
     if not hasattr(trainer.student, "export_scheduler"):
@@ -66,31 +72,46 @@ def export_student(
             f"{type(trainer.student).__name__} is not a text-to-image adapter: nothing to export to diffusers"
         )
     student = cast("TextToImageAdapter", trainer.student)  # what the check above admits
+    sharded = is_sharded(student.network)
+    writer = not sharded or trainer.rank == 0
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     n, shift = config.student.num_steps, config.student.shift
     scheduler = student.export_scheduler(n, shift)
     base_path = base_path if base_path is not None else config.model.path
     dtype = torch_dtype(config.model.load_dtype)
+    full_pipeline = base_path is not None and (Path(base_path) / "model_index.json").is_file()
     if config.student.kind == "lora":
-        with trainer.ema_weights():
-            save_lora(student.network, out, adapter="student", prefix=student.lora_prefix)
-        scheduler.save_pretrained(out / "scheduler")
+        with trainer.ema_weights(), gathered_weights(student.network):
+            if writer:
+                save_lora(student.network, out, adapter="student", prefix=student.lora_prefix)
+                scheduler.save_pretrained(out / "scheduler")
         kind = "lora"
-    elif base_path is not None and (Path(base_path) / "model_index.json").is_file():
+    elif full_pipeline:
         # Big models: no second copy on the GPU. The teacher folder's other components are copied
         # file by file, and the student's weights are written tensor by tensor from the live network.
-        _copy_components(Path(base_path), out, skip={student.network_attr, "scheduler"})
-        _patch_model_index(out, scheduler)
-        scheduler.save_pretrained(out / "scheduler")
-        with trainer.ema_weights():
-            _save_network(student.network, out / student.network_attr, dtype)
+        assert base_path is not None
+        if writer:
+            _copy_components(Path(base_path), out, skip={student.network_attr, "scheduler"})
+            _patch_model_index(out, scheduler)
+            scheduler.save_pretrained(out / "scheduler")
+        with trainer.ema_weights(), gathered_weights(student.network):
+            if writer:
+                _save_network(student.network, out / student.network_attr, dtype)
         kind = "pipeline"
+    elif sharded:
+        raise UserError(
+            "under FSDP a full student exports next to its teacher's pipeline folder: set model.path "
+            "to a diffusers folder (this adapter was built from an in-memory pipeline)"
+        )
     else:  # an adapter built from an in-memory pipeline: assemble and save the pipeline object
         network = trainer.export_student().to(dtype)  # EMA weights, native attention, own copy
         pipe = _assemble(student, network, scheduler, base_path, dtype)
         pipe.save_pretrained(out)
         kind = "pipeline"
+    if not writer:
+        return out
     info = {
         "format": 1,
         "kind": kind,

@@ -35,7 +35,6 @@ from dmdr_fast.data.prompts import PromptBatch
 from dmdr_fast.models.families import T2I_FAMILIES, family_of_pipeline, get_family
 from dmdr_fast.train import checkpoint as ckpt
 from dmdr_fast.train import interrupt
-from dmdr_fast.train.parallel import after_sharded_run
 from dmdr_fast.train.trainer import Trainer, resolve_device
 
 if TYPE_CHECKING:
@@ -239,12 +238,10 @@ def run_t2i(
     t_setup = time.perf_counter() - t0
     interrupt.fit(trainer, progress=progress)  # a signal: checkpoint, then TrainingInterrupted
     t_train = time.perf_counter() - t0 - t_setup
-    if trainer.collective:  # FSDP: no rank holds whole networks (train/parallel.py)
-        notice = after_sharded_run(trainer.rank, out_dir)
-        if notice:
-            print(notice)
-        return {"rank": trainer.rank}
-    if trainer.rank != 0:  # multi-GPU: rank 0 exports, evaluates and reports
+    # Under FSDP every forward is a collective (train/parallel.py): all ranks export (the student is
+    # gathered onto rank 0, which writes) and draw the comparison images; rank 0 alone scores and
+    # reports. Under DDP the other ranks are done.
+    if trainer.rank != 0 and not trainer.collective:
         return {"rank": trainer.rank}
 
     # Export first: the comparison below is a report, the export is what the run is for.
@@ -266,6 +263,8 @@ def run_t2i(
         held, chunk,
         lambda b, i: trainer.student.decode(teacher_sample(trainer, b, steps=teacher_steps, guidance=w, seed=4321 + i)),
     )  # fmt: skip
+    if trainer.rank != 0:
+        return {"rank": trainer.rank}
     teacher_name = f"teacher ({teacher_steps}-step Euler, CFG {w:g})"
     comparison = compare_t2i(
         {teacher_name: t_img, f"student ({n_steps}-step DMDR)": s_img},

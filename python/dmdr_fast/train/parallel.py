@@ -29,18 +29,19 @@ Reward models, the VAE and the text encoders are not sharded: they are replicate
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 __all__ = [
-    "after_sharded_run",
     "balanced",
     "broadcast_from_rank0",
     "collective_forwards",
     "fsdp_units",
+    "gathered_weights",
     "is_sharded",
     "shard_network",
     "wrap_ddp",
@@ -185,14 +186,46 @@ def wrap_ddp(adapter: nn.Module, device: torch.device) -> Callable[..., torch.Te
     return DDP(adapter, device_ids=ids)
 
 
-def after_sharded_run(rank: int, out_dir: object) -> str | None:
-    """What rank 0 says at the end of an FSDP run (None elsewhere): the evaluation, report and export
-    need whole networks, which no single rank holds, so they run in one process from the sharded
-    checkpoint (DCP reads it into plain tensors there; ``--resume`` continues at the saved step,
-    which is already the last one, so nothing is trained again)."""
-    if rank != 0:
-        return None
-    return (
-        f"FSDP run finished; its sharded checkpoint is in {out_dir}/checkpoints. Evaluate, report and "
-        f"export in one process: rerun the same command without torchrun, with --resume --out {out_dir}"
-    )
+@contextlib.contextmanager
+def gathered_weights(network: nn.Module) -> Iterator[bool]:
+    """The whole of a sharded ``network`` on rank 0, for writing it out (an export).
+
+    A collective: under FSDP every rank enters. Each sharded parameter is all-gathered in turn (one
+    at a time on the device, so no rank ever holds a second whole network there) and rank 0 keeps
+    it on the CPU: inside the block, rank 0's ``network`` has plain full parameters, so
+    ``state_dict()`` and the LoRA helpers see whole tensors; the shards come back on exit. Run no
+    forward inside (FSDP's hooks would gather over the swapped tensors). Without sharding: a no-op.
+
+    Yields:
+        Whether this rank holds the whole network (rank 0, or any rank when nothing is sharded):
+        the one that should write.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not is_sharded(network):
+        yield True
+        return
+    rank0 = torch.distributed.get_rank() == 0
+    full: dict[int, nn.Parameter | None] = {}
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    with torch.no_grad():
+        # modules() and _parameters follow registration order, the same on every rank, so the
+        # all-gathers pair up; a parameter shared by two modules is gathered once.
+        for module in network.modules():
+            for leaf, param in list(module._parameters.items()):
+                if not isinstance(param, DTensor):
+                    continue
+                if id(param) not in full:
+                    whole = param.full_tensor()
+                    full[id(param)] = nn.Parameter(whole.cpu(), param.requires_grad) if rank0 else None
+                    del whole
+                whole_param = full[id(param)]
+                if whole_param is not None:
+                    swapped.append((module, leaf, param))
+                    module._parameters[leaf] = whole_param
+    full.clear()  # rank 0's modules hold them now
+    try:
+        yield rank0
+    finally:
+        for module, leaf, param in swapped:
+            module._parameters[leaf] = param

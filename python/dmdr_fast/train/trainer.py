@@ -792,7 +792,9 @@ class Trainer:
         from dmdr_fast.models.attention import restore_attention
         from dmdr_fast.models.fp8 import dequantize_linears
 
+        if self.sharded:  # one rank holds 1/N: pipelines.export gathers the shards onto rank 0
+            raise UserError("under FSDP export with dmdr_fast.pipelines.export.export_student (every rank)")
         with self.ema_weights():
-            # The copy gets the models' own attention back: it must not depend on dmdr_fast to run.
-            # ... and plain linears: an export never holds FP8 tensors (docs/fp8.md).
+            # The copy gets the models' own attention and plain linears back (no FP8, docs/fp8.md):
+            # it must not depend on dmdr_fast to run.
             return dequantize_linears(restore_attention(copy.deepcopy(self.student.network))).eval()

@@ -32,7 +32,6 @@ from dmdr_fast.eval.metrics import RealReference, compute_features, evaluate_fea
 from dmdr_fast.train import checkpoint as ckpt
 from dmdr_fast.train import interrupt
 from dmdr_fast.train.monitor import RewardHackingMonitor
-from dmdr_fast.train.parallel import after_sharded_run
 from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
 
 if TYPE_CHECKING:
@@ -348,19 +347,18 @@ def run_digits(
     t_assets = time.perf_counter() - t_start
     trainer = train_student(config, assets, out, resume=resume, progress=progress)
     t_train = time.perf_counter() - t_start - t_assets
-    if trainer.collective:  # FSDP: no rank holds whole networks (train/parallel.py)
-        notice = after_sharded_run(trainer.rank, out_dir)
-        if notice:
-            print(notice)
-        return {"rank": trainer.rank}
-    if trainer.rank != 0:  # multi-GPU: rank 0 evaluates and reports
+    # Under FSDP every forward is a collective (train/parallel.py): all ranks draw the student's
+    # evaluation samples; rank 0 alone evaluates and reports. Under DDP the other ranks are done.
+    if trainer.rank != 0 and not trainer.collective:
         return {"rank": trainer.rank}
 
     n = config.train.num_eval_samples
     labels = balanced_labels(n)
+    s_img = trainer.student.decode(trainer.sample(labels, generator=torch.Generator().manual_seed(4321)))
+    if trainer.rank != 0:
+        return {"rank": trainer.rank}
     teacher_w = float(config.model.kwargs.get("teacher_eval_guidance", 1.0))
     t_img = teacher_samples(assets, labels, steps=50, guidance=teacher_w)
-    s_img = trainer.student.decode(trainer.sample(labels, generator=torch.Generator().manual_seed(4321)))
     results = {
         f"teacher (50-step Euler, CFG {teacher_w:g})": evaluate_images(assets, t_img, labels),
         f"student ({config.student.num_steps}-step DMDR)": evaluate_images(assets, s_img, labels),
