@@ -34,7 +34,7 @@ from dmdr_fast.data.prompt_cache import model_identity
 from dmdr_fast.data.prompts import PromptBatch
 from dmdr_fast.models.families import T2I_FAMILIES, family_of_pipeline, get_family
 from dmdr_fast.train import checkpoint as ckpt
-from dmdr_fast.train import interrupt
+from dmdr_fast.train import interrupt, run_dir
 from dmdr_fast.train.trainer import Trainer, resolve_device
 
 if TYPE_CHECKING:
@@ -234,7 +234,10 @@ def run_t2i(
         config, adapter, reward=reward, data=sampler, out_dir=out, monitor=monitor, load_init=not resuming
     )
     if resume:
-        trainer.resume()
+        found = ckpt.latest_checkpoint(out)
+        if found is not None:
+            trainer.resume(found)
+        run_dir.say_resumed(trainer.rank, found, trainer.state.gen_step, out, quiet=not progress)
     t_setup = time.perf_counter() - t0
     interrupt.fit(trainer, progress=progress)  # a signal: checkpoint, then TrainingInterrupted
     t_train = time.perf_counter() - t0 - t_setup

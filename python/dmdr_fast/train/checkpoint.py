@@ -14,6 +14,7 @@ none needs converting.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -26,14 +27,18 @@ from torch import nn
 
 from dmdr_fast._errors import UserError
 from dmdr_fast._io import UnsafeFileError, atomic_save, atomic_write_text, load_torch_file
+from dmdr_fast.config import DMDRTrainerConfig
 
 __all__ = [
     "FORMAT",
+    "MAY_CHANGE",
     "META",
     "SHARDED_NAME",
     "CheckpointSpaceError",
     "atomic_save",
     "check_format",
+    "check_resume_config",
+    "config_changes",
     "is_sharded_checkpoint",
     "latest_checkpoint",
     "load_checkpoint",
@@ -247,3 +252,58 @@ def load_trainable_state(network: nn.Module, state: dict[str, torch.Tensor], wha
                     f"checkpoint {what}.{n} has shape {tuple(state[n].shape)}, model {tuple(p.shape)}"
                 )
             p.copy_(state[n])
+
+
+#: Config fields a resumed run may change: how long it runs; when it logs, samples, evaluates and
+#: checkpoints; what it watches (the monitor); where and how it computes the same maths (device,
+#: kernels, attention, compile, checkpointing, sharding, VAE slicing/tiling); where its files are
+#: (model.path, data.cache). Anything else changes the training and is refused (``*``: a prefix).
+MAY_CHANGE = (
+    "name", "model.path", "model.gradient_checkpointing", "model.vae_slicing", "model.vae_tiling",
+    "data.cache", "data.offload_text_encoders", "data.eval_prompts", "student.init", "monitor.*",
+    "train.max_steps", "train.log_every", "train.sample_every", "train.eval_every",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.num_eval_samples",
+    "train.num_grid_samples", "train.tensorboard", "train.device", "train.deterministic",
+    "train.parallel", "train.compile", "train.compile_backend", "train.compile_mode",
+    "train.attention", "train.kernel_backend",
+)  # fmt: skip
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:  # a value, or an empty section (kept as a value)
+        return {prefix: tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out |= _flat(value, f"{prefix}.{key}" if prefix else str(key))
+    return out
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(field, saved value, current value) for each field of two config dicts (``to_dict()``) that
+    differs and may not change on resume (:data:`MAY_CHANGE`); nested dicts (``model.kwargs``) are
+    compared field by field."""
+    old, new = _flat(saved), _flat(current)
+
+    def may_change(key: str) -> bool:
+        return any(key == f or (f.endswith("*") and key.startswith(f[:-1])) for f in MAY_CHANGE)
+
+    keys = sorted(set(old) | set(new))
+    return [(k, old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k) and not may_change(k)]
+
+
+def check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: object) -> None:
+    """Refuse to resume ``path`` (saved with config ``saved``) under a config that changes the
+    training; the message names every differing field."""
+    # The saved config as this version reads it (fields added since take their defaults); an older
+    # layout that no longer parses is compared as it is.
+    with contextlib.suppress(Exception):
+        saved = DMDRTrainerConfig.from_dict(saved).to_dict()
+    changes = config_changes(saved, current)
+    if changes:
+        shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes[:8])
+        more = f" (and {len(changes) - 8} more)" if len(changes) > 8 else ""
+        raise UserError(
+            f"{path} was trained with another config: {shown}{more}. Resume with the same settings "
+            "(only when and how the run logs, evaluates, checkpoints and computes may change), or "
+            "start a new run (--overwrite, or another --out)"
+        )

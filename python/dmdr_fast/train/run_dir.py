@@ -25,13 +25,22 @@ import fcntl
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dmdr_fast._errors import UserError, check_writable_folder
 from dmdr_fast.train import checkpoint as ckpt
 
-__all__ = ["LOCK_NAME", "RUN_OUTPUTS", "RunDirError", "RunLock", "claim", "remove_partial_checkpoints"]
+__all__ = [
+    "LOCK_NAME",
+    "RUN_OUTPUTS",
+    "RunDirError",
+    "RunLock",
+    "claim",
+    "remove_partial_checkpoints",
+    "say_resumed",
+]
 
 LOCK_NAME = ".dmdr-fast.lock"
 #: What a training run writes directly under its folder (the Trainer, the digits and text-to-image
@@ -227,3 +236,14 @@ def claim(
         if resume and ckpt.latest_checkpoint(folder) is None:
             say(f"--resume: no checkpoint in {folder}/checkpoints; starting at step 0")
         yield folder
+
+
+def say_resumed(rank: int, checkpoint: object | None, step: int, out_dir: object, *, quiet: bool) -> None:
+    """The one line ``--resume`` prints (stderr, rank 0, not ``quiet``): where it resumed, at which
+    generator step — or that ``out_dir`` had no checkpoint and the run starts fresh."""
+    if rank != 0 or quiet:
+        return
+    if checkpoint is None:
+        print(f"--resume: no checkpoint in {out_dir}, starting fresh", file=sys.stderr, flush=True)
+    else:
+        print(f"resumed from {checkpoint} at generator step {step}", file=sys.stderr, flush=True)

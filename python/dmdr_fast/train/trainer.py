@@ -696,9 +696,7 @@ class Trainer:
         """Everything needed to resume exactly: weights, optimisers, EMA, counters, RNG, config
         (under torchrun a collective: every rank calls it). Not under FSDP (sharded: :meth:`save`)."""
         if self.sharded:
-            raise ValueError(
-                "under FSDP the state is sharded: Trainer.save() writes it as a sharded checkpoint"
-            )
+            raise ValueError("under FSDP the state is sharded: Trainer.save() writes sharded checkpoints")
         critic_owner = self.critic if self.critic is not None else self.guidance
         return {
             **self._meta(),
@@ -748,9 +746,7 @@ class Trainer:
         under FSDP the folder ``step_XXXXXXX/`` (every rank its shards). Every rank must call it."""
         if self.sharded:
             if path is not None or self.out_dir is None:
-                raise ValueError(
-                    "under FSDP, Trainer.save() writes sharded checkpoints under out_dir (no path)"
-                )
+                raise ValueError("under FSDP, Trainer.save() writes sharded checkpoints into out_dir")
             tensors, meta = sharded.checkpoint_parts(self, self._meta())
             step, keep = self.state.gen_step, self.config.train.keep_checkpoints
             return sharded.save_sharded(self.out_dir, step, tensors, meta if self.rank == 0 else None, keep)
@@ -765,25 +761,28 @@ class Trainer:
             )
         return ckpt.atomic_save(sd, Path(path))
 
-    def resume(self, path: str | os.PathLike[str] | None = None) -> bool:
+    def resume(self, path: str | os.PathLike[str] | None = None, *, same_config: bool = True) -> bool:
         """Load ``path`` or the latest checkpoint under ``out_dir``; False if there is none.
 
-        A sharded checkpoint (a folder) loads at any world size, with or without FSDP."""
+        A sharded checkpoint (a folder) loads at any world size, with or without FSDP. A config that
+        changes the training is refused, naming the fields (``checkpoint.MAY_CHANGE``: what may
+        change); ``same_config=False`` takes the checkpoint anyway (branching another run from it)."""
         if path is None:
-            if self.out_dir is None:
+            path = ckpt.latest_checkpoint(self.out_dir) if self.out_dir is not None else None
+            if path is None:
                 return False
-            found = ckpt.latest_checkpoint(self.out_dir)
-            if found is None:
-                return False
-            path = found
-        if sharded.is_sharded_checkpoint(Path(path)):
-            self._load_meta(sharded.resume_into(self, Path(path)))
-        elif self.sharded:
+        is_folder = sharded.is_sharded_checkpoint(Path(path))
+        if self.sharded and not is_folder:
             raise UserError(f"{path} is a single-file checkpoint: resume it with train.parallel=ddp")
+        # Onto the CPU, not the training device: the RNG states must be CPU tensors, and a full
+        # fine-tune's weights + Adam moments + EMA would otherwise sit on the GPU twice.
+        sd = ckpt.load_checkpoint(Path(path) / ckpt.META if is_folder else path)  # runs no code
+        if same_config:
+            ckpt.check_resume_config(sd["config"], self.config.to_dict(), path)
+        if is_folder:
+            self._load_meta(sharded.resume_into(self, Path(path)))
         else:
-            # Onto the CPU, not the training device: the RNG states must be CPU tensors, and a full
-            # fine-tune's weights + Adam moments + EMA would otherwise sit on the GPU twice.
-            self.load_state_dict(ckpt.load_checkpoint(path))  # weights_only: runs no code
+            self.load_state_dict(sd)
         self.logger.note(f"resumed from {path} at generator step {self.state.gen_step}")
         return True
 

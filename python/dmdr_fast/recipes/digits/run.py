@@ -30,7 +30,7 @@ from dmdr_fast.algo import euler_sample, uses_cfg
 from dmdr_fast.config import DMDRTrainerConfig, RewardConfig
 from dmdr_fast.eval.metrics import RealReference, compute_features, evaluate_features
 from dmdr_fast.train import checkpoint as ckpt
-from dmdr_fast.train import interrupt
+from dmdr_fast.train import interrupt, run_dir
 from dmdr_fast.train.monitor import RewardHackingMonitor
 from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
 
@@ -312,10 +312,13 @@ def train_student(
         monitor=make_monitor(assets, config),
         load_init=not resuming,  # the checkpoint holds the student
     )
-    if own is not None:
-        trainer.resume(own)
-    elif start_from is not None:
-        trainer.resume(start_from)
+    if own is not None or start_from is None:
+        if own is not None:
+            trainer.resume(own)
+        if resume:
+            run_dir.say_resumed(trainer.rank, own, trainer.state.gen_step, out_dir, quiet=not progress)
+    else:
+        trainer.resume(start_from, same_config=False)  # a branch: its rows differ by design
     interrupt.fit(trainer, progress=progress)  # a signal: checkpoint, then TrainingInterrupted
     return trainer
 
