@@ -37,8 +37,24 @@ def test_the_tracker_sees_allocations_and_frees():
         {"batch": 24, "checkpointing": True, "backward_sim": "final"},
         {"batch": 16, "student": "lora", "backward_sim": "final"},
         {"batch": 8, "ema": 0.99},
+        {"batch": 24, "precision": "bf16", "checkpointing": True, "backward_sim": "final"},
+        {"batch": 24, "precision": "bf16", "checkpointing": True, "student": "lora", "backward_sim": "final"},
+        {"batch": 8, "precision": "bf16", "checkpointing": True, "backward_sim": "final"},
+        {"batch": 8, "checkpointing": True, "backward_sim": "final"},
+        {"batch": 16, "checkpointing": True, "backward_sim": "trajectory"},
     ],
-    ids=["fp32", "bf16", "checkpointing", "lora-final", "ema"],
+    ids=[
+        "fp32",
+        "bf16",
+        "checkpointing",
+        "lora-final",
+        "ema",
+        "bf16-ckpt",
+        "lora-bf16-ckpt",
+        "bf16-ckpt-b8",
+        "ckpt-b8",
+        "ckpt-trajectory",
+    ],  # fmt: skip
 )
 def test_estimate_is_within_20_percent_of_the_measured_peak(kw):
     r = measure(config(kw.pop("batch"), **kw))

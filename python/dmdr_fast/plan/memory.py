@@ -36,6 +36,7 @@ __all__ = [
     "RankMemory",
     "RunMemory",
     "activation_bytes",
+    "checkpointed_block_bytes",
     "largest_block_numel",
     "network_bytes",
     "per_rank",
@@ -49,11 +50,27 @@ __all__ = [
 #: tensors (weights, gradients, AdamW, EMA) alive at that moment.
 #: ``saved``: kept for backward per block without checkpointing; ``backward``: transient of a
 #: backward pass, in blocks' widths; ``scores``: transient of the generator's no-grad score passes,
-#: in blocks' widths. With gradient checkpointing one fit (``backward_sim: final``, what the
-#: text-to-image presets use): ``ckpt`` per block (its inputs) and ``ckpt_peak`` blocks' widths.
+#: in blocks' widths. With gradient checkpointing (``backward_sim: final``, what the text-to-image
+#: presets use) two candidate peaks: the forwards before the student's backward (no student
+#: gradients yet) hold ``ckpt`` per block (its inputs) plus ``ckpt_peak`` blocks' widths; the
+#: student's backward (its gradients appearing) holds ``ckpt_block`` widths (a recomputed block).
 ACT = {
-    "fp32": {"saved": 19.4, "ckpt": 3.64, "ckpt_peak": 25.1, "backward": 11.2, "scores": 35.6},
-    "bf16": {"saved": 23.2, "ckpt": 6.30, "ckpt_peak": 37.0, "backward": 17.3, "scores": 39.8},
+    "fp32": {
+        "saved": 19.4,
+        "backward": 11.2,
+        "scores": 35.6,
+        "ckpt": 1.00,
+        "ckpt_peak": 35.6,
+        "ckpt_block": 26.3,
+    },
+    "bf16": {
+        "saved": 23.2,
+        "backward": 17.3,
+        "scores": 39.8,
+        "ckpt": 1.01,
+        "ckpt_peak": 46.3,
+        "ckpt_block": 32.4,
+    },
 }
 
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
@@ -89,6 +106,9 @@ class RunMemory:
         activation_bytes: the estimated peak of activations of one micro-batch.
         block_bytes: bytes of the largest FSDP unit (block) of the sharded networks, unsharded.
         notes: what was counted by table or left out.
+        phases: candidate peaks as (activation bytes, student-gradient bytes not allocated yet at
+            that moment): the rank's activations are the largest ``bytes − its share of those
+            gradients``. Empty: ``activation_bytes`` on every rank.
     """
 
     parts: tuple[Part, ...]
@@ -96,6 +116,7 @@ class RunMemory:
     activation_bytes: int
     block_bytes: int
     notes: tuple[str, ...] = field(default=())
+    phases: tuple[tuple[int, int], ...] = field(default=())
 
 
 @dataclass(frozen=True)
@@ -166,13 +187,20 @@ def activation_bytes(
     total = sum(t * w for t, w in blocks)
     widest = max(t * w for t, w in blocks)
     cfg_extra = c["scores"] * widest if cfg else 0.0  # the doubled real-score pass (not measured)
-    if checkpointing:
-        # Measured as one fit: the kept block inputs plus a few blocks' widths of transients (a
-        # recomputed block, a score pass); with so little kept, the phases hardly differ.
+    if checkpointing:  # the forwards' phase; see checkpointed_phases for the backward's
         return int(elem * batch * (c["ckpt"] * total + c["ckpt_peak"] * widest + cfg_extra))
     critic_phase = graphs * c["saved"] * total + c["backward"] * widest
     scores_phase = c["saved"] * total + c["scores"] * widest + cfg_extra
     return int(elem * batch * max(critic_phase, scores_phase))
+
+
+def checkpointed_block_bytes(blocks: list[tuple[int, int]], batch: int, *, precision: str) -> int:
+    """With gradient checkpointing: activation bytes during the student's backward (one recomputed
+    block and the backward's transients, ``ckpt_block`` blocks' widths), when its gradients are
+    being allocated (docs/plan.md §2)."""
+    elem = 2 if precision == "bf16" else 4
+    c = ACT["bf16" if elem == 2 else "fp32"]
+    return int(elem * batch * c["ckpt_block"] * max(t * w for t, w in blocks))
 
 
 def per_rank(run: RunMemory, parallel: str, gpus: int) -> RankMemory:
@@ -187,7 +215,11 @@ def per_rank(run: RunMemory, parallel: str, gpus: int) -> RankMemory:
         rows.append(("DDP gradient buckets", 4 * run.trainable_params))
     if parallel == "fsdp" and gpus > 1:
         rows.append(("FSDP gathered blocks (2)", 2 * run.block_bytes))
-    rows.append(("activations", run.activation_bytes))
+    act = run.activation_bytes
+    if run.phases:  # a phase before the student's backward has no student gradients (1/N under FSDP)
+        share = gpus if parallel == "fsdp" else 1
+        act = max(a - math.ceil(g / share) for a, g in run.phases)
+    rows.append(("activations", act))
     return RankMemory(parallel, gpus, tuple(rows), sum(b for _, b in rows))
 
 

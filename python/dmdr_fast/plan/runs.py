@@ -21,6 +21,7 @@ from dmdr_fast.plan.memory import (
     Part,
     RunMemory,
     activation_bytes,
+    checkpointed_block_bytes,
     dtype_bytes,
     frozen_bytes,
     largest_block_numel,
@@ -95,6 +96,7 @@ def run_memory(
         parts.append(Part("student base (frozen, FSDP copy)", params, parts[0].nbytes, True, fsdp_only=True))
         trainable, tensors = trainable + lora, tensors + k
         student_block = 0
+    student_trainable = trainable
     if c.kind == "full":
         _, fp32 = network_bytes(teacher, 4)
         parts.append(Part("critic copy (fp32)", params, fp32, True))
@@ -120,17 +122,27 @@ def run_memory(
             parts.append(Part(f"reward {reward.name} (bf16, table)", size, 2 * size, False))
     tr = config.train
     resolution = int(config.model.kwargs.get("resolution", 1024))
+    blocks = tokens_and_width(teacher, resolution, _text_tokens(config), vae_factor)
+    ckpt = config.model.gradient_checkpointing
     act = activation_bytes(
-        tokens_and_width(teacher, resolution, _text_tokens(config), vae_factor),
+        blocks,
         tr.batch_size,
-        checkpointing=config.model.gradient_checkpointing,
+        checkpointing=ckpt,
         precision=tr.precision,
         graphs=2 if s.backward_sim == "trajectory" else 1,
         cfg=config.dmdr.guidance > 1,
     )
+    phases: tuple[tuple[int, int], ...] = ()
+    if ckpt:  # the forwards run before the student's gradients exist (docs/plan.md §2)
+        student_grads = 4 * student_trainable
+        phases = (
+            (checkpointed_block_bytes(blocks, tr.batch_size, precision=tr.precision), 0),
+            (act, student_grads),
+        )
+        act = max(a - g for a, g in phases)
     # One gathered block: the frozen teacher's in its dtype, a full student's in fp32 (the larger).
     block_bytes = max(block * load, student_block)
-    return RunMemory(tuple(parts), trainable, act, block_bytes, tuple(extra))
+    return RunMemory(tuple(parts), trainable, act, block_bytes, tuple(extra), phases)
 
 
 def preset_memory(config: DMDRTrainerConfig) -> RunMemory:

@@ -359,7 +359,9 @@ class Trainer:
         # Not with micro-batches: all k student graphs would be held through the critic updates.
         reuse = gen_update and cfg.student.backward_sim == "trajectory" and k == 1
         t0, batches = time.perf_counter(), []
+        # All gradients go first: else the last generator step's are held through the forwards below.
         self.opt_c.zero_grad(set_to_none=True)
+        self.opt_g.zero_grad(set_to_none=True)
         for i in range(k):
             self.gen = self.gens[i]
             raw, cond = rl.sample(self, B) if rl is not None else self.encode(self.data.sample(B, self.gen))
@@ -380,7 +382,6 @@ class Trainer:
             return None
 
         # 3. Generator update: the scores at a renoised sg(x0), then ONE backward through G.
-        self.opt_g.zero_grad(set_to_none=True)
         parts = []
         for i, (raw, cond, sim, x0) in enumerate(batches):
             self.gen = self.gens[i]
