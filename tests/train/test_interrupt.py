@@ -126,7 +126,7 @@ def test_ctrl_c_before_training_is_one_line_and_frees_the_folder(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "dmdr_fast.cli", "train", "--preset", "digits", "--out", str(out),
          "--cache-dir", str(tmp_path / "cache"), "--quiet", "--set", "train.device=cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**ENV, "PYTHONFAULTHANDLER": "1"},
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not (out / LOCK_NAME).exists():  # the folder is claimed: the slow work starts now
@@ -135,7 +135,22 @@ def test_ctrl_c_before_training_is_one_line_and_frees_the_folder(tmp_path):
         time.sleep(0.05)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # seen once in a loaded CI run, not reproduced: say where it hung
+        pytest.fail(f"no exit 60 s after SIGINT; where it was:\n{_stacks(proc)}")
     assert proc.returncode == interrupt.EXIT_CODE, stderr[-2000:]
     assert stderr.strip() == "dmdr-fast: interrupted"
     assert not (out / LOCK_NAME).exists()
+
+
+def _stacks(proc: subprocess.Popen) -> str:
+    """The Python stacks of a hung ``python -m dmdr_fast.cli`` (gdb's py-bt needs symbols we may not
+    have; faulthandler via SIGABRT prints every thread's stack to stderr), then it is gone."""
+    proc.send_signal(signal.SIGABRT)
+    try:
+        _, stderr = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, stderr = proc.communicate()
+    return stderr[-6000:]
