@@ -54,7 +54,7 @@ def test_the_tracker_sees_allocations_and_frees():
         "bf16-ckpt-b8",
         "ckpt-b8",
         "ckpt-trajectory",
-    ],  # fmt: skip
+    ],
 )
 def test_estimate_is_within_20_percent_of_the_measured_peak(kw):
     r = measure(config(kw.pop("batch"), **kw))

@@ -70,3 +70,17 @@ def test_trainer_resume_refuses_each_training_change(tmp_path, field):
     changed = load_preset("digits", [*TINY, "train.eval_every=0", "train.sample_every=0", field])
     with pytest.raises(UserError, match=field.split("=")[0].replace(".", r"\.")):
         train_student(changed, assets, tmp_path / "run", resume=True, progress=False)
+
+
+def test_the_global_batch_may_be_split_otherwise(tmp_path):
+    """batch 8 x 1 micro-batch resumes as 4 x 2 (the same global batch, as when resharding)."""
+    from dmdr_fast.configs import load_preset
+    from dmdr_fast.recipes.digits.run import prepare_assets, train_student
+
+    base = [*TINY, "train.eval_every=0", "train.sample_every=0"]
+    config = load_preset("digits", base)
+    kw = config.model.kwargs
+    assets = prepare_assets(tmp_path / "cache", kw.get("teacher"), kw.get("classifiers"), progress=False)
+    train_student(config, assets, tmp_path / "run", progress=False)
+    split = load_preset("digits", [*base, "train.batch_size=4", "train.grad_accum=2", "train.max_steps=6"])
+    assert train_student(split, assets, tmp_path / "run", resume=True, progress=False).state.gen_step == 6

@@ -30,6 +30,7 @@ from dmdr_fast._io import UnsafeFileError, atomic_save, atomic_write_text, load_
 from dmdr_fast.config import DMDRTrainerConfig
 
 __all__ = [
+    "BATCH_SPLIT",
     "FORMAT",
     "MAY_CHANGE",
     "META",
@@ -257,7 +258,8 @@ def load_trainable_state(network: nn.Module, state: dict[str, torch.Tensor], wha
 #: Config fields a resumed run may change: how long it runs; when it logs, samples, evaluates and
 #: checkpoints; what it watches (the monitor); where and how it computes the same maths (device,
 #: kernels, attention, compile, checkpointing, sharding, VAE slicing/tiling); where its files are
-#: (model.path, data.cache). Anything else changes the training and is refused (``*``: a prefix).
+#: (model.path, data.cache). Anything else changes the training and is refused (``*``: a prefix),
+#: except the batch split: see :data:`BATCH_SPLIT`.
 MAY_CHANGE = (
     "name", "model.path", "model.gradient_checkpointing", "model.vae_slicing", "model.vae_tiling",
     "data.cache", "data.offload_text_encoders", "data.eval_prompts", "student.init", "monitor.*",
@@ -267,6 +269,10 @@ MAY_CHANGE = (
     "train.parallel", "train.compile", "train.compile_backend", "train.compile_mode",
     "train.attention", "train.kernel_backend",
 )  # fmt: skip
+#: How the global batch (world size × ``train.batch_size`` × ``train.grad_accum``) is split may
+#: change — a run saved on 2 processes resumes on 1 with 2 micro-batches, or on 4 with half the
+#: batch each (resharding) — as long as the global batch itself stays the same.
+BATCH_SPLIT = ("train.batch_size", "train.grad_accum")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -285,25 +291,39 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple
     old, new = _flat(saved), _flat(current)
 
     def may_change(key: str) -> bool:
-        return any(key == f or (f.endswith("*") and key.startswith(f[:-1])) for f in MAY_CHANGE)
+        return key in BATCH_SPLIT or any(
+            key == f or (f.endswith("*") and key.startswith(f[:-1])) for f in MAY_CHANGE
+        )
 
     keys = sorted(set(old) | set(new))
     return [(k, old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k) and not may_change(k)]
 
 
-def check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: object) -> None:
-    """Refuse to resume ``path`` (saved with config ``saved``) under a config that changes the
-    training; the message names every differing field."""
+def check_resume_config(
+    saved: dict[str, Any], current: dict[str, Any], path: object, *, saved_world: int, world: int
+) -> None:
+    """Refuse to resume ``path`` (saved with config ``saved`` by ``saved_world`` processes) under a
+    config that changes the training, or another global batch; the message names each field."""
     # The saved config as this version reads it (fields added since take their defaults); an older
     # layout that no longer parses is compared as it is.
     with contextlib.suppress(Exception):
         saved = DMDRTrainerConfig.from_dict(saved).to_dict()
-    changes = config_changes(saved, current)
-    if changes:
-        shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes[:8])
-        more = f" (and {len(changes) - 8} more)" if len(changes) > 8 else ""
+    shown = [f"{k}: {old!r} -> {new!r}" for k, old, new in config_changes(saved, current)]
+
+    def split(cfg: dict[str, Any], n: int) -> tuple[int, str]:
+        b, k = int(cfg["train"]["batch_size"]), int(cfg["train"].get("grad_accum", 1))
+        return n * b * k, f"{n} x {b} x {k}"
+
+    (before, was), (after, now) = split(saved, saved_world), split(current, world)
+    if before != after:
+        shown.insert(
+            0,
+            f"global batch (processes x train.batch_size x train.grad_accum): {was} = {before} -> {now} = {after}",
+        )
+    if shown:
+        more = f" (and {len(shown) - 8} more)" if len(shown) > 8 else ""
         raise UserError(
-            f"{path} was trained with another config: {shown}{more}. Resume with the same settings "
-            "(only when and how the run logs, evaluates, checkpoints and computes may change), or "
-            "start a new run (--overwrite, or another --out)"
+            f"{path} was trained with another config: {'; '.join(shown[:8])}{more}. Resume with the "
+            "same settings (only when and how the run logs, evaluates, checkpoints and computes may "
+            "change, and how the global batch is split), or start a new run (--overwrite, or another --out)"
         )

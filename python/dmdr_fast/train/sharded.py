@@ -107,7 +107,7 @@ def live_tensors(trainer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def checkpoint_parts(trainer: Any, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(tensors for DCP, trainer.pt's content)`` of a Trainer, from its ``_meta()``-style plain
+    """``(tensors for DCP, trainer.pt's content)`` of a Trainer, from its ``trainer_io.meta()`` plain
     part: the tensors of :func:`live_tensors`, plus GRPO's KL reference weights (sharded like the
     student's), which leave the plain part."""
     tensors, groups = live_tensors(trainer)

@@ -61,8 +61,7 @@ from dmdr_fast.data.samplers import ClassLabelSampler, ConditionSampler
 from dmdr_fast.models.lora import lora_scale
 from dmdr_fast.models.protocol import FlowModelAdapter
 from dmdr_fast.models.roles import make_guidance, make_student
-from dmdr_fast.train import checkpoint as ckpt
-from dmdr_fast.train import sharded
+from dmdr_fast.train import trainer_io
 from dmdr_fast.train.components import (
     frozen_fp8,
     guidance_scale,
@@ -90,11 +89,9 @@ from dmdr_fast.train.runtime import (
     deterministic_algorithms,
     deterministic_scope,
     ema_update,
-    gather_streams,
     grad_norm,
     mean_metrics,
     resolve_device,
-    restore_streams,
     swapped_weights,
     trainable,
 )
@@ -672,120 +669,27 @@ class Trainer:
         return write_sample_grid(self, path)
 
     # ------------------------------------------------------------------------------ checkpoints
-
-    def _meta(self) -> dict[str, Any]:
-        """The non-tensor part of a checkpoint; gathers every rank's RNG streams (a collective)."""
-        gens = gather_streams(self.gens, self.world)  # slot r·k + i: rank r's micro-batch i
-        return {
-            "format": ckpt.FORMAT,
-            "config": self.config.to_dict(),
-            "state": {
-                "step": self.state.step,
-                "gen_step": self.state.gen_step,
-                "history": self.state.history,
-                "ode_init_done": self.state.ode_init_done,
-            },
-            "rng": {"gen": gens[0], "gens": gens, "torch": torch.get_rng_state()},
-            "critic_losses": [float(v) for v in self._critic_losses],
-            "monitor": self.monitor.state_dict() if self.monitor is not None else None,
-            "cosines": list(self._cosines),
-            "dmd_losses": list(self._dmd_losses),
-            "rl": self.rl.state_dict() if self.rl is not None else None,
-        }
+    # (train/trainer_io.py holds the layout; these are the public entry points)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: weights, optimisers, EMA, counters, RNG, config
         (under torchrun a collective: every rank calls it). Not under FSDP (sharded: :meth:`save`)."""
-        if self.sharded:
-            raise ValueError("under FSDP the state is sharded: Trainer.save() writes sharded checkpoints")
-        critic_owner = self.critic if self.critic is not None else self.guidance
-        return {
-            **self._meta(),
-            "student": ckpt.trainable_state(self.student.network),
-            "critic": ckpt.trainable_state(critic_owner.network),
-            "opt_g": self.opt_g.state_dict(),
-            "opt_c": self.opt_c.state_dict(),
-            "ema": self.ema,
-        }
+        return trainer_io.state_dict(self)
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict` (the configs must describe the same networks)."""
-        ckpt.check_format(sd)
-        critic_owner = self.critic if self.critic is not None else self.guidance
-        ckpt.load_trainable_state(self.student.network, sd["student"], "student")
-        ckpt.load_trainable_state(critic_owner.network, sd["critic"], "critic")
-        self.opt_g.load_state_dict(sd["opt_g"])
-        self.opt_c.load_state_dict(sd["opt_c"])
-        if self.ema is not None and sd.get("ema") is not None:
-            self.ema = {k: v.to(self.device) for k, v in sd["ema"].items()}
-        self._load_meta(sd)
-
-    def _load_meta(self, sd: dict[str, Any]) -> None:
-        rng = sd["rng"]
-        note = restore_streams(self.gens, rng.get("gens") or [rng["gen"]], self.rank, self.config.train.seed)
-        if note:
-            self.logger.note(note)
-        torch.set_rng_state(rng["torch"])
-        st = sd["state"]
-        self.state = TrainerState(
-            step=st["step"],
-            gen_step=st["gen_step"],
-            history=list(st["history"]),
-            ode_init_done=bool(st.get("ode_init_done", False)),
-        )
-        self._critic_losses = list(sd.get("critic_losses", []))
-        if self.monitor is not None and sd.get("monitor") is not None:
-            self.monitor.load_state_dict(sd["monitor"])
-        self._cosines = list(sd.get("cosines", []))
-        self._dmd_losses = list(sd.get("dmd_losses", []))
-        if self.rl is not None:
-            self.rl.load_state_dict(sd.get("rl"))
-        self._stage2_applied = False  # re-applied (explicitly) on the next step if in stage 2
+        trainer_io.load_state_dict(self, sd)
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path | None:
         """Write a checkpoint atomically; by default ``out_dir/checkpoints/step_XXXXXXX.pt`` (rank 0),
         under FSDP the folder ``step_XXXXXXX/`` (every rank its shards). Every rank must call it."""
-        if self.sharded:
-            if path is not None or self.out_dir is None:
-                raise ValueError("under FSDP, Trainer.save() writes sharded checkpoints into out_dir")
-            tensors, meta = sharded.checkpoint_parts(self, self._meta())
-            step, keep = self.state.gen_step, self.config.train.keep_checkpoints
-            return sharded.save_sharded(self.out_dir, step, tensors, meta if self.rank == 0 else None, keep)
-        sd = self.state_dict() if self.world > 1 or self.rank == 0 else None  # all ranks: RNG gather
-        if self.rank != 0 or sd is None:
-            return None
-        if path is None:
-            if self.out_dir is None:
-                raise ValueError("Trainer.save needs a path or an out_dir")
-            return ckpt.save_checkpoint(
-                self.out_dir, self.state.gen_step, sd, self.config.train.keep_checkpoints
-            )
-        return ckpt.atomic_save(sd, Path(path))
+        return trainer_io.save(self, path)
 
     def resume(self, path: str | os.PathLike[str] | None = None, *, same_config: bool = True) -> bool:
-        """Load ``path`` or the latest checkpoint under ``out_dir``; False if there is none.
-
-        A sharded checkpoint (a folder) loads at any world size, with or without FSDP. A config that
-        changes the training is refused, naming the fields (``checkpoint.MAY_CHANGE``: what may
-        change); ``same_config=False`` takes the checkpoint anyway (branching another run from it)."""
-        if path is None:
-            path = ckpt.latest_checkpoint(self.out_dir) if self.out_dir is not None else None
-            if path is None:
-                return False
-        is_folder = sharded.is_sharded_checkpoint(Path(path))
-        if self.sharded and not is_folder:
-            raise UserError(f"{path} is a single-file checkpoint: resume it with train.parallel=ddp")
-        # Onto the CPU, not the training device: the RNG states must be CPU tensors, and a full
-        # fine-tune's weights + Adam moments + EMA would otherwise sit on the GPU twice.
-        sd = ckpt.load_checkpoint(Path(path) / ckpt.META if is_folder else path)  # runs no code
-        if same_config:
-            ckpt.check_resume_config(sd["config"], self.config.to_dict(), path)
-        if is_folder:
-            self._load_meta(sharded.resume_into(self, Path(path)))
-        else:
-            self.load_state_dict(sd)
-        self.logger.note(f"resumed from {path} at generator step {self.state.gen_step}")
-        return True
+        """Load ``path`` or the latest checkpoint under ``out_dir``; False if there is none. A
+        sharded checkpoint loads at any world size; a config that changes the training is refused
+        (``same_config=False``: take it anyway, to branch a run). See :func:`trainer_io.resume`."""
+        return trainer_io.resume(self, path, same_config=same_config)
 
     def export_student(self) -> nn.Module:
         """A standalone copy of the student network (EMA weights when EMA is on)."""
