@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.train.test_fsdp import full_weights
+from tests.train.test_fsdp import full_weights, gloo_rank, save_weights
 
 from dmdr_fast.configs import load_preset
 from dmdr_fast.pipelines.random import save_random_pipeline
@@ -58,16 +58,10 @@ def _trainer(pipe: str, overrides: list[str]):
 
 
 def _worker(rank: int, init: str, out: str, pipe: str, combo: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
-    try:
-        torch.set_num_threads(1)
+    with gloo_rank(rank, 2, init):
         tr = _trainer(pipe, [*COMBOS[combo], "train.parallel=fsdp"])
         tr.fit(progress=False)
-        weights = full_weights(tr)
-        if rank == 0:
-            torch.save(weights, os.path.join(out, f"{combo}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+        save_weights(tr, os.path.join(out, f"{combo}.pt"))
 
 
 @pytest.mark.slow
@@ -94,19 +88,15 @@ def test_sd3_lora_under_fsdp_equals_one_process(tmp_path: Path, combo: str):
 def _run_worker(rank: int, init: str, out: str, pipe: str, kind: str) -> None:
     from dmdr_fast.recipes.t2i import run_t2i
 
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
-    try:
-        torch.set_num_threads(1)
+    with gloo_rank(rank, 2, init):
         run_t2i(_run_config(pipe, kind, "fsdp"), out, progress=False, teacher_steps=2)
-    finally:
-        torch.distributed.destroy_process_group()
 
 
-def _run_config(pipe: str, kind: str, parallel: str):
+def _run_config(pipe: str, kind: str, parallel: str, *extra: str):
     prompts = Path(pipe).parent / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     # monitor.every=1: the reward-hacking monitor samples on every rank under FSDP (a collective)
-    sets = [*TINY, "monitor.every=1", f"student.kind={kind}", f"train.parallel={parallel}"]
+    sets = [*TINY, "monitor.every=1", f"student.kind={kind}", f"train.parallel={parallel}", *extra]
     return load_preset("sd3-medium-4step", [*sets, f"model.path={pipe}", f"data.prompts={prompts}"])
 
 
@@ -133,7 +123,9 @@ def test_fsdp_run_exports_and_reports_like_one_process(tmp_path: Path, kind: str
 
     single = tmp_path / "single"
     shutil.copytree(out / "checkpoints", single / "checkpoints")
-    run_t2i(_run_config(pipe, kind, "ddp"), single, resume=True, progress=False, teacher_steps=2)
+    # the same global batch in one process: 2 micro-batches
+    one = _run_config(pipe, kind, "ddp", "train.grad_accum=2")
+    run_t2i(one, single, resume=True, progress=False, teacher_steps=2)
     name = (
         "pytorch_lora_weights.safetensors"
         if kind == "lora"

@@ -52,7 +52,7 @@ def test_digits_under_fsdp_evaluates_and_reports_in_the_run(tmp_path):
     # One process resuming the final sharded checkpoint: nothing left to train, the same student.
     single = tmp_path / "single"
     shutil.copytree(out / "checkpoints", single / "checkpoints")
-    assert main([*_args(str(single), str(cache)), "--resume"]) == 0
+    assert main([*_args(str(single), str(cache), "train.grad_accum=2"), "--resume"]) == 0  # same global batch
     expected = json.loads((single / "metrics.json").read_text())
     assert got["results"] == expected["results"]
     assert got["history"] == expected["history"] and got["monitor"] == expected["monitor"]

@@ -9,7 +9,9 @@ the gradient reduction differs, so equality is to ~1e-6 relative, not bit for bi
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -57,21 +59,33 @@ def full_weights(tr: Trainer) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(
-    rank: int, world: int, init_file: str, out: str, kind: str, parallel: str, batch: int = 2
-) -> None:
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, init_file: str) -> Iterator[None]:
+    """This worker as ``rank`` of a ``world``-process gloo group (one thread), left on exit."""
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
     )
     try:
         torch.set_num_threads(1)
-        tr = make(fsdp_config(kind, parallel=parallel, batch_size=batch))
-        tr.fit(progress=False)
-        weights = full_weights(tr)  # a collective under FSDP: every rank gathers
-        if rank == 0:
-            torch.save(weights, os.path.join(out, f"{kind}_{parallel}_{world}.pt"))
+        yield
     finally:
         torch.distributed.destroy_process_group()
+
+
+def save_weights(tr: Trainer, path: str) -> None:
+    """:func:`full_weights` (a collective under FSDP: every rank gathers), written by rank 0."""
+    weights = full_weights(tr)
+    if torch.distributed.get_rank() == 0:
+        torch.save(weights, path)
+
+
+def _worker(
+    rank: int, world: int, init_file: str, out: str, kind: str, parallel: str, batch: int = 2
+) -> None:
+    with gloo_rank(rank, world, init_file):
+        tr = make(fsdp_config(kind, parallel=parallel, batch_size=batch))
+        tr.fit(progress=False)
+        save_weights(tr, os.path.join(out, f"{kind}_{parallel}_{world}.pt"))
 
 
 def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
@@ -126,11 +140,7 @@ def test_fsdp_and_ddp_on_two_ranks_equal_one_process_with_two_micro_batches(tmp_
 def _ckpt_worker(rank: int, world: int, init_file: str, out: str, job: str) -> None:
     """``job``: "full" (3 steps), "part" (2 steps, checkpoint), "resume" (resume, to 3 steps),
     "load" (resume only: the loaded weights, gathered)."""
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
-    )
-    try:
-        torch.set_num_threads(1)
+    with gloo_rank(rank, world, init_file):
         batch = 2 * 2 // world  # the same world batch (4) on 1, 2 or 4 ranks
         tr = make(fsdp_config("full", parallel="fsdp", batch_size=batch), os.path.join(out, "run"))
         if job == "full":
@@ -141,11 +151,7 @@ def _ckpt_worker(rank: int, world: int, init_file: str, out: str, job: str) -> N
             assert tr.resume()
             if job == "resume":
                 tr.fit(progress=False)
-        weights = full_weights(tr)
-        if rank == 0:
-            torch.save(weights, os.path.join(out, f"{job}_{world}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+        save_weights(tr, os.path.join(out, f"{job}_{world}.pt"))
 
 
 def _spawn(tmp_path, world: int, job: str) -> dict[str, torch.Tensor]:
@@ -193,11 +199,7 @@ def _grpo_worker(rank: int, world: int, init_file: str, out: str, job: str) -> N
     """GRPO with the KL regulariser (its reference weights are part of the state) on 2 ranks."""
     from tests.train.test_rl_trainer import _config, _trainer
 
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
-    )
-    try:
-        torch.set_num_threads(1)
+    with gloo_rank(rank, world, init_file):
         parallel = "ddp" if job == "ddp" else "fsdp"
         cfg = _config(
             rl={"group_size": 4, "regularizer": "kl"}, batch_size=2, max_steps=4, checkpoint_every=0,
@@ -210,11 +212,7 @@ def _grpo_worker(rank: int, world: int, init_file: str, out: str, job: str) -> N
             if job == "resume":
                 assert tr.resume() and tr.state.gen_step == 3 and tr.rl.reference is not None
             tr.fit(progress=False)
-        weights = full_weights(tr)
-        if rank == 0:
-            torch.save(weights, os.path.join(out, f"grpo_{job}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+        save_weights(tr, os.path.join(out, f"grpo_{job}.pt"))
 
 
 @pytest.mark.slow
