@@ -19,6 +19,7 @@ __all__ = [
     "OneLineParser",
     "UserError",
     "bug_report",
+    "check_device",
     "check_writable_file",
     "check_writable_folder",
     "int_in",
@@ -90,6 +91,33 @@ def check_writable_file(
         raise UserError(f"{what} {file}: its folder {parent} {state}")
     _probe_write(parent, f"{what} {file}")
     return file
+
+
+def check_device(name: str, what: str = "--device") -> str:
+    """``name`` as a device this machine has: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        UserError: Another name, or CUDA asked for where there is none (or not that index).
+    """
+    import re
+
+    import torch
+
+    text = name.strip().lower()
+    if text in ("auto", "cpu"):
+        return text
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise UserError(f"{what} {name!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        why = "torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+        raise UserError(f"{what} {name}: CUDA is not available ({why}); use cpu or auto")
+    index, count = int(match.group(1) or 0), torch.cuda.device_count()
+    if index >= count:
+        raise UserError(
+            f"{what} {name}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})"
+        )
+    return text
 
 
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:

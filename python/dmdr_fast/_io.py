@@ -25,6 +25,7 @@ __all__ = [
     "check_no_code",
     "load_safetensors",
     "load_torch_file",
+    "omitted_components",
     "open_safetensors",
     "read_progress",
     "write_progress",
@@ -194,6 +195,26 @@ def check_no_code(folder: str | os.PathLike[str], what: str = "model folder") ->
             "If you trust its author and need that code, load the pipeline yourself and pass the "
             "objects in (e.g. TextToImageAdapter.from_pipeline)."
         )
+
+
+def omitted_components(folder: str | os.PathLike[str]) -> dict[str, None]:
+    """The components a pipeline folder was saved without, as ``from_pretrained`` keyword arguments.
+
+    ``save_pretrained`` writes an omitted optional part (SD3 without T5: ``text_encoder_3=None``)
+    as ``[null, null]`` in ``model_index.json``, but ``from_pretrained`` then refuses the folder
+    unless each such part is passed as ``None`` again; this returns exactly those (``{}`` for a
+    hub id, a folder without ``model_index.json`` or one that omits nothing).
+    """
+    index = Path(folder) / "model_index.json"
+    try:
+        entries = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {
+        name: None
+        for name, value in entries.items()
+        if not name.startswith("_") and isinstance(value, list) and value and all(v is None for v in value)
+    }
 
 
 def open_safetensors(path: str | os.PathLike[str], device: str = "cpu") -> Any:

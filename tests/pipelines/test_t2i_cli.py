@@ -305,13 +305,14 @@ def test_eval_exported_full_student(sd3_dir: Path, tmp_path_factory: pytest.Temp
     assert student["fd_to_reference"] >= 0 and student["diversity_pixel"] > 0
 
 
-def test_eval_pipeline_refuses_bad_arguments(sd3_dir: Path, sd3_lora_export: Path, tmp_path: Path):
+def test_eval_pipeline_refuses_bad_arguments(
+    sd3_dir: Path, sd3_lora_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     base = ["eval", "--pipeline", str(sd3_dir), "--prompt", "a cat", "--out", str(tmp_path / "e")]
-    # Not yet one-line user errors (issue 17): --debug keeps the exceptions for pytest.raises.
-    with pytest.raises(ValueError, match="exactly one of student"):
-        main([*base, "--debug"])
-    with pytest.raises(ValueError, match=r"dmdr_export\.json"):
-        main([*base, "--student", str(sd3_dir), "--debug"])  # a pipeline folder, but not an export
+    assert main(base) == 2
+    assert "exactly one of --student" in capsys.readouterr().err
+    assert main([*base, "--student", str(sd3_dir)]) == 2  # a pipeline folder, but not an export
+    assert "dmdr_export.json" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="KIND=PATH"):
         main([*base, "--lora", str(sd3_lora_export), "--reward", "clip"])
     with pytest.raises(SystemExit, match="prompt"):
