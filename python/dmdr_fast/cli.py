@@ -256,6 +256,7 @@ def _cmd_cache_prompts(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         model_id=t2i.model_identity(config.model.path),
         overwrite=args.overwrite,
+        settings=t2i.encoding_settings(config.model),
     )
     print(f"prompt cache: {path} ({len(prompts)} prompts); train with --set data.cache={path}")
     return 0
@@ -376,14 +377,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_pipeline(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
 
     from dmdr_fast._dtypes import torch_dtype
     from dmdr_fast.data.prompts import load_prompts
-    from dmdr_fast.eval.t2i import format_comparison, save_t2i_grid
-    from dmdr_fast.pipelines.evaluate import evaluate_exported
+    from dmdr_fast.pipelines.evaluate import evaluate_exported, write_evaluation
     from dmdr_fast.rewards import CompositeReward, build_reward
     from dmdr_fast.train.runtime import resolve_device
 
@@ -425,23 +423,8 @@ def _cmd_eval_pipeline(args: argparse.Namespace) -> int:
         reference_images=args.reference_images,
         reference_limit=args.reference_limit,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = format_comparison(result)
-    save_t2i_grid(
-        {name.split(" (")[0]: x for name, x in images.items()},
-        result["settings"]["prompts"],
-        args.per_prompt,
-        out / "teacher_vs_student.png",
-    )
-    st = result["settings"]
-    (out / "eval.md").write_text(
-        f"# {st['kind']} student `{st['student']}` vs teacher `{st['teacher']}` ({st['family']})\n\n"
-        f"{table}\n\n![teacher vs student](teacher_vs_student.png)\n"
-    )
-    print(table)
-    print(f"wrote {out}/eval.json, eval.md, teacher_vs_student.png")
+    print(write_evaluation(args.out, result, images, args.per_prompt))
+    print(f"wrote {args.out}/eval.json, eval.md, teacher_vs_student.png")
     return 0
 
 

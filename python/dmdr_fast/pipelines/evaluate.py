@@ -23,7 +23,7 @@ from dmdr_fast._errors import UserError
 from dmdr_fast._io import check_no_code, omitted_components
 from dmdr_fast.pipelines.export import check_exported, load_exported, read_export_info, sample_exported
 
-__all__ = ["evaluate_exported"]
+__all__ = ["evaluate_exported", "write_evaluation"]
 
 # Call arguments that must match between teacher and student for a fair comparison.
 _SHARED_KWARGS = ("height", "width", "max_sequence_length")
@@ -201,3 +201,26 @@ def evaluate_exported(
         "reference_images": str(reference_images) if reference_images is not None else None,
     }
     return result, {names[0]: t_img, names[1]: s_img}
+
+
+def write_evaluation(
+    out: str | os.PathLike[str], result: dict[str, Any], images: dict[str, torch.Tensor], per_prompt: int
+) -> str:
+    """Write :func:`evaluate_exported`'s result to ``out``: ``eval.json``, ``eval.md`` (the table)
+    and ``teacher_vs_student.png``; returns the table."""
+    import json
+
+    from dmdr_fast.eval.t2i import format_comparison, save_t2i_grid
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = format_comparison(result)
+    st = result["settings"]
+    grids = {name.split(" (")[0]: x for name, x in images.items()}
+    save_t2i_grid(grids, st["prompts"], per_prompt, folder / "teacher_vs_student.png")
+    (folder / "eval.md").write_text(
+        f"# {st['kind']} student `{st['student']}` vs teacher `{st['teacher']}` ({st['family']})\n\n"
+        f"{table}\n\n![teacher vs student](teacher_vs_student.png)\n"
+    )
+    return table

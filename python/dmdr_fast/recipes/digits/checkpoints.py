@@ -56,7 +56,8 @@ def load_student(
     # Its weights come from the checkpoint (no student.init to read again), nothing is worth
     # compiling, and no reward is scored: the Trainer only samples.
     overrides = [f"train.device={device}", "student.init=null", "train.compile=false", "rewards=[]"]
-    overrides += ["rl.algorithm=null"] if sd["config"].get("rl", {}).get("algorithm") else []
+    if sd["config"].get("rl", {}).get("algorithm", "none") != "none":
+        overrides.append("rl.algorithm=none")  # a group-relative mode needs its reward; sampling does not
     config = DMDRTrainerConfig.from_dict(sd["config"]).with_overrides(overrides)
     teacher_config = config.model.kwargs.get("teacher")
     if config.student.kind == "lora":
