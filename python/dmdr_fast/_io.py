@@ -32,10 +32,24 @@ __all__ = [
 ]
 
 
+def _umask_mode() -> int:
+    """The permission bits ``open()`` would give a new file: 0666 less the process umask."""
+    try:  # Linux names the umask without changing it (os.umask can only set it)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save`` to ``path`` through a temporary file in the same folder, fsync, ``os.replace``.
 
     A reader (or a process killed mid-write) sees either the old file or the complete new one.
+    The file gets the permissions of any other new file (the umask), not ``mkstemp``'s 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +59,7 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -59,7 +74,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, mode: int | No
     Args:
         path: destination (its folder must exist).
         text: the content.
-        mode: permission bits of the file (default: ``mkstemp``'s 0600).
+        mode: permission bits of the file (default: those of any new file, from the umask).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -68,8 +83,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, mode: int | No
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, _umask_mode() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -205,7 +205,9 @@ def test_sample_pipeline_writes_a_grid(sd3_dir: Path, tmp_path: Path):
         main(["sample", "--out", str(out)])
 
 
-def test_cache_prompts_refuses_a_cache_of_another_model(sd3_dir: Path, tmp_path: Path):
+def test_cache_prompts_refuses_a_cache_of_another_model(
+    sd3_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\na dog\n")
     cache = tmp_path / "cache"
@@ -235,9 +237,14 @@ def test_cache_prompts_refuses_a_cache_of_another_model(sd3_dir: Path, tmp_path:
     other = [
         a if a != "model.kwargs.max_sequence_length=4" else "model.kwargs.max_sequence_length=6" for a in TINY
     ]
-    # Not yet a one-line user error (issue 17): --debug keeps the exception for pytest.raises.
-    with pytest.raises(ValueError, match="max_sequence_length"):
-        main([*run, *other, "--out", str(tmp_path / "run"), "--quiet", "--debug"])
+    before = (cache / "cache.json").read_text()
+    assert main([*run, *other, "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    # The last stderr line (diffusers' loading bars come before it): the field, not only hashes.
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("dmdr-fast: prompt cache"), err
+    assert "'model.kwargs.max_sequence_length': cache 4 vs this run 6" in err
+    assert "same model.* overrides as train" in err
+    assert (cache / "cache.json").read_text() == before  # the cache is left as it was
 
 
 def _exported_student(sd3_dir: Path, factory: pytest.TempPathFactory, kind: str) -> Path:
