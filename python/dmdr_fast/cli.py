@@ -442,8 +442,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from dmdr_fast.recipes.digits.checkpoints import evaluation_assets, load_student
 
     cache_dir = args.cache_dir or digits.default_cache_dir()
-    trainer = load_student(args.checkpoint, cache_dir)  # sampling trains nothing, nor does eval
-    assets = evaluation_assets(trainer.config, cache_dir)  # but the classifiers (seconds), if missing
+    # Sampling trains nothing, nor does eval (but the classifiers, seconds, when they are missing).
+    trainer = load_student(args.checkpoint, cache_dir, device=check_device(args.device))
+    assets = evaluation_assets(trainer.config, cache_dir)
     labels = digits.balanced_labels(args.num)
     x = trainer.sample(labels, num_steps=args.steps, generator=torch.Generator().manual_seed(4321))
     metrics = digits.evaluate_images(assets, trainer.student.decode(x), labels)
@@ -700,8 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--teacher-steps", type=int_in(1), default=None, help="default: the family's usual count")
     ev.add_argument("--teacher-guidance", type=float, default=None, help="default: the family's usual value")
     ev.add_argument("--batch", type=int_in(1), default=4, help="prompts per pipeline call")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--seed", type=int, default=0, help="noise seed (chunk i: seed + i, both models)")
+    ev.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda[:N]")
     ev.add_argument(
         "--dtype",
         default="auto",
