@@ -309,12 +309,12 @@ def load_exported(
         something else; the call then uses the pipeline's defaults).
 
     Raises:
-        UserError: See :func:`check_exported`.
+        UserError: See :func:`check_exported` (when ``pipe`` is not given).
     """
     from diffusers import DiffusionPipeline
 
-    check_exported(pipeline, lora=lora)
-    if pipe is None:
+    if pipe is None:  # a loaded ``pipe`` comes from a caller that checked (evaluate_exported)
+        check_exported(pipeline, lora=lora)
         check_no_code(pipeline, "pipeline folder")  # a shared folder's .py files are never imported
         # Parts the folder was saved without (SD3 without T5) are passed as None, as diffusers needs.
         parts = omitted_components(pipeline)

@@ -43,16 +43,18 @@ def load_student(
         UserError: An unreadable checkpoint (:func:`~dmdr_fast.train.checkpoint.open_checkpoint`),
             or a LoRA student whose teacher is not in ``cache_dir``.
     """
+    from dmdr_fast.train.checkpoint import is_sharded_checkpoint, open_checkpoint
+
+    # First, before the (slow) imports of the model code: a wrong path costs nothing.
+    sd = open_checkpoint(checkpoint)  # weights_only: a downloaded checkpoint runs no code
     from dmdr_fast.models import DiTAdapter, dit_from_config
     from dmdr_fast.recipes.digits.teacher import (
         DEFAULT_DIGITS_TEACHER_CONFIG,
         cached_digits_teacher,
         resolve_config,
     )
-    from dmdr_fast.train.checkpoint import is_sharded_checkpoint, open_checkpoint
     from dmdr_fast.train.trainer import ClassLabelSampler, Trainer
 
-    sd = open_checkpoint(checkpoint)  # weights_only: a downloaded checkpoint runs no code
     # Its weights come from the checkpoint (no student.init to read again), nothing is worth
     # compiling, and no reward is scored: the Trainer only samples.
     overrides = [f"train.device={device}", "student.init=null", "train.compile=false", "rewards=[]"]
