@@ -81,6 +81,24 @@ def test_sample_trains_no_teacher(digits_run, tmp_path):
     assert np.allclose(a["images"], expected, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_sharded_checkpoint_samples_without_the_teacher(digits_run, tmp_path):
+    """An FSDP run's checkpoint folder (DCP shards + META) loads into the sampling Trainer too."""
+    from tests.train.test_sharded_checkpoint import _save_sharded
+
+    from dmdr_fast.cli import _load_trainer
+    from dmdr_fast.recipes.digits.checkpoints import load_student
+
+    checkpoint, cache = digits_run
+    trainer, _ = _load_trainer(str(checkpoint), str(cache))
+    folder = _save_sharded(trainer, tmp_path / "run")
+    student = load_student(folder, tmp_path / "empty")
+    labels = torch.arange(10)
+    a = trainer.sample(labels, generator=torch.Generator().manual_seed(0))
+    b = student.sample(labels, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and not (tmp_path / "empty").exists()
+
+
 def test_eval_builds_only_the_classifiers(digits_run, tmp_path):
     checkpoint, _ = digits_run
     empty = tmp_path / "empty"
@@ -134,6 +152,10 @@ def test_guidance_below_one_is_refused(tmp_path, value):
                str(tmp_path / "cache"), "--set", f"dmdr.guidance={value}")  # fmt: skip
     one_line_error(proc, "dmdr.guidance", "or 1 or 0 for no CFG", f"got {float(value)}")
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+    # The commands' own CFG flags follow the same rule.
+    proc = run("ode-pairs", "--preset", "digits", "--guidance", value, "--out", str(tmp_path / "pairs"))
+    one_line_error(proc, "argument --guidance: must be >= 1 (CFG scale), or 1 or 0 for no CFG")
+    assert not (tmp_path / "pairs").exists()
 
 
 def test_a_bogus_backend_is_named(tmp_path):

@@ -19,6 +19,7 @@ __all__ = [
     "OneLineParser",
     "UserError",
     "bug_report",
+    "cfg_scale",
     "check_device",
     "check_writable_file",
     "check_writable_folder",
@@ -135,6 +136,20 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
 
     parse.__name__ = "integer"  # argparse names the type in some messages
     return parse
+
+
+def cfg_scale(text: str) -> float:
+    """An argparse ``type``: a CFG scale, ``>= 1``, or 1 or 0 for no CFG (as ``dmdr.guidance``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value == 0 or value >= 1):
+        raise argparse.ArgumentTypeError(f"must be >= 1 (CFG scale), or 1 or 0 for no CFG, got {value:g}")
+    return value
+
+
+cfg_scale.__name__ = "CFG scale"  # argparse names the type in some messages
 
 
 def bug_report(exc: BaseException, prog: str = "dmdr-fast") -> str:

@@ -12,6 +12,7 @@ from dmdr_fast._errors import (
     OneLineParser,
     UserError,
     bug_report,
+    cfg_scale,
     check_device,
     check_writable_file,
     int_in,
@@ -652,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     ode.add_argument(
         "--teacher-steps", type=int_in(1), default=None, help="Euler steps (default: the family's usual)"
     )
-    ode.add_argument("--guidance", type=float, default=None, help="teacher CFG (default: dmdr.guidance)")
+    ode.add_argument("--guidance", type=cfg_scale, default=None, help="teacher CFG (default: dmdr.guidance)")
     ode.add_argument("--batch-size", type=int, default=8)
     ode.add_argument("--seed", type=int, default=0)
     ode.add_argument(
@@ -699,7 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     ev.add_argument("--reference-limit", type=int, default=None, help="use at most N reference images")
     ev.add_argument("--teacher-steps", type=int_in(1), default=None, help="default: the family's usual count")
-    ev.add_argument("--teacher-guidance", type=float, default=None, help="default: the family's usual value")
+    ev.add_argument(
+        "--teacher-guidance", type=cfg_scale, default=None, help="default: the family's usual value"
+    )
     ev.add_argument("--batch", type=int_in(1), default=4, help="prompts per pipeline call")
     ev.add_argument("--seed", type=int, default=0, help="noise seed (chunk i: seed + i, both models)")
     ev.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda[:N]")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from dmdr_fast._errors import int_in
+from dmdr_fast._errors import cfg_scale, int_in
 
 __all__ = ["add_bench_parsers", "add_timing_args"]
 
@@ -95,7 +95,9 @@ def add_bench_parsers(bench_sub: argparse._SubParsersAction) -> None:
     bs.add_argument(
         "--baseline-steps", type=int_in(1), default=None, help="default: the family's usual count"
     )
-    bs.add_argument("--baseline-guidance", type=float, default=None, help="default: the family's usual CFG")
+    bs.add_argument(
+        "--baseline-guidance", type=cfg_scale, default=None, help="default: the family's usual CFG"
+    )
     bs.add_argument("--batch", type=int, default=1, help="prompts per call")
     bs.add_argument("--resolution", type=int, default=None, help="image side (default: the pipeline's)")
     bs.add_argument(
