@@ -214,7 +214,7 @@ def test_sample_unwritable_out(tmp_path, torch_file, case):
         "missing-folder": (tmp_path / "no" / "s.png", "does not exist"),
         "parent-is-a-file": (tmp_path / "f.txt" / "s.png", "is a file"),
         "a-folder": (tmp_path, "is a folder"),
-        "suffix": (tmp_path / "s.jpg", "expected a file ending in .png or .npz"),
+        "suffix": (tmp_path / "s.gif", "expected a file ending in .png or .jpg or .jpeg or .webp or .npz"),
         "read-only": (None, "cannot write in"),
     }[case]
     if out is None:

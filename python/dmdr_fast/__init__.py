@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from dmdr_fast.backends import Backend, BackendUnavailableError, use_backend
+from dmdr_fast import backends as _backends
+from dmdr_fast.backends import Backend, BackendUnavailableError
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,19 @@ _LAZY_SUBMODULES = {
     "conditions",
     "pipelines",
 }
+
+
+def use_backend(name: str | Backend | None) -> Any:
+    """:func:`dmdr_fast.backends.use_backend` (a ``with`` block preferring backend ``name``), with
+    the name checked first: one no op declares raises ``ValueError`` listing the valid ones.
+
+    Example:
+        >>> with dmdr_fast.use_backend("cpp"):
+        ...     loss = dmdr_fast.ops.dmd_loss(x0, x_t, t, v_fake, v_cond)
+    """
+    if name is not None:
+        importlib.import_module("dmdr_fast.ops").check_backend_name(str(name))
+    return _backends.use_backend(name)
 
 
 def __getattr__(name: str) -> Any:

@@ -19,6 +19,8 @@ __all__ = [
     "OneLineParser",
     "UserError",
     "bug_report",
+    "cfg_scale",
+    "check_device",
     "check_writable_file",
     "check_writable_folder",
     "int_in",
@@ -92,6 +94,33 @@ def check_writable_file(
     return file
 
 
+def check_device(name: str, what: str = "--device") -> str:
+    """``name`` as a device this machine has: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        UserError: Another name, or CUDA asked for where there is none (or not that index).
+    """
+    import re
+
+    import torch
+
+    text = name.strip().lower()
+    if text in ("auto", "cpu"):
+        return text
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise UserError(f"{what} {name!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        why = "torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+        raise UserError(f"{what} {name}: CUDA is not available ({why}); use cpu or auto")
+    index, count = int(match.group(1) or 0), torch.cuda.device_count()
+    if index >= count:
+        raise UserError(
+            f"{what} {name}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})"
+        )
+    return text
+
+
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse ``type``: an integer ``>= low`` (and ``<= high``), else argparse's error."""
 
@@ -107,6 +136,20 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
 
     parse.__name__ = "integer"  # argparse names the type in some messages
     return parse
+
+
+def cfg_scale(text: str) -> float:
+    """An argparse ``type``: a CFG scale, ``>= 1``, or 1 or 0 for no CFG (as ``dmdr.guidance``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value == 0 or value >= 1):
+        raise argparse.ArgumentTypeError(f"must be >= 1 (CFG scale), or 1 or 0 for no CFG, got {value:g}")
+    return value
+
+
+cfg_scale.__name__ = "CFG scale"  # argparse names the type in some messages
 
 
 def bug_report(exc: BaseException, prog: str = "dmdr-fast") -> str:

@@ -25,16 +25,31 @@ __all__ = [
     "check_no_code",
     "load_safetensors",
     "load_torch_file",
+    "omitted_components",
     "open_safetensors",
     "read_progress",
     "write_progress",
 ]
 
 
+def _umask_mode() -> int:
+    """The permission bits ``open()`` would give a new file: 0666 less the process umask."""
+    try:  # Linux names the umask without changing it (os.umask can only set it)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save`` to ``path`` through a temporary file in the same folder, fsync, ``os.replace``.
 
     A reader (or a process killed mid-write) sees either the old file or the complete new one.
+    The file gets the permissions of any other new file (the umask), not ``mkstemp``'s 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +59,7 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -58,7 +74,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, mode: int | No
     Args:
         path: destination (its folder must exist).
         text: the content.
-        mode: permission bits of the file (default: ``mkstemp``'s 0600).
+        mode: permission bits of the file (default: those of any new file, from the umask).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -67,8 +83,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, mode: int | No
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, _umask_mode() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -194,6 +209,26 @@ def check_no_code(folder: str | os.PathLike[str], what: str = "model folder") ->
             "If you trust its author and need that code, load the pipeline yourself and pass the "
             "objects in (e.g. TextToImageAdapter.from_pipeline)."
         )
+
+
+def omitted_components(folder: str | os.PathLike[str]) -> dict[str, None]:
+    """The components a pipeline folder was saved without, as ``from_pretrained`` keyword arguments.
+
+    ``save_pretrained`` writes an omitted optional part (SD3 without T5: ``text_encoder_3=None``)
+    as ``[null, null]`` in ``model_index.json``, but ``from_pretrained`` then refuses the folder
+    unless each such part is passed as ``None`` again; this returns exactly those (``{}`` for a
+    hub id, a folder without ``model_index.json`` or one that omits nothing).
+    """
+    index = Path(folder) / "model_index.json"
+    try:
+        entries = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {
+        name: None
+        for name, value in entries.items()
+        if not name.startswith("_") and isinstance(value, list) and value and all(v is None for v in value)
+    }
 
 
 def open_safetensors(path: str | os.PathLike[str], device: str = "cpu") -> Any:

@@ -38,6 +38,7 @@ __all__ = [
     "BackendUnavailableError",
     "InputCheck",
     "OpBackends",
+    "device_missing",
     "select_backend",
     "use_backend",
 ]
@@ -66,6 +67,16 @@ class BackendUnavailableError(RuntimeError):
 
 def _always_available(device_type: str) -> str:
     return ""
+
+
+def device_missing(device_type: str) -> str:
+    """Why this process has no ``device_type`` device ('' when it has one): a backend that runs
+    there is then not available, whatever its own check says (``dmdr-fast env``)."""
+    if device_type != "cuda" or torch.cuda.is_available():
+        return ""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build (no CUDA)"
+    return "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES)"
 
 
 @dataclass(frozen=True)
@@ -154,8 +165,8 @@ class OpBackends:
             for dev in device_types:
                 if dev not in impl.devices:
                     status = "-"
-                else:
-                    why = impl.availability(dev)
+                else:  # the device first: a backend is no use where its device type is not
+                    why = device_missing(dev) or impl.availability(dev)
                     status = "yes" if not why else f"no: {why}"
                 rows.append(
                     {"op": self.op, "backend": name, "device": dev, "status": status, "note": impl.note}

@@ -8,12 +8,23 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dmdr_fast._errors import OneLineParser, UserError, bug_report, check_writable_file, int_in
+from dmdr_fast._errors import (
+    OneLineParser,
+    UserError,
+    bug_report,
+    cfg_scale,
+    check_device,
+    check_writable_file,
+    int_in,
+)
 
 if TYPE_CHECKING:
     from dmdr_fast.train.trainer import Trainer
 
 __all__ = ["main"]
+
+#: --cache-dir's help (digits: where trained teachers and classifiers are kept).
+CACHE_HELP = "digits teacher/classifier cache (default: $DMDR_FAST_CACHE, else ~/.cache/dmdr_fast)"
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
@@ -141,7 +152,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _load_trainer(checkpoint: str, cache_dir: str | None):
-    """A Trainer for a digits checkpoint (its config is stored inside)."""
+    """``bench sample``'s Trainer for a digits checkpoint, with the teacher it is timed against
+    (cached or trained); ``sample`` and ``eval`` train nothing (``recipes.digits.checkpoints``)."""
     from dmdr_fast.config import DMDRTrainerConfig
     from dmdr_fast.recipes import digits
     from dmdr_fast.train.checkpoint import is_sharded_checkpoint, open_checkpoint
@@ -174,10 +186,13 @@ def _load_trainer(checkpoint: str, cache_dir: str | None):
 def _cmd_sample_pipeline(args: argparse.Namespace) -> int:
     import math
 
-    from dmdr_fast.eval.plots import save_image_grid
-    from dmdr_fast.pipelines.export import load_exported, sample_exported
+    from dmdr_fast.eval.plots import IMAGE_SUFFIXES, save_image_grid
+    from dmdr_fast.pipelines.export import check_exported, load_exported, sample_exported
     from dmdr_fast.train.runtime import resolve_device
 
+    check_writable_file(args.out, "--out", IMAGE_SUFFIXES)  # before the slow load, not after
+    check_exported(args.pipeline, lora=args.lora)
+    device = resolve_device(check_device(args.device))
     prompts = list(args.prompt or [])
     if args.prompts_file:
         from dmdr_fast.data.prompts import load_prompts
@@ -186,7 +201,6 @@ def _cmd_sample_pipeline(args: argparse.Namespace) -> int:
     if not prompts:
         raise SystemExit("give --prompt TEXT (repeatable) or --prompts-file FILE")
     prompts = [p for p in prompts for _ in range(args.per_prompt)]
-    device = resolve_device(args.device)
     pipe, info = load_exported(args.pipeline, lora=args.lora, device=device)
     if not info:
         print("note: no dmdr_export.json found; sampling with the pipeline's own defaults")
@@ -216,7 +230,7 @@ def _cmd_cache_prompts(args: argparse.Namespace) -> int:
     if config.data.prompts is None:
         raise SystemExit("give --prompts FILE (or data.prompts in the config)")
     prompts = load_prompts(config.data.prompts, column=config.data.column, limit=args.limit)
-    device = resolve_device(args.device)
+    device = resolve_device(check_device(args.device))
     adapter = t2i.build_adapter(config.model, device=device)
     dtype = torch_dtype(args.dtype)
     # Padded text embeddings are large (SD3 ~1.7 MB, Flux ~4 MB per prompt in fp32): say so first.
@@ -243,6 +257,7 @@ def _cmd_cache_prompts(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         model_id=t2i.model_identity(config.model.path),
         overwrite=args.overwrite,
+        settings=t2i.encoding_settings(config.model),
     )
     print(f"prompt cache: {path} ({len(prompts)} prompts); train with --set data.cache={path}")
     return 0
@@ -259,7 +274,7 @@ def _cmd_ode_pairs(args: argparse.Namespace) -> int:
     from dmdr_fast.train.runtime import resolve_device
 
     config = _t2i_config(args)
-    device = resolve_device(args.device)
+    device = resolve_device(check_device(args.device))
     guidance = config.dmdr.guidance if args.guidance is None else args.guidance
     model_id = t2i.model_identity(config.model.path)
     if config.model.family == "digits":  # the class-conditional demo: balanced labels, cached teacher
@@ -340,8 +355,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise SystemExit(
             "give --checkpoint FILE (digits) or --pipeline DIR (an exported text-to-image student)"
         )
-    check_writable_file(args.out, "--out", (".png", ".npz"))  # before the slow load, not after
-    trainer, _ = _load_trainer(args.checkpoint, args.cache_dir)
+    from dmdr_fast.eval.plots import IMAGE_SUFFIXES
+    from dmdr_fast.recipes.digits.checkpoints import load_student
+    from dmdr_fast.recipes.digits.run import default_cache_dir
+
+    check_writable_file(args.out, "--out", (*IMAGE_SUFFIXES, ".npz"))  # before the slow load
+    device = check_device(args.device)  # train.device of the sampling Trainer: auto, cpu, cuda[:N]
+    trainer = load_student(args.checkpoint, args.cache_dir or default_cache_dir(), device=device)
     if args.fp8:
         from dmdr_fast.models.fp8 import quantize_for_inference
 
@@ -358,14 +378,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_pipeline(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
 
     from dmdr_fast._dtypes import torch_dtype
     from dmdr_fast.data.prompts import load_prompts
-    from dmdr_fast.eval.t2i import format_comparison, save_t2i_grid
-    from dmdr_fast.pipelines.evaluate import evaluate_exported
+    from dmdr_fast.pipelines.evaluate import evaluate_exported, write_evaluation
     from dmdr_fast.rewards import CompositeReward, build_reward
     from dmdr_fast.train.runtime import resolve_device
 
@@ -378,7 +395,7 @@ def _cmd_eval_pipeline(args: argparse.Namespace) -> int:
         raise SystemExit(
             "give --prompt TEXT (repeatable) or --prompts-file FILE: held-out evaluation prompts"
         )
-    device = resolve_device(args.device)
+    device = resolve_device(check_device(args.device))
     dtype = (
         torch_dtype(args.dtype)
         if args.dtype != "auto"
@@ -407,23 +424,8 @@ def _cmd_eval_pipeline(args: argparse.Namespace) -> int:
         reference_images=args.reference_images,
         reference_limit=args.reference_limit,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = format_comparison(result)
-    save_t2i_grid(
-        {name.split(" (")[0]: x for name, x in images.items()},
-        result["settings"]["prompts"],
-        args.per_prompt,
-        out / "teacher_vs_student.png",
-    )
-    st = result["settings"]
-    (out / "eval.md").write_text(
-        f"# {st['kind']} student `{st['student']}` vs teacher `{st['teacher']}` ({st['family']})\n\n"
-        f"{table}\n\n![teacher vs student](teacher_vs_student.png)\n"
-    )
-    print(table)
-    print(f"wrote {out}/eval.json, eval.md, teacher_vs_student.png")
+    print(write_evaluation(args.out, result, images, args.per_prompt))
+    print(f"wrote {args.out}/eval.json, eval.md, teacher_vs_student.png")
     return 0
 
 
@@ -438,7 +440,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit(
             "give --checkpoint FILE (digits) or --pipeline DIR with --student/--lora (text-to-image)"
         )
-    trainer, assets = _load_trainer(args.checkpoint, args.cache_dir)
+    from dmdr_fast.recipes.digits.checkpoints import evaluation_assets, load_student
+
+    cache_dir = args.cache_dir or digits.default_cache_dir()
+    # Sampling trains nothing, nor does eval (but the classifiers, seconds, when they are missing).
+    trainer = load_student(args.checkpoint, cache_dir, device=check_device(args.device))
+    assets = evaluation_assets(trainer.config, cache_dir)
     labels = digits.balanced_labels(args.num)
     x = trainer.sample(labels, num_steps=args.steps, generator=torch.Generator().manual_seed(4321))
     metrics = digits.evaluate_images(assets, trainer.student.decode(x), labels)
@@ -546,9 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)"
         )
-        p.add_argument(
-            "--cache-dir", default=None, help="teacher/classifier cache (default ~/.cache/dmdr_fast)"
-        )
+        p.add_argument("--cache-dir", default=None, help=CACHE_HELP)
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     train = sub.add_parser("train", help="run DMDR (e.g. --preset digits) and write a report")
@@ -584,19 +589,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     sample.add_argument("--prompts-file", default=None, help="prompts from a .txt/.jsonl/.csv file")
-    sample.add_argument("--per-prompt", type=int, default=1, help="images per prompt")
-    sample.add_argument("--height", type=int, default=None)
-    sample.add_argument("--width", type=int, default=None)
-    sample.add_argument("--nrow", type=int, default=None)
-    sample.add_argument("--device", default="auto")
+    sample.add_argument("--per-prompt", type=int_in(1), default=1, help="images per prompt")
+    sample.add_argument("--height", type=int_in(1), default=None, help="image height (default: the export's)")
+    sample.add_argument(
+        "--width", type=int_in(1), default=None, help="image width (default: --height or the export's)"
+    )
+    sample.add_argument("--nrow", type=int_in(1), default=None, help="grid columns (default: about √images)")
+    sample.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     sample.add_argument("--steps", type=int_in(1), default=None, help="steps (default: the student's)")
     sample.add_argument("--num", type=int_in(1), default=100, help="digits: number of samples")
     sample.add_argument("--label", type=int_in(0, 9), default=None, help="one class for all (default: cycle)")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=int, default=0, help="noise seed")
     sample.add_argument(
-        "--out", required=True, help="file.png (grid) or file.npz (images (M,C,H,W) in [0,1], labels)"
-    )
-    sample.add_argument("--cache-dir", default=None)
+        "--out", required=True,
+        help="a grid (.png, .jpg, .webp) or, digits only, .npz (images (M,C,H,W) in [0,1], labels)",
+    )  # fmt: skip
+    sample.add_argument("--cache-dir", default=None, help=CACHE_HELP)
     sample.add_argument(
         "--fp8", action="store_true", help="the student's linears and attention in FP8 (docs/fp8.md)"
     )
@@ -643,9 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the first N prompts (DMD2/DMDR SDXL: 10000); digits: N labels (2000)",
     )
     ode.add_argument(
-        "--teacher-steps", type=int, default=None, help="Euler steps (default: the family's usual)"
+        "--teacher-steps", type=int_in(1), default=None, help="Euler steps (default: the family's usual)"
     )
-    ode.add_argument("--guidance", type=float, default=None, help="teacher CFG (default: dmdr.guidance)")
+    ode.add_argument("--guidance", type=cfg_scale, default=None, help="teacher CFG (default: dmdr.guidance)")
     ode.add_argument("--batch-size", type=int, default=8)
     ode.add_argument("--seed", type=int, default=0)
     ode.add_argument(
@@ -674,14 +682,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", default=None, help="a digits training checkpoint")
     ev.add_argument("--steps", type=int_in(1), default=None, help="student steps (default: the student's)")
     ev.add_argument("--num", type=int_in(1), default=1000, help="digits: number of samples")
-    ev.add_argument("--cache-dir", default=None)
+    ev.add_argument("--cache-dir", default=None, help=CACHE_HELP)
     ev.add_argument("--pipeline", default=None, help="text-to-image: the teacher's pipeline folder")
     ev.add_argument("--student", default=None, help="an exported full-student pipeline folder")
     ev.add_argument("--lora", default=None, help="an exported LoRA folder (applied to --pipeline)")
     ev.add_argument("--prompt", action="append", help="an evaluation prompt (repeatable)")
     ev.add_argument("--prompts-file", default=None, help="evaluation prompts (.txt/.jsonl/.csv), held out")
     ev.add_argument("--limit", type=int, default=None, help="use the first N prompts of the file")
-    ev.add_argument("--per-prompt", type=int, default=4, help="samples per prompt (diversity needs 2)")
+    ev.add_argument("--per-prompt", type=int_in(1), default=4, help="samples per prompt (diversity needs 2)")
     ev.add_argument(
         "--reward", action="append", metavar="KIND=PATH",
         help="score with a reward model, e.g. clip=/models/clip, hps=/models/hps.pt (repeatable)",
@@ -691,11 +699,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a folder of real images: FD and MMD² (CMMD recipe) to them, in CLIP features with a clip reward",
     )  # fmt: skip
     ev.add_argument("--reference-limit", type=int, default=None, help="use at most N reference images")
-    ev.add_argument("--teacher-steps", type=int, default=None, help="default: the family's usual count")
-    ev.add_argument("--teacher-guidance", type=float, default=None, help="default: the family's usual value")
-    ev.add_argument("--batch", type=int, default=4, help="prompts per pipeline call")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--teacher-steps", type=int_in(1), default=None, help="default: the family's usual count")
+    ev.add_argument(
+        "--teacher-guidance", type=cfg_scale, default=None, help="default: the family's usual value"
+    )
+    ev.add_argument("--batch", type=int_in(1), default=4, help="prompts per pipeline call")
+    ev.add_argument("--seed", type=int, default=0, help="noise seed (chunk i: seed + i, both models)")
+    ev.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda[:N]")
     ev.add_argument(
         "--dtype",
         default="auto",

@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 import dmdr_fast
 from dmdr_fast import ops
@@ -77,7 +78,10 @@ def test_availability_table_order_and_rows():
     rows = ops.availability_table()
     assert [r["op"] for r in rows] == sorted(r["op"] for r in rows)  # ops by name, stable within
     assert len(rows) == 2 * sum(len(t.impls) for t in ops.OPS.values())
-    assert {r["status"] for r in rows if r["backend"] == "torch"} == {"yes"}
+    assert {r["status"] for r in rows if r["backend"] == "torch" and r["device"] == "cpu"} == {"yes"}
+    # On the CUDA device type every backend, the reference too, is as available as CUDA itself.
+    on_cuda = {r["status"] for r in rows if r["backend"] == "torch" and r["device"] == "cuda"}
+    assert on_cuda == {"yes"} if torch.cuda.is_available() else all(s.startswith("no: ") for s in on_cuda)
     assert all(r["status"] == "-" for r in rows if r["backend"] == "cpp" and r["device"] == "cuda")
 
 

@@ -205,7 +205,9 @@ def test_sample_pipeline_writes_a_grid(sd3_dir: Path, tmp_path: Path):
         main(["sample", "--out", str(out)])
 
 
-def test_cache_prompts_refuses_a_cache_of_another_model(sd3_dir: Path, tmp_path: Path):
+def test_cache_prompts_refuses_a_cache_of_another_model(
+    sd3_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\na dog\n")
     cache = tmp_path / "cache"
@@ -235,9 +237,14 @@ def test_cache_prompts_refuses_a_cache_of_another_model(sd3_dir: Path, tmp_path:
     other = [
         a if a != "model.kwargs.max_sequence_length=4" else "model.kwargs.max_sequence_length=6" for a in TINY
     ]
-    # Not yet a one-line user error (issue 17): --debug keeps the exception for pytest.raises.
-    with pytest.raises(ValueError, match="max_sequence_length"):
-        main([*run, *other, "--out", str(tmp_path / "run"), "--quiet", "--debug"])
+    before = (cache / "cache.json").read_text()
+    assert main([*run, *other, "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    # The last stderr line (diffusers' loading bars come before it): the field, not only hashes.
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("dmdr-fast: prompt cache"), err
+    assert "'model.kwargs.max_sequence_length': cache 4 vs this run 6" in err
+    assert "same model.* overrides as train" in err
+    assert (cache / "cache.json").read_text() == before  # the cache is left as it was
 
 
 def _exported_student(sd3_dir: Path, factory: pytest.TempPathFactory, kind: str) -> Path:
@@ -305,13 +312,14 @@ def test_eval_exported_full_student(sd3_dir: Path, tmp_path_factory: pytest.Temp
     assert student["fd_to_reference"] >= 0 and student["diversity_pixel"] > 0
 
 
-def test_eval_pipeline_refuses_bad_arguments(sd3_dir: Path, sd3_lora_export: Path, tmp_path: Path):
+def test_eval_pipeline_refuses_bad_arguments(
+    sd3_dir: Path, sd3_lora_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     base = ["eval", "--pipeline", str(sd3_dir), "--prompt", "a cat", "--out", str(tmp_path / "e")]
-    # Not yet one-line user errors (issue 17): --debug keeps the exceptions for pytest.raises.
-    with pytest.raises(ValueError, match="exactly one of student"):
-        main([*base, "--debug"])
-    with pytest.raises(ValueError, match=r"dmdr_export\.json"):
-        main([*base, "--student", str(sd3_dir), "--debug"])  # a pipeline folder, but not an export
+    assert main(base) == 2
+    assert "exactly one of --student" in capsys.readouterr().err
+    assert main([*base, "--student", str(sd3_dir)]) == 2  # a pipeline folder, but not an export
+    assert "dmdr_export.json" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="KIND=PATH"):
         main([*base, "--lora", str(sd3_lora_export), "--reward", "clip"])
     with pytest.raises(SystemExit, match="prompt"):
@@ -320,7 +328,7 @@ def test_eval_pipeline_refuses_bad_arguments(sd3_dir: Path, sd3_lora_export: Pat
         )
 
 
-def test_ode_pairs_then_train_with_ode_init(sd3_dir: Path, tmp_path: Path):
+def test_ode_pairs_then_train_with_ode_init(sd3_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\na dog\na tree\n")
     pairs = tmp_path / "pairs"
@@ -343,20 +351,11 @@ def test_ode_pairs_then_train_with_ode_init(sd3_dir: Path, tmp_path: Path):
     other = [
         a if a != "model.kwargs.max_sequence_length=4" else "model.kwargs.max_sequence_length=6" for a in TINY
     ]
-    with pytest.raises(ValueError, match="max_sequence_length"):
-        main(
-            [
-                "train",
-                "--preset",
-                "sd3-medium-4step",
-                *other,
-                *flags,
-                "--out",
-                str(tmp_path / "r2"),
-                "--quiet",
-                "--debug",  # the error itself, not main()'s one-line report of it
-            ]
-        )
+    capsys.readouterr()
+    argv = ["train", "--preset", "sd3-medium-4step", *other, *flags, "--out", str(tmp_path / "r2"), "--quiet"]
+    assert main(argv) == 2  # a user's mistake (issue 17): one line naming the setting, exit 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("dmdr-fast: ") and "max_sequence_length" in err, err
 
 
 # FP8 sampling vs the unquantised student on the tiny SD3, in pixel space ([0, 1], so the mean carries

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from dmdr_fast._errors import cfg_scale, int_in
+
 __all__ = ["add_bench_parsers", "add_timing_args"]
 
 
@@ -87,11 +89,15 @@ def add_bench_parsers(bench_sub: argparse._SubParsersAction) -> None:
     bs.add_argument("--cache-dir", default=None, help="digits: the teacher/classifier cache")
     bs.add_argument("--family", default=None, help="sd3, flux, zimage, sdxl (default: detected)")
     bs.add_argument(
-        "--steps", type=int, default=None, help="student steps (default: 4; digits: the student's)"
+        "--steps", type=int_in(1), default=None, help="student steps (default: 4; digits: the student's)"
     )
     bs.add_argument("--shift", type=float, default=None, help="student grid shift (default: the scheduler's)")
-    bs.add_argument("--baseline-steps", type=int, default=None, help="default: the family's usual count")
-    bs.add_argument("--baseline-guidance", type=float, default=None, help="default: the family's usual CFG")
+    bs.add_argument(
+        "--baseline-steps", type=int_in(1), default=None, help="default: the family's usual count"
+    )
+    bs.add_argument(
+        "--baseline-guidance", type=cfg_scale, default=None, help="default: the family's usual CFG"
+    )
     bs.add_argument("--batch", type=int, default=1, help="prompts per call")
     bs.add_argument("--resolution", type=int, default=None, help="image side (default: the pipeline's)")
     bs.add_argument(

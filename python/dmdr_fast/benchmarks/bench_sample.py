@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from dmdr_fast._dtypes import load_dtype_kwargs, torch_dtype
-from dmdr_fast._io import check_no_code
+from dmdr_fast._io import check_no_code, omitted_components
 from dmdr_fast.benchmarks.harness import machine_info, report
 from dmdr_fast.models.families import family_of_pipeline, get_family
 from dmdr_fast.models.fp8 import quantize_for_inference
@@ -73,7 +73,8 @@ def run(
     dt = torch_dtype(dtype) if dtype != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     family = family or family_of_pipeline(pipeline)
     check_no_code(pipeline, "pipeline folder")
-    pipe = DiffusionPipeline.from_pretrained(str(pipeline), **load_dtype_kwargs(dt)).to(dev)
+    parts = omitted_components(pipeline)  # e.g. an SD3 folder saved without T5
+    pipe = DiffusionPipeline.from_pretrained(str(pipeline), **parts, **load_dtype_kwargs(dt)).to(dev)
     pipe.set_progress_bar_config(disable=True)
     spec = get_family(family)
     adapter = spec.adapter.from_pipeline(pipe, resolution=resolution)

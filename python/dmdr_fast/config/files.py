@@ -141,7 +141,7 @@ def save_yaml(obj: Any, path: str | os.PathLike[str], *, header: str | None = No
         text = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines()) + text
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(p, text, mode=0o644)  # readable like any config file (mkstemp makes 0600)
+    atomic_write_text(p, text)  # readable like any other new file (the umask), not mkstemp's 0600
     return p
 
 

@@ -19,8 +19,8 @@ class DMDRConfig(ConfigBase):
     guidance: float = field(
         default=1.0,
         metadata={
-            "help": "CFG scale w of the real score, v_real = v_uncond + w·(v_cond − v_uncond); w <= 1 = no "
-            "CFG (paper: none for SiT, 4.0 for SD3.5-L, 7.0 for SD3-M/SDXL). The fake score never uses CFG."
+            "help": "CFG scale w of the real score, v_real = v_uncond + w·(v_cond − v_uncond); w = 1 (or 0) = no "
+            "CFG, other values below 1 are refused (paper: none for SiT, 4.0 for SD3.5-L, 7.0 for SD3-M/SDXL). The fake score never uses CFG."
         },
     )
     guidance_jitter: float = field(
@@ -108,6 +108,13 @@ class DMDRConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # No CFG is 1 (or 0, the SiT scripts' "off"); anything else below 1 is a typo, not "off".
+        require(
+            self,
+            "guidance",
+            self.guidance == 0 or self.guidance >= 1,
+            ">= 1 (CFG scale), or 1 or 0 for no CFG",
+        )
         check_range(self, "guidance_jitter", ge=0)
         check_range(self, "real_scale0", ge=0)
         check_range(self, "dynamic_horizon", ge=0)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from dmdr_fast._errors import UserError
 from dmdr_fast._io import (
     PROGRESS_NAME,
     atomic_write_text,
@@ -61,7 +62,7 @@ _REBUILD = "Rebuild it with `dmdr-fast cache-prompts`."
 log = logging.getLogger(__name__)
 
 
-class PromptCacheMismatchError(ValueError):
+class PromptCacheMismatchError(ValueError, UserError):
     """The cache was built by another text encoder / settings / prompt list than the one at hand."""
 
 
@@ -167,6 +168,7 @@ def build_prompt_cache(
     progress: bool = True,
     model_id: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    settings: dict[str, Any] | None = None,
 ) -> Path:
     """Encode ``prompts`` with ``adapter.encode_condition`` and write a prompt cache to ``out_dir``.
 
@@ -185,6 +187,8 @@ def build_prompt_cache(
         model_id: What identifies the weights (e.g. the pipeline folder): the fingerprint covers
             only architectures and settings.
         overwrite: Replace an existing cache that differs (otherwise that is an error).
+        settings: The config fields the adapter was built with (dotted ``model.*`` names →
+            values), stored so that a mismatch found later names the fields, not encoder hashes.
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -237,6 +241,8 @@ def build_prompt_cache(
     # An interruption keeps tmp (and its progress) for the next run to continue.
     meta = _encode_into(adapter, prompts, tmp, batch_size, shard_size, dtype, progress, build, resumed)
     meta.update(identity, format="dmdr_fast.prompt_cache", version=CACHE_FORMAT_VERSION)
+    if settings is not None:
+        meta["settings"] = _jsonable(settings)
     atomic_write_text(tmp / _META, json.dumps(meta, indent=2, sort_keys=True))
     (tmp / PROGRESS_NAME).unlink(missing_ok=True)
     old = out_dir.with_name(out_dir.name + ".old")
@@ -307,8 +313,18 @@ class PromptCache:
         self._slices: dict[int, dict[str, Any]] = {}  # shard → field → safetensors slice
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], adapter: Any = None, *, model_id: Any = None) -> PromptCache:
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        adapter: Any = None,
+        *,
+        model_id: Any = None,
+        settings: dict[str, Any] | None = None,
+    ) -> PromptCache:
         """Open a complete cache; with ``adapter`` (and ``model_id``), check it was built for it.
+
+        ``settings`` (as given to :func:`build_prompt_cache`) only words a mismatch: the fields
+        that differ from the cache's build are named first.
 
         Raises:
             ValueError: If ``path`` is not a complete cache of a supported format version.
@@ -326,10 +342,10 @@ class PromptCache:
         if adapter is None:
             return cls(path, meta, _condition_class(path, meta["condition_class"]))
         cache = cls(path, meta, adapter.condition_class)
-        cache.check(adapter, model_id=model_id)
+        cache.check(adapter, model_id=model_id, settings=settings)
         return cache
 
-    def check(self, adapter: Any, *, model_id: Any = None) -> None:
+    def check(self, adapter: Any, *, model_id: Any = None, settings: dict[str, Any] | None = None) -> None:
         """Raise :class:`PromptCacheMismatchError` unless the cache was built by ``adapter``'s encoders."""
         stored, current = dict(self.meta["fingerprint"]), _jsonable(adapter.text_fingerprint())
         stored["condition_class"] = self.meta["condition_class"]
@@ -337,11 +353,22 @@ class PromptCache:
         if model_id is not None and self.meta.get("model_id") is not None:
             stored["model_id"], current["model_id"] = self.meta["model_id"], str(model_id)
         diff = _mismatch(stored, current)
-        if diff:
-            raise PromptCacheMismatchError(
-                f"prompt cache {self.path} was built for another text encoder or settings: "
-                f"{'; '.join(diff)}. {_REBUILD}"
+        if not diff:
+            return
+        built = self.meta.get("settings")
+        fields = [] if built is None or settings is None else _mismatch(built, _jsonable(settings))
+        if fields:  # what the user set differently, before the encoders' hashes
+            named = "; ".join(
+                d.replace(": stored", ": cache").replace(" vs model ", " vs this run ") for d in fields
             )
+            raise PromptCacheMismatchError(
+                f"prompt cache {self.path} was built with other model settings: {named} (cache-prompts "
+                f"needs the same model.* overrides as train). Encoders: {'; '.join(diff)}. {_REBUILD}"
+            )
+        raise PromptCacheMismatchError(
+            f"prompt cache {self.path} was built for another text encoder or settings: "
+            f"{'; '.join(diff)}. {_REBUILD}"
+        )
 
     def __len__(self) -> int:
         return int(self.meta["count"])

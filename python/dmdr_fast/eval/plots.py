@@ -1,4 +1,4 @@
-"""PNG figures for reports: sample grids, per-class grids, side-by-side comparisons, metric curves.
+"""Figures for reports (PNG; a grid also as JPEG or WebP): sample grids, per-class grids, side-by-side comparisons, metric curves.
 
 Images are tensors ``(N, C, H, W)`` with values in [0, 1] and C = 1 (grayscale) or 3 (RGB). Small
 images (8×8 digits) are upscaled by an integer factor with nearest-neighbour repetition, so pixels stay
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "arrange_by_class",
     "make_image_grid",
     "plot_metric_curves",
@@ -32,6 +33,10 @@ __all__ = [
     "save_comparison_grid",
     "save_image_grid",
 ]
+
+#: The file endings a grid can be written as, and the Pillow format each names.
+_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+IMAGE_SUFFIXES = tuple(_FORMATS)
 
 _FONT_SIZE = 12
 _GAP = 8  # pixels between comparison panels
@@ -153,8 +158,14 @@ def _save_panels(
         draw.text((2, centre - th // 2), text, fill=black, font=font)
 
     out = Path(path)
+    # The format the name says (a .jpg file of PNG bytes confuses viewers and upload checks).
+    fmt = _FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{out}: cannot tell the image format; end the name in {', '.join(IMAGE_SUFFIXES)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out, format="PNG")
+    if fmt == "WEBP" and canvas.mode == "L":
+        canvas = canvas.convert("RGB")  # WebP holds colour images only
+    canvas.save(out, format=fmt, **({"quality": 95} if fmt != "PNG" else {}))
     return out
 
 
@@ -167,7 +178,7 @@ def save_image_grid(
     pad_value: float = 1.0,
     row_labels: Sequence[str] | None = None,
 ) -> Path:
-    """Saves images as one PNG grid.
+    """Saves images as one grid: PNG, or JPEG / WebP when the name ends so (:data:`IMAGE_SUFFIXES`).
 
     Args:
         images: ``(N, C, H, W)`` images in [0, 1] (clamped), C = 1 or 3.

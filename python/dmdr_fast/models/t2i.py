@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from dmdr_fast._dtypes import load_dtype_kwargs
-from dmdr_fast._io import check_no_code
+from dmdr_fast._io import check_no_code, omitted_components
 from dmdr_fast.conditions import map_tensors
 from dmdr_fast.models.protocol import Condition, check_time
 
@@ -149,7 +149,8 @@ class TextToImageAdapter(nn.Module):
             pipeline_kwargs: Extra ``from_pretrained`` arguments (e.g. ``text_encoder_3=None``).
             **kwargs: Constructor / :meth:`from_pipeline` arguments of the subclass.
         """
-        extra = {**cls.default_pipeline_kwargs, **(pipeline_kwargs or {})}
+        # A part the folder was saved without must be passed as None again (plain diffusers too).
+        extra = {**omitted_components(path), **cls.default_pipeline_kwargs, **(pipeline_kwargs or {})}
         extra.update(load_dtype_kwargs(torch_dtype))
         check_no_code(path, "pipeline folder")  # a shared folder's .py files are never imported
         pipe = cls.pipeline_class.from_pretrained(str(path), **extra)

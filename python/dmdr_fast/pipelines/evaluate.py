@@ -19,10 +19,11 @@ from typing import Any
 import torch
 
 from dmdr_fast._dtypes import load_dtype_kwargs
-from dmdr_fast._io import check_no_code
-from dmdr_fast.pipelines.export import load_exported, read_export_info, sample_exported
+from dmdr_fast._errors import UserError
+from dmdr_fast._io import check_no_code, omitted_components
+from dmdr_fast.pipelines.export import check_exported, load_exported, read_export_info, sample_exported
 
-__all__ = ["evaluate_exported"]
+__all__ = ["evaluate_exported", "write_evaluation"]
 
 # Call arguments that must match between teacher and student for a fair comparison.
 _SHARED_KWARGS = ("height", "width", "max_sequence_length")
@@ -94,20 +95,27 @@ def evaluate_exported(
     from dmdr_fast.models.families import family_of_pipeline, get_family
 
     if (student is None) == (lora is None):
-        raise ValueError(
-            "give exactly one of student (an exported pipeline folder) or lora (an exported LoRA folder)"
+        raise UserError(
+            "give exactly one of --student (an exported pipeline folder) or --lora (an exported LoRA folder)"
         )
     prompts = [str(p) for p in prompts]
     if not prompts:
         raise ValueError("prompts must not be empty")
     if per_prompt < 1 or batch < 1:
         raise ValueError(f"per_prompt and batch must be >= 1, got {per_prompt} and {batch}")
+    for name, count in (("steps", steps), ("teacher_steps", teacher_steps)):
+        if count is not None and count < 1:  # 0 must not silently mean "the default"
+            raise ValueError(f"{name} must be >= 1 (or None for the default), got {count}")
+    # Missing or mismatched folders are refused here, not after the teacher's (long) pass.
+    check_exported(teacher, lora=lora, what=("--pipeline", "--lora"))
+    if student is not None:
+        check_exported(student, what=("--student", "--lora"))
     folder = student if student is not None else lora
     assert folder is not None  # exactly one of them is given (checked above)
     exported = Path(folder)
     info = read_export_info(exported)
     if info is None:
-        raise ValueError(f"{exported} has no dmdr_export.json: not a folder written by dmdr-fast's export")
+        raise UserError(f"{exported} has no dmdr_export.json: not a folder written by dmdr-fast's export")
     if steps is not None and "timesteps" in info.get("call_kwargs", {}):
         # An SDXL student with a noise timestep: refuse an impossible step count before the
         # teacher's (long) pass, not after it.
@@ -130,7 +138,8 @@ def evaluate_exported(
     bar = tqdm(total=2 * len(expanded), desc="eval", unit="img", disable=not progress)
 
     check_no_code(teacher, "pipeline folder")
-    pipe = DiffusionPipeline.from_pretrained(str(teacher), **load_dtype_kwargs(dtype)).to(device)
+    parts = omitted_components(teacher)  # e.g. an SD3 folder saved without T5
+    pipe = DiffusionPipeline.from_pretrained(str(teacher), **parts, **load_dtype_kwargs(dtype)).to(device)
     pipe.set_progress_bar_config(disable=True)
 
     def teacher_call(chunk: list[str], i: int) -> torch.Tensor:
@@ -192,3 +201,26 @@ def evaluate_exported(
         "reference_images": str(reference_images) if reference_images is not None else None,
     }
     return result, {names[0]: t_img, names[1]: s_img}
+
+
+def write_evaluation(
+    out: str | os.PathLike[str], result: dict[str, Any], images: dict[str, torch.Tensor], per_prompt: int
+) -> str:
+    """Write :func:`evaluate_exported`'s result to ``out``: ``eval.json``, ``eval.md`` (the table)
+    and ``teacher_vs_student.png``; returns the table."""
+    import json
+
+    from dmdr_fast.eval.t2i import format_comparison, save_t2i_grid
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = format_comparison(result)
+    st = result["settings"]
+    grids = {name.split(" (")[0]: x for name, x in images.items()}
+    save_t2i_grid(grids, st["prompts"], per_prompt, folder / "teacher_vs_student.png")
+    (folder / "eval.md").write_text(
+        f"# {st['kind']} student `{st['student']}` vs teacher `{st['teacher']}` ({st['family']})\n\n"
+        f"{table}\n\n![teacher vs student](teacher_vs_student.png)\n"
+    )
+    return table

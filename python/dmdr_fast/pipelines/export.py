@@ -23,6 +23,7 @@ import contextlib
 import inspect
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -31,7 +32,7 @@ import torch
 
 from dmdr_fast._dtypes import load_dtype_kwargs, torch_dtype
 from dmdr_fast._errors import UserError
-from dmdr_fast._io import atomic_write_text, check_no_code
+from dmdr_fast._io import atomic_write_text, check_no_code, omitted_components
 
 if TYPE_CHECKING:
     from diffusers import ModelMixin
@@ -39,7 +40,14 @@ if TYPE_CHECKING:
     from dmdr_fast.models.t2i import TextToImageAdapter
     from dmdr_fast.train.trainer import Trainer
 
-__all__ = ["EXPORT_INFO_NAME", "export_student", "load_exported", "read_export_info", "sample_exported"]
+__all__ = [
+    "EXPORT_INFO_NAME",
+    "check_exported",
+    "export_student",
+    "load_exported",
+    "read_export_info",
+    "sample_exported",
+]
 
 EXPORT_INFO_NAME = "dmdr_export.json"
 
@@ -209,7 +217,66 @@ def _assemble(
         cls = DiffusionPipeline
     overrides = {student.network_attr: network, "scheduler": scheduler}
     check_no_code(base_path, "pipeline folder")
-    return cls.from_pretrained(base_path, **load_dtype_kwargs(dtype), **overrides)
+    parts = {**omitted_components(base_path), **overrides}  # parts saved as None stay None
+    return cls.from_pretrained(base_path, **load_dtype_kwargs(dtype), **parts)
+
+
+#: ``org/name``: what a missing local path may instead be (diffusers then asks the hub).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _check_folder(path: str | os.PathLike[str], what: str, needs: str, kind: str) -> bool:
+    """``path`` as a local folder holding ``needs`` (a glob); False for what can only be a hub id."""
+    folder = Path(path)
+    if not folder.exists():
+        text = os.fspath(path)
+        if _HUB_ID.match(text) and not folder.parent.is_dir():
+            return False  # not a local path: left to diffusers' hub lookup
+        raise UserError(f"{what} {folder}: no such folder; give {kind}")
+    if not folder.is_dir():
+        raise UserError(f"{what} {folder}: is a file; give {kind}")
+    if not any(folder.glob(needs)):
+        raise UserError(f"{what} {folder}: not {kind} (no {needs} in it)")
+    return True
+
+
+def _family_of(folder: str | os.PathLike[str]) -> str | None:
+    from dmdr_fast.models.families import family_of_pipeline
+
+    try:
+        return family_of_pipeline(folder)
+    except ValueError:  # another pipeline class: diffusers may still load it
+        return None
+
+
+def check_exported(
+    pipeline: str | os.PathLike[str],
+    *,
+    lora: str | os.PathLike[str] | None = None,
+    what: tuple[str, str] = ("--pipeline", "--lora"),
+) -> None:
+    """Refuse a missing or wrong pipeline / LoRA folder before anything is loaded.
+
+    Args:
+        pipeline: The pipeline folder (or a hub id ``org/name``, left unchecked).
+        lora: An exported LoRA folder to go onto ``pipeline``.
+        what: The arguments that named them, for the messages.
+
+    Raises:
+        UserError: A folder that does not exist, is a file, lacks ``model_index.json`` (pipeline)
+            or ``*.safetensors`` (LoRA), or a LoRA exported for another family than the pipeline's.
+    """
+    local = _check_folder(pipeline, what[0], "model_index.json", "a diffusers pipeline folder")
+    if lora is None:
+        return
+    _check_folder(lora, what[1], "*.safetensors", "an exported LoRA folder")
+    trained_for = (read_export_info(lora) or {}).get("family")
+    family = _family_of(pipeline) if local else None
+    if trained_for and family and trained_for != family:
+        raise UserError(
+            f"{what[1]} {lora} was trained on a {trained_for} pipeline (its {EXPORT_INFO_NAME}), but "
+            f"{what[0]} {pipeline} is a {family} pipeline; give the {trained_for} teacher it was trained on"
+        )
 
 
 def read_export_info(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -240,12 +307,18 @@ def load_exported(
     Returns:
         ``(pipe, info)``: the diffusers pipeline and the export info (``{}`` for a folder exported by
         something else; the call then uses the pipeline's defaults).
+
+    Raises:
+        UserError: See :func:`check_exported` (when ``pipe`` is not given).
     """
     from diffusers import DiffusionPipeline
 
-    if pipe is None:
+    if pipe is None:  # a loaded ``pipe`` comes from a caller that checked (evaluate_exported)
+        check_exported(pipeline, lora=lora)
         check_no_code(pipeline, "pipeline folder")  # a shared folder's .py files are never imported
-        pipe = DiffusionPipeline.from_pretrained(str(pipeline), **load_dtype_kwargs(torch_dtype))
+        # Parts the folder was saved without (SD3 without T5) are passed as None, as diffusers needs.
+        parts = omitted_components(pipeline)
+        pipe = DiffusionPipeline.from_pretrained(str(pipeline), **parts, **load_dtype_kwargs(torch_dtype))
     info = read_export_info(pipeline) or {}
     if lora is not None:
         check_no_code(lora, "LoRA folder")
@@ -284,6 +357,8 @@ def sample_exported(
     the same shift; an SDXL student keeps its noise timestep as the first); the other call
     arguments come from ``info['call_kwargs']``.
     """
+    if steps is not None and int(steps) < 1:  # 0 must not mean "the default" (or crash in diffusers)
+        raise ValueError(f"steps must be >= 1 (or None for the exported count), got {steps}")
     kwargs = dict(info.get("call_kwargs", {}))
     if steps is not None and "timesteps" in kwargs:
         # An SDXL student with a noise timestep (DMD2's 399): N LCM steps that still start there.

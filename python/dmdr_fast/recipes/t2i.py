@@ -48,6 +48,7 @@ __all__ = [
     "build_adapter",
     "build_data",
     "default_preset",
+    "encoding_settings",
     "family_of_pipeline",
     "model_identity",
     "run_t2i",
@@ -127,6 +128,15 @@ def build_adapter(model: ModelConfig, *, device: torch.device | str | None = Non
     return adapter
 
 
+def encoding_settings(model: ModelConfig) -> dict[str, Any]:
+    """The ``model.*`` fields that can change a prompt's encoding (dotted name → value): stored in
+    a prompt cache so that a cache built with other overrides than training names them."""
+    out: dict[str, Any] = {"model.family": model.family, "model.path": model.path}
+    out.update({f"model.kwargs.{k}": v for k, v in sorted(model.kwargs.items())})
+    out["model.weights_dtype"] = model.weights_dtype  # the text encoders' load dtype follows it
+    return out
+
+
 def build_data(config: DMDRTrainerConfig, adapter: Any) -> tuple[Any, PromptBatch]:
     """The training condition sampler and the encoded held-out prompts.
 
@@ -141,7 +151,11 @@ def build_data(config: DMDRTrainerConfig, adapter: Any) -> tuple[Any, PromptBatc
     if data.cache is None and data.prompts is None:
         raise ConfigError("needs data.prompts (a .txt/.jsonl/.csv file) or data.cache", field="data")
     model_id = model_identity(config.model.path)
-    cache = PromptCache.open(data.cache, adapter, model_id=model_id) if data.cache is not None else None
+    cache = (
+        PromptCache.open(data.cache, adapter, model_id=model_id, settings=encoding_settings(config.model))
+        if data.cache is not None
+        else None
+    )
     if cache is not None:
         install_null_condition(adapter, cache)
         sampler: Any = CachedPromptSampler(cache)

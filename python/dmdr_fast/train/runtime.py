@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmdr_fast._errors import UserError
 from dmdr_fast.config import ConfigError, TrainConfig
 from dmdr_fast.train.distributed import local_device
 
@@ -88,6 +89,9 @@ def check_runnable(train: TrainConfig) -> None:
         )
         if why:
             raise ConfigError(f"{name!r} cannot run {op} here: {why}", field=f"train.{field}")
+    problem = ops.env_backend_problem()
+    if problem is not None:  # a run must not start on another backend than the one asked for
+        raise UserError(f"{problem}; unset it or name one of them")
 
 
 @contextlib.contextmanager

@@ -46,6 +46,8 @@ __all__ = [
     "DEFAULT_DIGITS_CLASSIFIERS_CONFIG",
     "DEFAULT_DIGITS_TEACHER_CONFIG",
     "TIME_SAMPLINGS",
+    "cached_digits_teacher",
+    "classifiers_cache_path",
     "config_hash",
     "get_or_train_digits_classifiers",
     "get_or_train_digits_teacher",
@@ -361,6 +363,23 @@ def _build_teacher(config: Mapping[str, Any]) -> Any:
     return DiTAdapter(dit_from_config(config["model"], seed=config["init_seed"]))
 
 
+def cached_digits_teacher(
+    cache_dir: str | os.PathLike[str] | None, config: Mapping[str, Any] | None = None
+) -> Any | None:
+    """The teacher :func:`get_or_train_digits_teacher` would load from ``cache_dir``, or ``None``
+    when it is not there (or unreadable): never trains."""
+    if cache_dir is None:
+        return None
+    resolved = resolve_config(config, DEFAULT_DIGITS_TEACHER_CONFIG, "teacher")
+    path = Path(cache_dir) / f"digits_teacher-{config_hash(resolved, _TEACHER_FORMAT)}.pt"
+    payload = _try_load(path, _TEACHER_FORMAT, resolved)
+    if payload is None:
+        return None
+    adapter = _build_teacher(resolved)
+    adapter.transformer.load_state_dict(payload["state_dict"])
+    return adapter.eval()
+
+
 def get_or_train_digits_teacher(
     cache_dir: str | os.PathLike[str] | None,
     config: Mapping[str, Any] | None = None,
@@ -431,6 +450,16 @@ def _train_digits_classifier(
     return train_classifier(
         images, labels, config=DigitClassifierConfig(**arch), progress=progress, **train_kwargs
     )
+
+
+def classifiers_cache_path(
+    cache_dir: str | os.PathLike[str] | None, config: Mapping[str, Any] | None = None
+) -> Path | None:
+    """Where :func:`get_or_train_digits_classifiers` keeps the classifiers of ``config``."""
+    if cache_dir is None:
+        return None
+    resolved = resolve_config(config, DEFAULT_DIGITS_CLASSIFIERS_CONFIG, "classifiers")
+    return Path(cache_dir) / f"digits_classifiers-{config_hash(resolved, _CLASSIFIERS_FORMAT)}.pt"
 
 
 def get_or_train_digits_classifiers(
