@@ -121,7 +121,8 @@ def test_experiment_coldstart_harder_settings(tmp_path, cache, setting):
         (["coldstart", "--eval-steps", "5,2"], "--eval-steps: expected increasing"),
         (["coldstart", "--seeds", "1,x"], "--seeds: expected comma-separated integers"),
         (["coldstart", "--setting", "hard"], "--setting: 'hard' is not one of"),
-        (["digits", "--setting", "4step"], "only for `experiment coldstart`"),
+        (["digits", "--setting", "4step"], "--setting: only for `experiment coldstart`"),
+        (["digits-grpo", "--eval-steps", "5"], "--eval-steps: only for `experiment coldstart`"),
         (["nothing"], "unknown (available: digits, digits-grpo, coldstart)"),
     ],
 )

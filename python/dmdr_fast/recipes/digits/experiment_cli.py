@@ -39,12 +39,12 @@ def add_experiment_parser(sub: Any, add_config_args: Callable[[argparse.Argument
     )
     exp.add_argument(
         "--eval-steps",
-        default="25,50,100,150,300",
-        help="coldstart: generator steps at which every run is evaluated",
+        default=None,
+        help="coldstart: generator steps at which every run is evaluated (default 25,50,100,150,300)",
     )
     exp.add_argument(
         "--setting",
-        default="default",
+        default=None,
         help="coldstart: default (the preset's student), reinit (last block re-initialised), 4step",
     )
     add_config_args(exp)
@@ -64,7 +64,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if args.name not in EXPERIMENTS:
         raise UserError(f"experiment {args.name!r}: unknown (available: {', '.join(EXPERIMENTS)})")
     if args.name != "coldstart":
-        given = [f for f, v in (("--preset", args.preset), ("--setting", args.setting != "default")) if v]
+        options = (("--preset", args.preset), ("--setting", args.setting), ("--eval-steps", args.eval_steps))
+        given = [f for f, v in options if v is not None]
         if given:
             raise UserError(f"{', '.join(given)}: only for `experiment coldstart`")
     seeds = _ints(args.seeds if args.seeds is not None else EXPERIMENTS[args.name], "--seeds")
@@ -91,22 +92,24 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         )
     else:
         from dmdr_fast.recipes.digits.experiment_coldstart import (
+            DEFAULT_EVAL_STEPS,
             SETTINGS,
             coldstart_config,
             run_coldstart_experiment,
         )
 
-        if args.setting not in SETTINGS:
-            raise UserError(f"--setting: {args.setting!r} is not one of {', '.join(SETTINGS)}")
-        steps = _ints(args.eval_steps, "--eval-steps")
+        setting = args.setting if args.setting is not None else "default"
+        if setting not in SETTINGS:
+            raise UserError(f"--setting: {setting!r} is not one of {', '.join(SETTINGS)}")
+        steps = _ints(args.eval_steps, "--eval-steps") if args.eval_steps is not None else DEFAULT_EVAL_STEPS
         base = load_preset(args.preset or "digits", list(args.set or []))
-        coldstart_config(base, steps, args.setting)  # refuses bad steps and configs before any work
+        coldstart_config(base, steps, setting)  # refuses bad steps and configs before any work
         run_coldstart_experiment(
             args.out,
             base,
             seeds=seeds,
             eval_steps=steps,
-            setting=args.setting,
+            setting=setting,
             cache_dir=args.cache_dir,
             progress=progress,
         )
