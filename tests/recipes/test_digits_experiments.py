@@ -117,7 +117,7 @@ def test_experiment_coldstart_harder_settings(tmp_path, cache, setting):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["coldstart", "--preset", "sd3-medium-4step"], "digits-family presets"),
+        (["coldstart", "--preset", "sd3-medium-4step", "--setting", "reinit"], "use a digits preset"),
         (["coldstart", "--eval-steps", "5,2"], "--eval-steps: expected increasing"),
         (["coldstart", "--seeds", "1,x"], "--seeds: expected comma-separated integers"),
         (["coldstart", "--setting", "hard"], "--setting: 'hard' is not one of"),

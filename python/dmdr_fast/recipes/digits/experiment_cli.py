@@ -35,7 +35,9 @@ def add_experiment_parser(sub: Any, add_config_args: Callable[[argparse.Argument
         + "; ".join(f"{k} {v}" for k, v in EXPERIMENTS.items()),
     )
     exp.add_argument(
-        "--preset", default=None, help="coldstart: the preset whose DMD-only run is ablated (digits)"
+        "--preset",
+        default=None,
+        help="coldstart: the preset whose DMD-only run is ablated (default digits; text-to-image presets too)",
     )
     exp.add_argument(
         "--eval-steps",

@@ -3,7 +3,8 @@
 Four arms of the same DMD-only run (``rewards=[]``), one per combination of the two cold-start
 strategies (``dmdr.dynars``, ``dmdr.dynadg``): both on (the preset), DynaRS only, DynaDG only,
 both off. Every arm trains once per seed; the digits evaluator (FD, precision, recall, accuracy,
-diversity on the evaluation network) runs at fixed generator steps, so the table and the plot
+diversity on the evaluation network; for a text-to-image preset, the comparison with the teacher
+on the held-out prompts) runs at fixed generator steps, so the table and the plot
 show the early steps, where the strategies are meant to act (they anneal over
 ``dmdr.dynamic_horizon``), next to the later ones. All steps run at stage 1's learning rates (the
 cold start is what is measured: the stage-2 rates are set to stage 1's).
@@ -16,6 +17,7 @@ arm of a seed: a student that starts far from the teacher, where a stabiliser sh
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ __all__ = [
     "DEFAULT_EVAL_STEPS",
     "METRICS",
     "SETTINGS",
+    "T2I_METRICS",
     "coldstart_config",
     "run_coldstart_experiment",
 ]
@@ -44,6 +47,8 @@ ARMS: dict[str, tuple[bool, bool]] = {
 SETTINGS = ("default", "reinit", "4step")
 DEFAULT_EVAL_STEPS = (25, 50, 100, 150, 300)
 METRICS = ("fd", "precision", "recall", "accuracy", "diversity_ratio")
+#: Text-to-image presets: the student's row of the teacher comparison (dmdr_fast.eval.t2i).
+T2I_METRICS = ("fd_to_reference", "diversity_pixel", "diversity_feat")
 
 
 def coldstart_config(base: DMDRTrainerConfig, eval_steps: tuple[int, ...], setting: str) -> DMDRTrainerConfig:
@@ -106,7 +111,9 @@ def run_coldstart_experiment(
     Args:
         out_dir: where each run (``<arm>-seed<N>/``), ``table.md``, ``curves.png`` and
             ``experiment.json`` go. A run already there is continued (resumed).
-        base: a digits-family preset (any overrides); see :func:`coldstart_config`.
+        base: a preset (any overrides); see :func:`coldstart_config`. Digits-family presets are
+            evaluated by the digits evaluation network; text-to-image presets by their comparison
+            with the teacher on the held-out prompts (drift FD and diversity; no real images).
         seeds: ``train.seed`` of each arm's runs (and of the ``reinit`` setting's draw).
         eval_steps: generator steps at which every run is evaluated; the last is the run's length.
         setting: ``default``, ``reinit`` or ``4step`` (module docstring).
@@ -116,20 +123,17 @@ def run_coldstart_experiment(
     """
     from dmdr_fast.eval.plots import plot_mean_std_curves
 
-    if base.model.family != "digits":
-        raise UserError(
-            f"experiment coldstart: --preset with model.family={base.model.family!r}: the experiment evaluates "
-            "with the digits evaluation network at fixed steps, so it runs the digits-family presets "
-            "(digits, digits-grpo); a text-to-image evaluation at fixed steps is not built yet"
-        )
+    digits = base.model.family == "digits"
+    if not digits and setting == "reinit":
+        raise UserError("--setting reinit re-initialises a block of the digits DiT: use a digits preset")
     cfg0 = coldstart_config(base, eval_steps, setting)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    assets = load_assets(cfg0, cache_dir, progress=progress)
+    assets = load_assets(cfg0, cache_dir, progress=progress) if digits else None
     results: dict[str, dict[int, list[dict[str, float]]]] = {arm: {k: [] for k in eval_steps} for arm in ARMS}
     for seed in seeds:
         extra = [f"train.seed={seed}"]
-        if setting == "reinit":
+        if setting == "reinit" and assets is not None:
             extra.append(
                 f"student.init={_reinit_student(assets, out / f'reinit-seed{seed}.safetensors', seed)}"
             )
@@ -137,40 +141,49 @@ def run_coldstart_experiment(
             cfg = cfg0.with_overrides(
                 [*extra, f"dmdr.dynars={rs}", f"dmdr.dynadg={dg}", f"name={slug(arm)}-seed{seed}"]
             )
-            # One segment per evaluation step, each continuing the previous one's checkpoint: the
-            # Trainer evaluates at the end of every fit, so the history holds exactly these steps.
+            # One segment per evaluation step, each continuing the previous one's checkpoint.
             for k in eval_steps:
-                trainer = train_student(
-                    cfg.with_overrides([f"train.max_steps={k}"]),
-                    assets,
-                    out / cfg.name,
-                    resume=True,
-                    progress=progress,
-                )
-            by_step = {int(r["step"]): r for r in trainer.state.history}
-            for k in eval_steps:
-                results[arm][k].append({m: float(v) for m, v in by_step[k].items() if m != "step"})
-    text = _tables(results, eval_steps, seeds, setting, cfg0)
-    (out / "table.md").write_text(text)
+                segment = cfg.with_overrides([f"train.max_steps={k}"])
+                if assets is None:  # text-to-image: the teacher comparison after each segment
+                    results[arm][k].append(_t2i_segment(segment, out / cfg.name, progress))
+                    continue
+                # Digits: the Trainer evaluates at the end of every fit, so its history holds
+                # exactly the evaluation steps.
+                trainer = train_student(segment, assets, out / cfg.name, resume=True, progress=progress)
+            if assets is not None:
+                by_step = {int(r["step"]): r for r in trainer.state.history}
+                for k in eval_steps:
+                    results[arm][k].append({m: float(v) for m, v in by_step[k].items() if m != "step"})
+    # Digits: FD and recall to the real digits. Text-to-image: drift from the teacher's samples (FD
+    # in CLIP features when the preset has a CLIP-like reward to embed with, else pixels) and diversity.
+    metrics = METRICS if digits else T2I_METRICS
+    (out / "table.md").write_text(_tables(results, eval_steps, seeds, setting, cfg0, metrics))
+    shown = ["fd", "recall"] if digits else ["fd_to_reference", "diversity_pixel"]
     curves = {
-        arm: {m: [(k, [r[m] for r in runs]) for k, runs in steps.items()] for m in ("fd", "recall")}
+        arm: {m: [(k, [r.get(m, math.nan) for r in runs]) for k, runs in steps.items()] for m in shown}
         for arm, steps in results.items()
     }
-    plot_mean_std_curves(
-        curves,
-        out / "curves.png",
-        ["fd", "recall"],
-        titles={"fd": "FD ↓ (mean ± std)", "recall": "recall ↑ (mean ± std)"},
-    )
+    plot_mean_std_curves(curves, out / "curves.png", shown, titles={m: f"{m} (mean ± std)" for m in shown})
     summary = {
         "results": {arm: {str(k): v for k, v in steps.items()} for arm, steps in results.items()},
         "seeds": list(seeds),
         "eval_steps": list(eval_steps),
         "setting": setting,
-        "real_vs_real": assets.info["real_vs_real"],
+        "real_vs_real": assets.info["real_vs_real"] if assets is not None else None,
     }
     write_json(out / "experiment.json", summary)
     return summary
+
+
+def _t2i_segment(cfg: DMDRTrainerConfig, run: Path, progress: bool) -> dict[str, float]:
+    """Train (or continue) a text-to-image run to ``train.max_steps``, then compare it with the
+    teacher on the held-out prompts (:func:`dmdr_fast.recipes.t2i.run_t2i`, no export): the
+    student's row of that comparison."""
+    from dmdr_fast.recipes.t2i import run_t2i
+
+    models = run_t2i(cfg, run, resume=True, progress=progress, export=False)["comparison"]["models"]
+    row = next(v for name, v in models.items() if name.startswith("student"))
+    return {k: float(v) for k, v in row.items() if not k.startswith("score_se/")}
 
 
 def _tables(
@@ -179,8 +192,10 @@ def _tables(
     seeds: tuple[int, ...],
     setting: str,
     cfg: DMDRTrainerConfig,
+    metrics: tuple[str, ...],
 ) -> str:
-    """The FD at a glance (arms × steps), then every metric per arm and step."""
+    """The first metric at a glance (arms × steps), then every metric per arm and step."""
+    first = metrics[0]
     head = [
         f"# Cold-start strategies, DMD only — setting `{setting}`",
         "",
@@ -188,15 +203,18 @@ def _tables(
         f"anneal over the first {cfg.dmdr.dynamic_horizon} generator steps. Seeds {list(seeds)}: mean ± std "
         f"over the seeds (sample std); {cfg.train.num_eval_samples} samples per evaluation.",
         "",
-        "## FD ↓ by generator step",
+        f"## {first} ↓ by generator step",
         "",
         "| arm | " + " | ".join(str(k) for k in eval_steps) + " |",
         "|" + "---|" * (len(eval_steps) + 1),
     ]
     for arm, steps in results.items():
-        cells = [mean_std([r["fd"] for r in steps[k]], digits=2) for k in eval_steps]
+        cells = []
+        for k in eval_steps:
+            vals = [r[first] for r in steps[k] if first in r and math.isfinite(r[first])]
+            cells.append(mean_std(vals, digits=2) if vals else "–")
         head.append(f"| {arm} | " + " | ".join(cells) + " |")
     rows = {f"{arm}, step {k}": steps[k] for arm, steps in results.items() for k in eval_steps}
     return (
-        "\n".join(head) + "\n\n## Every metric\n\n" + mean_std_table(rows, METRICS, first_column="arm, step")
+        "\n".join(head) + "\n\n## Every metric\n\n" + mean_std_table(rows, metrics, first_column="arm, step")
     )
