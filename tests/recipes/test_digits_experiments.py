@@ -130,3 +130,27 @@ def test_experiment_mistakes_are_one_line_errors(tmp_path, capsys, extra, messag
     assert main(["experiment", *extra[:1], "--out", str(tmp_path / "x"), *extra[1:]]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+def test_mean_std_table_and_seed_parsing():
+    from dmdr_fast._errors import UserError
+    from dmdr_fast.recipes.digits.experiment_common import mean_std, mean_std_table, monitor_cell, parse_seeds
+
+    assert mean_std([1.0, 2.0, 3.0]) == "2.000 ± 1.000"  # sample std (n − 1)
+    assert mean_std([4.0]) == "4.000" and mean_std([1.0, 2.0], digits=1) == "1.5 ± 0.7"
+    table = mean_std_table(
+        {"a": [{"fd": 1.0, "r": 0.5}, {"fd": 3.0}], "b": [{"r": float("nan")}]},
+        ["fd", "r"],
+        extra={"monitor": {"a": "no warning"}},
+    )
+    assert table.splitlines()[2:] == [
+        "| a | 2 | 2.000 ± 1.414 | 0.500 | no warning |",
+        "| b | 1 | – | – | — |",
+    ]
+    assert monitor_cell(
+        ["no warning (3 evaluations)", "WARNED from step 40, still collapsed: 5 of the 5"]
+    ) == ("warned 1/2, still collapsed at the end 1/2")
+    assert parse_seeds("30,31") == (30, 31)
+    for bad in ("30,30", "a", ""):
+        with pytest.raises(UserError, match="--seeds"):
+            parse_seeds(bad)

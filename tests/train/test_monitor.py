@@ -48,7 +48,7 @@ def _collapse(n=60, recover_at=None):
     return rows
 
 
-def test_a_run_that_stays_collapsed_stays_warned():
+def test_a_run_that_stays_collapsed_stays_warned(tmp_path):
     m = RewardHackingMonitor(torch.arange(2), config=MonitorConfig(patience=3))
     _feed(m, _collapse())
     # The 3rd suspicious evaluation in a row (step 40) warns; the 56 flat ones after it are not
@@ -60,6 +60,9 @@ def test_a_run_that_stays_collapsed_stays_warned():
         "(diversity worse than at step 10); 60 evaluations"
     )
     assert "collapsed" not in m.history[2] and m.history[-1]["collapsed"] == 1.0
+    from dmdr_fast.eval.plots import plot_monitor
+
+    assert plot_monitor({"reward only": m.history}, tmp_path / "m.png").stat().st_size > 0  # marks them
 
 
 def test_a_run_that_recovers_says_so_and_the_state_survives_a_checkpoint():

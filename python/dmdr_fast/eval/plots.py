@@ -387,18 +387,23 @@ def plot_monitor(
     for ax, metric in zip(axes, metrics, strict=True):
         for name, records in runs.items():
             pts = [
-                (float(r["step"]), float(r[metric]), bool(r.get("flag", 0)))
+                (float(r["step"]), float(r[metric]), bool(r.get("flag", 0)), bool(r.get("collapsed", 0)))
                 for r in records
                 if metric in r and math.isfinite(float(r[metric]))
             ]
             if not pts:
                 continue
-            xs, ys, flags = zip(*pts, strict=True)
+            xs, ys, flags, collapsed = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="o", markersize=2, color=colors[name])
             fx = [x for x, f in zip(xs, flags, strict=True) if f]
             fy = [y for y, f in zip(ys, flags, strict=True) if f]
             if fx:
                 ax.scatter(fx, fy, marker="x", color="red", s=40, zorder=3)
+            # After a warning: the evaluations that still look collapsed (RewardHackingMonitor).
+            cx = [x for x, f, c in zip(xs, flags, collapsed, strict=True) if c and not f]
+            cy = [y for y, f, c in zip(ys, flags, collapsed, strict=True) if c and not f]
+            if cx:
+                ax.scatter(cx, cy, marker="o", facecolors="none", edgecolors="red", s=25, zorder=3)
         ax.set_title(titles.get(metric, metric), fontsize="medium")
         ax.set_xlabel("generator step")
         ax.grid(alpha=0.3)
@@ -407,6 +412,11 @@ def plot_monitor(
 
     handles = [Line2D([], [], color=c, marker="o", markersize=3, label=n) for n, c in colors.items()]
     handles.append(Line2D([], [], color="red", marker="x", linestyle="none", label="monitor warning"))
+    handles.append(
+        Line2D(
+            [], [], color="red", marker="o", markerfacecolor="none", linestyle="none", label="still collapsed"
+        )
+    )
     fig.legend(handles=handles, loc="outside right center", fontsize="small")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
