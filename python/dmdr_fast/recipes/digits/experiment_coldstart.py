@@ -47,6 +47,12 @@ ARMS: dict[str, tuple[bool, bool]] = {
 SETTINGS = ("default", "reinit", "4step")
 DEFAULT_EVAL_STEPS = (25, 50, 100, 150, 300)
 METRICS = ("fd", "precision", "recall", "accuracy", "diversity_ratio")
+TITLES = {
+    "fd": "FD ↓",
+    "recall": "recall ↑",
+    "fd_to_reference": "FD to the teacher ↓",
+    "diversity_pixel": "diversity",
+}
 #: Text-to-image presets: the student's row of the teacher comparison (dmdr_fast.eval.t2i).
 T2I_METRICS = ("fd_to_reference", "diversity_pixel", "diversity_feat")
 
@@ -163,7 +169,9 @@ def run_coldstart_experiment(
         arm: {m: [(k, [r.get(m, math.nan) for r in runs]) for k, runs in steps.items()] for m in shown}
         for arm, steps in results.items()
     }
-    plot_mean_std_curves(curves, out / "curves.png", shown, titles={m: f"{m} (mean ± std)" for m in shown})
+    plot_mean_std_curves(
+        curves, out / "curves.png", shown, titles={m: f"{TITLES[m]} (mean ± std over seeds)" for m in shown}
+    )
     summary = {
         "results": {arm: {str(k): v for k, v in steps.items()} for arm, steps in results.items()},
         "seeds": list(seeds),
