@@ -33,6 +33,10 @@ def test_experiment_digits_runs_every_row_per_seed_and_matches_the_dmd_only_row(
         assert "| 2 |" in line and " ± " in line, line  # two seeds, mean ± std
     summary = json.loads((out / "experiment.json").read_text())
     assert summary["seeds"] == [30, 31] and len(summary["results"]["DMDR fixed (1-step)"]) == 2
+    # Matched: up to the end of stage 1 (step 2) the DMD-only run is the DMDR run, bit for bit.
+    hist = summary["histories"]
+    assert hist["DMD only"][0]["step"] == 2 and hist["DMD only"][0] == hist["DMDR fixed"][0]
+    assert hist["DMD only"][-1] != hist["DMDR fixed"][-1]  # stage 2 differs by the reward
     # The DMD-only row is the DMDR run without its reward: the same stages (and so the same
     # stage-2 learning rates from step 2), no reward term anywhere.
     for seed in (30, 31):
