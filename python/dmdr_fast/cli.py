@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dmdr_fast._errors import (
@@ -128,26 +127,6 @@ def _run_training(args: argparse.Namespace, config) -> int:
     for name, row in metrics["results"].items():
         print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
     print(f"report: {args.out}/report.md")
-    return 0
-
-
-def _cmd_experiment(args: argparse.Namespace) -> int:
-    from dmdr_fast.configs import load_preset
-    from dmdr_fast.eval.report import format_metrics_table
-    from dmdr_fast.recipes.digits.experiment import run_experiment
-    from dmdr_fast.recipes.digits.experiment_grpo import run_grpo_experiment
-
-    if args.name not in ("digits", "digits-grpo"):
-        raise SystemExit(f"unknown experiment {args.name!r} (available: digits, digits-grpo)")
-    base = load_preset(args.name, list(args.set or []))
-    if args.name == "digits":
-        summary = run_experiment(args.out, base, cache_dir=args.cache_dir, progress=not args.quiet)
-        print(format_metrics_table(summary["results"]))
-    else:
-        seeds = tuple(int(x) for x in args.seeds.split(","))
-        run_grpo_experiment(args.out, base, seeds=seeds, cache_dir=args.cache_dir, progress=not args.quiet)
-        print((Path(args.out) / "table.md").read_text())
-    print(f"table: {args.out}/table.md")
     return 0
 
 
@@ -565,17 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(train)
     train.set_defaults(func=_cmd_train)
 
-    exp = sub.add_parser(
-        "experiment",
-        help="digits: teacher vs DMD-only vs DMDR vs reward-only; digits-grpo: GRPO regularised by DMD / KL / nothing",
-    )
-    exp.add_argument("name", help="experiment name (digits, digits-grpo)")
-    exp.add_argument("--out", required=True)
-    exp.add_argument(
-        "--seeds", default="30,31", help="digits-grpo: comma-separated seeds (one run per row each)"
-    )
-    add_config_args(exp)
-    exp.set_defaults(func=_cmd_experiment)
+    from dmdr_fast.recipes.digits.experiment_cli import add_experiment_parser
+
+    add_experiment_parser(sub, add_config_args)  # digits, digits-grpo, coldstart: their options live there
 
     sample = sub.add_parser(
         "sample", help="sample a digits checkpoint, or an exported text-to-image student (--pipeline)"

@@ -241,6 +241,7 @@ def test_two_stages_with_a_clip_reward_monitor_and_exact_resume(tmp_path: Path):
     assert any("monitor/diversity" in r for r in rows)
     report = (tmp_path / "straight" / "report.md").read_text()
     assert "Reward-hacking monitor" in report
+    assert "(DMDR)" in report and "generator steps of DMD only, then" in report  # says what ran
     for key in ("score/clip", "win_rate/clip", "diversity_pixel", "diversity_feat", "fd_to_reference"):
         assert key in report, key  # the teacher-vs-student comparison (CLIP features for diversity/FD)
     comparison = json.loads((tmp_path / "straight" / "metrics.json").read_text())["comparison"]

@@ -36,6 +36,54 @@ def test_warns_after_patience_suspicious_evaluations_in_a_row():
     assert m.first_flag_step == 40 and "WARNED from step 40" in m.verdict()
 
 
+def _collapse(n=60, recover_at=None):
+    """A reward-only run in numbers: the reward rises and diversity falls for 4 evaluations, then
+    both stay flat (collapsed: nothing changes, so nothing is suspicious by the step-to-step rule);
+    from ``recover_at`` on, diversity is back at its starting level."""
+    rows = [{"train_reward": 0.0, "heldout": 1.0, "diversity": 1.0}]
+    rows += [{"train_reward": 0.1 * i, "heldout": 1.0, "diversity": 1.0 - 0.2 * i} for i in range(1, 5)]
+    rows += [{"train_reward": 0.4, "heldout": 1.0, "diversity": 0.2} for _ in range(5, n)]
+    if recover_at is not None:
+        rows[recover_at:] = [{"train_reward": 0.4, "heldout": 1.0, "diversity": 1.0}] * (n - recover_at)
+    return rows
+
+
+def test_a_run_that_stays_collapsed_stays_warned(tmp_path):
+    m = RewardHackingMonitor(torch.arange(2), config=MonitorConfig(patience=3))
+    _feed(m, _collapse())
+    # The 3rd suspicious evaluation in a row (step 40) warns; the 56 flat ones after it are not
+    # suspicious any more (the streak resets) but are still far below the pre-streak diversity.
+    assert m.first_flag_step == 40 and sum(int(r["flag"]) for r in m.history) == 2  # steps 40, 50
+    assert m.collapsed_after_warning == (57, 57)
+    assert m.verdict() == (
+        "WARNED from step 40, still collapsed: 57 of the 57 evaluations from then on look collapsed "
+        "(diversity worse than at step 10); 60 evaluations"
+    )
+    assert "collapsed" not in m.history[2] and m.history[-1]["collapsed"] == 1.0
+    from dmdr_fast.eval.plots import plot_monitor
+
+    assert plot_monitor({"reward only": m.history}, tmp_path / "m.png").stat().st_size > 0  # marks them
+
+
+def test_a_run_that_recovers_says_so_and_the_state_survives_a_checkpoint():
+    m = RewardHackingMonitor(torch.arange(2), config=MonitorConfig(patience=3))
+    _feed(m, _collapse(n=20, recover_at=10))
+    assert m.collapsed_after_warning == (7, 17)  # steps 40..100 collapsed, 110..200 recovered
+    assert "WARNED from step 40, recovered: 7 of the 17" in m.verdict()
+    # Resume mid-collapse: the baseline and its signals come back with the state.
+    a = RewardHackingMonitor(torch.arange(2), config=MonitorConfig(patience=3))
+    rows = _collapse(n=20, recover_at=10)
+    _feed(a, rows[:6])
+    b = RewardHackingMonitor(torch.arange(2), config=MonitorConfig(patience=3))
+    b.load_state_dict(a.state_dict())
+    for i, r in enumerate(rows[6:], start=6):
+        b.update(10 * (i + 1), r)
+    assert b.verdict() == m.verdict() and b.history == m.history
+    # A state saved before the collapse tracking existed still loads.
+    old = {k: v for k, v in a.state_dict().items() if k in ("history", "warnings", "streak")}
+    RewardHackingMonitor(torch.arange(2)).load_state_dict(old)
+
+
 def test_small_changes_within_tolerance_do_not_count():
     m = RewardHackingMonitor(
         torch.arange(2), config=MonitorConfig(patience=1, diversity_tol=0.05, heldout_tol=0.1)

@@ -38,7 +38,8 @@ class DMDRConfig(ConfigBase):
         default=10_000,
         metadata={
             "help": "S, generator steps over which DynaDG and DynaRS anneal, c(s) = ½(1 + cos(π·min(s/S, 1))); "
-            "0 turns both off (λ_r = 0, uniform times). Paper: 10k for SiT, 2000 for SD3."
+            "0 turns both off (λ_r = 0, uniform times; dynars / dynadg turn off one). Paper: 10k for SiT, "
+            "2000 for SD3."
         },
     )
     dynars_a: float = field(
@@ -48,6 +49,21 @@ class DMDRConfig(ConfigBase):
         },
     )
     dynars_b: float = field(default=1.5, metadata={"help": "DynaRS b at s = 0 (paper 1.5)."})
+    dynars: bool = field(
+        default=True,
+        metadata={
+            "help": "DynaRS on: the 'beta' renoise law anneals from Beta(dynars_a, dynars_b) over "
+            "dynamic_horizon. false = U(0, 1) from the first step (the same draws as dynars_a = dynars_b "
+            "= 1), DynaDG untouched. No effect with renoise: uniform."
+        },
+    )
+    dynadg: bool = field(
+        default=True,
+        metadata={
+            "help": "DynaDG on: the real score's LoRA scale anneals from real_scale0 over dynamic_horizon. "
+            "false = the teacher (scale 0) from the first step (as real_scale0 = 0), DynaRS untouched."
+        },
+    )
     renoise: Literal["beta", "uniform"] = field(
         default="beta",
         metadata={

@@ -293,3 +293,36 @@ class DMDRTrainerConfig(ConfigBase):
     def stage(self, step: int) -> int:
         """1 before ``dmdr.cold_start_steps`` generator updates, 2 from then on."""
         return 1 if step < self.dmdr.cold_start_steps else 2
+
+    @property
+    def method_name(self) -> str:
+        """What the run trains, for reports and table rows: ``"DMD only"`` (no active reward),
+        ``"reward only"`` (``dmdr.dmd_weight = 0``), ``"DMDR"`` (DMD + differentiated rewards), or
+        the reward-without-gradients mode (``"GRPO + DMD"``, ``"GRPO + KL"``, ``"GRPO, no
+        regulariser"``, ``"advantage-weighted DDMD"``)."""
+        if not self.active_rewards:
+            return "DMD only"
+        if self.rl.algorithm == "grpo":
+            reg = self.rl.regularizer
+            return "GRPO, no regulariser" if reg == "none" else f"GRPO + {reg.upper()}"
+        if self.rl.algorithm == "advantage_weighted":
+            return "advantage-weighted DDMD"
+        return "reward only" if self.dmdr.dmd_weight == 0 else "DMDR"
+
+    def training_summary(self) -> str:
+        """One sentence on what ran for how long, e.g. ``"DMDR: 400 generator steps of DMD only,
+        then 200 of DMD + reward (classifier)"`` or ``"DMD only (no reward): 600 generator steps, at
+        stage 2's learning rates from step 400"``."""
+        total, cold = self.train.max_steps, self.dmdr.cold_start_steps
+        name = self.method_name
+        rewards = ", ".join(r.name or r.kind for r in self.active_rewards)
+        if name == "DMD only":
+            lrs = self.optim.learning_rates(False) != self.optim.learning_rates(True)
+            later = f", at stage 2's learning rates from step {cold}" if 0 < cold < total and lrs else ""
+            return f"DMD only (no reward): {total} generator steps{later}"
+        if name == "reward only":
+            return f"reward only (no DMD term): {total} generator steps of the reward ({rewards})"
+        what = "DMD + reward" if name == "DMDR" else name
+        if cold == 0:
+            return f"{name}: {total} generator steps of {what} ({rewards}) from the start"
+        return f"{name}: {cold} generator steps of DMD only, then {total - cold} of {what} ({rewards})"

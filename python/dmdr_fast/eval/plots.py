@@ -27,6 +27,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "arrange_by_class",
     "make_image_grid",
+    "plot_mean_std_curves",
     "plot_metric_curves",
     "plot_monitor",
     "save_class_grid",
@@ -397,18 +398,23 @@ def plot_monitor(
     for ax, metric in zip(axes, metrics, strict=True):
         for name, records in runs.items():
             pts = [
-                (float(r["step"]), float(r[metric]), bool(r.get("flag", 0)))
+                (float(r["step"]), float(r[metric]), bool(r.get("flag", 0)), bool(r.get("collapsed", 0)))
                 for r in records
                 if metric in r and math.isfinite(float(r[metric]))
             ]
             if not pts:
                 continue
-            xs, ys, flags = zip(*pts, strict=True)
+            xs, ys, flags, collapsed = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="o", markersize=2, color=colors[name])
             fx = [x for x, f in zip(xs, flags, strict=True) if f]
             fy = [y for y, f in zip(ys, flags, strict=True) if f]
             if fx:
                 ax.scatter(fx, fy, marker="x", color="red", s=40, zorder=3)
+            # After a warning: the evaluations that still look collapsed (RewardHackingMonitor).
+            cx = [x for x, f, c in zip(xs, flags, collapsed, strict=True) if c and not f]
+            cy = [y for y, f, c in zip(ys, flags, collapsed, strict=True) if c and not f]
+            if cx:
+                ax.scatter(cx, cy, marker="o", facecolors="none", edgecolors="red", s=25, zorder=3)
         ax.set_title(titles.get(metric, metric), fontsize="medium")
         ax.set_xlabel("generator step")
         ax.grid(alpha=0.3)
@@ -417,7 +423,68 @@ def plot_monitor(
 
     handles = [Line2D([], [], color=c, marker="o", markersize=3, label=n) for n, c in colors.items()]
     handles.append(Line2D([], [], color="red", marker="x", linestyle="none", label="monitor warning"))
+    handles.append(
+        Line2D(
+            [], [], color="red", marker="o", markerfacecolor="none", linestyle="none", label="still collapsed"
+        )
+    )
     fig.legend(handles=handles, loc="outside right center", fontsize="small")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=100)
+    return out
+
+
+def plot_mean_std_curves(
+    curves: Mapping[str, Mapping[str, Sequence[tuple[float, Sequence[float]]]]],
+    path: str | os.PathLike[str],
+    metrics: Sequence[str],
+    *,
+    titles: Mapping[str, str] | None = None,
+    xlabel: str = "generator step",
+) -> Path:
+    """One panel per metric, one line per run: the mean over seeds with a ± std band.
+
+    Args:
+        curves: Run name → metric → ``[(step, values over seeds), ...]``; NaN values are skipped,
+            a step with one value has no band.
+        path: Output PNG.
+        metrics: The panels, in order.
+        titles: Optional panel titles per metric.
+        xlabel: The x-axis label.
+
+    Returns:
+        The path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.5 * len(metrics), 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(metrics), squeeze=False).ravel()
+    for ax, metric in zip(axes, metrics, strict=True):
+        for i, (name, per_metric) in enumerate(curves.items()):
+            xs, means, stds = [], [], []
+            for step, values in sorted(per_metric.get(metric, []), key=lambda p: p[0]):
+                vals = [float(v) for v in values if math.isfinite(float(v))]
+                if not vals:
+                    continue
+                m = sum(vals) / len(vals)
+                sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+                xs.append(float(step))
+                means.append(m)
+                stds.append(sd)
+            if not xs:
+                continue
+            ax.plot(xs, means, marker="o", markersize=3, color=f"C{i}", label=name)
+            lo = [m - s for m, s in zip(means, stds, strict=True)]
+            hi = [m + s for m, s in zip(means, stds, strict=True)]
+            ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.2, linewidth=0)
+        ax.set_title((titles or {}).get(metric, metric), fontsize="medium")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize="small")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png", dpi=100)

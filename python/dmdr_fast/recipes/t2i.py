@@ -284,7 +284,7 @@ def run_t2i(
         return {"rank": trainer.rank}
     teacher_name = f"teacher ({teacher_steps}-step Euler, CFG {w:g})"
     comparison = compare_t2i(
-        {teacher_name: t_img, f"student ({n_steps}-step DMDR)": s_img},
+        {teacher_name: t_img, f"student ({n_steps}-step {config.method_name})": s_img},
         eval_batch.prompts,
         per_prompt=k,
         scorers=scorers_from_rewards(trainer.reward),
@@ -323,10 +323,11 @@ def _write_report(out: Path, config: DMDRTrainerConfig, metrics: dict[str, Any],
     if export is not None:
         info = json.loads((Path(export) / "dmdr_export.json").read_text())
     lines = [
-        f"# DMDR text-to-image report — {config.name}",
+        f"# Text-to-image report — {config.name} ({config.method_name})",
         "",
         f"Teacher: `{config.model.path}` ({config.model.family}); student: {config.student.kind}, "
-        f"{config.student.num_steps} steps; {trainer.state.gen_step} generator steps.",
+        f"{config.student.num_steps} steps; {trainer.state.gen_step} generator steps. "
+        f"{config.training_summary()}.",
         "",
         format_comparison(metrics["comparison"]),
         "",

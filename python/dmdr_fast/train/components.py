@@ -35,9 +35,13 @@ __all__ = [
 
 
 def renoise_schedule(dmdr: DMDRConfig) -> DynaRS:
-    """The critic's and the DMD renoise-time law (DynaRS, or uniform), docs/method.md §4."""
+    """The critic's and the DMD renoise-time law (DynaRS, or uniform), docs/method.md §4.
+
+    ``dmdr.dynars: false`` gives horizon 0, i.e. Beta(1, 1) from the first step: the same draws as
+    ``dynars_a = dynars_b = 1`` (both give the parameters (1.0, 1.0) exactly), DynaDG unchanged.
+    """
     return DynaRS(
-        horizon=dmdr.dynamic_horizon,
+        horizon=dmdr.dynamic_horizon if dmdr.dynars else 0,
         a=dmdr.dynars_a,
         b=dmdr.dynars_b,
         mode=dmdr.renoise,
@@ -46,8 +50,11 @@ def renoise_schedule(dmdr: DMDRConfig) -> DynaRS:
 
 
 def real_score_schedule(dmdr: DMDRConfig) -> DynaDG:
-    """The real score's LoRA-scale schedule λ_r(s) (DynaDG), docs/method.md §4."""
-    return DynaDG(scale0=dmdr.real_scale0, horizon=dmdr.dynamic_horizon)
+    """The real score's LoRA-scale schedule λ_r(s) (DynaDG), docs/method.md §4.
+
+    ``dmdr.dynadg: false`` gives λ_r ≡ 0 (the teacher), exactly as ``real_scale0 = 0``.
+    """
+    return DynaDG(scale0=dmdr.real_scale0 if dmdr.dynadg else 0.0, horizon=dmdr.dynamic_horizon)
 
 
 def guidance_scale(dmdr: DMDRConfig) -> GuidanceScale:

@@ -23,6 +23,13 @@ diversity fell (by more than ``diversity_tol``, relative) or the DMD loss rose (
 ``dmd_tol``, relative) since the previous evaluation;
 ``patience`` suspicious evaluations in a row give a warning. The rule is deliberately simple and
 its thresholds are in :class:`~dmdr_fast.config.MonitorConfig`.
+
+A collapsed student stops *changing*: its reward is flat at the top and its diversity flat at the
+bottom, so the evaluations after the first warning are no longer suspicious by the rule above.
+From the first warning on, each evaluation is therefore also compared with the *baseline* — the
+evaluation just before the streak that led to the warning — on the signals that streak flagged;
+an evaluation still past a tolerance on one of them *looks collapsed* (``collapsed`` in its
+record), and the verdict says how many did and whether the last one still does.
 """
 
 from __future__ import annotations
@@ -124,6 +131,8 @@ class RewardHackingMonitor:
         self.history: list[dict[str, float]] = []
         self.warnings: list[str] = []
         self._streak = 0
+        self._baseline: dict[str, float] | None = None  # the evaluation before the first warned streak
+        self._signals: list[str] = []  # what that streak flagged: heldout / diversity / dmd_loss
 
     # ------------------------------------------------------------------ measuring
 
@@ -159,20 +168,26 @@ class RewardHackingMonitor:
 
     # ------------------------------------------------------------------ judging
 
+    def _worse(self, prev: dict[str, float], cur: dict[str, float]) -> list[str]:
+        """The signals (``heldout``, ``diversity``, ``dmd_loss``) on which ``cur`` is worse than
+        ``prev`` by more than their tolerances."""
+        c = self.config
+        out = []
+        if "heldout" in cur and "heldout" in prev and cur["heldout"] < prev["heldout"] - c.heldout_tol:
+            out.append("heldout")
+        if cur["diversity"] < prev["diversity"] * (1 - c.diversity_tol):
+            out.append("diversity")
+        if "dmd_loss" in cur and "dmd_loss" in prev and cur["dmd_loss"] > prev["dmd_loss"] * (1 + c.dmd_tol):
+            out.append("dmd_loss")
+        return out
+
     def _suspicious(self, prev: dict[str, float], cur: dict[str, float]) -> list[str]:
         """Reasons why ``cur`` looks like hacking relative to ``prev`` (empty: it does not)."""
-        c = self.config
         rose = cur.get("train_reward", math.nan) - prev.get("train_reward", math.nan)
-        if not rose > c.reward_tol:  # also False for NaN
+        if not rose > self.config.reward_tol:  # also False for NaN
             return []
-        reasons = []
-        if "heldout" in cur and "heldout" in prev and cur["heldout"] < prev["heldout"] - c.heldout_tol:
-            reasons.append(f"held-out score {prev['heldout']:.4g}→{cur['heldout']:.4g}")
-        if cur["diversity"] < prev["diversity"] * (1 - c.diversity_tol):
-            reasons.append(f"diversity {prev['diversity']:.4g}→{cur['diversity']:.4g}")
-        if "dmd_loss" in cur and "dmd_loss" in prev and cur["dmd_loss"] > prev["dmd_loss"] * (1 + c.dmd_tol):
-            reasons.append(f"DMD loss {prev['dmd_loss']:.4g}→{cur['dmd_loss']:.4g}")
-        return reasons
+        names = {"heldout": "held-out score", "diversity": "diversity", "dmd_loss": "DMD loss"}
+        return [f"{names[k]} {prev[k]:.4g}→{cur[k]:.4g}" for k in self._worse(prev, cur)]
 
     def update(self, step: int, values: dict[str, float], *, active: bool = True) -> str | None:
         """Record one evaluation; returns a warning when ``patience`` suspicious ones came in a row.
@@ -190,6 +205,18 @@ class RewardHackingMonitor:
         row["suspicious"] = float(bool(reasons))
         row["streak"] = float(self._streak)
         row["flag"] = float(self._streak >= self.config.patience)
+        if row["flag"] and self._baseline is None:  # the first warning: remember what was flagged
+            streak = [*self.history[len(self.history) - self._streak + 1 :], row]
+            self._baseline = self.history[len(self.history) - self._streak]
+            pairs = list(zip([self._baseline, *streak[:-1]], streak, strict=True))
+            self._signals = [
+                k
+                for k in ("heldout", "diversity", "dmd_loss")
+                if any(k in self._worse(p, r) for p, r in pairs)
+            ]
+        if self._baseline is not None:  # from the first warning on: not recovered yet?
+            still = [k for k in self._worse(self._baseline, row) if k in self._signals]
+            row["collapsed"] = float(bool(row["flag"]) or bool(still))
         self.history.append(row)
         if self._streak >= self.config.patience:
             rose = f"training reward {prev['train_reward']:.4g}→{row['train_reward']:.4g}" if prev else ""
@@ -209,20 +236,46 @@ class RewardHackingMonitor:
                 return int(row["step"])
         return None
 
+    @property
+    def collapsed_after_warning(self) -> tuple[int, int]:
+        """``(looking collapsed, evaluations)`` from the first warning on (the warned one included)."""
+        after = [r for r in self.history if "collapsed" in r]
+        return sum(int(r["collapsed"]) for r in after), len(after)
+
     def verdict(self) -> str:
-        """One line for a report: when the monitor first warned, or that it never did."""
+        """One line for a report: that the monitor never warned; or when it first did, how many
+        evaluations from then on still look collapsed, and whether the last one does ("WARNED from
+        step 40, still collapsed: ...") or not ("..., recovered: ...")."""
         first = self.first_flag_step
-        n = sum(int(r["flag"]) for r in self.history)
+        total = len(self.history)
         if first is None:
-            return f"no warning ({len(self.history)} evaluations)"
-        return f"WARNED from step {first} ({n} of {len(self.history)} evaluations flagged)"
+            return f"no warning ({total} evaluations)"
+        bad, after = self.collapsed_after_warning
+        if self._baseline is None:  # a state from before the collapse tracking
+            return f"WARNED from step {first} ({total} evaluations)"
+        state = "still collapsed" if self.history[-1].get("collapsed") else "recovered"
+        names = {"heldout": "held-out score", "dmd_loss": "DMD loss"}
+        signals = ", ".join(names.get(k, k) for k in self._signals)
+        return (
+            f"WARNED from step {first}, {state}: {bad} of the {after} evaluations from then on look "
+            f"collapsed ({signals} worse than at step {int(self._baseline['step'])}); {total} evaluations"
+        )
 
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "warnings": list(self.warnings), "streak": self._streak}
+        return {
+            "history": list(self.history),
+            "warnings": list(self.warnings),
+            "streak": self._streak,
+            "baseline": dict(self._baseline) if self._baseline is not None else None,
+            "signals": list(self._signals),
+        }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.history = list(sd["history"])
         self.warnings = list(sd["warnings"])
         self._streak = int(sd["streak"])
+        # Checkpoints written before the collapse tracking have neither key.
+        self._baseline = dict(sd["baseline"]) if sd.get("baseline") is not None else None
+        self._signals = list(sd.get("signals", []))

@@ -19,20 +19,23 @@ to it.
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dmdr_fast.config import DMDRTrainerConfig
+from dmdr_fast.recipes.digits.experiment_common import (
+    final_images,
+    load_assets,
+    mean_std_table,
+    monitor_cell,
+    slug,
+)
 from dmdr_fast.recipes.digits.run import (
     balanced_labels,
-    default_cache_dir,
     evaluate_images,
-    prepare_assets,
     teacher_samples,
     train_student,
     write_json,
@@ -62,25 +65,6 @@ def grpo_rows(base: DMDRTrainerConfig) -> dict[str, list[str]]:
 METRICS = ("ink", "fd", "precision", "recall", "diversity_ratio", "accuracy")
 
 
-def _mean_std(values: list[float]) -> str:
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return f"{m:.3f}"
-    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-    return f"{m:.3f} ± {s:.3f}"
-
-
-def _table(results: dict[str, list[dict[str, float]]], verdicts: dict[str, list[str]]) -> str:
-    head = "| run | " + " | ".join(METRICS) + " | monitor |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 2)]
-    for name, rows in results.items():
-        cells = [_mean_std([r[m] for r in rows]) for m in METRICS]
-        flagged = sum(v.startswith("WARNED") for v in verdicts.get(name, []))
-        monitor = f"warned {flagged}/{len(verdicts[name])}" if name in verdicts else "—"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {monitor} |")
-    return "\n".join(lines) + "\n"
-
-
 def run_grpo_experiment(
     out_dir: str | os.PathLike[str],
     base: DMDRTrainerConfig,
@@ -106,12 +90,7 @@ def run_grpo_experiment(
         raise ValueError("the experiment branches from a shared stage 1: set dmdr.cold_start_steps >= 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    assets = prepare_assets(
-        cache_dir if cache_dir is not None else default_cache_dir(),
-        base.model.kwargs.get("teacher"),
-        base.model.kwargs.get("classifiers"),
-        progress=progress,
-    )
+    assets = load_assets(base, cache_dir, progress=progress)
     table_rows = rows if rows is not None else grpo_rows(base)
     n = base.train.num_eval_samples
     labels = balanced_labels(n)
@@ -132,14 +111,11 @@ def run_grpo_experiment(
         start = ckpt.latest_checkpoint(s1_dir)
         assert start is not None  # train_student saves at the end
         for name, overrides in table_rows.items():
-            slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-            cfg = base.with_overrides([*overrides, f"name={slug}-seed{seed}", f"train.seed={seed}"])
+            cfg = base.with_overrides([*overrides, f"name={slug(name)}-seed{seed}", f"train.seed={seed}"])
             trainer = train_student(
                 cfg, assets, out / cfg.name, resume=True, start_from=start, progress=progress
             )
-            img = trainer.student.decode(
-                trainer.sample(labels, generator=torch.Generator().manual_seed(4321))
-            )
+            img = final_images(trainer, labels)
             results.setdefault(name, []).append(evaluate_images(assets, img, labels))
             if seed == seeds[0]:
                 grids[name] = img[:50]
@@ -148,7 +124,9 @@ def run_grpo_experiment(
                 verdicts.setdefault(name, []).append(trainer.monitor.verdict())
     (out / "table.md").write_text(
         f"Digits, ink-coverage reward, seeds {list(seeds)}; mean ± std over seeds, {n} samples per run.\n\n"
-        + _table(results, verdicts)
+        + mean_std_table(
+            results, METRICS, extra={"monitor": {r: monitor_cell(v) for r, v in verdicts.items()}}
+        )
     )
     save_comparison_grid(grids, out / "samples.png", nrow=10)
     plot_metric_curves(

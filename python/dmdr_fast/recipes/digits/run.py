@@ -364,7 +364,9 @@ def run_digits(
     t_img = teacher_samples(assets, labels, steps=50, guidance=teacher_w)
     results = {
         f"teacher (50-step Euler, CFG {teacher_w:g})": evaluate_images(assets, t_img, labels),
-        f"student ({config.student.num_steps}-step DMDR)": evaluate_images(assets, s_img, labels),
+        f"student ({config.student.num_steps}-step {config.method_name})": evaluate_images(
+            assets, s_img, labels
+        ),
     }
     save_comparison_grid(
         {"teacher 50 steps": t_img[:80], f"student {config.student.num_steps} step": s_img[:80]},
@@ -406,10 +408,10 @@ def run_digits(
     }
     write_json(out / "metrics.json", metrics)
     report = [
-        f"# DMDR digits report — {config.name}",
+        f"# Digits report — {config.name} ({config.method_name})",
         "",
-        f"1-step student distilled from a 50-step flow-matching DiT teacher on scikit-learn digits; "
-        f"{config.train.max_steps} generator steps (stage 1: {config.dmdr.cold_start_steps}, then DMD + reward). "
+        f"{config.student.num_steps}-step student distilled from a 50-step flow-matching DiT teacher on "
+        f"scikit-learn digits. {config.training_summary()}. "
         f"Metrics on {n} samples with an evaluation network trained on a split disjoint from the reward "
         f"classifier's. Real-vs-real Fréchet distance (two halves of the data): {assets.info['real_vs_real_fd']:.2f}.",
         "",
