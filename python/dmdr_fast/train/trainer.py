@@ -164,8 +164,10 @@ class Trainer:
             monitor.config = config.monitor
         if monitor is not None and isinstance(monitor.heldout, nn.Module):
             monitor.heldout.to(self.device).eval()
-        self._cosines: list[float] = []  # reward_cos/* since the last monitor evaluation
-        self._dmd_losses: list[float] = []  # loss_dmd since the last monitor evaluation
+        # Running values, checkpointed: reward_cos/* and loss_dmd since the last monitor evaluation,
+        # the critic's losses since the last generator step's log.
+        self.reward_cosines: list[float] = []
+        self.dmd_losses: list[float] = []
         self.out_dir = Path(out_dir) if out_dir is not None else None
 
         s, c = config.student, config.critic
@@ -253,7 +255,7 @@ class Trainer:
         if config.train.parallel == "fsdp" and not self.sharded:
             self.logger.note("train.parallel=fsdp without torchrun: one process, nothing sharded")
         self._stage2_applied = False
-        self._critic_losses: list[float | torch.Tensor] = []  # read out once per generator step
+        self.critic_losses: list[float | torch.Tensor] = []  # read out once per generator step
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -411,7 +413,7 @@ class Trainer:
         metrics.update(
             step=self.state.gen_step,
             stage=stage,
-            loss_critic=sum(float(v) for v in self._critic_losses) / len(self._critic_losses),
+            loss_critic=sum(float(v) for v in self.critic_losses) / len(self.critic_losses),
             grad_norm_c=float(gn_c),
             lambda_r=inputs.real_scale if inputs is not None else self.dynadg.real_scale(s),
             guidance=inputs.guidance if inputs is not None else 1.0,
@@ -420,7 +422,7 @@ class Trainer:
             lr_g=self.opt_g.param_groups[0]["lr"],
             iter_time=time.perf_counter() - t0,
         )
-        self._critic_losses.clear()
+        self.critic_losses.clear()
         return metrics
 
     def _backward_simulation(self, B: int, cond: Cond, *, skip_selected: bool) -> BackwardSimulation:
@@ -469,7 +471,7 @@ class Trainer:
                 v = self._critic_net(renoise(x0_sel, tau, eps), tau, cond)
             loss_c = critic_loss(v.float(), x0_sel, eps)
             (loss_c * scale if scale != 1.0 else loss_c).backward()
-        self._critic_losses.append(loss_c.detach())
+        self.critic_losses.append(loss_c.detach())
 
     def critic_step(self) -> torch.Tensor:
         """The critic's AdamW step on its accumulated gradient; returns the gradient norm (0-dim)."""
@@ -565,8 +567,8 @@ class Trainer:
                 if cfg.sample_every and s % cfg.sample_every == 0:
                     self.save_sample_grid()
                 if self.monitor is not None:  # mean cosine since the last monitor evaluation
-                    self._cosines += [v for k, v in metrics.items() if k.startswith("reward_cos/")]
-                    self._dmd_losses += [metrics["loss_dmd"]] if "loss_dmd" in metrics else []
+                    self.reward_cosines += [v for k, v in metrics.items() if k.startswith("reward_cos/")]
+                    self.dmd_losses += [metrics["loss_dmd"]] if "loss_dmd" in metrics else []
                 if (
                     self.monitor is not None
                     and self.config.monitor.every
@@ -614,11 +616,11 @@ class Trainer:
         """One reward-hacking monitor evaluation (see :mod:`dmdr_fast.train.monitor`); returns its warning."""
         assert self.monitor is not None
         values = self.monitor.measure(self)
-        if self._cosines:
-            values["cosine"] = sum(self._cosines) / len(self._cosines)
-        if self._dmd_losses:
-            values["dmd_loss"] = sum(self._dmd_losses) / len(self._dmd_losses)
-        self._cosines, self._dmd_losses = [], []
+        if self.reward_cosines:
+            values["cosine"] = sum(self.reward_cosines) / len(self.reward_cosines)
+        if self.dmd_losses:
+            values["dmd_loss"] = sum(self.dmd_losses) / len(self.dmd_losses)
+        self.reward_cosines, self.dmd_losses = [], []
         # Judged only while the reward acts on the generator (stage 2): stage-1 changes are DMD's own.
         active = self.reward is not None and self.config.stage(max(self.state.gen_step - 1, 0)) == 2
         warning = self.monitor.update(self.state.gen_step, values, active=active)
@@ -679,6 +681,7 @@ class Trainer:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict` (the configs must describe the same networks)."""
         trainer_io.load_state_dict(self, sd)
+        self._stage2_applied = False  # re-applied (explicitly) on the next step if in stage 2
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path | None:
         """Write a checkpoint atomically; by default ``out_dir/checkpoints/step_XXXXXXX.pt`` (rank 0),
@@ -689,6 +692,7 @@ class Trainer:
         """Load ``path`` or the latest checkpoint under ``out_dir``; False if there is none. A
         sharded checkpoint loads at any world size; a config that changes the training is refused
         (``same_config=False``: take it anyway, to branch a run). See :func:`trainer_io.resume`."""
+        self._stage2_applied = False  # as in load_state_dict
         return trainer_io.resume(self, path, same_config=same_config)
 
     def export_student(self) -> nn.Module:

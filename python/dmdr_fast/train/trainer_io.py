@@ -36,10 +36,10 @@ def meta(trainer: Any) -> dict[str, Any]:
             "ode_init_done": trainer.state.ode_init_done,
         },
         "rng": {"gen": gens[0], "gens": gens, "torch": torch.get_rng_state()},
-        "critic_losses": [float(v) for v in trainer._critic_losses],
+        "critic_losses": [float(v) for v in trainer.critic_losses],
         "monitor": trainer.monitor.state_dict() if trainer.monitor is not None else None,
-        "cosines": list(trainer._cosines),
-        "dmd_losses": list(trainer._dmd_losses),
+        "cosines": list(trainer.reward_cosines),
+        "dmd_losses": list(trainer.dmd_losses),
         "rl": trainer.rl.state_dict() if trainer.rl is not None else None,
     }
 
@@ -88,14 +88,13 @@ def load_meta(trainer: Any, sd: dict[str, Any]) -> None:
         history=list(st["history"]),
         ode_init_done=bool(st.get("ode_init_done", False)),
     )
-    trainer._critic_losses = list(sd.get("critic_losses", []))
+    trainer.critic_losses = list(sd.get("critic_losses", []))
     if trainer.monitor is not None and sd.get("monitor") is not None:
         trainer.monitor.load_state_dict(sd["monitor"])
-    trainer._cosines = list(sd.get("cosines", []))
-    trainer._dmd_losses = list(sd.get("dmd_losses", []))
+    trainer.reward_cosines = list(sd.get("cosines", []))
+    trainer.dmd_losses = list(sd.get("dmd_losses", []))
     if trainer.rl is not None:
         trainer.rl.load_state_dict(sd.get("rl"))
-    trainer._stage2_applied = False  # re-applied (explicitly) on the next step if in stage 2
 
 
 def save(trainer: Any, path: str | os.PathLike[str] | None = None) -> Path | None:

@@ -88,7 +88,9 @@ def run_experiment(
         img = teacher_samples(assets, labels, steps=50, guidance=w)  # no seed: one row each
         results[f"teacher 50-step, CFG {w:g}"] = [evaluate_images(assets, img, labels)]
         grids[f"teacher CFG {w:g}"] = img[:50]
-    histories, monitors, verdicts = {}, {}, {}
+    histories: dict[str, Any] = {}
+    monitors: dict[str, Any] = {}
+    verdicts: dict[str, list[str]] = {}
     for seed in seeds:
         for name, overrides in experiment_rows(base).items():
             cfg = base.with_overrides([*overrides, f"name={slug(name)}-seed{seed}", f"train.seed={seed}"])
