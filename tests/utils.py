@@ -49,3 +49,22 @@ def assert_resume_is_exact(make_trainer, cfg, out_dir) -> None:
         full.student.network.named_parameters(), resumed.student.network.parameters(), strict=True
     ):
         assert torch.equal(a, b), f"student {n} differs after resume"
+
+
+def assert_close_tree(got, expected, rel: float, path: str = "") -> None:
+    """Nested dicts / lists equal, their floats to ``rel`` (metrics recomputed under another thread
+    count sum in another order); everything else exactly."""
+    import math
+
+    if isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys(), path
+        for key in expected:
+            assert_close_tree(got[key], expected[key], rel, f"{path}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), path
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            assert_close_tree(g, e, rel, f"{path}[{i}]")
+    elif isinstance(expected, float) and not isinstance(got, bool):
+        assert math.isclose(got, expected, rel_tol=rel, abs_tol=1e-12), f"{path}: {got} vs {expected}"
+    else:
+        assert got == expected, f"{path}: {got!r} vs {expected!r}"

@@ -11,6 +11,7 @@ import socket
 
 import pytest
 from tests.test_cli import TINY
+from tests.utils import assert_close_tree
 
 from dmdr_fast.cli import main
 
@@ -54,5 +55,7 @@ def test_digits_under_fsdp_evaluates_and_reports_in_the_run(tmp_path):
     shutil.copytree(out / "checkpoints", single / "checkpoints")
     assert main([*_args(str(single), str(cache), "train.grad_accum=2"), "--resume"]) == 0  # same global batch
     expected = json.loads((single / "metrics.json").read_text())
-    assert got["results"] == expected["results"]
-    assert got["history"] == expected["history"] and got["monitor"] == expected["monitor"]
+    # The same student weights; the metrics to float rounding (reductions summed in another order
+    # under another thread count).
+    for key in ("results", "history", "monitor"):
+        assert_close_tree(got[key], expected[key], rel=1e-6, path=key)
